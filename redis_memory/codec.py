@@ -1,0 +1,121 @@
+"""Encoding of stored values: the only module that uses msgpack.
+
+Scalars and immutable containers are msgpack; the types msgpack lacks travel
+as extension types. Decoding never executes code: it builds only the types
+listed here. Lists and dicts are not encoded here as whole values; the store
+keeps each of them as a node of its own (see :mod:`redis_memory.ops`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgpack
+
+from .errors import UnsupportedValue
+
+EXT_TUPLE = 1
+EXT_SET = 2
+EXT_FROZENSET = 3
+EXT_DATETIME = 4
+EXT_DATE = 5
+EXT_BIGINT = 6
+
+#: Exact types a dict key may have. Floats and bools are refused because they
+#: compare equal to ints (``1 == 1.0 == True``) yet encode differently, so one
+#: Python key could become several stored ones.
+KEY_TYPES = (str, bytes, int, type(None), tuple, frozenset, dt.date, dt.datetime)
+SCALAR_TYPES = (type(None), bool, int, float, str, bytes, tuple, set, frozenset, dt.date, dt.datetime)
+
+
+def _default(obj: Any) -> Any:
+    kind = type(obj)
+    if kind is tuple:
+        return msgpack.ExtType(EXT_TUPLE, _pack(list(obj)))
+    if kind is set:
+        return msgpack.ExtType(EXT_SET, _pack(list(obj)))
+    if kind is frozenset:
+        return msgpack.ExtType(EXT_FROZENSET, _pack(list(obj)))
+    if kind is dt.datetime:
+        zone = obj.tzinfo.key if isinstance(obj.tzinfo, ZoneInfo) else None
+        return msgpack.ExtType(EXT_DATETIME, _pack([obj.isoformat(), zone, obj.fold]))
+    if kind is dt.date:
+        return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
+    if kind is int:
+        return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
+    # Proxies and other list/dict subclasses inside a tuple or set are stored
+    # as the plain containers they are.
+    if isinstance(obj, list):
+        return list(obj)
+    if isinstance(obj, dict):
+        return dict(obj)
+    raise UnsupportedValue(
+        f"cannot store a value of type {kind.__module__}.{kind.__qualname__}; "
+        "supported: None, bool, int, float, str, bytes, list, dict, tuple, set, "
+        "frozenset, datetime, date"
+    )
+
+
+def _pack(value: Any) -> bytes:
+    try:
+        return msgpack.packb(value, default=_default, use_bin_type=True, strict_types=True)
+    except UnsupportedValue:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnsupportedValue(f"cannot store {value!r}: {exc}") from exc
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_TUPLE:
+        return tuple(_unpack(data))
+    if code == EXT_SET:
+        return set(_unpack(data))
+    if code == EXT_FROZENSET:
+        return frozenset(_unpack(data))
+    if code == EXT_DATETIME:
+        iso, zone, fold = _unpack(data)
+        value = dt.datetime.fromisoformat(iso)
+        if zone is not None:
+            value = value.replace(tzinfo=ZoneInfo(zone))
+        return value.replace(fold=fold)
+    if code == EXT_DATE:
+        return dt.date.fromisoformat(data.decode())
+    if code == EXT_BIGINT:
+        return int(data.decode())
+    raise ValueError(f"unknown extension type {code}")
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True)
+
+
+def encode(value: Any) -> bytes:
+    """Encode a scalar or immutable container; raise UnsupportedValue otherwise."""
+    if type(value) not in SCALAR_TYPES:
+        _default(value)  # raises with the type's name
+    return _pack(value)
+
+
+def decode(data: bytes) -> Any:
+    """Decode what :func:`encode` produced; any failure is a ValueError."""
+    try:
+        return _unpack(data)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ValueError(f"undecodable value: {exc}") from exc
+
+
+def encode_key(key: Any) -> bytes:
+    """Encode a dict key; raise UnsupportedValue for types that cannot be keys."""
+    if type(key) not in KEY_TYPES:
+        raise UnsupportedValue(
+            f"cannot use a key of type {type(key).__qualname__}; dict keys must be "
+            "str, bytes, int, None, tuple, frozenset, date or datetime"
+        )
+    return _pack(key)
+
+
+def decode_key(data: bytes) -> Any:
+    """Decode a dict key produced by :func:`encode_key`."""
+    return decode(data)

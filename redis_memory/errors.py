@@ -1,0 +1,57 @@
+"""The library's errors: one hierarchy rooted at :class:`RedisMemoryError`.
+
+Each class also subclasses the builtin a user would naturally catch, and
+carries the Redis ``key`` and hash ``field`` it concerns when there is one.
+Connection trouble and corrupt data are never ``AttributeError``, so
+``hasattr(mem, "x")`` cannot hide an outage.
+"""
+
+from __future__ import annotations
+
+
+class RedisMemoryError(Exception):
+    """Base of every error raised by redis_memory."""
+
+    def __init__(self, message: str, *, key: str | None = None, field: bytes | str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.field = field
+
+
+class ConnectionFailed(RedisMemoryError, ConnectionError):
+    """Redis could not be reached or the connection broke during a command."""
+
+
+class CorruptData(RedisMemoryError, ValueError):
+    """A stored field could not be decoded; ``key`` and ``field`` say which."""
+
+
+class UnsupportedValue(RedisMemoryError, TypeError):
+    """A value (or dict key) of a type the codec cannot store."""
+
+
+class ContainerDeleted(RedisMemoryError, LookupError):
+    """The list or dict a proxy stands for was deleted, by this or another process."""
+
+
+class ConcurrentModification(RedisMemoryError, RuntimeError):
+    """A whole-container operation kept losing the race against other writers."""
+
+
+class ReservedName(RedisMemoryError, ValueError):
+    """An attribute name that belongs to the Memory object itself."""
+
+
+class MissingAttribute(RedisMemoryError, AttributeError):
+    """No value is stored under this attribute name."""
+
+
+class MissingKey(RedisMemoryError, KeyError):
+    """No value is stored under this item name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class EmbeddedServerError(RedisMemoryError, RuntimeError):
+    """The embedded server could not be found or started."""

@@ -1,0 +1,221 @@
+"""The operation vocabulary: every change to a memory is one of these.
+
+A proxy's mutator builds an operation; the store sends it to the server,
+where one Lua script applies it atomically, and the replica applies the same
+operation locally. Values are turned into *tokens* when the operation is
+built, so an unsupported value raises ``TypeError`` before anything is
+written, locally or remotely.
+
+Token grammar (flat, so it fits in a script's ARGV)::
+
+    value := "s" <msgpack bytes>            scalar or immutable container
+           | "l" <count> value*             new list node
+           | "d" <count> <key>* value*      new dict node (keys, then values)
+           | "r" <nid>                      existing node kept (ListReplace only)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec
+from .errors import UnsupportedValue
+
+
+@dataclass
+class Encoded:
+    """A value turned into tokens, with the count of new nodes it creates."""
+
+    tokens: list[bytes]
+    new_nodes: int
+
+
+def encode_value(value: Any, keep: dict[int, bytes] | None = None) -> Encoded:
+    """Tokenize ``value``; ``keep`` maps id(proxy) -> nid of nodes reused in place."""
+    tokens: list[bytes] = []
+    counter = [0]
+    _tokenize(value, tokens, counter, keep, set())
+    return Encoded(tokens, counter[0])
+
+
+def _tokenize(value: Any, out: list[bytes], counter: list[int], keep: dict[int, bytes] | None, path: set[int]) -> None:
+    if isinstance(value, (list, dict)):
+        if keep is not None and id(value) in keep:
+            out += [b"r", keep.pop(id(value))]
+            return
+        if id(value) in path:
+            raise UnsupportedValue("cannot store a container that contains itself")
+        path.add(id(value))
+        counter[0] += 1
+        if isinstance(value, list):
+            out += [b"l", b"%d" % len(value)]
+            for item in list(value):
+                _tokenize(item, out, counter, None, path)
+        else:
+            items = list(value.items())
+            out += [b"d", b"%d" % len(items)]
+            out += [codec.encode_key(k) for k, _ in items]
+            for _, item in items:
+                _tokenize(item, out, counter, None, path)
+        path.discard(id(value))
+        return
+    out += [b"s", codec.encode(value)]
+
+
+@dataclass
+class Op:
+    """Base of all operations: the node (container) it applies to."""
+
+    nid: bytes
+    name: bytes = field(init=False, default=b"")
+
+    def args(self) -> list[bytes]:
+        """The op-specific part of the script's ARGV."""
+        raise NotImplementedError
+
+
+@dataclass
+class DictSet(Op):
+    """``d[k] = v`` for each pair, as one atomic change (``__setitem__``, ``update``)."""
+
+    items: list[tuple[Any, Any]] = field(default_factory=list)
+    keys: list[bytes] = field(init=False)
+    values: list[Encoded] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = b"dset"
+        self.keys = [codec.encode_key(k) for k, _ in self.items]
+        self.values = [encode_value(v) for _, v in self.items]
+
+    def args(self) -> list[bytes]:
+        out = [b"%d" % len(self.keys), *self.keys]
+        for encoded in self.values:
+            out += encoded.tokens
+        return out
+
+
+@dataclass
+class DictSetDefault(DictSet):
+    """``d.setdefault(k, v)``: set only if the key is absent on the server."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name = b"dsetdefault"
+
+
+@dataclass
+class DictDelete(Op):
+    """``del d[k]`` / ``d.pop(k)``: fails with nothing written if a key is absent."""
+
+    key_list: list[Any] = field(default_factory=list)
+    keys: list[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = b"ddel"
+        self.keys = [codec.encode_key(k) for k in self.key_list]
+
+    def args(self) -> list[bytes]:
+        return [b"%d" % len(self.keys), *self.keys]
+
+
+@dataclass
+class DictClear(Op):
+    """``d.clear()``: removes every entry the server holds."""
+
+    def __post_init__(self) -> None:
+        self.name = b"dclear"
+
+    def args(self) -> list[bytes]:
+        return []
+
+
+@dataclass
+class ListAppend(Op):
+    """``append`` / ``extend`` / ``+=``: add at the end, O(1) per item."""
+
+    value_list: list[Any] = field(default_factory=list)
+    values: list[Encoded] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = b"lappend"
+        self.values = [encode_value(v) for v in self.value_list]
+
+    def args(self) -> list[bytes]:
+        out = [b"%d" % len(self.values)]
+        for encoded in self.values:
+            out += encoded.tokens
+        return out
+
+
+@dataclass
+class ListInsert(Op):
+    """``insert``: before the element at ``slot``; O(1) at either end."""
+
+    slot: int = 0
+    value: Any = None
+    encoded: Encoded = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = b"linsert"
+        self.encoded = encode_value(self.value)
+
+    def args(self) -> list[bytes]:
+        return [b"%d" % self.slot, *self.encoded.tokens]
+
+
+@dataclass
+class ListSet(Op):
+    """``l[i] = v``: replaces the element at ``slot``, O(1)."""
+
+    slot: int = 0
+    value: Any = None
+    encoded: Encoded = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = b"lset"
+        self.encoded = encode_value(self.value)
+
+    def args(self) -> list[bytes]:
+        return [b"%d" % self.slot, *self.encoded.tokens]
+
+
+@dataclass
+class ListDelete(Op):
+    """``del l[i]`` / ``pop`` / ``remove``: O(1) at either end, else shifts the shorter side."""
+
+    slot: int = 0
+
+    def __post_init__(self) -> None:
+        self.name = b"ldel"
+
+    def args(self) -> list[bytes]:
+        return [b"%d" % self.slot]
+
+
+@dataclass
+class ListReplace(Op):
+    """Whole-list rewrite (sort, reverse, slices, ``*=``, clear), O(n).
+
+    Applied only if the list is unchanged on the server since this replica
+    saw it (``mod``); otherwise the replica refreshes and the caller recomputes.
+    Child containers that stay in the list keep their nodes (and identity).
+    """
+
+    mod: int = 0
+    value_list: list[Any] = field(default_factory=list)
+    children: dict[int, bytes] = field(default_factory=dict)
+    kept: list[bytes] = field(init=False)
+    values: list[Encoded] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = b"lreplace"
+        keep = dict(self.children)
+        self.values = [encode_value(v, keep) for v in self.value_list]
+        self.kept = [nid for key, nid in self.children.items() if key not in keep]
+
+    def args(self) -> list[bytes]:
+        out = [b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)]
+        for encoded in self.values:
+            out += encoded.tokens
+        return out

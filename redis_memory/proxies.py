@@ -1,0 +1,249 @@
+"""Observed ``list`` and ``dict``: real subclasses whose every mutation is saved.
+
+A proxy stands for one node of a memory (``_rm_nid``). Reads are plain
+list/dict reads of the local replica, which the memory refreshes in place
+when an attribute is read. Each mutating method builds one operation from
+the replica's current view and hands it to the memory's core, which sends it
+to the server and applies it here; the builder runs again if the server
+says the view was stale, so positions are resolved against a fresh list.
+
+``copy.deepcopy``, ``copy.copy`` and pickling give plain lists and dicts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, SupportsIndex
+
+from . import ops
+from .errors import MissingKey
+
+if TYPE_CHECKING:
+    from .memory import MemoryCore
+
+NO_OP: Any = object()
+
+
+def plain(value: Any) -> Any:
+    """A deep copy of ``value`` with every proxy turned into a plain list/dict."""
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+class ObservedList(list):  # type: ignore[type-arg]
+    """A list node of a memory. O(1) at both ends; whole-list methods are O(n)."""
+
+    __slots__ = ("_rm_core", "_rm_nid", "_rm_lo", "_rm_mod", "_rm_live")
+
+    def __init__(self, core: MemoryCore, nid: bytes) -> None:
+        super().__init__()
+        self._rm_core = core
+        self._rm_nid = nid
+        self._rm_lo = 0
+        self._rm_mod = 0
+        self._rm_live = True
+
+    def _rm_submit(self, build: Callable[[], ops.Op | None]) -> Any:
+        return self._rm_core.submit(self, build)
+
+    def _rm_slot(self, index: SupportsIndex) -> int:
+        i = index.__index__()
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("list index out of range")
+        return self._rm_lo + i
+
+    def _rm_replace(self, compute: Callable[[list[Any]], list[Any]]) -> None:
+        def build() -> ops.Op | None:
+            new = compute(list(self))
+            if len(new) == len(self) and all(a is b for a, b in zip(new, self)):
+                return None
+            children = {id(v): v._rm_nid for v in self if isinstance(v, (ObservedList, ObservedDict))}
+            return ops.ListReplace(self._rm_nid, self._rm_mod, new, children)
+
+        self._rm_submit(build)
+
+    # -- O(1) ------------------------------------------------------------
+
+    def append(self, value: Any) -> None:
+        """Add at the end: one EVALSHA, O(1)."""
+        self._rm_submit(lambda: ops.ListAppend(self._rm_nid, [value]))
+
+    def extend(self, values: Iterable[Any]) -> None:
+        """Add each value at the end: one EVALSHA, O(len(values))."""
+        items = list(values)
+        if items:
+            self._rm_submit(lambda: ops.ListAppend(self._rm_nid, items))
+
+    def __iadd__(self, values: Iterable[Any]) -> ObservedList:  # type: ignore[override,misc]
+        self.extend(values)
+        return self
+
+    def insert(self, index: SupportsIndex, value: Any) -> None:
+        """Insert before ``index``: O(1) at either end, else O(distance to the nearer end)."""
+
+        def build() -> ops.Op:
+            i = index.__index__()
+            n = len(self)
+            i = max(0, min(n, i + n if i < 0 else i))
+            return ops.ListInsert(self._rm_nid, self._rm_lo + i, value)
+
+        self._rm_submit(build)
+
+    def pop(self, index: SupportsIndex = -1) -> Any:
+        """Remove and return an item: O(1) at either end."""
+        if not len(self):
+            raise IndexError("pop from empty list")
+        return self._rm_submit(lambda: ops.ListDelete(self._rm_nid, self._rm_slot(index)))
+
+    def remove(self, value: Any) -> None:
+        """Remove the first item equal to ``value``: O(n) to find it."""
+        self._rm_submit(lambda: ops.ListDelete(self._rm_nid, self._rm_lo + self.index(value)))
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(index, slice):
+            values = list(value)
+
+            def compute(current: list[Any]) -> list[Any]:
+                current[index] = values
+                return current
+
+            self._rm_replace(compute)
+        else:
+            self._rm_submit(lambda: ops.ListSet(self._rm_nid, self._rm_slot(index), value))
+
+    def __delitem__(self, index: Any) -> None:
+        if isinstance(index, slice):
+
+            def compute(current: list[Any]) -> list[Any]:
+                del current[index]
+                return current
+
+            self._rm_replace(compute)
+        else:
+            self._rm_submit(lambda: ops.ListDelete(self._rm_nid, self._rm_slot(index)))
+
+    # -- O(n), applied only to the list as this replica saw it --------------
+
+    def clear(self) -> None:
+        """Remove every item: O(n)."""
+        self._rm_replace(lambda current: [])
+
+    def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
+        """Sort in place: O(n log n) here, O(n) fields rewritten."""
+        self._rm_replace(lambda current: sorted(current, key=key, reverse=reverse))  # type: ignore[type-var,arg-type]
+
+    def reverse(self) -> None:
+        """Reverse in place: O(n)."""
+        self._rm_replace(lambda current: current[::-1])
+
+    def __imul__(self, times: SupportsIndex) -> ObservedList:  # type: ignore[override,misc]
+        # Repeated containers become separate copies: a memory is a tree.
+        self._rm_replace(lambda current: current * times.__index__())
+        return self
+
+    # -- copies are plain ---------------------------------------------------
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return [copy.deepcopy(v, memo) for v in self]
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (list, (list(self),))
+
+    def __repr__(self) -> str:
+        return list.__repr__(self)
+
+
+class ObservedDict(dict):  # type: ignore[type-arg]
+    """A dict node of a memory. Setting, deleting and reading one key are O(1)."""
+
+    __slots__ = ("_rm_core", "_rm_nid", "_rm_next", "_rm_mod", "_rm_live")
+
+    def __init__(self, core: MemoryCore, nid: bytes) -> None:
+        super().__init__()
+        self._rm_core = core
+        self._rm_nid = nid
+        self._rm_next = 1
+        self._rm_mod = 0
+        self._rm_live = True
+
+    def _rm_submit(self, build: Callable[[], ops.Op | None]) -> Any:
+        return self._rm_core.submit(self, build)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """Set one key: one EVALSHA, O(1)."""
+        self._rm_submit(lambda: ops.DictSet(self._rm_nid, [(key, value)]))
+
+    def __delitem__(self, key: Any) -> None:
+        """Delete one key: one EVALSHA, O(1)."""
+        self.pop(key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Set several keys as one atomic operation: O(number of keys)."""
+        items = list(dict(*args, **kwargs).items())
+        if items:
+            self._rm_submit(lambda: ops.DictSet(self._rm_nid, items))
+
+    def __ior__(self, other: Any) -> ObservedDict:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        """Set ``key`` only if the server does not have it; return the stored value."""
+        if key not in self:
+            self._rm_submit(lambda: ops.DictSetDefault(self._rm_nid, [(key, default)]))
+        return self[key]
+
+    def pop(self, key: Any, default: Any = NO_OP) -> Any:
+        """Remove ``key`` and return its value: O(1)."""
+
+        def build() -> ops.Op | None:
+            if key in self:
+                return ops.DictDelete(self._rm_nid, [key])
+            if default is NO_OP:
+                raise MissingKey(key)
+            return None
+
+        result = self._rm_submit(build)
+        return default if result is NO_OP else result
+
+    def popitem(self) -> tuple[Any, Any]:
+        """Remove and return the last inserted pair: O(1)."""
+        box: list[Any] = []
+
+        def build() -> ops.Op:
+            if not len(self):
+                raise MissingKey("popitem(): dictionary is empty")
+            box[:] = [next(reversed(self))]
+            return ops.DictDelete(self._rm_nid, box)
+
+        value = self._rm_submit(build)
+        return box[0], value
+
+    def clear(self) -> None:
+        """Remove every key the server holds: O(n)."""
+        self._rm_submit(lambda: ops.DictClear(self._rm_nid))
+
+    def __copy__(self) -> dict[Any, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[Any, Any]:
+        return {copy.deepcopy(k, memo): copy.deepcopy(v, memo) for k, v in self.items()}
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (dict, (dict(self),))
+
+    def __repr__(self) -> str:
+        return dict.__repr__(self)
+
+
+Proxy = (ObservedList, ObservedDict)

@@ -1,0 +1,396 @@
+"""The local replica: a memory's tree of proxies, and how it is kept exact.
+
+The replica knows the server's ``version`` and ``incarnation`` it reflects.
+It changes in three ways, all under the memory's lock:
+
+* :meth:`Replica.load` rebuilds it from a full HGETALL;
+* :meth:`Replica.apply_delta` applies the fields the journal says changed;
+* :meth:`Replica.apply_local` applies an operation this process just had
+  applied on the server, when the server's version proves that nothing else
+  happened in between. It mirrors the server script step for step, so the
+  replica equals what a fresh load would give.
+
+Proxies are updated in place, never replaced, so a proxy a user holds stays
+live; a proxy whose node disappears is marked dead and refuses mutations.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from . import codec, ops
+from .errors import CorruptData
+from .proxies import ObservedDict, ObservedList, plain
+from .store import REF
+
+if TYPE_CHECKING:
+    from .memory import MemoryCore
+
+Node = ObservedList | ObservedDict
+
+
+class Corrupt:
+    """Stands in the root for an attribute whose stored data cannot be decoded."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: CorruptData) -> None:
+        self.error = error
+
+
+class Resync(Exception):
+    """A delta did not fit the replica; a full load is needed."""
+
+
+def parse_header(raw: bytes) -> tuple[str, int, int, int]:
+    kind, a, b, c = raw.split(b" ")
+    if kind not in (b"l", b"d"):
+        raise ValueError(f"bad node kind {kind!r}")
+    return kind.decode(), int(a), int(b), int(c)
+
+
+class Replica:
+    """The materialized tree of one memory and the server version it reflects."""
+
+    def __init__(self, core: MemoryCore) -> None:
+        self.core = core
+        self.key = core.store.key
+        self.version = -1  # never loaded
+        self.incarnation = b""
+        self.root = ObservedDict(core, b"0")
+        self.nodes: dict[bytes, Node] = {b"0": self.root}
+
+    @property
+    def loaded(self) -> bool:
+        return self.version >= 0
+
+    # -- decoding -----------------------------------------------------------
+
+    def _corrupt(self, field: bytes, why: object) -> CorruptData:
+        return CorruptData(f"corrupt data in {self.key} field {field!r}: {why}", key=self.key, field=field)
+
+    def _decode(self, payload: bytes, field: bytes) -> Any:
+        if payload[:1] == bytes((REF,)):
+            node = self.nodes.get(payload[1:])
+            if node is None:
+                raise Resync(field)
+            return node
+        try:
+            return codec.decode(payload)
+        except ValueError as exc:
+            raise self._corrupt(field, exc) from None
+
+    def _kill(self, value: Any) -> None:
+        """Forget a node removed from the tree, and everything under it."""
+        if isinstance(value, (ObservedList, ObservedDict)) and self.nodes.get(value._rm_nid) is value:
+            del self.nodes[value._rm_nid]
+            value._rm_live = False
+            for child in value.values() if isinstance(value, ObservedDict) else value:
+                self._kill(child)
+
+    def _proxy(self, nid: bytes, kind: str, reuse: dict[bytes, Node]) -> Node:
+        old = reuse.pop(nid, None)
+        cls = ObservedList if kind == "l" else ObservedDict
+        node = old if type(old) is cls else cls(self.core, nid)
+        node._rm_live = True
+        self.nodes[nid] = node
+        return node
+
+    # -- full load ----------------------------------------------------------
+
+    def load(self, fields: dict[bytes, bytes]) -> None:
+        """Rebuild from every field of the hash (an HGETALL): O(size)."""
+        headers: dict[bytes, bytes] = {}
+        entries: dict[bytes, list[tuple[bytes, bytes]]] = defaultdict(list)
+        for field, value in fields.items():
+            tag = field[:1]
+            if tag == b"e":
+                nid, _, slot = field[1:].partition(b":")
+                entries[nid].append((slot, value))
+            elif tag == b"h":
+                headers[field[1:]] = value
+        incarnation = fields.get(b"i", b"")
+        reuse = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
+        for node in reuse.values():
+            node._rm_live = False
+        self.nodes = {}
+        self._fill(b"0", headers.get(b"0", b"d 0 1 0"), headers, entries, reuse, root=True)
+        self.version = int(fields.get(b"v", 0))
+        self.incarnation = incarnation
+
+    def _fill(
+        self,
+        nid: bytes,
+        header: bytes,
+        headers: dict[bytes, bytes],
+        entries: dict[bytes, list[tuple[bytes, bytes]]],
+        reuse: dict[bytes, Node],
+        root: bool = False,
+    ) -> Node:
+        field = b"h" + nid
+        try:
+            kind, a, b, c = parse_header(header)
+        except ValueError as exc:
+            raise self._corrupt(field, exc) from None
+        node = self._proxy(nid, kind, reuse)
+        node._rm_mod = c
+
+        def value(payload: bytes, field: bytes) -> Any:
+            if payload[:1] == bytes((REF,)):
+                child = payload[1:]
+                if child not in headers:
+                    raise self._corrupt(field, f"reference to missing node {child!r}")
+                return self._fill(child, headers[child], headers, entries, reuse)
+            try:
+                return codec.decode(payload)
+            except ValueError as exc:
+                raise self._corrupt(field, exc) from None
+
+        if isinstance(node, ObservedList):
+            slots = {}
+            for slot, payload in entries.get(nid, ()):
+                try:
+                    slots[int(slot)] = payload
+                except ValueError:
+                    raise self._corrupt(b"e" + nid + b":" + slot, "bad slot") from None
+            items = []
+            for s in range(a, b):
+                f = b"e%s:%d" % (nid, s)
+                if s not in slots:
+                    raise self._corrupt(f, "missing list element")
+                items.append(value(slots[s], f))
+            list.__setitem__(node, slice(None), items)
+            node._rm_lo = a
+            return node
+
+        ordered = []
+        for key, raw in entries.get(nid, ()):
+            f = b"e" + nid + b":" + key
+            seq, sep, payload = raw.partition(b":")
+            try:
+                ordered.append((int(seq), codec.decode_key(key), payload, f))
+            except ValueError as exc:
+                if root:
+                    # A root entry whose own name is undecodable cannot be addressed; skip it.
+                    continue
+                raise self._corrupt(f, exc) from None
+        ordered.sort(key=lambda t: t[0])
+        dict.clear(node)
+        for _, k, payload, f in ordered:
+            if root:
+                try:
+                    dict.__setitem__(node, k, value(payload, f))
+                except CorruptData as exc:
+                    dict.__setitem__(node, k, Corrupt(exc))
+            else:
+                dict.__setitem__(node, k, value(payload, f))
+        assert isinstance(node, ObservedDict)
+        node._rm_next = b
+        return node
+
+    # -- deltas from the journal --------------------------------------------
+
+    def apply_delta(self, version: int, changes: list[tuple[bytes, bytes | None]]) -> None:
+        """Apply the current values of the fields changed since ``self.version``.
+
+        Raises :class:`Resync` when the delta does not fit (the caller then
+        loads everything); the replica may be half-updated then, which the
+        full load repairs.
+        """
+        headers: dict[bytes, bytes | None] = {}
+        entries: dict[bytes, dict[bytes, bytes | None]] = defaultdict(dict)
+        for field, value in changes:
+            tag = field[:1]
+            if tag == b"e":
+                nid, _, slot = field[1:].partition(b":")
+                entries[nid][slot] = value
+            elif tag == b"h":
+                headers[field[1:]] = value
+        try:
+            created = [nid for nid, h in headers.items() if h is not None and nid not in self.nodes]
+            for nid in created:
+                self._proxy(nid, parse_header(headers[nid] or b"")[0], {})
+            for nid in created:
+                self._update(nid, headers[nid], entries.get(nid, {}), new=True)
+            for nid in set(headers) | set(entries):
+                if nid not in created and nid in self.nodes and headers.get(nid, b"") is not None:
+                    self._update(nid, headers.get(nid), entries.get(nid, {}), new=False)
+            for nid, h in headers.items():
+                if h is None and nid in self.nodes:
+                    self._kill(self.nodes[nid])
+        except (ValueError, CorruptData) as exc:
+            raise Resync(str(exc)) from exc
+        self.version = version
+
+    def _update(self, nid: bytes, header: bytes | None, changed: dict[bytes, bytes | None], new: bool) -> None:
+        node = self.nodes[nid]
+        if isinstance(node, ObservedList):
+            lo, n = node._rm_lo, len(node)
+            _, lo2, hi2, mod = parse_header(header) if header else ("l", lo, lo + n, node._rm_mod)
+            slots = {int(s): v for s, v in changed.items()}
+            if not new and lo2 == lo and hi2 >= lo + n and all(lo + n <= s < hi2 for s in slots) and len(slots) == hi2 - lo - n:
+                list.extend(node, [self._need(slots[s], nid, s) for s in range(lo + n, hi2)])
+            else:
+                items = []
+                for s in range(lo2, hi2):
+                    if s in slots:
+                        items.append(self._need(slots[s], nid, s))
+                    elif not new and 0 <= s - lo < n:
+                        items.append(node[s - lo])
+                    else:
+                        raise Resync(nid)
+                list.__setitem__(node, slice(None), items)
+            node._rm_lo, node._rm_mod = lo2, mod
+            return
+        assert isinstance(node, ObservedDict)
+        first_new = 0 if new else node._rm_next
+        moved = []
+        for kbytes, raw in changed.items():
+            key = codec.decode_key(kbytes)
+            if raw is None:
+                dict.pop(node, key, None)
+                continue
+            seq, _, payload = raw.partition(b":")
+            value = self._decode(payload, b"e" + nid + b":" + kbytes)
+            if int(seq) >= first_new:
+                moved.append((int(seq), key, value))
+            elif key in node:
+                dict.__setitem__(node, key, value)
+            else:
+                raise Resync(nid)
+        for _, key, value in sorted(moved, key=lambda t: t[0]):
+            dict.pop(node, key, None)
+            dict.__setitem__(node, key, value)
+        if header:
+            _, length, node._rm_next, node._rm_mod = parse_header(header)
+            if length != len(node):
+                raise Resync(nid)
+
+    def _need(self, payload: bytes | None, nid: bytes, slot: int) -> Any:
+        if payload is None:
+            raise Resync(nid)
+        return self._decode(payload, b"e%s:%d" % (nid, slot))
+
+    # -- this process's own operations --------------------------------------
+
+    def removal_plan(self, op: ops.Op) -> dict[bytes, list[bytes]]:
+        """The keys of every dict node ``op`` may remove, for the server to check."""
+        node = self.nodes[op.nid]
+        doomed: list[Any] = []
+        if isinstance(op, (ops.DictSet, ops.DictDelete)):
+            keys = op.key_list if isinstance(op, ops.DictDelete) else [k for k, _ in op.items]
+            doomed = [dict.get(node, k) for k in keys]  # type: ignore[call-overload]
+        elif isinstance(op, ops.DictClear):
+            doomed = [node]
+        elif isinstance(op, (ops.ListSet, ops.ListDelete)):
+            doomed = [node[op.slot - node._rm_lo]]  # type: ignore[union-attr]
+        elif isinstance(op, ops.ListReplace):
+            doomed = [v for v in node if getattr(v, "_rm_nid", None) not in op.kept]  # type: ignore[union-attr]
+        plan: dict[bytes, list[bytes]] = {}
+        stack = doomed
+        while stack:
+            value = stack.pop()
+            if isinstance(value, ObservedDict):
+                plan[value._rm_nid] = [codec.encode_key(k) for k in value]
+                stack.extend(value.values())
+            elif isinstance(value, ObservedList):
+                stack.extend(value)
+        return plan
+
+    def removed_value(self, op: ops.Op, payloads: list[bytes]) -> Any:
+        """What a delete returned: the server's scalar, or our copy of a container."""
+        if not payloads:
+            return None
+        payload = payloads[0]
+        if payload[:1] != bytes((REF,)):
+            return self._decode(payload, b"e" + op.nid)
+        node = self.nodes.get(payload[1:])
+        return plain(node)
+
+    def apply_local(self, op: ops.Op, first_nid: int | None) -> None:
+        """Apply ``op`` exactly as the server script just did."""
+        node = self.nodes[op.nid]
+        nids = iter(range(first_nid or 0, 1 << 62))
+        if isinstance(node, ObservedDict):
+            if isinstance(op, ops.DictSet):
+                for key, encoded in zip((k for k, _ in op.items), op.values):
+                    old = dict.get(node, key)
+                    value = self._materialize(encoded.tokens, nids)
+                    if key not in node:
+                        node._rm_next += 1
+                    self._kill(old)
+                    dict.__setitem__(node, key, value)
+            elif isinstance(op, ops.DictDelete):
+                for key in op.key_list:
+                    self._kill(dict.pop(node, key))
+            elif isinstance(op, ops.DictClear):
+                for value in list(node.values()):
+                    self._kill(value)
+                dict.clear(node)
+            node._rm_mod += 1
+            return
+        lo, hi = node._rm_lo, node._rm_lo + len(node)
+        if isinstance(op, ops.ListAppend):
+            list.extend(node, [self._materialize(e.tokens, nids) for e in op.values])
+        elif isinstance(op, ops.ListInsert):
+            value = self._materialize(op.encoded.tokens, nids)
+            slot = op.slot
+            if slot <= lo:
+                list.insert(node, 0, value)
+                node._rm_lo -= 1
+            elif slot >= hi:
+                list.append(node, value)
+            else:
+                list.insert(node, slot - lo, value)
+                if slot - lo < hi - slot:
+                    node._rm_lo -= 1
+        elif isinstance(op, ops.ListSet):
+            i = op.slot - lo
+            self._kill(node[i])
+            list.__setitem__(node, i, self._materialize(op.encoded.tokens, nids))
+        elif isinstance(op, ops.ListDelete):
+            i = op.slot - lo
+            self._kill(node[i])
+            list.__delitem__(node, i)
+            if op.slot - lo < hi - 1 - op.slot:
+                node._rm_lo += 1
+        elif isinstance(op, ops.ListReplace):
+            kept = set(op.kept)
+            for value in node:
+                if getattr(value, "_rm_nid", None) not in kept:
+                    self._kill(value)
+            list.__setitem__(node, slice(None), [self._materialize(e.tokens, nids) for e in op.values])
+        node._rm_mod += 1
+
+    def _materialize(self, tokens: list[bytes], nids: Any) -> Any:
+        """Build the local value a token stream describes, with the server's nids."""
+        pos = 0
+
+        def build() -> Any:
+            nonlocal pos
+            tag = tokens[pos]
+            if tag == b"s":
+                pos += 2
+                return codec.decode(tokens[pos - 1])
+            if tag == b"r":
+                pos += 2
+                return self.nodes[tokens[pos - 1]]
+            count = int(tokens[pos + 1])
+            pos += 2
+            nid = b"%d" % next(nids)
+            if tag == b"l":
+                lst = self._proxy(nid, "l", {})
+                list.extend(lst, [build() for _ in range(count)])
+                return lst
+            dct = self._proxy(nid, "d", {})
+            keys = [codec.decode_key(k) for k in tokens[pos : pos + count]]
+            pos += count
+            for key in keys:
+                dict.__setitem__(dct, key, build())
+            assert isinstance(dct, ObservedDict)
+            dct._rm_next = count + 1
+            return dct
+
+        return build()
+

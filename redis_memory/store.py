@@ -1,0 +1,438 @@
+"""Key layout, the server-side scripts, and every Redis command the library sends.
+
+One memory is one Redis hash, ``<prefix>:<kind>:{<escaped id>}``. Its fields:
+
+=============  ============================================================
+``i``          incarnation: a random token set when the hash is created
+``v``          version: +1 per applied operation
+``c``          node-id counter; the root dict is node ``0``
+``h<nid>``     node header: ``l <lo> <hi> <mod>`` or ``d <len> <next> <mod>``
+``e<nid>:<s>`` list element at slot ``s`` (a decimal integer)
+``e<nid>:<k>`` dict entry for the msgpack-encoded key ``k``: ``<seq>:<value>``
+``j<n>``       journal ring: the fields touched by version ``n``
+``w<writer>``  the last operation id applied for a writer, and its result
+=============  ============================================================
+
+A value is msgpack bytes, or ``\\xc1<nid>`` (a byte msgpack never emits) for
+a reference to a child node. List slots run from ``lo`` to ``hi - 1``; an
+append writes slot ``hi``, an insert at the front slot ``lo - 1``, so both
+ends are O(1). Dict entries carry an insertion sequence number so the
+insertion order of Python dicts survives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .errors import ConnectionFailed
+
+REF = 0xC1
+JOURNAL_SIZE = 128
+TOUCH_LIMIT = 1000
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+
+
+def escape_id(identifier: str) -> str:
+    """Percent-encode everything but ``[A-Za-z0-9-_.~]``: injective, no ``{}:*`` left."""
+    if not isinstance(identifier, str) or not identifier:
+        raise ValueError(f"a memory id must be a non-empty str, not {identifier!r}")
+    return "".join(chr(b) if b in _SAFE else "%%%02X" % b for b in identifier.encode("utf-8"))
+
+
+def memory_key(prefix: str, kind: str, identifier: str) -> str:
+    """The hash key of one memory; the braces make the id its Cluster hash tag."""
+    return f"{escape_id(prefix)}:{escape_id(kind)}:{{{escape_id(identifier)}}}"
+
+
+_PRELUDE = """
+local K = KEYS[1]
+local REF = 193
+local JOURNAL_SIZE = %(journal)d
+local TOUCH_LIMIT = %(touch_limit)d
+local touched, ntouched = {}, 0
+local function fmt(n) return string.format('%%d', n) end
+local function touch(f)
+  ntouched = ntouched + 1
+  if ntouched <= TOUCH_LIMIT then touched[ntouched] = f end
+end
+local function hget(f) return redis.call('HGET', K, f) end
+-- Writes that change nothing are skipped, so an operation that changes
+-- nothing leaves the version (and every replica) alone.
+local function hset(f, v)
+  if redis.call('HGET', K, f) ~= v then redis.call('HSET', K, f, v); touch(f) end
+end
+local function hdel(f)
+  if redis.call('HDEL', K, f) == 1 then touch(f) end
+end
+local function hfield(n) return 'h' .. n end
+local function efield(n, s) return 'e' .. n .. ':' .. s end
+"""
+
+# Applies one operation. ARGV: writer, seq, new-incarnation token, expected
+# incarnation, op name, nid, then the dict keys of subtrees the op may remove
+# (count, then per dict node: nid, key count, keys), then the op's own args.
+# Every check runs before the first write: a script is not rolled back.
+_APPLY = (_PRELUDE + """
+local writer, seq = ARGV[1], tonumber(ARGV[2])
+local wfield = 'w' .. writer
+local incarnation = hget('i')
+local version = tonumber(hget('v') or '0')
+local nid, op = ARGV[6], ARGV[5]
+
+local function reply(status, result, ...)
+  return {status, fmt(version), incarnation or '', result or '', ...}
+end
+
+if incarnation then
+  local last = hget(wfield)
+  if last then
+    local lseq, lres = string.match(last, '^(%%d+) (.*)$')
+    if lseq and tonumber(lseq) >= seq then return reply('dup', lres) end
+  end
+end
+if nid ~= '0' and ARGV[4] ~= incarnation then return reply('gone') end
+if not incarnation then
+  incarnation = ARGV[3]
+  version = 0
+  redis.call('HSET', K, 'i', incarnation, 'v', 0, 'c', 0, 'h0', 'd 0 1 0')
+end
+
+local function read_header(n)
+  local h = hget(hfield(n))
+  if not h then return nil end
+  local kind, a, b, c = string.match(h, '^(%%a) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+)$')
+  if not kind then return nil end
+  return {kind = kind, a = tonumber(a), b = tonumber(b), c = tonumber(c)}
+end
+local function write_header(n, h)
+  hset(hfield(n), h.kind .. ' ' .. fmt(h.a) .. ' ' .. fmt(h.b) .. ' ' .. fmt(h.c))
+end
+local function is_ref(p) return string.byte(p, 1) == REF end
+local function dict_payload(raw) return string.sub(raw, (string.find(raw, ':', 1, true) or 0) + 1) end
+
+local pos = 7
+local known = {}
+local ndrops = tonumber(ARGV[pos]); pos = pos + 1
+for _ = 1, ndrops do
+  local dn, cnt = ARGV[pos], tonumber(ARGV[pos + 1]); pos = pos + 2
+  local keys = {}
+  for j = 1, cnt do keys[j] = ARGV[pos]; pos = pos + 1 end
+  known[dn] = keys
+end
+
+-- True when every dict node under payload p is fully listed in 'known',
+-- so that drop(p) removes every field the subtree has.
+local function can_drop(p)
+  if not is_ref(p) then return true end
+  local n = string.sub(p, 2)
+  local h = read_header(n)
+  if not h then return true end
+  if h.kind == 'l' then
+    for s = h.a, h.b - 1 do
+      local raw = hget(efield(n, fmt(s)))
+      if raw and not can_drop(raw) then return false end
+    end
+    return true
+  end
+  local keys = known[n]
+  if not keys or #keys ~= h.a then return false end
+  for _, k in ipairs(keys) do
+    local raw = hget(efield(n, k))
+    if not raw or not can_drop(dict_payload(raw)) then return false end
+  end
+  return true
+end
+local function drop(p)
+  if not is_ref(p) then return end
+  local n = string.sub(p, 2)
+  local h = read_header(n)
+  if not h then return end
+  if h.kind == 'l' then
+    for s = h.a, h.b - 1 do
+      local f = efield(n, fmt(s))
+      local raw = hget(f)
+      if raw then drop(raw); hdel(f) end
+    end
+  else
+    for _, k in ipairs(known[n]) do
+      local f = efield(n, k)
+      drop(dict_payload(hget(f)))
+      hdel(f)
+    end
+  end
+  hdel(hfield(n))
+end
+
+local first_nid = nil
+local function build()
+  local t = ARGV[pos]; pos = pos + 1
+  if t == 's' then pos = pos + 1; return ARGV[pos - 1] end
+  if t == 'r' then pos = pos + 1; return string.char(REF) .. ARGV[pos - 1] end
+  local count = tonumber(ARGV[pos]); pos = pos + 1
+  local n = redis.call('HINCRBY', K, 'c', 1)
+  first_nid = first_nid or n
+  n = fmt(n)
+  if t == 'l' then
+    for s = 0, count - 1 do hset(efield(n, fmt(s)), build()) end
+    hset(hfield(n), 'l 0 ' .. fmt(count) .. ' 0')
+  else
+    local keys = {}
+    for s = 1, count do keys[s] = ARGV[pos]; pos = pos + 1 end
+    for s = 1, count do hset(efield(n, keys[s]), fmt(s) .. ':' .. build()) end
+    hset(hfield(n), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0')
+  end
+  return string.char(REF) .. n
+end
+local function move(n, from, to)
+  hset(efield(n, fmt(to)), hget(efield(n, fmt(from))))
+end
+
+local h = read_header(nid)
+if not h then return reply('gone') end
+local want = (string.sub(op, 1, 1) == 'l') and 'l' or 'd'
+if h.kind ~= want then return reply('gone') end
+local extra = {}
+
+if op == 'dset' or op == 'dsetdefault' then
+  local count = tonumber(ARGV[pos]); pos = pos + 1
+  local keys = {}
+  for i = 1, count do keys[i] = ARGV[pos]; pos = pos + 1 end
+  for i = 1, count do
+    local raw = hget(efield(nid, keys[i]))
+    if raw and op == 'dsetdefault' then return reply('exists', '', dict_payload(raw)) end
+    if raw and not can_drop(dict_payload(raw)) then return reply('stale') end
+  end
+  for i = 1, count do
+    local f = efield(nid, keys[i])
+    local raw = hget(f)
+    local s
+    if raw then
+      s = string.match(raw, '^(%%d+):')
+      drop(dict_payload(raw))
+    else
+      s = fmt(h.b); h.b = h.b + 1; h.a = h.a + 1
+    end
+    hset(f, s .. ':' .. build())
+  end
+elseif op == 'ddel' then
+  local count = tonumber(ARGV[pos]); pos = pos + 1
+  local keys = {}
+  for i = 1, count do
+    keys[i] = ARGV[pos]; pos = pos + 1
+    local raw = hget(efield(nid, keys[i]))
+    if not raw then return reply('missing') end
+    if not can_drop(dict_payload(raw)) then return reply('stale') end
+  end
+  for i = 1, count do
+    local f = efield(nid, keys[i])
+    local p = dict_payload(hget(f))
+    extra[#extra + 1] = p
+    drop(p); hdel(f); h.a = h.a - 1
+  end
+elseif op == 'dclear' then
+  if not can_drop(string.char(REF) .. nid) then return reply('stale') end
+  for _, k in ipairs(known[nid]) do
+    local f = efield(nid, k)
+    drop(dict_payload(hget(f))); hdel(f)
+  end
+  h.a = 0
+elseif op == 'lappend' then
+  local count = tonumber(ARGV[pos]); pos = pos + 1
+  for _ = 1, count do hset(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
+elseif op == 'linsert' then
+  local slot = tonumber(ARGV[pos]); pos = pos + 1
+  local target
+  if slot <= h.a then
+    h.a = h.a - 1; target = h.a
+  elseif slot >= h.b then
+    target = h.b; h.b = h.b + 1
+  elseif slot - h.a < h.b - slot then
+    for s = h.a, slot - 1 do move(nid, s, s - 1) end
+    h.a = h.a - 1; target = slot - 1
+  else
+    for s = h.b - 1, slot, -1 do move(nid, s, s + 1) end
+    h.b = h.b + 1; target = slot
+  end
+  hset(efield(nid, fmt(target)), build())
+elseif op == 'lset' or op == 'ldel' then
+  local slot = tonumber(ARGV[pos]); pos = pos + 1
+  if slot < h.a or slot >= h.b then return reply('index') end
+  local f = efield(nid, fmt(slot))
+  local old = hget(f) or ''
+  if not can_drop(old) then return reply('stale') end
+  drop(old)
+  extra[1] = old
+  if op == 'lset' then
+    hset(f, build())
+  elseif slot - h.a < h.b - 1 - slot then
+    for s = slot, h.a + 1, -1 do move(nid, s - 1, s) end
+    hdel(efield(nid, fmt(h.a))); h.a = h.a + 1
+  else
+    for s = slot, h.b - 2 do move(nid, s + 1, s) end
+    hdel(efield(nid, fmt(h.b - 1))); h.b = h.b - 1
+  end
+elseif op == 'lreplace' then
+  if tonumber(ARGV[pos]) ~= h.c then return reply('stale') end
+  local nkept = tonumber(ARGV[pos + 1]); pos = pos + 2
+  local kept, seen = {}, {}
+  for _ = 1, nkept do kept[ARGV[pos]] = true; pos = pos + 1 end
+  local function kept_child(raw) return is_ref(raw) and kept[string.sub(raw, 2)] and string.sub(raw, 2) end
+  for s = h.a, h.b - 1 do
+    local raw = hget(efield(nid, fmt(s))) or ''
+    local child = kept_child(raw)
+    if child then seen[child] = true
+    elseif not can_drop(raw) then return reply('stale') end
+  end
+  for child in pairs(kept) do
+    if not seen[child] then return reply('stale') end
+  end
+  for s = h.a, h.b - 1 do
+    local f = efield(nid, fmt(s))
+    local raw = hget(f) or ''
+    if not kept_child(raw) then drop(raw) end
+    hdel(f)
+  end
+  local count = tonumber(ARGV[pos]); pos = pos + 1
+  h.b = h.a
+  for _ = 1, count do hset(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
+else
+  return redis.error_reply('redis_memory: unknown operation ' .. op)
+end
+
+if ntouched == 0 then return reply('ok') end
+h.c = h.c + 1
+write_header(nid, h)
+version = version + 1
+local entry
+if ntouched > TOUCH_LIMIT then
+  entry = fmt(version) .. ' *'
+else
+  local parts = {fmt(version), ' '}
+  for i = 1, ntouched do
+    local f = touched[i]
+    parts[#parts + 1] = fmt(#f) .. ':' .. f
+  end
+  entry = table.concat(parts)
+end
+local result = first_nid and fmt(first_nid) or ''
+redis.call('HSET', K, 'v', fmt(version), 'j' .. fmt(version %% JOURNAL_SIZE), entry, wfield, fmt(seq) .. ' ' .. result)
+return reply('ok', result, unpack(extra))
+""") % {"journal": JOURNAL_SIZE, "touch_limit": TOUCH_LIMIT}
+
+# Brings a replica from version ARGV[1] of incarnation ARGV[2] to now: the
+# current values of every field the journal says changed since, or 'full'
+# when the journal no longer covers the gap (then the caller reads it all).
+_SYNC = (_PRELUDE + """
+local meta = redis.call('HMGET', K, 'v', 'i')
+local v, inc = meta[1], meta[2]
+if not inc then return {'0', '', 'empty'} end
+local known = tonumber(ARGV[1])
+local current = tonumber(v)
+if inc ~= ARGV[2] or current < known or current - known > JOURNAL_SIZE then return {v, inc, 'full'} end
+local fields, seen = {}, {}
+for n = known + 1, current do
+  local e = hget('j' .. fmt(n %% JOURNAL_SIZE))
+  local sp = e and string.find(e, ' ', 1, true)
+  if not sp or string.sub(e, 1, sp - 1) ~= fmt(n) then return {v, inc, 'full'} end
+  local p = sp + 1
+  if string.sub(e, p) == '*' then return {v, inc, 'full'} end
+  while p <= #e do
+    local c = string.find(e, ':', p, true)
+    local f = string.sub(e, c + 1, c + tonumber(string.sub(e, p, c - 1)))
+    if not seen[f] then seen[f] = true; fields[#fields + 1] = f end
+    p = c + #f + 1
+  end
+end
+local out = {v, inc, 'delta'}
+for start = 1, #fields, 500 do
+  local chunk = {}
+  for k = start, math.min(start + 499, #fields) do chunk[#chunk + 1] = fields[k] end
+  local values = redis.call('HMGET', K, unpack(chunk))
+  for k = 1, #chunk do
+    out[#out + 1] = chunk[k]
+    out[#out + 1] = values[k]
+  end
+end
+return out
+""") % {"journal": JOURNAL_SIZE, "touch_limit": TOUCH_LIMIT}
+
+
+@dataclass
+class Reply:
+    """What the apply script answered: a status, the version after it, and data."""
+
+    status: str
+    version: int
+    incarnation: bytes
+    first_nid: int | None
+    extra: list[bytes]
+
+
+@dataclass
+class Sync:
+    """What the sync script answered: ``kind`` is 'empty', 'delta' or 'full'."""
+
+    version: int
+    incarnation: bytes
+    kind: str
+    changes: list[tuple[bytes, bytes | None]]
+
+
+class Store:
+    """All Redis traffic of one memory: its key, its scripts, its reads."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client = client
+        self.key = key
+        self._shas: dict[str, str] = {}
+
+    def _call(self, *args: Any) -> Any:
+        try:
+            return self.client.execute_command(*args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ConnectionFailed(f"Redis unreachable for {self.key}: {exc}", key=self.key) from exc
+
+    def _script(self, source: str, *args: Any) -> Any:
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = self._call("SCRIPT", "LOAD", source).decode()
+        try:
+            return self._call("EVALSHA", sha, 1, self.key, *args)
+        except redis.exceptions.NoScriptError:
+            # The server restarted or its script cache was flushed.
+            self._call("SCRIPT", "LOAD", source)
+            return self._call("EVALSHA", sha, 1, self.key, *args)
+
+    def apply(self, header: list[bytes], drops: dict[bytes, list[bytes]], op_args: list[bytes]) -> Reply:
+        """EVALSHA of the apply script: O(1) fields for item operations.
+
+        ``drops`` lists the keys of every dict node the operation may remove,
+        so the script can delete whole subtrees without scanning the hash.
+        """
+        args: list[bytes] = [*header, b"%d" % len(drops)]
+        for nid, keys in drops.items():
+            args += [nid, b"%d" % len(keys), *keys]
+        raw = self._script(_APPLY, *args, *op_args)
+        return Reply(raw[0].decode(), int(raw[1]), raw[2], int(raw[3]) if raw[3] else None, list(raw[4:]))
+
+    def version(self) -> tuple[int, bytes]:
+        """HMGET of the version and incarnation: the O(1) freshness check."""
+        v, inc = self._call("HMGET", self.key, "v", "i")
+        return (int(v) if v is not None else 0), (inc or b"")
+
+    def sync(self, version: int, incarnation: bytes) -> Sync:
+        """EVALSHA of the sync script: O(fields changed since ``version``)."""
+        raw = self._script(_SYNC, version, incarnation)
+        it = iter(raw[3:])
+        return Sync(int(raw[0]), raw[1], raw[2].decode(), list(zip(it, it)))
+
+    def read_all(self) -> dict[bytes, bytes]:
+        """HGETALL: O(size of the memory)."""
+        return self._call("HGETALL", self.key)  # type: ignore[no-any-return]
+
+    def delete(self) -> None:
+        """DEL of the memory's hash: O(size of the memory)."""
+        self._call("DEL", self.key)
