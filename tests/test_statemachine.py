@@ -1,0 +1,199 @@
+"""Random mutation sequences through three memories on one id, against a model."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from strategies import keys, same, values
+
+from redis_memory import Memory, ObservedDict, ObservedList
+from redis_memory.replica import Replica
+
+NAMES = ["a", "b", "c"]
+
+
+def walk(root: Any, path: list[Any]) -> Any:
+    for step in path:
+        root = root[step]
+    return root
+
+
+def container_paths(value: Any, path: list[Any]) -> list[list[Any]]:
+    found = [path] if path else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(v, (list, dict)):
+            found += container_paths(v, [*path, k])
+    return found
+
+
+def check_bookkeeping(local: Any, fresh: Any) -> None:
+    """A replica's node ids, slots and counters equal those of a fresh load."""
+    assert type(local) is type(fresh)
+    if isinstance(local, (ObservedList, ObservedDict)):
+        assert local._rm_nid == fresh._rm_nid
+        assert local._rm_mod == fresh._rm_mod
+        if isinstance(local, ObservedList):
+            assert local._rm_lo == fresh._rm_lo
+            for x, y in zip(local, fresh):
+                check_bookkeeping(x, y)
+        else:
+            assert local._rm_next == fresh._rm_next
+            for k in fresh:
+                check_bookkeeping(local[k], fresh[k])
+
+
+class MemoryMachine(RuleBasedStateMachine):
+    client: redis.Redis
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client.flushall()
+        self.mems = [Memory("sm", client=self.client) for _ in range(3)]
+        self.model: dict[str, Any] = {}
+
+    def target(self, data: st.DataObject, kind: type) -> tuple[Memory, list[Any]] | None:
+        paths = [p for p in container_paths(self.model, []) if isinstance(walk(self.model, p), kind)]
+        if not paths:
+            return None
+        mem = data.draw(st.sampled_from(self.mems))
+        return mem, data.draw(st.sampled_from(paths))
+
+    @rule(data=st.data(), name=st.sampled_from(NAMES), value=values)
+    def set_attribute(self, data: st.DataObject, name: str, value: Any) -> None:
+        mem = data.draw(st.sampled_from(self.mems))
+        setattr(mem, name, value)
+        self.model[name] = copy.deepcopy(value)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def delete_attribute(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.model)))
+        delattr(data.draw(st.sampled_from(self.mems)), name)
+        del self.model[name]
+
+    @rule(data=st.data(), key=keys, value=values)
+    def dict_set(self, data: st.DataObject, key: Any, value: Any) -> None:
+        found = self.target(data, dict)
+        if found:
+            mem, path = found
+            walk(mem, path)[key] = value
+            walk(self.model, path)[key] = copy.deepcopy(value)
+
+    @rule(data=st.data(), op=st.sampled_from(["del", "pop", "popitem", "clear"]))
+    def dict_remove(self, data: st.DataObject, op: str) -> None:
+        found = self.target(data, dict)
+        if not found:
+            return
+        mem, path = found
+        proxy, model = walk(mem, path), walk(self.model, path)
+        if op == "clear":
+            proxy.clear()
+            model.clear()
+        elif op == "popitem":
+            if model:
+                assert same(proxy.popitem(), model.popitem())
+        elif model:
+            key = data.draw(st.sampled_from(list(model)))
+            if op == "del":
+                del proxy[key]
+                del model[key]
+            else:
+                assert same(proxy.pop(key), model.pop(key))
+
+    @rule(data=st.data(), items=st.dictionaries(keys, values, max_size=3), default=values)
+    def dict_update(self, data: st.DataObject, items: dict[Any, Any], default: Any) -> None:
+        found = self.target(data, dict)
+        if found:
+            mem, path = found
+            proxy, model = walk(mem, path), walk(self.model, path)
+            proxy.update(items)
+            model.update(copy.deepcopy(items))
+            key = data.draw(keys)
+            assert same(proxy.setdefault(key, default), model.setdefault(key, copy.deepcopy(default)))
+
+    @rule(data=st.data(), value=values, index=st.integers(-4, 4),
+          op=st.sampled_from(["append", "insert", "set", "extend", "iadd"]))  # fmt: skip
+    def list_add(self, data: st.DataObject, value: Any, index: int, op: str) -> None:
+        found = self.target(data, list)
+        if not found:
+            return
+        mem, path = found
+        proxy, model = walk(mem, path), walk(self.model, path)
+        if op == "append":
+            proxy.append(value)
+            model.append(copy.deepcopy(value))
+        elif op == "insert":
+            proxy.insert(index, value)
+            model.insert(index, copy.deepcopy(value))
+        elif op == "extend":
+            proxy.extend([value, value])
+            model.extend([copy.deepcopy(value), copy.deepcopy(value)])
+        elif op == "iadd":
+            walk(mem, path[:-1])[path[-1]] += [value]
+            model += [copy.deepcopy(value)]
+        elif -len(model) <= index < len(model):
+            proxy[index] = value
+            model[index] = copy.deepcopy(value)
+
+    @rule(data=st.data(), index=st.integers(-4, 4),
+          op=st.sampled_from(["del", "pop", "remove", "clear", "sort", "reverse", "slice_set", "slice_del", "imul"]))  # fmt: skip
+    def list_change(self, data: st.DataObject, index: int, op: str) -> None:
+        found = self.target(data, list)
+        if not found:
+            return
+        mem, path = found
+        proxy, model = walk(mem, path), walk(self.model, path)
+        inside = -len(model) <= index < len(model)
+        if op == "del" and inside:
+            del proxy[index]
+            del model[index]
+        elif op == "pop" and inside:
+            assert same(proxy.pop(index), model.pop(index))
+        elif op == "remove" and model:
+            value = copy.deepcopy(data.draw(st.sampled_from(model)))
+            proxy.remove(value)
+            model.remove(value)
+        elif op == "clear":
+            proxy.clear()
+            model.clear()
+        elif op == "sort":
+            proxy.sort(key=repr, reverse=index > 0)
+            model.sort(key=repr, reverse=index > 0)
+        elif op == "reverse":
+            proxy.reverse()
+            model.reverse()
+        elif op == "slice_set":
+            new = data.draw(st.lists(values, max_size=3))
+            proxy[index:] = new
+            model[index:] = copy.deepcopy(new)
+        elif op == "slice_del":
+            del proxy[:index:2]
+            del model[:index:2]
+        elif op == "imul":
+            times = abs(index) % 3
+            holder = walk(mem, path[:-1])
+            holder[path[-1]] *= times
+            model[:] = [copy.deepcopy(x) for x in model * times]
+
+    @invariant()
+    def all_memories_match_the_model(self) -> None:
+        fresh = Replica(self.mems[0]._rm)
+        fresh.load(self.client.hgetall(self.mems[0].key))
+        for mem in self.mems:
+            assert same(mem.to_dict(), self.model)
+            check_bookkeeping(mem._rm.replica.root, fresh.root)
+
+
+@pytest.mark.parametrize("backend", ["fakeredis", "redis7", "valkey"], indirect=True)
+def test_random_mutations_match_a_plain_model(client: redis.Redis) -> None:
+    """Three memories on one id, driven through random mutations at random
+    depths, always equal a plain Python model, and their replicas equal a
+    fresh load down to node ids and counters."""
+    MemoryMachine.client = client
+    MemoryMachine.TestCase().runTest()
