@@ -111,9 +111,10 @@ class Replica:
             elif tag == b"h":
                 headers[field[1:]] = value
         incarnation = fields.get(b"i", b"")
-        reuse = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
-        for node in reuse.values():
+        for node in self.nodes.values():
             node._rm_live = False
+        # Node ids restart in a new incarnation: only the root may be reused then.
+        reuse = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
         self._fill(b"0", headers.get(b"0", b"d 0 1 0"), headers, entries, reuse, root=True)
         self.version = int(fields.get(b"v", 0))

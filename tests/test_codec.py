@@ -1,0 +1,60 @@
+"""The codec: msgpack plus extension types; nothing that executes code."""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given
+from strategies import same, scalars
+
+from redis_memory import UnsupportedValue, codec
+
+
+@given(scalars)
+def test_scalars_round_trip_with_their_types(value: Any) -> None:
+    """Every supported scalar decodes to an equal value of the same type."""
+    assert same(codec.decode(codec.encode(value)), value)
+
+
+def test_zoned_datetimes_keep_their_zone_and_fold() -> None:
+    """A datetime in a named zone comes back in that zone, ambiguous hours included."""
+    value = dt.datetime(2021, 11, 7, 1, 30, tzinfo=ZoneInfo("America/New_York"), fold=1)
+    back = codec.decode(codec.encode(value))
+    assert back.tzinfo == value.tzinfo and back.fold == 1 and back.utcoffset() == value.utcoffset()
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**40, -(10**40)])
+def test_ints_of_any_size(value: int) -> None:
+    """Integers beyond 64 bits round-trip exactly."""
+    assert codec.decode(codec.encode(value)) == value
+
+
+@pytest.mark.parametrize("value", [object(), 1j, dt.timedelta(1), type("S", (str,), {})("x"), range(3)])
+def test_other_types_raise_type_error(value: Any) -> None:
+    """Anything outside the supported types raises UnsupportedValue, a TypeError."""
+    with pytest.raises(TypeError):
+        codec.encode(value)
+    with pytest.raises(UnsupportedValue):
+        codec.encode((1, value))
+
+
+def test_decoding_never_unpickles() -> None:
+    """A pickle stored in place of a value is not executed, only rejected or read as data."""
+    payload = pickle.dumps(object())
+    try:
+        decoded = codec.decode(payload)
+    except ValueError:
+        return
+    assert not isinstance(decoded, object.__class__)
+
+
+def test_unknown_extension_is_a_value_error() -> None:
+    """Undecodable bytes raise ValueError (the replica turns it into CorruptData)."""
+    with pytest.raises(ValueError):
+        codec.decode(b"\xc7\x01\x63\x00")
+    with pytest.raises(ValueError):
+        codec.decode(b"\xd9")

@@ -1,0 +1,151 @@
+"""How a memory finds its server: arguments, environment, TLS, ACL, embedded."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from servers import free_port
+
+from redis_memory import ConversationMemory, Memory, connection
+
+
+def test_explicit_url_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """url= beats REDIS_URL, which beats REDIS_HOST and friends, which beat the default."""
+    monkeypatch.setenv("REDIS_URL", "redis://envhost:1/2")
+    monkeypatch.setenv("REDIS_HOST", "hosthost")
+    assert connection.resolve_url("redis://argument:3/0") == "redis://argument:3/0"
+    assert connection.resolve_url() == "redis://envhost:1/2"
+    monkeypatch.delenv("REDIS_URL")
+    monkeypatch.setenv("REDIS_PORT", "6390")
+    monkeypatch.setenv("REDIS_PASSWORD", "p@ss:/word")
+    monkeypatch.setenv("REDIS_DB", "4")
+    url = connection.resolve_url()
+    assert url == "redis://:p%40ss%3A%2Fword@hosthost:6390/4"
+    kwargs = redis.Redis.from_url(url).get_connection_kwargs()
+    assert (kwargs["host"], kwargs["port"], kwargs["password"], kwargs["db"]) == ("hosthost", 6390, "p@ss:/word", 4)
+    for name in ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB"):
+        monkeypatch.delenv(name)
+    assert connection.resolve_url() == "redis://localhost:6379/0"
+
+
+def test_environment_url_is_used(monkeypatch: pytest.MonkeyPatch, real_url: str) -> None:
+    """With no argument, REDIS_URL names the server."""
+    monkeypatch.setenv("REDIS_URL", real_url)
+    mem = Memory("env")
+    mem.x = 1
+    assert Memory("env", url=real_url).x == 1
+
+
+def test_host_port_variables_are_used(monkeypatch: pytest.MonkeyPatch, servers: dict) -> None:  # type: ignore[type-arg]
+    """REDIS_HOST/REDIS_PORT/REDIS_DB reach the server when REDIS_URL is unset."""
+    server = servers["redis7"]
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("REDIS_HOST", "127.0.0.1")
+    monkeypatch.setenv("REDIS_PORT", str(server.port))
+    monkeypatch.setenv("REDIS_DB", "3")
+    Memory("hostport").x = 5
+    assert redis.Redis(port=server.port, db=3).exists(Memory("hostport").key)
+    redis.Redis(port=server.port, db=3).flushdb()
+
+
+def test_decoding_clients_are_refused() -> None:
+    """A client with decode_responses=True would corrupt binary fields: refused clearly."""
+    with pytest.raises(ValueError, match="decode_responses"):
+        Memory("x", client=redis.Redis(decode_responses=True))
+
+
+def test_acl_user_in_url(servers: dict) -> None:  # type: ignore[type-arg]
+    """A URL with an ACL user and password connects as that user."""
+    server = servers["redis7"]
+    admin = redis.Redis(port=server.port)
+    admin.acl_setuser("agent", enabled=True, passwords=["+s3cret"], keys=["rm:*"], commands=["+@all"])
+    try:
+        mem = Memory("acl", url=f"redis://agent:s3cret@127.0.0.1:{server.port}/0")
+        mem.x = [1]
+        mem.x.append(2)
+        assert Memory("acl", url=f"redis://agent:s3cret@127.0.0.1:{server.port}/0").x == [1, 2]
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(f"redis://agent:wrong@127.0.0.1:{server.port}/0").ping()
+    finally:
+        admin.acl_deluser("agent")
+        admin.flushall()
+
+
+def test_tls_url(tmp_path: Path) -> None:
+    """A rediss:// URL reaches a TLS-only server."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--tls-ca-cert-file", str(ca_file),
+         "--tls-auth-clients", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca_file}"
+        for _ in range(200):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        mem = Memory("tls", url=url)
+        mem.secret = {"a": [1]}
+        assert Memory("tls", url=url).secret == {"a": [1]}
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=port, socket_timeout=1).ping()  # plain text is refused
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _embedded_writer(directory: str, writer: int) -> None:
+    mem = ConversationMemory("shared", url=f"embedded://{directory}")
+    for i in range(20):
+        mem.log.append((writer, i))
+
+
+def test_embedded_server_is_shared_by_processes_and_keeps_data(tmp_path: Path) -> None:
+    """embedded:// starts one server per directory; processes share it; data survives a restart."""
+    directory = tmp_path / "emb"
+    url = f"embedded://{directory}"
+    mem = ConversationMemory("shared", url=url)
+    mem.log = []
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_embedded_writer, args=(str(directory), w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted(mem.log) == sorted((w, i) for w in range(3) for i in range(20))
+    assert len(list(directory.glob("valkey.pid"))) == 1
+    connection.stop_embedded(directory)
+    connection._clients.pop(url, None)
+    assert ConversationMemory("shared", url=url).log[:1] in ([(0, 0)], [(1, 0)], [(2, 0)])
+    assert len(ConversationMemory("shared", url=url).log) == 60
+    connection.stop_embedded(directory)
+
+
+def test_embedded_from_a_fresh_interpreter(tmp_path: Path) -> None:
+    """A separate Python process started with REDIS_URL=embedded://dir joins the same server."""
+    directory = tmp_path / "emb2"
+    url = f"embedded://{directory}"
+    Memory("x", url=url).value = "from the test"
+    code = f"from redis_memory import Memory; print(Memory('x', url={url!r}).value)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "from the test"
+    connection.stop_embedded(directory)

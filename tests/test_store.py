@@ -1,0 +1,131 @@
+"""Key layout, the server scripts, operation ids and the journal."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from redis_memory import ConversationMemory, Memory
+from redis_memory.store import JOURNAL_SIZE, Store, escape_id, memory_key
+
+
+@pytest.mark.parametrize("identifier", ["a:b", "*", "{x}", "ü", "with space", "a%3Ab", "x}{y", "🙂"])
+def test_escaped_ids_hold_no_special_characters(identifier: str) -> None:
+    """Escaped ids contain only [A-Za-z0-9-_.~%], so no key can reach into another's tag."""
+    escaped = escape_id(identifier)
+    assert set(escaped) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~%")
+    assert memory_key("rm", "conversation", identifier) == f"rm:conversation:{{{escaped}}}"
+
+
+def test_escaping_is_injective() -> None:
+    """Different ids always give different keys."""
+    ids = ["a", "A", "a:b", "a%3Ab", "a%253Ab", "%", "%25", " ", "_", "{", "}", "*"]
+    assert len({escape_id(i) for i in ids}) == len(ids)
+    with pytest.raises(ValueError):
+        escape_id("")
+
+
+def test_memory_lives_in_one_hash(client: redis.Redis) -> None:
+    """A memory with nested data is exactly one Redis key, a hash."""
+    mem = ConversationMemory("one", client=client)
+    mem.messages = [{"role": "user", "content": "x"}]
+    mem.profile = {"a": {"b": [1, 2]}}
+    assert client.keys("*") == [mem.key.encode()]
+    assert client.type(mem.key) == b"hash"
+
+
+def test_layout_is_as_documented(client: redis.Redis) -> None:
+    """The fields of a small memory match the layout described in store.py and the README."""
+    mem = Memory("layout", client=client)
+    mem.messages = ["hi"]
+    fields = client.hgetall(mem.key)
+    assert fields[b"v"] == b"1" and fields[b"c"] == b"1" and len(fields[b"i"]) > 0
+    assert fields[b"h0"] == b"d 1 2 1"
+    assert fields[b"e0:\xa8messages"] == b"1:\xc11"
+    assert fields[b"h1"] == b"l 0 1 0"
+    assert fields[b"e1:0"] == b"\xa2hi"
+    mem.messages.append("there")
+    fields = client.hgetall(mem.key)
+    assert fields[b"h1"] == b"l 0 2 1" and fields[b"e1:1"] == b"\xa5there"
+
+
+def test_append_touches_the_same_fields_whatever_the_size(client: redis.Redis) -> None:
+    """Append is O(1): the 1000th append writes as many fields as the 3rd."""
+    mem = Memory("big", client=client)
+    mem.items = []
+
+    def fields_touched_by_next_append() -> list[bytes]:
+        mem.items.append({"role": "user", "content": "x"})
+        version = int(client.hget(mem.key, "v"))
+        entry: bytes = client.hget(mem.key, f"j{version % JOURNAL_SIZE}").split(b" ", 1)[1]
+        fields, pos = [], 0
+        while pos < len(entry):
+            colon = entry.index(b":", pos)
+            size = int(entry[pos:colon])
+            fields.append(entry[colon + 1 : colon + 1 + size])
+            pos = colon + 1 + size
+        return fields
+
+    small = [fields_touched_by_next_append() for _ in range(3)][-1]
+    mem.items.extend([{"role": "user", "content": "x"}] * 1000)
+    large = fields_touched_by_next_append()
+    assert len(small) == len(large) == 5  # list slot + list header + new dict: header and two entries
+
+
+def test_an_operation_id_is_applied_once(client: redis.Redis) -> None:
+    """Resending an operation with the same (writer, seq), as a retry after a lost reply would, applies it once."""
+    mem = Memory("dedupe", client=client)
+    mem.items = []
+    store = Store(client, mem.key)
+    incarnation = client.hget(mem.key, "i")
+    nid = mem.items._rm_nid
+    header = [b"retrying-writer", b"1", b"tok", incarnation, b"lappend", nid]
+    first = store.apply(header, {}, [b"1", b"s", b"\x07"])
+    again = store.apply(header, {}, [b"1", b"s", b"\x07"])
+    assert (first.status, again.status) == ("ok", "dup")
+    assert mem.items == [7]
+    header[1] = b"2"
+    assert store.apply(header, {}, [b"1", b"s", b"\x08"]).status == "ok"
+    assert mem.items == [7, 8]
+
+
+def test_reader_far_behind_reloads_everything(client: redis.Redis, other_client: redis.Redis) -> None:
+    """A replica more versions behind than the journal holds reloads in full and is exact."""
+    reader = Memory("far", client=other_client)
+    writer = Memory("far", client=client)
+    writer.items = []
+    assert reader.items == []
+    held = reader.items
+    for i in range(JOURNAL_SIZE + 5):
+        writer.items.append(i)
+    assert reader.items == list(range(JOURNAL_SIZE + 5))
+    assert reader.items is held
+
+
+def test_reader_catches_up_through_the_journal(client: redis.Redis, other_client: redis.Redis) -> None:
+    """A replica a few versions behind fetches only the changed fields and keeps its proxies."""
+    reader = Memory("near", client=other_client)
+    writer = Memory("near", client=client)
+    writer.log = [{"n": 0}]
+    first = reader.log[0]
+    writer.log.append({"n": 1})
+    writer.log[0]["seen"] = True
+    writer.log.insert(0, {"n": -1})
+    assert reader.log == [{"n": -1}, {"n": 0, "seen": True}, {"n": 1}]
+    assert reader.log[1] is first
+    store = Store(other_client, reader.key)
+    version = int(client.hget(reader.key, "v"))
+    sync = store.sync(version - 1, client.hget(reader.key, "i"))
+    assert sync.kind == "delta" and 0 < len(sync.changes) <= 4
+
+
+def test_memory_recreated_elsewhere_is_noticed(client: redis.Redis, other_client: redis.Redis) -> None:
+    """If another process deletes and rebuilds a memory, a replica does not mistake it for the old one."""
+    mine = Memory("again", client=client)
+    mine.items = [1]
+    held = mine.items
+    theirs = Memory("again", client=other_client)
+    theirs.delete()
+    theirs.items = [2]
+    assert mine.items == [2]
+    assert not held._rm_live
