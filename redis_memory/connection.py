@@ -16,17 +16,76 @@ import os
 import subprocess
 import threading
 import time
+import weakref
 from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
 import redis
 
-from .errors import EmbeddedServerError
+from .errors import ConnectionFailed, EmbeddedServerError
 
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 10.0
 _clients: dict[str, redis.Redis] = {}
 _clients_lock = threading.Lock()
+
+
+class Channel:
+    """One connection per client and process for the library's own commands.
+
+    redis-py's general command path costs about as much again as the round
+    trip itself; the library sends a few commands per user statement, so it
+    talks to one connection of its own, made from the client's pool settings
+    (address, TLS, credentials, database, timeouts all carry over). Calls are
+    serialized by a lock. A broken connection is replaced and the command
+    sent once more: safe, since every write carries an operation id.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.conn: redis.connection.AbstractConnection | None = None
+
+    def call(self, *args: bytes | str | int) -> object:
+        packed = resp_command(args)
+        with self.lock:
+            if self.pid != os.getpid():
+                # Forked: the socket belongs to the parent; leave it untouched.
+                self.conn, self.pid = None, os.getpid()
+            for attempt in (1, 2):
+                if self.conn is None:
+                    self.conn = self.client.connection_pool.make_connection()
+                try:
+                    self.conn.send_packed_command([packed], check_health=False)
+                    return self.conn.read_response()
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                    self.conn.disconnect()
+                    self.conn = None
+                    if attempt == 2:
+                        raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
+            raise AssertionError("unreachable")
+
+
+def resp_command(args: tuple[bytes | str | int, ...]) -> bytes:
+    """A command in the RESP wire format (what redis-py's pack_command makes, cheaper)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+_channels: weakref.WeakKeyDictionary[redis.Redis, Channel] = weakref.WeakKeyDictionary()
+
+
+def channel(client: redis.Redis) -> Channel:
+    """The shared channel of ``client`` in this process."""
+    with _clients_lock:
+        found = _channels.get(client)
+        if found is None:
+            found = _channels[client] = Channel(client)
+        return found
 
 
 def resolve_url(url: str | None = None) -> str:

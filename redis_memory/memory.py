@@ -3,7 +3,6 @@ that turns reads and writes into store calls under one lock."""
 
 from __future__ import annotations
 
-import base64
 import os
 import threading
 import weakref
@@ -33,7 +32,7 @@ _live_cores: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
 
 
 def _new_token() -> bytes:
-    return base64.b32encode(os.urandom(5)).rstrip(b"=").lower()
+    return os.urandom(6).hex().encode()
 
 
 class MemoryCore:

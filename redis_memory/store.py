@@ -25,14 +25,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis
+import redis  # noqa: F401  (typing only)
 
+from .connection import channel
 from .errors import ConnectionFailed
 
 REF = 0xC1
 JOURNAL_SIZE = 128
 TOUCH_LIMIT = 1000
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+
+
+def pack(items: list[bytes]) -> bytes:
+    """Length-prefixed concatenation, read back by the scripts' ``reader``."""
+    return b"".join(b"%d:%s" % (len(item), item) for item in items)
 
 
 def escape_id(identifier: str) -> str:
@@ -68,35 +74,51 @@ local function hdel(f)
   if redis.call('HDEL', K, f) == 1 then touch(f) end
 end
 local function hfield(n) return 'h' .. n end
+-- Fields that cannot exist yet (a new node, a new slot) and headers are
+-- collected here and written by one HSET at the end.
+local writes = {}
+local function put(f, v)
+  writes[#writes + 1] = f
+  writes[#writes + 1] = v
+  touch(f)
+end
+-- Reads the length-prefixed items ('<len>:<bytes>') of one argument.
+local function reader(s)
+  local p = 1
+  return function()
+    local c = string.find(s, ':', p, true)
+    local n = tonumber(string.sub(s, p, c - 1))
+    p = c + n + 1
+    return string.sub(s, c + 1, c + n)
+  end, function() return p <= #s end
+end
 local function efield(n, s) return 'e' .. n .. ':' .. s end
 """
 
 # Applies one operation. ARGV: writer, seq, new-incarnation token, expected
-# incarnation, op name, nid, then the dict keys of subtrees the op may remove
-# (count, then per dict node: nid, key count, keys), then the op's own args.
+# incarnation, op name, nid; then two length-prefixed lists: the keys of every
+# dict node the op may remove (per node: nid, key count, keys), and the op's
+# own arguments (see ops.py).
 # Every check runs before the first write: a script is not rolled back.
 _APPLY = (_PRELUDE + """
 local writer, seq = ARGV[1], tonumber(ARGV[2])
 local wfield = 'w' .. writer
-local incarnation = hget('i')
-local version = tonumber(hget('v') or '0')
+local meta = redis.call('HMGET', K, 'i', 'v', 'c', wfield)
+local incarnation, version, counter = meta[1], tonumber(meta[2] or '0'), tonumber(meta[3] or '0')
 local nid, op = ARGV[6], ARGV[5]
 
 local function reply(status, result, ...)
   return {status, fmt(version), incarnation or '', result or '', ...}
 end
 
-if incarnation then
-  local last = hget(wfield)
-  if last then
-    local lseq, lres = string.match(last, '^(%%d+) (.*)$')
-    if lseq and tonumber(lseq) >= seq then return reply('dup', lres) end
-  end
+if incarnation and meta[4] then
+  local lseq, lres = string.match(meta[4], '^(%%d+) (.*)$')
+  if lseq and tonumber(lseq) >= seq then return reply('dup', lres) end
 end
 if nid ~= '0' and ARGV[4] ~= incarnation then return reply('gone') end
 if not incarnation then
   incarnation = ARGV[3]
-  version = 0
+  version, counter = 0, 0
   redis.call('HSET', K, 'i', incarnation, 'v', 0, 'c', 0, 'h0', 'd 0 1 0')
 end
 
@@ -108,20 +130,20 @@ local function read_header(n)
   return {kind = kind, a = tonumber(a), b = tonumber(b), c = tonumber(c)}
 end
 local function write_header(n, h)
-  hset(hfield(n), h.kind .. ' ' .. fmt(h.a) .. ' ' .. fmt(h.b) .. ' ' .. fmt(h.c))
+  put(hfield(n), h.kind .. ' ' .. fmt(h.a) .. ' ' .. fmt(h.b) .. ' ' .. fmt(h.c))
 end
 local function is_ref(p) return string.byte(p, 1) == REF end
 local function dict_payload(raw) return string.sub(raw, (string.find(raw, ':', 1, true) or 0) + 1) end
 
-local pos = 7
 local known = {}
-local ndrops = tonumber(ARGV[pos]); pos = pos + 1
-for _ = 1, ndrops do
-  local dn, cnt = ARGV[pos], tonumber(ARGV[pos + 1]); pos = pos + 2
+local drop_item, drop_more = reader(ARGV[7])
+while drop_more() do
+  local dn, cnt = drop_item(), tonumber(drop_item())
   local keys = {}
-  for j = 1, cnt do keys[j] = ARGV[pos]; pos = pos + 1 end
+  for j = 1, cnt do keys[j] = drop_item() end
   known[dn] = keys
 end
+local arg = reader(ARGV[8])
 
 -- True when every dict node under payload p is fully listed in 'known',
 -- so that drop(p) removes every field the subtree has.
@@ -168,21 +190,21 @@ end
 
 local first_nid = nil
 local function build()
-  local t = ARGV[pos]; pos = pos + 1
-  if t == 's' then pos = pos + 1; return ARGV[pos - 1] end
-  if t == 'r' then pos = pos + 1; return string.char(REF) .. ARGV[pos - 1] end
-  local count = tonumber(ARGV[pos]); pos = pos + 1
-  local n = redis.call('HINCRBY', K, 'c', 1)
-  first_nid = first_nid or n
-  n = fmt(n)
+  local t = arg()
+  if t == 's' then return arg() end
+  if t == 'r' then return string.char(REF) .. arg() end
+  local count = tonumber(arg())
+  counter = counter + 1
+  first_nid = first_nid or counter
+  local n = fmt(counter)
   if t == 'l' then
-    for s = 0, count - 1 do hset(efield(n, fmt(s)), build()) end
-    hset(hfield(n), 'l 0 ' .. fmt(count) .. ' 0')
+    for s = 0, count - 1 do put(efield(n, fmt(s)), build()) end
+    put(hfield(n), 'l 0 ' .. fmt(count) .. ' 0')
   else
     local keys = {}
-    for s = 1, count do keys[s] = ARGV[pos]; pos = pos + 1 end
-    for s = 1, count do hset(efield(n, keys[s]), fmt(s) .. ':' .. build()) end
-    hset(hfield(n), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0')
+    for s = 1, count do keys[s] = arg() end
+    for s = 1, count do put(efield(n, keys[s]), fmt(s) .. ':' .. build()) end
+    put(hfield(n), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0')
   end
   return string.char(REF) .. n
 end
@@ -197,9 +219,9 @@ if h.kind ~= want then return reply('gone') end
 local extra = {}
 
 if op == 'dset' or op == 'dsetdefault' then
-  local count = tonumber(ARGV[pos]); pos = pos + 1
+  local count = tonumber(arg())
   local keys = {}
-  for i = 1, count do keys[i] = ARGV[pos]; pos = pos + 1 end
+  for i = 1, count do keys[i] = arg() end
   for i = 1, count do
     local raw = hget(efield(nid, keys[i]))
     if raw and op == 'dsetdefault' then return reply('exists', '', dict_payload(raw)) end
@@ -218,10 +240,10 @@ if op == 'dset' or op == 'dsetdefault' then
     hset(f, s .. ':' .. build())
   end
 elseif op == 'ddel' then
-  local count = tonumber(ARGV[pos]); pos = pos + 1
+  local count = tonumber(arg())
   local keys = {}
   for i = 1, count do
-    keys[i] = ARGV[pos]; pos = pos + 1
+    keys[i] = arg()
     local raw = hget(efield(nid, keys[i]))
     if not raw then return reply('missing') end
     if not can_drop(dict_payload(raw)) then return reply('stale') end
@@ -240,10 +262,10 @@ elseif op == 'dclear' then
   end
   h.a = 0
 elseif op == 'lappend' then
-  local count = tonumber(ARGV[pos]); pos = pos + 1
-  for _ = 1, count do hset(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
+  local count = tonumber(arg())
+  for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
 elseif op == 'linsert' then
-  local slot = tonumber(ARGV[pos]); pos = pos + 1
+  local slot = tonumber(arg())
   local target
   if slot <= h.a then
     h.a = h.a - 1; target = h.a
@@ -256,9 +278,9 @@ elseif op == 'linsert' then
     for s = h.b - 1, slot, -1 do move(nid, s, s + 1) end
     h.b = h.b + 1; target = slot
   end
-  hset(efield(nid, fmt(target)), build())
+  put(efield(nid, fmt(target)), build())
 elseif op == 'lset' or op == 'ldel' then
-  local slot = tonumber(ARGV[pos]); pos = pos + 1
+  local slot = tonumber(arg())
   if slot < h.a or slot >= h.b then return reply('index') end
   local f = efield(nid, fmt(slot))
   local old = hget(f) or ''
@@ -275,10 +297,10 @@ elseif op == 'lset' or op == 'ldel' then
     hdel(efield(nid, fmt(h.b - 1))); h.b = h.b - 1
   end
 elseif op == 'lreplace' then
-  if tonumber(ARGV[pos]) ~= h.c then return reply('stale') end
-  local nkept = tonumber(ARGV[pos + 1]); pos = pos + 2
+  if tonumber(arg()) ~= h.c then return reply('stale') end
+  local nkept = tonumber(arg())
   local kept, seen = {}, {}
-  for _ = 1, nkept do kept[ARGV[pos]] = true; pos = pos + 1 end
+  for _ = 1, nkept do kept[arg()] = true end
   local function kept_child(raw) return is_ref(raw) and kept[string.sub(raw, 2)] and string.sub(raw, 2) end
   for s = h.a, h.b - 1 do
     local raw = hget(efield(nid, fmt(s))) or ''
@@ -295,9 +317,9 @@ elseif op == 'lreplace' then
     if not kept_child(raw) then drop(raw) end
     hdel(f)
   end
-  local count = tonumber(ARGV[pos]); pos = pos + 1
+  local count = tonumber(arg())
   h.b = h.a
-  for _ = 1, count do hset(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
+  for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
 else
   return redis.error_reply('redis_memory: unknown operation ' .. op)
 end
@@ -318,7 +340,19 @@ else
   entry = table.concat(parts)
 end
 local result = first_nid and fmt(first_nid) or ''
-redis.call('HSET', K, 'v', fmt(version), 'j' .. fmt(version %% JOURNAL_SIZE), entry, wfield, fmt(seq) .. ' ' .. result)
+writes[#writes + 1] = 'v'
+writes[#writes + 1] = fmt(version)
+writes[#writes + 1] = 'j' .. fmt(version %% JOURNAL_SIZE)
+writes[#writes + 1] = entry
+writes[#writes + 1] = wfield
+writes[#writes + 1] = fmt(seq) .. ' ' .. result
+if first_nid then
+  writes[#writes + 1] = 'c'
+  writes[#writes + 1] = fmt(counter)
+end
+for start = 1, #writes, 1000 do
+  redis.call('HSET', K, unpack(writes, start, math.min(start + 999, #writes)))
+end
 return reply('ok', result, unpack(extra))
 """) % {"journal": JOURNAL_SIZE, "touch_limit": TOUCH_LIMIT}
 
@@ -387,13 +421,14 @@ class Store:
     def __init__(self, client: redis.Redis, key: str) -> None:
         self.client = client
         self.key = key
+        self.channel = channel(client)
         self._shas: dict[str, str] = {}
 
     def _call(self, *args: Any) -> Any:
         try:
-            return self.client.execute_command(*args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ConnectionFailed(f"Redis unreachable for {self.key}: {exc}", key=self.key) from exc
+            return self.channel.call(*args)
+        except ConnectionFailed as exc:
+            raise ConnectionFailed(f"{exc} (memory {self.key})", key=self.key) from exc.__cause__
 
     def _script(self, source: str, *args: Any) -> Any:
         sha = self._shas.get(source)
@@ -412,15 +447,15 @@ class Store:
         ``drops`` lists the keys of every dict node the operation may remove,
         so the script can delete whole subtrees without scanning the hash.
         """
-        args: list[bytes] = [*header, b"%d" % len(drops)]
+        plan: list[bytes] = []
         for nid, keys in drops.items():
-            args += [nid, b"%d" % len(keys), *keys]
-        raw = self._script(_APPLY, *args, *op_args)
+            plan += [nid, b"%d" % len(keys), *keys]
+        raw = self._script(_APPLY, *header, pack(plan), pack(op_args))
         return Reply(raw[0].decode(), int(raw[1]), raw[2], int(raw[3]) if raw[3] else None, list(raw[4:]))
 
     def version(self) -> tuple[int, bytes]:
         """HMGET of the version and incarnation: the O(1) freshness check."""
-        v, inc = self._call("HMGET", self.key, "v", "i")
+        v, inc = self._call("HMGET", self.key, b"v", b"i")
         return (int(v) if v is not None else 0), (inc or b"")
 
     def sync(self, version: int, incarnation: bytes) -> Sync:
@@ -431,7 +466,11 @@ class Store:
 
     def read_all(self) -> dict[bytes, bytes]:
         """HGETALL: O(size of the memory)."""
-        return self._call("HGETALL", self.key)  # type: ignore[no-any-return]
+        reply = self._call("HGETALL", self.key)
+        if isinstance(reply, list):  # RESP2 answers a flat list
+            it = iter(reply)
+            return dict(zip(it, it))
+        return reply  # type: ignore[no-any-return]
 
     def delete(self) -> None:
         """DEL of the memory's hash: O(size of the memory)."""

@@ -1,0 +1,170 @@
+"""SPEC section 4 measured: each row a ratio against raw redis-py doing the same
+work on the same server in the same run. Medians of interleaved samples.
+
+    python benchmarks/run.py                # Debian's redis-server and embedded Valkey
+    python benchmarks/run.py --server redis # one of them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from servers import EmbeddedServer, debian_redis  # noqa: E402
+
+from redis_memory import ConversationMemory  # noqa: E402
+
+CONTENT = "The weather in Paris is mild today, with light wind from the west and a chance of rain in the evening. "
+
+
+def message(i: int) -> dict[str, object]:
+    return {"role": "user" if i % 2 else "assistant", "content": f"{i}: {CONTENT}"}
+
+
+def median_ns(fn: Callable[[], object], samples: int) -> float:
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times)
+
+
+def interleaved(raw: Callable[[], object], lib: Callable[[], object], rounds: int = 15, per_round: int = 40) -> tuple[float, float]:
+    """Median per-call time of raw and library, sampled alternately in rounds."""
+    raws, libs = [], []
+    for _ in range(rounds):
+        raws.append(median_ns(raw, per_round))
+        libs.append(median_ns(lib, per_round))
+    return statistics.median(raws), statistics.median(libs)
+
+
+LOAD_SCRIPT = """
+import sys, time, msgpack, redis
+from redis_memory import ConversationMemory
+url, key, raw_key, mode = sys.argv[1:5]
+client = redis.Redis.from_url(url)
+client.ping()
+start = time.perf_counter()
+if mode == "raw":
+    values = [msgpack.unpackb(v) for v in client.hgetall(raw_key).values()]
+    n = len(values)
+else:
+    n = len(ConversationMemory(key, client=client).messages)
+print(time.perf_counter() - start, n)
+"""
+
+
+def load_times(url: str, conv: str, raw_key: str, repeats: int = 5) -> tuple[float, float]:
+    raws, libs = [], []
+    for _ in range(repeats):
+        for mode, out in (("raw", raws), ("lib", libs)):
+            done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, url, conv, raw_key, mode],
+                                  capture_output=True, text=True, check=True)  # fmt: skip
+            seconds, n = done.stdout.split()
+            assert int(n) == 10_000, n
+            out.append(float(seconds))
+    return statistics.median(raws), statistics.median(libs)
+
+
+def bench(url: str) -> list[tuple[str, float, str]]:
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    rows: list[tuple[str, float, str]] = []
+    payload = msgpack.packb(message(0))
+    counter = iter(range(10**9))
+
+    def raw_hset() -> None:
+        client.hset("raw", str(next(counter)), payload)
+
+    def raw_hget() -> None:
+        client.hget("raw", "0")
+
+    append_ratio: dict[int, float] = {}
+    for size in (100, 1_000, 10_000):
+        mem = ConversationMemory(f"append-{size}", client=client)
+        mem.messages = []
+        for start in range(0, size, 500):
+            mem.messages.extend(message(i) for i in range(start, min(size, start + 500)))
+        i = iter(range(size, 10**9))
+        # each sample appends one message: the list grows by only 600 during the row
+        raw, lib = interleaved(raw_hset, lambda: mem.messages.append(message(next(i))), rounds=15, per_round=40)
+        append_ratio[size] = lib / raw
+        rows.append((f"mem.messages.append(m) at {size:,} messages", lib / raw, "<= 2.5"))
+    rows.append(("growth: append at 10,000 / at 100", append_ratio[10_000] / append_ratio[100], "<= 1.2"))
+
+    mem = ConversationMemory("append-1000", client=client)
+    mem.title = "weather"
+    raw, lib = interleaved(raw_hget, lambda: len(mem.messages))
+    rows.append(("len(mem.messages) at 1,000 messages", lib / raw, "<= 1.3"))
+    raw, lib = interleaved(raw_hget, lambda: mem.title)
+    rows.append(("mem.title", lib / raw, "<= 1.3"))
+
+    conv = ConversationMemory("load-10000", client=client)
+    conv.messages = []
+    messages = [message(i) for i in range(10_000)]
+    for start in range(0, 10_000, 500):
+        conv.messages.extend(messages[start : start + 500])
+    client.hset("raw-load", mapping={str(n): msgpack.packb(m) for n, m in enumerate(messages)})
+    raw_s, lib_s = load_times(url, "load-10000", "raw-load")
+    rows.append((f"load 10,000 messages in a new process ({lib_s * 1000:.0f} ms vs {raw_s * 1000:.0f} ms)", lib_s / raw_s, "<= 2"))
+
+    small = ConversationMemory("memory-1000", client=client)
+    small.messages = []
+    for start in range(0, 1000, 500):
+        small.messages.extend(messages[start : start + 500])
+    used = client.memory_usage(small.key, samples=0)
+    packed = len(msgpack.packb(messages[:1000]))
+    rows.append((f"Redis memory, 1,000 messages ({used:,} B vs {packed:,} B msgpack)", used / packed, "<= 2"))
+    client.flushall()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--server", choices=["redis", "valkey", "both"], default="both")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.server in ("redis", "both") and shutil.which("redis-server"):
+            server = debian_redis(Path(tmp) / "redis")
+            version = redis.Redis.from_url(server.url).info()["redis_version"]
+            try:
+                results[f"Redis {version}"] = bench(server.url)
+            finally:
+                server.stop()
+        if args.server in ("valkey", "both"):
+            embedded = EmbeddedServer(Path(tmp) / "valkey")
+            version = redis.Redis.from_url(embedded.url).info()["server_version" if False else "redis_version"]
+            try:
+                results[f"embedded Valkey ({version} compat)"] = bench(embedded.url)
+            finally:
+                embedded.stop()
+    for name, rows in results.items():
+        print(f"\n{name}, Python {sys.version.split()[0]}, {os.cpu_count()} cores")
+        print(f"| {'what':<62} | {'ratio':>6} | target |")
+        print(f"|{'-' * 64}|{'-' * 8}|--------|")
+        for what, ratio, target in rows:
+            print(f"| {what:<62} | {ratio:>5.2f}x | {target:>6} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
