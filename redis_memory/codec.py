@@ -9,6 +9,7 @@ keeps each of them as a node of its own (see :mod:`redis_memory.ops`).
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -91,11 +92,28 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True)
 
 
+#: Immutable types whose decoded form is an equal object of the same type,
+#: so the replica may keep the object it was given.
+SIMPLE_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+_local = threading.local()
+
+
 def encode(value: Any) -> bytes:
     """Encode a scalar or immutable container; raise UnsupportedValue otherwise."""
-    if type(value) not in SCALAR_TYPES:
+    kind = type(value)
+    if kind in SIMPLE_TYPES and (kind is not int or -(2**63) <= value < 2**64):
+        packer = getattr(_local, "packer", None)
+        if packer is None:
+            packer = _local.packer = msgpack.Packer(use_bin_type=True, strict_types=True)
+        return packer.pack(value)  # type: ignore[no-any-return]
+    if kind not in SCALAR_TYPES:
         _default(value)  # raises with the type's name
     return _pack(value)
+
+
+def detached(value: Any) -> Any:
+    """What a reader decodes for ``value``: the value itself if simple, else a copy."""
+    return value if type(value) in SIMPLE_TYPES else decode(encode(value))
 
 
 def decode(data: bytes) -> Any:
@@ -113,7 +131,7 @@ def encode_key(key: Any) -> bytes:
             f"cannot use a key of type {type(key).__qualname__}; dict keys must be "
             "str, bytes, int, None, tuple, frozenset, date or datetime"
         )
-    return _pack(key)
+    return encode(key)
 
 
 def decode_key(data: bytes) -> Any:

@@ -150,8 +150,11 @@ class MemoryCore:
                     return NO_OP
                 plan = replica.removal_plan(op)
                 self.seq += 1
-                header = [self.writer, b"%d" % self.seq, _new_token(), replica.incarnation, op.name, op.nid]
-                reply = self.store.apply(header, plan, op.args())
+                seq = b"%d" % self.seq
+                # The writer id and seq also make a fresh incarnation token, used
+                # only if this operation is the one that creates the memory.
+                header = [self.writer, seq, self.writer + b"." + seq, replica.incarnation, op.name, op.nid]
+                reply = self.store.apply(header, plan, op.payload())
                 if reply.status == "ok":
                     removed = replica.removed_value(op, reply.extra)
                     created = replica.incarnation == b"" and replica.version == 0

@@ -6,7 +6,7 @@ operation locally. Values are turned into *tokens* when the operation is
 built, so an unsupported value raises ``TypeError`` before anything is
 written, locally or remotely.
 
-Token grammar (flat, so it fits in a script's ARGV)::
+Token grammar (each token a length-prefixed item, see :func:`item`)::
 
     value := "s" <msgpack bytes>            scalar or immutable container
            | "l" <count> value*             new list node
@@ -23,44 +23,47 @@ from . import codec
 from .errors import UnsupportedValue
 
 
+def item(data: bytes) -> bytes:
+    """One length-prefixed item (``<len>:<bytes>``), as the scripts read them."""
+    return b"%d:%s" % (len(data), data)
+
+
 @dataclass
 class Encoded:
-    """A value turned into tokens, with the count of new nodes it creates."""
+    """A value ready to send (``blob``), and what the replica builds from it."""
 
-    tokens: list[bytes]
-    new_nodes: int
+    blob: bytes
+    value: Any
+    reuse: bytes | None = None  # the nid of an existing node kept in place
 
 
 def encode_value(value: Any, keep: dict[int, bytes] | None = None) -> Encoded:
-    """Tokenize ``value``; ``keep`` maps id(proxy) -> nid of nodes reused in place."""
-    tokens: list[bytes] = []
-    counter = [0]
-    _tokenize(value, tokens, counter, keep, set())
-    return Encoded(tokens, counter[0])
+    """Tokenize ``value``; ``keep`` maps id(proxy) -> nid of nodes that may stay in place."""
+    if keep is not None and isinstance(value, (list, dict)) and id(value) in keep:
+        nid = keep.pop(id(value))
+        return Encoded(b"1:r" + item(nid), value, nid)
+    out: list[bytes] = []
+    _tokenize(value, out, set())
+    return Encoded(b"".join(out), value)
 
 
-def _tokenize(value: Any, out: list[bytes], counter: list[int], keep: dict[int, bytes] | None, path: set[int]) -> None:
-    if isinstance(value, (list, dict)):
-        if keep is not None and id(value) in keep:
-            out += [b"r", keep.pop(id(value))]
-            return
-        if id(value) in path:
-            raise UnsupportedValue("cannot store a container that contains itself")
-        path.add(id(value))
-        counter[0] += 1
-        if isinstance(value, list):
-            out += [b"l", b"%d" % len(value)]
-            for item in list(value):
-                _tokenize(item, out, counter, None, path)
-        else:
-            items = list(value.items())
-            out += [b"d", b"%d" % len(items)]
-            out += [codec.encode_key(k) for k, _ in items]
-            for _, item in items:
-                _tokenize(item, out, counter, None, path)
-        path.discard(id(value))
+def _tokenize(value: Any, out: list[bytes], path: set[int]) -> None:
+    if not isinstance(value, (list, dict)):
+        out.append(b"1:s" + item(codec.encode(value)))
         return
-    out += [b"s", codec.encode(value)]
+    if id(value) in path:
+        raise UnsupportedValue("cannot store a container that contains itself")
+    path.add(id(value))
+    if isinstance(value, list):
+        out.append(b"1:l" + item(b"%d" % len(value)))
+        for element in value:
+            _tokenize(element, out, path)
+    else:
+        out.append(b"1:d" + item(b"%d" % len(value)))
+        out.extend([item(codec.encode_key(k)) for k in value])
+        for element in value.values():
+            _tokenize(element, out, path)
+    path.discard(id(value))
 
 
 @dataclass
@@ -70,8 +73,8 @@ class Op:
     nid: bytes
     name: bytes = field(init=False, default=b"")
 
-    def args(self) -> list[bytes]:
-        """The op-specific part of the script's ARGV."""
+    def payload(self) -> bytes:
+        """The op's own arguments, length-prefixed, for the apply script."""
         raise NotImplementedError
 
 
@@ -88,11 +91,8 @@ class DictSet(Op):
         self.keys = [codec.encode_key(k) for k, _ in self.items]
         self.values = [encode_value(v) for _, v in self.items]
 
-    def args(self) -> list[bytes]:
-        out = [b"%d" % len(self.keys), *self.keys]
-        for encoded in self.values:
-            out += encoded.tokens
-        return out
+    def payload(self) -> bytes:
+        return b"".join([item(b"%d" % len(self.keys)), *map(item, self.keys), *(v.blob for v in self.values)])
 
 
 @dataclass
@@ -115,8 +115,8 @@ class DictDelete(Op):
         self.name = b"ddel"
         self.keys = [codec.encode_key(k) for k in self.key_list]
 
-    def args(self) -> list[bytes]:
-        return [b"%d" % len(self.keys), *self.keys]
+    def payload(self) -> bytes:
+        return b"".join([item(b"%d" % len(self.keys)), *map(item, self.keys)])
 
 
 @dataclass
@@ -126,8 +126,8 @@ class DictClear(Op):
     def __post_init__(self) -> None:
         self.name = b"dclear"
 
-    def args(self) -> list[bytes]:
-        return []
+    def payload(self) -> bytes:
+        return b""
 
 
 @dataclass
@@ -141,11 +141,8 @@ class ListAppend(Op):
         self.name = b"lappend"
         self.values = [encode_value(v) for v in self.value_list]
 
-    def args(self) -> list[bytes]:
-        out = [b"%d" % len(self.values)]
-        for encoded in self.values:
-            out += encoded.tokens
-        return out
+    def payload(self) -> bytes:
+        return b"".join([item(b"%d" % len(self.values)), *(v.blob for v in self.values)])
 
 
 @dataclass
@@ -160,8 +157,8 @@ class ListInsert(Op):
         self.name = b"linsert"
         self.encoded = encode_value(self.value)
 
-    def args(self) -> list[bytes]:
-        return [b"%d" % self.slot, *self.encoded.tokens]
+    def payload(self) -> bytes:
+        return item(b"%d" % self.slot) + self.encoded.blob
 
 
 @dataclass
@@ -176,8 +173,8 @@ class ListSet(Op):
         self.name = b"lset"
         self.encoded = encode_value(self.value)
 
-    def args(self) -> list[bytes]:
-        return [b"%d" % self.slot, *self.encoded.tokens]
+    def payload(self) -> bytes:
+        return item(b"%d" % self.slot) + self.encoded.blob
 
 
 @dataclass
@@ -189,8 +186,8 @@ class ListDelete(Op):
     def __post_init__(self) -> None:
         self.name = b"ldel"
 
-    def args(self) -> list[bytes]:
-        return [b"%d" % self.slot]
+    def payload(self) -> bytes:
+        return item(b"%d" % self.slot)
 
 
 @dataclass
@@ -214,8 +211,6 @@ class ListReplace(Op):
         self.values = [encode_value(v, keep) for v in self.value_list]
         self.kept = [nid for key, nid in self.children.items() if key not in keep]
 
-    def args(self) -> list[bytes]:
-        out = [b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)]
-        for encoded in self.values:
-            out += encoded.tokens
-        return out
+    def payload(self) -> bytes:
+        head = [b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)]
+        return b"".join([*map(item, head), *(v.blob for v in self.values)])

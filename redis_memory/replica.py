@@ -17,6 +17,7 @@ live; a proxy whose node disappears is marked dead and refuses mutations.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import codec, ops
@@ -312,12 +313,12 @@ class Replica:
     def apply_local(self, op: ops.Op, first_nid: int | None) -> None:
         """Apply ``op`` exactly as the server script just did."""
         node = self.nodes[op.nid]
-        nids = iter(range(first_nid or 0, 1 << 62))
+        nids: Iterator[int] = iter(range(first_nid or 0, 1 << 62))
         if isinstance(node, ObservedDict):
             if isinstance(op, ops.DictSet):
                 for key, encoded in zip((k for k, _ in op.items), op.values):
                     old = dict.get(node, key)
-                    value = self._materialize(encoded.tokens, nids)
+                    value = self._materialize(encoded, nids)
                     if key not in node:
                         node._rm_next += 1
                     self._kill(old)
@@ -333,9 +334,9 @@ class Replica:
             return
         lo, hi = node._rm_lo, node._rm_lo + len(node)
         if isinstance(op, ops.ListAppend):
-            list.extend(node, [self._materialize(e.tokens, nids) for e in op.values])
+            list.extend(node, [self._materialize(e, nids) for e in op.values])
         elif isinstance(op, ops.ListInsert):
-            value = self._materialize(op.encoded.tokens, nids)
+            value = self._materialize(op.encoded, nids)
             slot = op.slot
             if slot <= lo:
                 list.insert(node, 0, value)
@@ -349,7 +350,7 @@ class Replica:
         elif isinstance(op, ops.ListSet):
             i = op.slot - lo
             self._kill(node[i])
-            list.__setitem__(node, i, self._materialize(op.encoded.tokens, nids))
+            list.__setitem__(node, i, self._materialize(op.encoded, nids))
         elif isinstance(op, ops.ListDelete):
             i = op.slot - lo
             self._kill(node[i])
@@ -361,37 +362,29 @@ class Replica:
             for value in node:
                 if getattr(value, "_rm_nid", None) not in kept:
                     self._kill(value)
-            list.__setitem__(node, slice(None), [self._materialize(e.tokens, nids) for e in op.values])
+            list.__setitem__(node, slice(None), [self._materialize(e, nids) for e in op.values])
         node._rm_mod += 1
 
-    def _materialize(self, tokens: list[bytes], nids: Any) -> Any:
-        """Build the local value a token stream describes, with the server's nids."""
-        pos = 0
+    def _materialize(self, encoded: ops.Encoded, nids: Iterator[int]) -> Any:
+        """The local value for what ``encoded`` sent, with the nids the server gave.
 
-        def build() -> Any:
-            nonlocal pos
-            tag = tokens[pos]
-            if tag == b"s":
-                pos += 2
-                return codec.decode(tokens[pos - 1])
-            if tag == b"r":
-                pos += 2
-                return self.nodes[tokens[pos - 1]]
-            count = int(tokens[pos + 1])
-            pos += 2
-            nid = b"%d" % next(nids)
-            if tag == b"l":
-                lst = self._proxy(nid, "l", {})
-                list.extend(lst, [build() for _ in range(count)])
-                return lst
-            dct = self._proxy(nid, "d", {})
-            keys = [codec.decode_key(k) for k in tokens[pos : pos + count]]
-            pos += count
-            for key in keys:
-                dict.__setitem__(dct, key, build())
+        Walks the value in the order it was tokenized, which is the order the
+        script allocated node ids in.
+        """
+        if encoded.reuse is not None:
+            return self.nodes[encoded.reuse]
+        return self._build(encoded.value, nids)
+
+    def _build(self, value: Any, nids: Iterator[int]) -> Any:
+        if isinstance(value, list):
+            lst = self._proxy(b"%d" % next(nids), "l", {})
+            list.extend(lst, [self._build(v, nids) for v in value])
+            return lst
+        if isinstance(value, dict):
+            dct = self._proxy(b"%d" % next(nids), "d", {})
+            for key, v in value.items():
+                dict.__setitem__(dct, key, self._build(v, nids))
             assert isinstance(dct, ObservedDict)
-            dct._rm_next = count + 1
+            dct._rm_next = len(value) + 1
             return dct
-
-        return build()
-
+        return codec.detached(value)

@@ -441,7 +441,7 @@ class Store:
             self._call("SCRIPT", "LOAD", source)
             return self._call("EVALSHA", sha, 1, self.key, *args)
 
-    def apply(self, header: list[bytes], drops: dict[bytes, list[bytes]], op_args: list[bytes]) -> Reply:
+    def apply(self, header: list[bytes], drops: dict[bytes, list[bytes]], payload: bytes) -> Reply:
         """EVALSHA of the apply script: O(1) fields for item operations.
 
         ``drops`` lists the keys of every dict node the operation may remove,
@@ -450,7 +450,7 @@ class Store:
         plan: list[bytes] = []
         for nid, keys in drops.items():
             plan += [nid, b"%d" % len(keys), *keys]
-        raw = self._script(_APPLY, *header, pack(plan), pack(op_args))
+        raw = self._script(_APPLY, *header, pack(plan) if plan else b"", payload)
         return Reply(raw[0].decode(), int(raw[1]), raw[2], int(raw[3]) if raw[3] else None, list(raw[4:]))
 
     def version(self) -> tuple[int, bytes]:
