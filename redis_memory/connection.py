@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import threading
 import time
 import weakref
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote, unquote, urlparse
 
 import redis
@@ -34,11 +36,14 @@ class Channel:
     """One connection per client and process for the library's own commands.
 
     redis-py's general command path costs about as much again as the round
-    trip itself; the library sends a few commands per user statement, so it
-    talks to one connection of its own, made from the client's pool settings
-    (address, TLS, credentials, database, timeouts all carry over). Calls are
-    serialized by a lock. A broken connection is replaced and the command
-    sent once more: safe, since every write carries an operation id.
+    trip itself, and the library sends one or two commands per user
+    statement. So it keeps a connection of its own, opened by redis-py from
+    the client's pool settings (address, TLS, credentials, protocol,
+    database, timeouts all carry over), and speaks RESP on its socket
+    directly. Connections that are not sockets (fakeredis) go through
+    redis-py. Calls are serialized by a lock. A broken connection is replaced
+    and the command sent once more: safe, since every write carries an
+    operation id and the server applies an id once.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -46,24 +51,46 @@ class Channel:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
+        self.reader: BinaryIO | None = None
+
+    def _open(self) -> redis.connection.AbstractConnection:
+        conn = self.client.connection_pool.make_connection()
+        conn.connect()
+        sock = getattr(conn, "_sock", None)
+        self.reader = sock.makefile("rb") if isinstance(sock, socket.socket) else None
+        self.conn = conn
+        return conn
+
+    def _close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        if self.conn is not None:
+            self.conn.disconnect()
+        self.conn = self.reader = None
 
     def call(self, *args: bytes | str | int) -> object:
         packed = resp_command(args)
         with self.lock:
             if self.pid != os.getpid():
                 # Forked: the socket belongs to the parent; leave it untouched.
-                self.conn, self.pid = None, os.getpid()
+                self.conn = self.reader = None
+                self.pid = os.getpid()
             for attempt in (1, 2):
-                if self.conn is None:
-                    self.conn = self.client.connection_pool.make_connection()
                 try:
-                    self.conn.send_packed_command([packed], check_health=False)
-                    return self.conn.read_response()
+                    conn = self.conn or self._open()
+                    if self.reader is None:
+                        conn.send_packed_command([packed], check_health=False)
+                        return conn.read_response()
+                    conn._sock.sendall(packed)  # type: ignore[attr-defined]
+                    reply = read_reply(self.reader)
                 except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                    self.conn.disconnect()
-                    self.conn = None
+                    self._close()
                     if attempt == 2:
                         raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
+                    continue
+                if isinstance(reply, redis.ResponseError):
+                    raise reply
+                return reply
             raise AssertionError("unreachable")
 
 
@@ -74,6 +101,47 @@ def resp_command(args: tuple[bytes | str | int, ...]) -> bytes:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def read_reply(reader: BinaryIO) -> object:
+    """Read one RESP2 or RESP3 reply; an error reply is returned, not raised."""
+    line = reader.readline()
+    if not line.endswith(b"\r\n"):
+        raise redis.ConnectionError("connection closed by the server")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"$" or kind == b"=":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = reader.read(size + 2)
+        if len(data) != size + 2:
+            raise redis.ConnectionError("connection closed by the server")
+        return data[4:-2] if kind == b"=" else data[:-2]
+    if kind in (b"*", b"~"):
+        size = int(rest)
+        return None if size < 0 else [read_reply(reader) for _ in range(size)]
+    if kind == b":":
+        return int(rest)
+    if kind == b"+":
+        return rest
+    if kind == b"_":
+        return None
+    if kind == b"%":
+        return {read_reply(reader): read_reply(reader) for _ in range(int(rest))}
+    if kind == b"-":
+        message = rest.decode(errors="replace")
+        error = redis.exceptions.NoScriptError if message.startswith("NOSCRIPT") else redis.ResponseError
+        return error(message)
+    if kind == b",":
+        return float(rest)
+    if kind == b"#":
+        return rest == b"t"
+    if kind in (b">", b"|"):
+        # Out-of-band data (a push, or attributes): skip it, the reply follows.
+        for _ in range(int(rest) * (2 if kind == b"|" else 1)):
+            read_reply(reader)
+        return read_reply(reader)
+    raise redis.ConnectionError(f"unexpected reply type {kind!r}")
 
 
 _channels: weakref.WeakKeyDictionary[redis.Redis, Channel] = weakref.WeakKeyDictionary()
