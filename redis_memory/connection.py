@@ -69,7 +69,10 @@ class Channel:
         self.conn = self.reader = None
 
     def call(self, *args: bytes | str | int) -> object:
-        packed = resp_command(args)
+        return self.call_packed(resp_command(args))
+
+    def call_packed(self, packed: bytes) -> object:
+        """Send a command already in RESP form and return its reply."""
         with self.lock:
             if self.pid != os.getpid():
                 # Forked: the socket belongs to the parent; leave it untouched.
@@ -94,9 +97,12 @@ class Channel:
             raise AssertionError("unreachable")
 
 
-def resp_command(args: tuple[bytes | str | int, ...]) -> bytes:
-    """A command in the RESP wire format (what redis-py's pack_command makes, cheaper)."""
-    parts = [b"*%d\r\n" % len(args)]
+def resp_command(args: tuple[bytes | str | int, ...] | list[bytes], head: bytes = b"", head_count: int = 0) -> bytes:
+    """A command in the RESP wire format (what redis-py's pack_command makes, cheaper).
+
+    ``head`` is an already packed start of the command holding ``head_count`` arguments.
+    """
+    parts = [b"*%d\r\n" % (len(args) + head_count), head]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))

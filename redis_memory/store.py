@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis  # noqa: F401  (typing only)
+import redis
 
-from .connection import channel
+from .connection import channel, resp_command
 from .errors import ConnectionFailed
 
 REF = 0xC1
@@ -422,24 +422,29 @@ class Store:
         self.client = client
         self.key = key
         self.channel = channel(client)
-        self._shas: dict[str, str] = {}
+        self._heads: dict[str, bytes] = {}
 
     def _call(self, *args: Any) -> Any:
+        return self._call_packed(resp_command(args))
+
+    def _call_packed(self, packed: bytes) -> Any:
         try:
-            return self.channel.call(*args)
+            return self.channel.call_packed(packed)
         except ConnectionFailed as exc:
             raise ConnectionFailed(f"{exc} (memory {self.key})", key=self.key) from exc.__cause__
 
-    def _script(self, source: str, *args: Any) -> Any:
-        sha = self._shas.get(source)
-        if sha is None:
-            sha = self._shas[source] = self._call("SCRIPT", "LOAD", source).decode()
+    def _script(self, source: str, *args: bytes) -> Any:
+        head = self._heads.get(source)
+        if head is None:
+            sha = self._call("SCRIPT", "LOAD", source).decode()
+            head = self._heads[source] = resp_command(("EVALSHA", sha, "1", self.key))[4:]
+        packed = resp_command(args, head, 4)
         try:
-            return self._call("EVALSHA", sha, 1, self.key, *args)
+            return self._call_packed(packed)
         except redis.exceptions.NoScriptError:
             # The server restarted or its script cache was flushed.
             self._call("SCRIPT", "LOAD", source)
-            return self._call("EVALSHA", sha, 1, self.key, *args)
+            return self._call_packed(packed)
 
     def apply(self, header: list[bytes], drops: dict[bytes, list[bytes]], payload: bytes) -> Reply:
         """EVALSHA of the apply script: O(1) fields for item operations.
@@ -460,7 +465,7 @@ class Store:
 
     def sync(self, version: int, incarnation: bytes) -> Sync:
         """EVALSHA of the sync script: O(fields changed since ``version``)."""
-        raw = self._script(_SYNC, version, incarnation)
+        raw = self._script(_SYNC, b"%d" % version, incarnation)
         it = iter(raw[3:])
         return Sync(int(raw[0]), raw[1], raw[2].decode(), list(zip(it, it)))
 
