@@ -423,6 +423,7 @@ class Store:
         self.key = key
         self.channel = channel(client)
         self._heads: dict[str, bytes] = {}
+        self._version_command = resp_command(("HMGET", key, "v", "i"))
 
     def _call(self, *args: Any) -> Any:
         return self._call_packed(resp_command(args))
@@ -460,7 +461,7 @@ class Store:
 
     def version(self) -> tuple[int, bytes]:
         """HMGET of the version and incarnation: the O(1) freshness check."""
-        v, inc = self._call("HMGET", self.key, b"v", b"i")
+        v, inc = self._call_packed(self._version_command)
         return (int(v) if v is not None else 0), (inc or b"")
 
     def sync(self, version: int, incarnation: bytes) -> Sync:
