@@ -61,7 +61,8 @@ def _default(obj: Any) -> Any:
 
 def _pack(value: Any) -> bytes:
     try:
-        return msgpack.packb(value, default=_default, use_bin_type=True, strict_types=True)
+        packed: bytes = msgpack.packb(value, default=_default, use_bin_type=True, strict_types=True)
+        return packed
     except UnsupportedValue:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
@@ -105,7 +106,8 @@ def encode(value: Any) -> bytes:
         packer = getattr(_local, "packer", None)
         if packer is None:
             packer = _local.packer = msgpack.Packer(use_bin_type=True, strict_types=True)
-        return packer.pack(value)  # type: ignore[no-any-return]
+        packed: bytes = packer.pack(value)
+        return packed
     if kind not in SCALAR_TYPES:
         _default(value)  # raises with the type's name
     return _pack(value)

@@ -11,6 +11,7 @@ with its data kept there across restarts (append-only file).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -19,7 +20,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import quote, unquote, urlparse
 
 import redis
@@ -54,8 +55,9 @@ class Channel:
         self.reader: BinaryIO | None = None
 
     def _open(self) -> redis.connection.AbstractConnection:
-        conn = self.client.connection_pool.make_connection()
-        conn.connect()
+        # The pool's connection_class is always an AbstractConnection (redis-py annotates the interface).
+        conn = cast(redis.connection.AbstractConnection, self.client.connection_pool.make_connection())
+        conn.connect()  # type: ignore[no-untyped-call]
         sock = getattr(conn, "_sock", None)
         self.reader = sock.makefile("rb") if isinstance(sock, socket.socket) else None
         self.conn = conn
@@ -65,7 +67,7 @@ class Channel:
         if self.reader is not None:
             self.reader.close()
         if self.conn is not None:
-            self.conn.disconnect()
+            self.conn.disconnect()  # type: ignore[no-untyped-call]
         self.conn = self.reader = None
 
     def call(self, *args: bytes | str | int) -> object:
@@ -82,7 +84,7 @@ class Channel:
                 try:
                     conn = self.conn or self._open()
                     if self.reader is None:
-                        conn.send_packed_command([packed], check_health=False)
+                        conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
                         return conn.read_response()
                     conn._sock.sendall(packed)  # type: ignore[attr-defined]
                     reply = read_reply(self.reader)
@@ -198,11 +200,11 @@ def connect(client: redis.Redis | None = None, url: str | None = None) -> redis.
 
 
 def _from_url(url: str) -> redis.Redis:
-    options = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT}
+    options: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT}
     if url.startswith("embedded:"):
         socket_path = ensure_embedded(embedded_dir(url))
-        return redis.Redis(unix_socket_path=socket_path, **options)  # type: ignore[arg-type]
-    return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+        return redis.Redis(unix_socket_path=socket_path, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def embedded_dir(url: str = "embedded://") -> Path:
@@ -282,10 +284,8 @@ def stop_embedded(directory: Path) -> None:
     """Shut the embedded server of ``directory`` down (saving its data)."""
     socket_path = Path(directory).absolute() / "valkey.sock"
     if _responds(socket_path):
-        try:
+        with contextlib.suppress(redis.ConnectionError):
             redis.Redis(unix_socket_path=str(socket_path)).shutdown()
-        except redis.ConnectionError:
-            pass
 
 
 def after_fork() -> None:

@@ -37,7 +37,7 @@ def plain(value: Any) -> Any:
 class ObservedList(list):  # type: ignore[type-arg]
     """A list node of a memory. O(1) at both ends; whole-list methods are O(n)."""
 
-    __slots__ = ("_rm_core", "_rm_nid", "_rm_lo", "_rm_mod", "_rm_live")
+    __slots__ = ("_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
@@ -62,7 +62,7 @@ class ObservedList(list):  # type: ignore[type-arg]
     def _rm_replace(self, compute: Callable[[list[Any]], list[Any]]) -> None:
         def build() -> ops.Op | None:
             new = compute(list(self))
-            if len(new) == len(self) and all(a is b for a, b in zip(new, self)):
+            if len(new) == len(self) and all(a is b for a, b in zip(new, self, strict=True)):
                 return None
             children = {id(v): v._rm_nid for v in self if isinstance(v, (ObservedList, ObservedDict))}
             return ops.ListReplace(self._rm_nid, self._rm_mod, new, children)
@@ -81,7 +81,7 @@ class ObservedList(list):  # type: ignore[type-arg]
         if items:
             self._rm_submit(lambda: ops.ListAppend(self._rm_nid, items))
 
-    def __iadd__(self, values: Iterable[Any]) -> ObservedList:  # type: ignore[override,misc]
+    def __iadd__(self, values: Iterable[Any]) -> ObservedList:  # type: ignore[misc]
         self.extend(values)
         return self
 
@@ -137,13 +137,13 @@ class ObservedList(list):  # type: ignore[type-arg]
 
     def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
         """Sort in place: O(n log n) here, O(n) fields rewritten."""
-        self._rm_replace(lambda current: sorted(current, key=key, reverse=reverse))  # type: ignore[type-var,arg-type]
+        self._rm_replace(lambda current: sorted(current, key=key, reverse=reverse))
 
     def reverse(self) -> None:
         """Reverse in place: O(n)."""
         self._rm_replace(lambda current: current[::-1])
 
-    def __imul__(self, times: SupportsIndex) -> ObservedList:  # type: ignore[override,misc]
+    def __imul__(self, times: SupportsIndex) -> ObservedList:
         # Repeated containers become separate copies: a memory is a tree.
         self._rm_replace(lambda current: current * times.__index__())
         return self
@@ -166,7 +166,7 @@ class ObservedList(list):  # type: ignore[type-arg]
 class ObservedDict(dict):  # type: ignore[type-arg]
     """A dict node of a memory. Setting, deleting and reading one key are O(1)."""
 
-    __slots__ = ("_rm_core", "_rm_nid", "_rm_next", "_rm_mod", "_rm_live")
+    __slots__ = ("_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
@@ -193,7 +193,7 @@ class ObservedDict(dict):  # type: ignore[type-arg]
         if items:
             self._rm_submit(lambda: ops.DictSet(self._rm_nid, items))
 
-    def __ior__(self, other: Any) -> ObservedDict:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> ObservedDict:  # type: ignore[misc]
         self.update(other)
         return self
 

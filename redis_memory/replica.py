@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import codec, ops
 from .errors import CorruptData
@@ -115,7 +115,7 @@ class Replica:
         for node in self.nodes.values():
             node._rm_live = False
         # Node ids restart in a new incarnation: only the root may be reused then.
-        reuse = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
+        reuse: dict[bytes, Node] = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
         self._fill(b"0", headers.get(b"0", b"d 0 1 0"), headers, entries, reuse, root=True)
         self.version = int(fields.get(b"v", 0))
@@ -169,7 +169,7 @@ class Replica:
         ordered = []
         for key, raw in entries.get(nid, ()):
             f = b"e" + nid + b":" + key
-            seq, sep, payload = raw.partition(b":")
+            seq, _sep, payload = raw.partition(b":")
             try:
                 ordered.append((int(seq), codec.decode_key(key), payload, f))
             except ValueError as exc:
@@ -231,7 +231,13 @@ class Replica:
             lo, n = node._rm_lo, len(node)
             _, lo2, hi2, mod = parse_header(header) if header else ("l", lo, lo + n, node._rm_mod)
             slots = {int(s): v for s, v in changed.items()}
-            if not new and lo2 == lo and hi2 >= lo + n and all(lo + n <= s < hi2 for s in slots) and len(slots) == hi2 - lo - n:
+            if (
+                not new
+                and lo2 == lo
+                and hi2 >= lo + n
+                and all(lo + n <= s < hi2 for s in slots)
+                and len(slots) == hi2 - lo - n
+            ):
                 list.extend(node, [self._need(slots[s], nid, s) for s in range(lo + n, hi2)])
             else:
                 items = []
@@ -282,13 +288,15 @@ class Replica:
         doomed: list[Any] = []
         if isinstance(op, (ops.DictSet, ops.DictDelete)):
             keys = op.key_list if isinstance(op, ops.DictDelete) else [k for k, _ in op.items]
-            doomed = [dict.get(node, k) for k in keys]  # type: ignore[call-overload]
+            dct = cast(ObservedDict, node)
+            doomed = [dict.get(dct, k) for k in keys]
         elif isinstance(op, ops.DictClear):
             doomed = [node]
         elif isinstance(op, (ops.ListSet, ops.ListDelete)):
-            doomed = [node[op.slot - node._rm_lo]]  # type: ignore[union-attr]
+            lst = cast(ObservedList, node)
+            doomed = [lst[op.slot - lst._rm_lo]]
         elif isinstance(op, ops.ListReplace):
-            doomed = [v for v in node if getattr(v, "_rm_nid", None) not in op.kept]  # type: ignore[union-attr]
+            doomed = [v for v in node if getattr(v, "_rm_nid", None) not in op.kept]
         plan: dict[bytes, list[bytes]] = {}
         stack = doomed
         while stack:
@@ -316,7 +324,7 @@ class Replica:
         nids: Iterator[int] = iter(range(first_nid or 0, 1 << 62))
         if isinstance(node, ObservedDict):
             if isinstance(op, ops.DictSet):
-                for key, encoded in zip((k for k, _ in op.items), op.values):
+                for key, encoded in zip((k for k, _ in op.items), op.values, strict=True):
                     old = dict.get(node, key)
                     value = self._materialize(encoded, nids)
                     if key not in node:
@@ -377,11 +385,11 @@ class Replica:
 
     def _build(self, value: Any, nids: Iterator[int]) -> Any:
         if isinstance(value, list):
-            lst = self._proxy(b"%d" % next(nids), "l", {})
+            lst = cast(ObservedList, self._proxy(b"%d" % next(nids), "l", {}))
             list.extend(lst, [self._build(v, nids) for v in value])
             return lst
         if isinstance(value, dict):
-            dct = self._proxy(b"%d" % next(nids), "d", {})
+            dct = cast(ObservedDict, self._proxy(b"%d" % next(nids), "d", {}))
             for key, v in value.items():
                 dict.__setitem__(dct, key, self._build(v, nids))
             assert isinstance(dct, ObservedDict)

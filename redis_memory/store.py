@@ -23,7 +23,7 @@ insertion order of Python dicts survives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -45,7 +45,7 @@ def escape_id(identifier: str) -> str:
     """Percent-encode everything but ``[A-Za-z0-9-_.~]``: injective, no ``{}:*`` left."""
     if not isinstance(identifier, str) or not identifier:
         raise ValueError(f"a memory id must be a non-empty str, not {identifier!r}")
-    return "".join(chr(b) if b in _SAFE else "%%%02X" % b for b in identifier.encode("utf-8"))
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in identifier.encode("utf-8"))
 
 
 def memory_key(prefix: str, kind: str, identifier: str) -> str:
@@ -468,15 +468,15 @@ class Store:
         """EVALSHA of the sync script: O(fields changed since ``version``)."""
         raw = self._script(_SYNC, b"%d" % version, incarnation)
         it = iter(raw[3:])
-        return Sync(int(raw[0]), raw[1], raw[2].decode(), list(zip(it, it)))
+        return Sync(int(raw[0]), raw[1], raw[2].decode(), list(zip(it, it, strict=False)))
 
     def read_all(self) -> dict[bytes, bytes]:
         """HGETALL: O(size of the memory)."""
         reply = self._call("HGETALL", self.key)
         if isinstance(reply, list):  # RESP2 answers a flat list
             it = iter(reply)
-            return dict(zip(it, it))
-        return reply  # type: ignore[no-any-return]
+            return dict(zip(it, it, strict=False))
+        return cast(dict[bytes, bytes], reply)
 
     def delete(self) -> None:
         """DEL of the memory's hash: O(size of the memory)."""

@@ -11,7 +11,6 @@ import fakeredis
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
-
 from servers import EmbeddedServer, RedisServer, debian_redis
 
 settings.register_profile(

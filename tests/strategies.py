@@ -20,7 +20,7 @@ scalars = st.one_of(
     st.tuples(st.integers(), st.text(max_size=3)),
     st.frozensets(st.integers(0, 9), max_size=3),
     st.sets(st.text(max_size=2), max_size=3),
-    st.datetimes(timezones=st.none() | st.just(dt.timezone.utc)),
+    st.datetimes(timezones=st.none() | st.just(dt.UTC)),
     st.dates(),
 )
 
@@ -34,7 +34,7 @@ values = st.recursive(
 def same(a: Any, b: Any) -> bool:
     """Equal, with the same types (lists and dicts by kind) and dict order."""
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return list(a.keys()) == list(b.keys()) and all(same(a[k], b[k]) for k in a)
     if type(a) is not type(b):

@@ -90,7 +90,7 @@ def test_underscore_names_are_never_stored(client: redis.Redis) -> None:
     assert mem.to_dict() == {}
     assert Memory("m", client=client).to_dict() == {}
     with pytest.raises(AttributeError):
-        mem._never
+        _ = mem._never
 
 
 def test_dir_lists_stored_names(client: redis.Redis) -> None:

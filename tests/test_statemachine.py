@@ -40,7 +40,7 @@ def check_bookkeeping(local: Any, fresh: Any) -> None:
         assert local._rm_mod == fresh._rm_mod
         if isinstance(local, ObservedList):
             assert local._rm_lo == fresh._rm_lo
-            for x, y in zip(local, fresh):
+            for x, y in zip(local, fresh, strict=False):
                 check_bookkeeping(x, y)
         else:
             assert local._rm_next == fresh._rm_next
@@ -142,7 +142,8 @@ class MemoryMachine(RuleBasedStateMachine):
             model[index] = copy.deepcopy(value)
 
     @rule(data=st.data(), index=st.integers(-4, 4),
-          op=st.sampled_from(["del", "pop", "remove", "clear", "sort", "reverse", "slice_set", "slice_del", "imul"]))  # fmt: skip
+          op=st.sampled_from(["del", "pop", "remove", "clear", "sort", "reverse",
+                              "slice_set", "slice_del", "imul"]))  # fmt: skip
     def list_change(self, data: st.DataObject, index: int, op: str) -> None:
         found = self.target(data, list)
         if not found:
