@@ -111,9 +111,32 @@ def resp_command(args: tuple[bytes | str | int, ...] | list[bytes], head: bytes 
     return b"".join(parts)
 
 
+def _read_items(reader: BinaryIO, count: int) -> list[object]:
+    """The elements of an aggregate reply; bulk strings (nearly all of them) inline."""
+    items: list[object] = []
+    readline, read = reader.readline, reader.read
+    for _ in range(count):
+        line = readline()
+        if line[:1] == b"$" and line.endswith(b"\r\n"):
+            size = int(line[1:-2])
+            if size < 0:
+                items.append(None)
+                continue
+            data = read(size + 2)
+            if len(data) != size + 2:
+                raise redis.ConnectionError("connection closed by the server")
+            items.append(data[:-2])
+        else:
+            items.append(_parse(line, reader))
+    return items
+
+
 def read_reply(reader: BinaryIO) -> object:
     """Read one RESP2 or RESP3 reply; an error reply is returned, not raised."""
-    line = reader.readline()
+    return _parse(reader.readline(), reader)
+
+
+def _parse(line: bytes, reader: BinaryIO) -> object:
     if not line.endswith(b"\r\n"):
         raise redis.ConnectionError("connection closed by the server")
     kind, rest = line[:1], line[1:-2]
@@ -125,17 +148,21 @@ def read_reply(reader: BinaryIO) -> object:
         if len(data) != size + 2:
             raise redis.ConnectionError("connection closed by the server")
         return data[4:-2] if kind == b"=" else data[:-2]
-    if kind in (b"*", b"~"):
+    if kind in (b"*", b"~", b"%"):
         size = int(rest)
-        return None if size < 0 else [read_reply(reader) for _ in range(size)]
+        if size < 0:
+            return None
+        items = _read_items(reader, size * 2 if kind == b"%" else size)
+        if kind == b"%":
+            it = iter(items)
+            return dict(zip(it, it, strict=False))
+        return items
     if kind == b":":
         return int(rest)
     if kind == b"+":
         return rest
     if kind == b"_":
         return None
-    if kind == b"%":
-        return {read_reply(reader): read_reply(reader) for _ in range(int(rest))}
     if kind == b"-":
         message = rest.decode(errors="replace")
         error = redis.exceptions.NoScriptError if message.startswith("NOSCRIPT") else redis.ResponseError
