@@ -103,13 +103,17 @@ class Replica:
     def load(self, fields: dict[bytes, bytes]) -> None:
         """Rebuild from every field of the hash (an HGETALL): O(size)."""
         headers: dict[bytes, bytes] = {}
-        entries: dict[bytes, list[tuple[bytes, bytes]]] = defaultdict(list)
+        entries: dict[bytes, list[tuple[bytes, bytes]]] = {}
         for field, value in fields.items():
-            tag = field[:1]
-            if tag == b"e":
+            tag = field[0]
+            if tag == 0x65:  # e<nid>:<slot or key>
                 nid, _, slot = field[1:].partition(b":")
-                entries[nid].append((slot, value))
-            elif tag == b"h":
+                bucket = entries.get(nid)
+                if bucket is None:
+                    entries[nid] = [(slot, value)]
+                else:
+                    bucket.append((slot, value))
+            elif tag == 0x68:  # h<nid>
                 headers[field[1:]] = value
         incarnation = fields.get(b"i", b"")
         for node in self.nodes.values():
@@ -117,79 +121,9 @@ class Replica:
         # Node ids restart in a new incarnation: only the root may be reused then.
         reuse: dict[bytes, Node] = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
-        self._fill(b"0", headers.get(b"0", b"d 0 1 0"), headers, entries, reuse, root=True)
+        _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), root=True)
         self.version = int(fields.get(b"v", 0))
         self.incarnation = incarnation
-
-    def _fill(
-        self,
-        nid: bytes,
-        header: bytes,
-        headers: dict[bytes, bytes],
-        entries: dict[bytes, list[tuple[bytes, bytes]]],
-        reuse: dict[bytes, Node],
-        root: bool = False,
-    ) -> Node:
-        field = b"h" + nid
-        try:
-            kind, a, b, c = parse_header(header)
-        except ValueError as exc:
-            raise self._corrupt(field, exc) from None
-        node = self._proxy(nid, kind, reuse)
-        node._rm_mod = c
-
-        def value(payload: bytes, field: bytes) -> Any:
-            if payload[:1] == bytes((REF,)):
-                child = payload[1:]
-                if child not in headers:
-                    raise self._corrupt(field, f"reference to missing node {child!r}")
-                return self._fill(child, headers[child], headers, entries, reuse)
-            try:
-                return codec.decode(payload)
-            except ValueError as exc:
-                raise self._corrupt(field, exc) from None
-
-        if isinstance(node, ObservedList):
-            slots = {}
-            for slot, payload in entries.get(nid, ()):
-                try:
-                    slots[int(slot)] = payload
-                except ValueError:
-                    raise self._corrupt(b"e" + nid + b":" + slot, "bad slot") from None
-            items = []
-            for s in range(a, b):
-                f = b"e%s:%d" % (nid, s)
-                if s not in slots:
-                    raise self._corrupt(f, "missing list element")
-                items.append(value(slots[s], f))
-            list.__setitem__(node, slice(None), items)
-            node._rm_lo = a
-            return node
-
-        ordered = []
-        for key, raw in entries.get(nid, ()):
-            f = b"e" + nid + b":" + key
-            seq, _sep, payload = raw.partition(b":")
-            try:
-                ordered.append((int(seq), codec.decode_key(key), payload, f))
-            except ValueError as exc:
-                if root:
-                    # A root entry whose own name is undecodable cannot be addressed; skip it.
-                    continue
-                raise self._corrupt(f, exc) from None
-        ordered.sort(key=lambda t: t[0])
-        dict.clear(node)
-        for _, k, payload, f in ordered:
-            if root:
-                try:
-                    dict.__setitem__(node, k, value(payload, f))
-                except CorruptData as exc:
-                    dict.__setitem__(node, k, Corrupt(exc))
-            else:
-                dict.__setitem__(node, k, value(payload, f))
-        assert isinstance(node, ObservedDict)
-        node._rm_next = b
-        return node
 
     # -- deltas from the journal --------------------------------------------
 
@@ -396,3 +330,99 @@ class Replica:
             dct._rm_next = len(value) + 1
             return dct
         return codec.detached(value)
+
+
+class _Loader:
+    """Builds the tree of a full load from the fields grouped by node."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        headers: dict[bytes, bytes],
+        entries: dict[bytes, list[tuple[bytes, bytes]]],
+        reuse: dict[bytes, Node],
+    ) -> None:
+        self.replica = replica
+        self.headers = headers
+        self.entries = entries
+        self.reuse = reuse
+        # Decoded dict keys by their stored bytes: keys repeat across nodes
+        # ("role", "content") and are immutable, so one decode serves all.
+        self.keys: dict[bytes, Any] = {}
+
+    def value(self, payload: bytes, nid: bytes, slot: bytes | int) -> Any:
+        if payload[:1] == _REF_BYTE:
+            child = payload[1:]
+            header = self.headers.get(child)
+            if header is None:
+                raise self.corrupt(nid, slot, f"reference to missing node {child!r}")
+            return self.fill(child, header)
+        try:
+            return codec.decode(payload)
+        except ValueError as exc:
+            raise self.corrupt(nid, slot, exc) from None
+
+    def corrupt(self, nid: bytes, slot: bytes | int, why: object) -> CorruptData:
+        name = slot if isinstance(slot, bytes) else b"%d" % slot
+        return self.replica._corrupt(b"e" + nid + b":" + name, why)
+
+    def fill(self, nid: bytes, header: bytes, root: bool = False) -> Node:
+        try:
+            kind, a, b, c = parse_header(header)
+        except ValueError as exc:
+            raise self.replica._corrupt(b"h" + nid, exc) from None
+        node = self.replica._proxy(nid, kind, self.reuse)
+        node._rm_mod = c
+        entries = self.entries.get(nid, ())
+        if isinstance(node, ObservedList):
+            slots = {}
+            for slot, payload in entries:
+                try:
+                    slots[int(slot)] = payload
+                except ValueError:
+                    raise self.corrupt(nid, slot, "bad slot") from None
+            items = []
+            for s in range(a, b):
+                found = slots.get(s)
+                if found is None:
+                    raise self.corrupt(nid, s, "missing list element")
+                items.append(self.value(found, nid, s))
+            list.__setitem__(node, slice(None), items)
+            node._rm_lo = a
+            return node
+        ordered = []
+        keys = self.keys
+        for key, raw in entries:
+            seq, _sep, payload = raw.partition(b":")
+            try:
+                decoded = keys.get(key, _MISSING)
+                if decoded is _MISSING:
+                    decoded = keys[key] = codec.decode_key(key)
+                ordered.append((int(seq), decoded, payload, key))
+            except ValueError as exc:
+                if root:
+                    # A root entry whose own name is undecodable cannot be addressed; skip it.
+                    continue
+                raise self.corrupt(nid, key, exc) from None
+        if len(ordered) > 1:
+            ordered.sort(key=_first)
+        if len(node):
+            dict.clear(node)
+        for _, k, payload, key in ordered:
+            if root:
+                try:
+                    dict.__setitem__(node, k, self.value(payload, nid, key))
+                except CorruptData as exc:
+                    dict.__setitem__(node, k, Corrupt(exc))
+            else:
+                dict.__setitem__(node, k, self.value(payload, nid, key))
+        node._rm_next = b
+        return node
+
+
+_REF_BYTE = bytes((REF,))
+_MISSING: Any = object()
+
+
+def _first(item: tuple[int, Any, bytes, bytes]) -> int:
+    return item[0]
