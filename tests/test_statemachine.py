@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from strategies import keys, same, values
@@ -50,9 +51,11 @@ def check_bookkeeping(local: Any, fresh: Any) -> None:
 
 class MemoryMachine(RuleBasedStateMachine):
     client: redis.Redis
+    runs = 0
 
     def __init__(self) -> None:
         super().__init__()
+        MemoryMachine.runs += 1
         self.client.flushall()
         self.mems = [Memory("sm", client=self.client) for _ in range(3)]
         self.model: dict[str, Any] = {}
@@ -197,4 +200,6 @@ def test_random_mutations_match_a_plain_model(client: redis.Redis) -> None:
     depths, always equal a plain Python model, and their replicas equal a
     fresh load down to node ids and counters."""
     MemoryMachine.client = client
+    MemoryMachine.runs = 0
     MemoryMachine.TestCase().runTest()
+    assert MemoryMachine.runs >= settings.default.max_examples
