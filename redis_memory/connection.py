@@ -99,15 +99,20 @@ class Channel:
             raise AssertionError("unreachable")
 
 
-def resp_command(args: tuple[bytes | str | int, ...] | list[bytes], head: bytes = b"", head_count: int = 0) -> bytes:
+def resp_command(
+    args: tuple[bytes | str | int, ...] | list[bytes], head: bytes = b"", head_count: int = 0, tail: bytes = b"",
+    tail_count: int = 0,
+) -> bytes:
     """A command in the RESP wire format (what redis-py's pack_command makes, cheaper).
 
-    ``head`` is an already packed start of the command holding ``head_count`` arguments.
+    ``head`` and ``tail`` are arguments already in RESP form, ``head_count``
+    and ``tail_count`` of them, sent before and after ``args``.
     """
-    parts = [b"*%d\r\n" % (len(args) + head_count), head]
+    parts = [b"*%d\r\n" % (len(args) + head_count + tail_count), head]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    parts.append(tail)
     return b"".join(parts)
 
 

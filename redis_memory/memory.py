@@ -154,7 +154,7 @@ class MemoryCore:
                 # The writer id and seq also make a fresh incarnation token, used
                 # only if this operation is the one that creates the memory.
                 header = [self.writer, seq, self.writer + b"." + seq, replica.incarnation, op.name, op.nid]
-                reply = self.store.apply(header, plan, op.payload())
+                reply = self.store.apply(header, plan, op.args())
                 if reply.status == "ok":
                     removed = replica.removed_value(op, reply.extra)
                     created = replica.incarnation == b"" and replica.version == 0

@@ -6,7 +6,7 @@ operation locally. Values are turned into *tokens* when the operation is
 built, so an unsupported value raises ``TypeError`` before anything is
 written, locally or remotely.
 
-Token grammar (each token a length-prefixed item, see :func:`item`)::
+Token grammar (each token one script argument)::
 
     value := "s" <msgpack bytes>            scalar or immutable container
            | "l" <count> value*             new list node
@@ -24,15 +24,21 @@ from .errors import UnsupportedValue
 
 
 def item(data: bytes) -> bytes:
-    """One length-prefixed item (``<len>:<bytes>``), as the scripts read them."""
-    return b"%d:%s" % (len(data), data)
+    """One script argument, already in its RESP form (a bulk string)."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+_S, _L, _D, _R = item(b"s"), item(b"l"), item(b"d"), item(b"r")
+
+#: Script arguments in RESP form, and how many there are.
+Args = tuple[bytes, int]
 
 
 @dataclass
 class Encoded:
-    """A value ready to send (``blob``), and what the replica builds from it."""
+    """A value ready to send (``args``), and what the replica builds from it."""
 
-    blob: bytes
+    args: Args
     value: Any
     reuse: bytes | None = None  # the nid of an existing node kept in place
 
@@ -41,29 +47,37 @@ def encode_value(value: Any, keep: dict[int, bytes] | None = None) -> Encoded:
     """Tokenize ``value``; ``keep`` maps id(proxy) -> nid of nodes that may stay in place."""
     if keep is not None and isinstance(value, (list, dict)) and id(value) in keep:
         nid = keep.pop(id(value))
-        return Encoded(b"1:r" + item(nid), value, nid)
+        return Encoded((_R + item(nid), 2), value, nid)
     out: list[bytes] = []
     _tokenize(value, out, set())
-    return Encoded(b"".join(out), value)
+    return Encoded((b"".join(out), len(out)), value)
 
 
 def _tokenize(value: Any, out: list[bytes], path: set[int]) -> None:
     if not isinstance(value, (list, dict)):
-        out.append(b"1:s" + item(codec.encode(value)))
+        out += (_S, item(codec.encode(value)))
         return
     if id(value) in path:
         raise UnsupportedValue("cannot store a container that contains itself")
     path.add(id(value))
     if isinstance(value, list):
-        out.append(b"1:l" + item(b"%d" % len(value)))
+        out += (_L, item(b"%d" % len(value)))
         for element in value:
             _tokenize(element, out, path)
     else:
-        out.append(b"1:d" + item(b"%d" % len(value)))
+        out += (_D, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(k)) for k in value])
         for element in value.values():
             _tokenize(element, out, path)
     path.discard(id(value))
+
+
+def _args(plain: list[bytes], values: tuple[Encoded, ...] | list[Encoded] = ()) -> Args:
+    """Plain arguments followed by encoded values, as one :data:`Args`."""
+    head = b"".join(map(item, plain))
+    if not values:
+        return head, len(plain)
+    return head + b"".join(v.args[0] for v in values), len(plain) + sum(v.args[1] for v in values)
 
 
 @dataclass
@@ -73,8 +87,8 @@ class Op:
     nid: bytes
     name: bytes = field(init=False, default=b"")
 
-    def payload(self) -> bytes:
-        """The op's own arguments, length-prefixed, for the apply script."""
+    def args(self) -> Args:
+        """The op's own arguments for the apply script."""
         raise NotImplementedError
 
 
@@ -91,8 +105,8 @@ class DictSet(Op):
         self.keys = [codec.encode_key(k) for k, _ in self.items]
         self.values = [encode_value(v) for _, v in self.items]
 
-    def payload(self) -> bytes:
-        return b"".join([item(b"%d" % len(self.keys)), *map(item, self.keys), *(v.blob for v in self.values)])
+    def args(self) -> Args:
+        return _args([b"%d" % len(self.keys), *self.keys], self.values)
 
 
 @dataclass
@@ -115,8 +129,8 @@ class DictDelete(Op):
         self.name = b"ddel"
         self.keys = [codec.encode_key(k) for k in self.key_list]
 
-    def payload(self) -> bytes:
-        return b"".join([item(b"%d" % len(self.keys)), *map(item, self.keys)])
+    def args(self) -> Args:
+        return _args([b"%d" % len(self.keys), *self.keys])
 
 
 @dataclass
@@ -126,8 +140,8 @@ class DictClear(Op):
     def __post_init__(self) -> None:
         self.name = b"dclear"
 
-    def payload(self) -> bytes:
-        return b""
+    def args(self) -> Args:
+        return b"", 0
 
 
 @dataclass
@@ -141,8 +155,8 @@ class ListAppend(Op):
         self.name = b"lappend"
         self.values = [encode_value(v) for v in self.value_list]
 
-    def payload(self) -> bytes:
-        return b"".join([item(b"%d" % len(self.values)), *(v.blob for v in self.values)])
+    def args(self) -> Args:
+        return _args([b"%d" % len(self.values)], self.values)
 
 
 @dataclass
@@ -157,8 +171,8 @@ class ListInsert(Op):
         self.name = b"linsert"
         self.encoded = encode_value(self.value)
 
-    def payload(self) -> bytes:
-        return item(b"%d" % self.slot) + self.encoded.blob
+    def args(self) -> Args:
+        return _args([b"%d" % self.slot], [self.encoded])
 
 
 @dataclass
@@ -173,8 +187,8 @@ class ListSet(Op):
         self.name = b"lset"
         self.encoded = encode_value(self.value)
 
-    def payload(self) -> bytes:
-        return item(b"%d" % self.slot) + self.encoded.blob
+    def args(self) -> Args:
+        return _args([b"%d" % self.slot], [self.encoded])
 
 
 @dataclass
@@ -186,8 +200,8 @@ class ListDelete(Op):
     def __post_init__(self) -> None:
         self.name = b"ldel"
 
-    def payload(self) -> bytes:
-        return item(b"%d" % self.slot)
+    def args(self) -> Args:
+        return _args([b"%d" % self.slot])
 
 
 @dataclass
@@ -211,6 +225,5 @@ class ListReplace(Op):
         self.values = [encode_value(v, keep) for v in self.value_list]
         self.kept = [nid for key, nid in self.children.items() if key not in keep]
 
-    def payload(self) -> bytes:
-        head = [b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)]
-        return b"".join([*map(item, head), *(v.blob for v in self.values)])
+    def args(self) -> Args:
+        return _args([b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)], self.values)

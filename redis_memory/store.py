@@ -29,16 +29,12 @@ import redis
 
 from .connection import channel, resp_command
 from .errors import ConnectionFailed
+from .ops import Args
 
 REF = 0xC1
 JOURNAL_SIZE = 128
 TOUCH_LIMIT = 1000
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
-
-
-def pack(items: list[bytes]) -> bytes:
-    """Length-prefixed concatenation, read back by the scripts' ``reader``."""
-    return b"".join(b"%d:%s" % (len(item), item) for item in items)
 
 
 def escape_id(identifier: str) -> str:
@@ -82,23 +78,13 @@ local function put(f, v)
   writes[#writes + 1] = v
   touch(f)
 end
--- Reads the length-prefixed items ('<len>:<bytes>') of one argument.
-local function reader(s)
-  local p = 1
-  return function()
-    local c = string.find(s, ':', p, true)
-    local n = tonumber(string.sub(s, p, c - 1))
-    p = c + n + 1
-    return string.sub(s, c + 1, c + n)
-  end, function() return p <= #s end
-end
 local function efield(n, s) return 'e' .. n .. ':' .. s end
 """
 
 # Applies one operation. ARGV: writer, seq, new-incarnation token, expected
-# incarnation, op name, nid; then two length-prefixed lists: the keys of every
-# dict node the op may remove (per node: nid, key count, keys), and the op's
-# own arguments (see ops.py).
+# incarnation, op name, nid; the number of arguments that follow for the keys
+# of every dict node the op may remove (per node: nid, key count, keys); then
+# the op's own arguments (see ops.py).
 # Every check runs before the first write: a script is not rolled back.
 _APPLY = (_PRELUDE + """
 local writer, seq = ARGV[1], tonumber(ARGV[2])
@@ -136,14 +122,19 @@ local function is_ref(p) return string.byte(p, 1) == REF end
 local function dict_payload(raw) return string.sub(raw, (string.find(raw, ':', 1, true) or 0) + 1) end
 
 local known = {}
-local drop_item, drop_more = reader(ARGV[7])
-while drop_more() do
-  local dn, cnt = drop_item(), tonumber(drop_item())
+local pos = 8
+local drops_end = pos + tonumber(ARGV[7])
+while pos < drops_end do
+  local dn, cnt = ARGV[pos], tonumber(ARGV[pos + 1])
   local keys = {}
-  for j = 1, cnt do keys[j] = drop_item() end
+  for j = 1, cnt do keys[j] = ARGV[pos + 1 + j] end
   known[dn] = keys
+  pos = pos + 2 + cnt
 end
-local arg = reader(ARGV[8])
+local function arg()
+  pos = pos + 1
+  return ARGV[pos - 1]
+end
 
 -- True when every dict node under payload p is fully listed in 'known',
 -- so that drop(p) removes every field the subtree has.
@@ -434,12 +425,12 @@ class Store:
         except ConnectionFailed as exc:
             raise ConnectionFailed(f"{exc} (memory {self.key})", key=self.key) from exc.__cause__
 
-    def _script(self, source: str, *args: bytes) -> Any:
+    def _script(self, source: str, args: list[bytes], tail: Args = (b"", 0)) -> Any:
         head = self._heads.get(source)
         if head is None:
             sha = self._call("SCRIPT", "LOAD", source).decode()
             head = self._heads[source] = resp_command(("EVALSHA", sha, "1", self.key))[4:]
-        packed = resp_command(args, head, 4)
+        packed = resp_command(args, head, 4, *tail)
         try:
             return self._call_packed(packed)
         except redis.exceptions.NoScriptError:
@@ -447,7 +438,7 @@ class Store:
             self._call("SCRIPT", "LOAD", source)
             return self._call_packed(packed)
 
-    def apply(self, header: list[bytes], drops: dict[bytes, list[bytes]], payload: bytes) -> Reply:
+    def apply(self, header: list[bytes], drops: dict[bytes, list[bytes]], op_args: Args) -> Reply:
         """EVALSHA of the apply script: O(1) fields for item operations.
 
         ``drops`` lists the keys of every dict node the operation may remove,
@@ -456,7 +447,7 @@ class Store:
         plan: list[bytes] = []
         for nid, keys in drops.items():
             plan += [nid, b"%d" % len(keys), *keys]
-        raw = self._script(_APPLY, *header, pack(plan) if plan else b"", payload)
+        raw = self._script(_APPLY, [*header, b"%d" % len(plan), *plan], op_args)
         return Reply(raw[0].decode(), int(raw[1]), raw[2], int(raw[3]) if raw[3] else None, list(raw[4:]))
 
     def version(self) -> tuple[int, bytes]:
@@ -466,7 +457,7 @@ class Store:
 
     def sync(self, version: int, incarnation: bytes) -> Sync:
         """EVALSHA of the sync script: O(fields changed since ``version``)."""
-        raw = self._script(_SYNC, b"%d" % version, incarnation)
+        raw = self._script(_SYNC, [b"%d" % version, incarnation])
         it = iter(raw[3:])
         return Sync(int(raw[0]), raw[1], raw[2].decode(), list(zip(it, it, strict=False)))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from redis_memory import ConversationMemory, Memory
-from redis_memory.store import JOURNAL_SIZE, Store, escape_id, memory_key, pack
+from redis_memory import ConversationMemory, Memory, ops
+from redis_memory.store import JOURNAL_SIZE, Store, escape_id, memory_key
 
 
 @pytest.mark.parametrize("identifier", ["a:b", "*", "{x}", "ü", "with space", "a%3Ab", "x}{y", "🙂"])
@@ -80,12 +80,12 @@ def test_an_operation_id_is_applied_once(client: redis.Redis) -> None:
     incarnation = client.hget(mem.key, "i")
     nid = mem.items._rm_nid
     header = [b"retrying-writer", b"1", b"tok", incarnation, b"lappend", nid]
-    first = store.apply(header, {}, pack([b"1", b"s", b"\x07"]))
-    again = store.apply(header, {}, pack([b"1", b"s", b"\x07"]))
+    first = store.apply(header, {}, ops.ListAppend(nid, [7]).args())
+    again = store.apply(header, {}, ops.ListAppend(nid, [7]).args())
     assert (first.status, again.status) == ("ok", "dup")
     assert mem.items == [7]
     header[1] = b"2"
-    assert store.apply(header, {}, pack([b"1", b"s", b"\x08"])).status == "ok"
+    assert store.apply(header, {}, ops.ListAppend(nid, [8]).args()).status == "ok"
     assert mem.items == [7, 8]
 
 
