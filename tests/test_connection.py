@@ -34,6 +34,15 @@ def test_explicit_url_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert connection.resolve_url() == "redis://localhost:6379/0"
 
 
+def test_explicit_client_wins_over_url(real_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """client= is used even when url= and REDIS_URL name an unreachable server."""
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    monkeypatch.setenv("REDIS_URL", unreachable)
+    mem = Memory("precedence", client=redis.Redis.from_url(real_url), url=unreachable)
+    mem.x = 1
+    assert Memory("precedence", url=real_url).x == 1
+
+
 def test_environment_url_is_used(monkeypatch: pytest.MonkeyPatch, real_url: str) -> None:
     """With no argument, REDIS_URL names the server."""
     monkeypatch.setenv("REDIS_URL", real_url)
