@@ -160,15 +160,14 @@ class ListAppend(Op):
 
 
 @dataclass
-class ListInsert(Op):
-    """``insert``: before the element at ``slot``; O(1) at either end."""
+class _SlotValue(Op):
+    """An operation on one list slot that writes one value."""
 
     slot: int = 0
     value: Any = None
     encoded: Encoded = field(init=False)
 
     def __post_init__(self) -> None:
-        self.name = b"linsert"
         self.encoded = encode_value(self.value)
 
     def args(self) -> Args:
@@ -176,19 +175,21 @@ class ListInsert(Op):
 
 
 @dataclass
-class ListSet(Op):
-    """``l[i] = v``: replaces the element at ``slot``, O(1)."""
-
-    slot: int = 0
-    value: Any = None
-    encoded: Encoded = field(init=False)
+class ListInsert(_SlotValue):
+    """``insert``: before the element at ``slot``; O(1) at either end."""
 
     def __post_init__(self) -> None:
-        self.name = b"lset"
-        self.encoded = encode_value(self.value)
+        super().__post_init__()
+        self.name = b"linsert"
 
-    def args(self) -> Args:
-        return _args([b"%d" % self.slot], [self.encoded])
+
+@dataclass
+class ListSet(_SlotValue):
+    """``l[i] = v``: replaces the element at ``slot``, O(1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name = b"lset"
 
 
 @dataclass
