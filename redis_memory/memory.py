@@ -164,11 +164,17 @@ class MemoryCore:
                     elif (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
                         self.catch_up()
                     return removed
+                if reply.status == "dup":
+                    # A resent command whose first copy was applied: the
+                    # replica still shows what that copy removed.
+                    removed = replica.value_at(op)
+                    self.catch_up()
+                    return removed
                 self.catch_up()
                 if reply.status == "gone":
                     proxy._rm_live = False
                     continue
-                if reply.status in ("dup", "exists"):
+                if reply.status == "exists":
                     return NO_OP
                 # 'stale', 'index' or 'missing': this replica's view was out of
                 # date; build the operation again from the fresh view.

@@ -252,6 +252,16 @@ class Replica:
         node = self.nodes.get(payload[1:])
         return plain(node)
 
+    def value_at(self, op: ops.Op) -> Any:
+        """A plain copy of what a delete ``op`` targets in this replica, else None."""
+        node = self.nodes.get(op.nid)
+        if isinstance(op, ops.ListDelete) and isinstance(node, ObservedList):
+            index = op.slot - node._rm_lo
+            return plain(node[index]) if 0 <= index < len(node) else None
+        if isinstance(op, ops.DictDelete) and isinstance(node, ObservedDict) and op.key_list:
+            return plain(dict.get(node, op.key_list[0]))
+        return None
+
     def apply_local(self, op: ops.Op, first_nid: int | None) -> None:
         """Apply ``op`` exactly as the server script just did."""
         node = self.nodes[op.nid]

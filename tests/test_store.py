@@ -129,3 +129,25 @@ def test_memory_recreated_elsewhere_is_noticed(client: redis.Redis, other_client
     theirs.items = [2]
     assert mine.items == [2]
     assert not held._rm_live
+
+
+def test_a_resent_pop_returns_the_removed_value(client: redis.Redis) -> None:
+    """If the first copy of a pop was applied but its reply lost, the resent copy still returns the item."""
+    mem = Memory("resent", client=client)
+    mem.items = ["a", "b", "c"]
+    items = mem.items
+    store = mem._rm.store
+    real_apply = store.apply
+
+    def apply_twice(*args: object, **kwargs: object) -> object:
+        real_apply(*args, **kwargs)  # applied, reply "lost"
+        return real_apply(*args, **kwargs)  # the resend is answered 'dup'
+
+    store.apply = apply_twice  # type: ignore[method-assign]
+    try:
+        assert items.pop() == "c"
+        assert items.pop(0) == "a"
+    finally:
+        store.apply = real_apply  # type: ignore[method-assign]
+    assert Memory("resent", client=client).items == ["b"]
+    assert items == ["b"]
