@@ -115,6 +115,8 @@ class ObservedList(list):  # type: ignore[type-arg]
                 return current
 
             self._rm_replace(compute)
+        elif isinstance(value, (ObservedList, ObservedDict)) and self[index] is value:
+            return  # `l[i] += [x]` assigns the mutated proxy back to where it is
         else:
             self._rm_submit(lambda: ops.ListSet(self._rm_nid, self._rm_slot(index), value))
 
@@ -181,6 +183,8 @@ class ObservedDict(dict):  # type: ignore[type-arg]
 
     def __setitem__(self, key: Any, value: Any) -> None:
         """Set one key: one EVALSHA, O(1)."""
+        if isinstance(value, (ObservedList, ObservedDict)) and dict.get(self, key) is value:
+            return  # `d[k] += [x]` assigns the mutated proxy back to where it is
         self._rm_submit(lambda: ops.DictSet(self._rm_nid, [(key, value)]))
 
     def __delitem__(self, key: Any) -> None:

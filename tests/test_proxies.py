@@ -199,3 +199,19 @@ def test_sort_retries_on_a_fresh_view(client: redis.Redis, other_client: redis.R
     Memory("p", client=other_client).items.append(2)
     stale.sort()
     assert Memory("p", client=other_client).items == [1, 2, 3]
+
+
+def test_augmented_assignment_is_one_operation(client: redis.Redis, other_client: redis.Redis) -> None:
+    """`mem.l += [x]`, `d[k] += [x]`, `l[i] |= {...}` append or update in place: one change, identity kept."""
+    mem = Memory("p", client=client)
+    mem.log = [1]
+    mem.d = {"k": [1]}
+    mem.rows = [{"a": 1}]
+    held_log, held_list, held_row = mem.log, mem.d["k"], mem.rows[0]
+    version = int(client.hget(mem.key, "v"))
+    mem.log += [2]
+    mem.d["k"] += [2]
+    mem.rows[0] |= {"b": 2}
+    assert int(client.hget(mem.key, "v")) == version + 3
+    assert mem.log is held_log and mem.d["k"] is held_list and mem.rows[0] is held_row
+    assert Memory("p", client=other_client).to_dict() == {"log": [1, 2], "d": {"k": [1, 2]}, "rows": [{"a": 1, "b": 2}]}
