@@ -45,7 +45,7 @@ def _default(obj: Any) -> Any:
     if kind is dt.date:
         return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
     if kind is int:
-        return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
+        return msgpack.ExtType(EXT_BIGINT, obj.to_bytes(obj.bit_length() // 8 + 1, "big", signed=True))
     # Proxies and other list/dict subclasses inside a tuple or set are stored
     # as the plain containers they are.
     if isinstance(obj, list):
@@ -66,7 +66,7 @@ def _pack(value: Any) -> bytes:
     except UnsupportedValue:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
-        raise UnsupportedValue(f"cannot store {value!r}: {exc}") from exc
+        raise UnsupportedValue(f"cannot store this {type(value).__name__}: {exc}") from exc
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -85,7 +85,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if code == EXT_DATE:
         return dt.date.fromisoformat(data.decode())
     if code == EXT_BIGINT:
-        return int(data.decode())
+        return int.from_bytes(data, "big", signed=True)
     raise ValueError(f"unknown extension type {code}")
 
 
@@ -106,7 +106,11 @@ def encode(value: Any) -> bytes:
         packer = getattr(_local, "packer", None)
         if packer is None:
             packer = _local.packer = msgpack.Packer(use_bin_type=True, strict_types=True)
-        packed: bytes = packer.pack(value)
+        try:
+            packed: bytes = packer.pack(value)
+        except UnicodeEncodeError as exc:  # a lone surrogate in a str
+            _local.packer = None  # its buffer may hold part of the value
+            raise UnsupportedValue(f"cannot store this str: {exc}") from exc
         return packed
     if kind not in SCALAR_TYPES:
         _default(value)  # raises with the type's name

@@ -93,6 +93,12 @@ class Channel:
                     if attempt == 2:
                         raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
                     continue
+                except BaseException:
+                    # Interrupted mid-command (a signal, KeyboardInterrupt): the
+                    # reply may still be on its way, so this connection is out of
+                    # step and must not serve another command.
+                    self._close()
+                    raise
                 if isinstance(reply, redis.ResponseError):
                     raise reply
                 return reply
@@ -324,3 +330,8 @@ def after_fork() -> None:
     """In a forked child: a lock nobody holds (redis-py resets its own pools)."""
     global _clients_lock
     _clients_lock = threading.Lock()
+    # A lock another thread held at the fork stays held in the child.
+    for found in list(_channels.values()):
+        found.lock = threading.Lock()
+        found.conn = found.reader = None
+        found.pid = os.getpid()

@@ -164,6 +164,11 @@ class MemoryCore:
                     elif (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
                         self.catch_up()
                     return removed
+                if reply.status == "same":
+                    # Nothing changed on the server; others may have written.
+                    if (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
+                        self.catch_up()
+                    return NO_OP
                 if reply.status == "dup":
                     # A resent command whose first copy was applied: the
                     # replica still shows what that copy removed.

@@ -268,9 +268,11 @@ class Replica:
         nids: Iterator[int] = iter(range(first_nid or 0, 1 << 62))
         if isinstance(node, ObservedDict):
             if isinstance(op, ops.DictSet):
-                for key, encoded in zip((k for k, _ in op.items), op.values, strict=True):
+                # Build every new value before changing anything: a value may
+                # be this very dict, and the server stored it as it was.
+                built = [self._materialize(encoded, nids) for encoded in op.values]
+                for key, value in zip((k for k, _ in op.items), built, strict=True):
                     old = dict.get(node, key)
-                    value = self._materialize(encoded, nids)
                     if key not in node:
                         node._rm_next += 1
                     self._kill(old)

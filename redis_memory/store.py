@@ -102,14 +102,17 @@ if incarnation and meta[4] then
   if lseq and tonumber(lseq) >= seq then return reply('dup', lres) end
 end
 if nid ~= '0' and ARGV[4] ~= incarnation then return reply('gone') end
-if not incarnation then
+-- A memory that does not exist yet is created by this operation's final
+-- write, never before everything is checked.
+local creating = not incarnation
+if creating then
   incarnation = ARGV[3]
   version, counter = 0, 0
-  redis.call('HSET', K, 'i', incarnation, 'v', 0, 'c', 0, 'h0', 'd 0 1 0')
 end
 
 local function read_header(n)
   local h = hget(hfield(n))
+  if not h and creating and n == '0' then h = 'd 0 1 0' end
   if not h then return nil end
   local kind, a, b, c = string.match(h, '^(%%a) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+)$')
   if not kind then return nil end
@@ -315,7 +318,7 @@ else
   return redis.error_reply('redis_memory: unknown operation ' .. op)
 end
 
-if ntouched == 0 then return reply('ok') end
+if ntouched == 0 then return reply('same') end
 h.c = h.c + 1
 write_header(nid, h)
 version = version + 1
@@ -337,9 +340,13 @@ writes[#writes + 1] = 'j' .. fmt(version %% JOURNAL_SIZE)
 writes[#writes + 1] = entry
 writes[#writes + 1] = wfield
 writes[#writes + 1] = fmt(seq) .. ' ' .. result
-if first_nid then
+if first_nid or creating then
   writes[#writes + 1] = 'c'
   writes[#writes + 1] = fmt(counter)
+end
+if creating then
+  writes[#writes + 1] = 'i'
+  writes[#writes + 1] = incarnation
 end
 for start = 1, #writes, 1000 do
   redis.call('HSET', K, unpack(writes, start, math.min(start + 999, #writes)))

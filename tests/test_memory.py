@@ -332,3 +332,54 @@ def test_works_in_a_forked_child(real_url: str) -> None:
     mem.log.append("parent again")
     assert ConversationMemory("forked", url=real_url).log == ["parent", "child", "parent again"]
     assert mem.child_done is True
+
+
+def test_a_write_that_changes_nothing_does_not_hide_another_writers_change(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """Rewriting an unchanged value right after another process wrote leaves the replica exact."""
+    mine, theirs = Memory("same", client=client), Memory("same", client=other_client)
+    mine.b = 2
+    assert theirs.b == 2
+    mine.a = 1  # one change theirs has not seen
+    theirs.b = 2  # changes nothing on the server
+    assert theirs.a == 1
+    mine.l = [2, 1]
+    held = theirs.l
+    mine.x = 1
+    held[0] = 2  # again a write that changes nothing
+    held.sort()
+    assert Memory("same", client=client).l == [1, 2]
+
+
+def test_updating_a_dict_with_itself_stores_what_it_was(client: redis.Redis) -> None:
+    """d.update(b=1, a=d) stores the old d under 'a', locally as on the server."""
+    mem = Memory("self", client=client)
+    mem.d = {"b": 0}
+    d = mem.d
+    d.update(b=1, a=d)
+    assert mem.to_dict() == {"d": {"b": 1, "a": {"b": 0}}}
+    assert Memory("self", client=client).to_dict() == mem.to_dict()
+
+
+def test_huge_ints_and_bad_strings(client: redis.Redis) -> None:
+    """Ints beyond str()'s digit limit round-trip; a lone surrogate raises UnsupportedValue."""
+    mem = Memory("ints", client=client)
+    mem.big = -(10**5000)
+    assert Memory("ints", client=client).big == -(10**5000)
+    with pytest.raises(UnsupportedValue):
+        mem.s = "\ud800"
+    mem.s = "fine"
+    assert mem.s == "fine"
+
+
+def test_a_failed_operation_does_not_create_the_memory(client: redis.Redis) -> None:
+    """An operation the server refuses on a memory that does not exist leaves no key behind."""
+    from redis_memory import ops
+    from redis_memory.store import Store
+
+    store = Store(client, Memory("absent", client=client).key)
+    op = ops.DictDelete(b"0", ["x"])
+    reply = store.apply([b"w", b"1", b"tok", b"", op.name, op.nid], {}, op.args())
+    assert reply.status == "missing"
+    assert client.exists(store.key) == 0
