@@ -383,3 +383,18 @@ def test_a_failed_operation_does_not_create_the_memory(client: redis.Redis) -> N
     reply = store.apply([b"w", b"1", b"tok", b"", op.name, op.nid], {}, op.args())
     assert reply.status == "missing"
     assert client.exists(store.key) == 0
+
+
+def test_deleting_a_corrupt_attribute_works(client: redis.Redis) -> None:
+    """del on an attribute whose stored value is undecodable removes it without an error."""
+    mem = Memory("corrupt-del", client=client)
+    mem.bad = "x"
+    field = next(f for f in client.hgetall(mem.key) if f.startswith(b"e0:"))
+    client.hset(mem.key, field, b"1:\xc7\x01\x63\x00")
+    client.hincrby(mem.key, "v", 1)
+    fresh = Memory("corrupt-del", client=client)
+    with pytest.raises(CorruptData):
+        _ = fresh.bad
+    del fresh.bad
+    assert not hasattr(fresh, "bad")
+    assert not client.hexists(mem.key, field)
