@@ -143,3 +143,20 @@ def encode_key(key: Any) -> bytes:
 def decode_key(data: bytes) -> Any:
     """Decode a dict key produced by :func:`encode_key`."""
     return decode(data)
+
+
+def encode_record(record: list[Any]) -> bytes:
+    """A spool record (lists, ints and bytes only), as plain msgpack."""
+    packed: bytes = msgpack.packb(record, use_bin_type=True)
+    return packed
+
+
+def decode_record(data: bytes) -> list[Any]:
+    """Decode a spool record; any failure is a ValueError."""
+    try:
+        record = msgpack.unpackb(data, raw=True, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ValueError(f"undecodable spool record: {exc}") from exc
+    if not isinstance(record, list):
+        raise ValueError("a spool record must be a list")
+    return record

@@ -22,6 +22,10 @@ class ConnectionFailed(RedisMemoryError, ConnectionError):
     """Redis could not be reached or the connection broke during a command."""
 
 
+class OfflineQueueFull(ConnectionFailed):
+    """Redis is unreachable and the offline queue is full: the change was refused, nothing queued."""
+
+
 class CorruptData(RedisMemoryError, ValueError):
     """A stored field could not be decoded; ``key`` and ``field`` say which."""
 

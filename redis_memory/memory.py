@@ -23,7 +23,7 @@ from .errors import (
 )
 from .proxies import NO_OP, ObservedDict, ObservedList, plain
 from .replica import Corrupt, Replica, Resync
-from .store import Store, memory_key
+from .store import ANY_INCARNATION, Store, memory_key
 
 #: How often an operation is rebuilt and resent after the server found this
 #: replica's view stale (another writer changed the same container meanwhile).
@@ -157,7 +157,8 @@ class MemoryCore:
                 seq = b"%d" % self.seq
                 # The writer id and seq also make a fresh incarnation token, used
                 # only if this operation is the one that creates the memory.
-                header = [self.writer, seq, self.writer + b"." + seq, replica.incarnation, op.name, op.nid]
+                expected = ANY_INCARNATION if op.nid == b"0" else replica.incarnation
+                header = [self.writer, seq, self.writer + b"." + seq, expected, op.name, op.nid]
                 reply = self.store.apply(header, plan, op.args())
                 if reply.status == "ok":
                     removed = replica.removed_value(op, reply.extra)

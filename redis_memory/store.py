@@ -10,8 +10,13 @@ One memory is one Redis hash, ``<prefix>:<kind>:{<escaped id>}``. Its fields:
 ``e<nid>:<s>`` list element at slot ``s`` (a decimal integer)
 ``e<nid>:<k>`` dict entry for the msgpack-encoded key ``k``: ``<seq>:<value>``
 ``j<n>``       journal ring: the fields touched by version ``n``
-``w<writer>``  the last operation id applied for a writer, and its result
+``w<writer>``  a writer's last applied seq, when it was last indexed, result
 =============  ============================================================
+
+A second key, ``<hash key>:w``, is a sorted set of writers by the time
+they last wrote. Operation ids are remembered for :data:`OP_ID_RETENTION`
+seconds after a writer's last write; older writer fields are pruned, a few
+at a time, by the writes of others.
 
 A value is msgpack bytes, or ``\\xc1<nid>`` (a byte msgpack never emits) for
 a reference to a child node. List slots run from ``lo`` to ``hi - 1``; an
@@ -34,6 +39,12 @@ from .ops import Args
 REF = 0xC1
 JOURNAL_SIZE = 128
 TOUCH_LIMIT = 1000
+#: Seconds an operation id is remembered after its writer's last write: the
+#: longest outage after which a resent operation is still recognised.
+OP_ID_RETENTION = 7 * 24 * 3600
+#: A writer's entry in the writer index is refreshed at most this often.
+_INDEX_EVERY = 60
+ANY_INCARNATION = b"*"
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
 
 
@@ -81,10 +92,11 @@ end
 local function efield(n, s) return 'e' .. n .. ':' .. s end
 """
 
-# Applies one operation. ARGV: writer, seq, new-incarnation token, expected
-# incarnation, op name, nid; the number of arguments that follow for the keys
-# of every dict node the op may remove (per node: nid, key count, keys); then
-# the op's own arguments (see ops.py).
+# Applies one operation. KEYS: the hash, the writer index. ARGV: writer,
+# seq, new-incarnation token, expected incarnation ('*' for any, or none),
+# op name, nid; the number of arguments that follow for the keys of every
+# dict node the op may remove (per node: nid, key count, keys); then the op's
+# own arguments (see ops.py).
 # Every check runs before the first write: a script is not rolled back.
 _APPLY = (_PRELUDE + """
 local writer, seq = ARGV[1], tonumber(ARGV[2])
@@ -97,11 +109,13 @@ local function reply(status, result, ...)
   return {status, fmt(version), incarnation or '', result or '', ...}
 end
 
+local stamp = 0
 if incarnation and meta[4] then
-  local lseq, lres = string.match(meta[4], '^(%%d+) (.*)$')
+  local lseq, lstamp, lres = string.match(meta[4], '^(%%d+) (%%d+) (.*)$')
   if lseq and tonumber(lseq) >= seq then return reply('dup', lres) end
+  stamp = tonumber(lstamp or '0')
 end
-if nid ~= '0' and ARGV[4] ~= incarnation then return reply('gone') end
+if ARGV[4] ~= '*' and ARGV[4] ~= (incarnation or '') then return reply('gone') end
 -- A memory that does not exist yet is created by this operation's final
 -- write, never before everything is checked.
 local creating = not incarnation
@@ -338,8 +352,20 @@ writes[#writes + 1] = 'v'
 writes[#writes + 1] = fmt(version)
 writes[#writes + 1] = 'j' .. fmt(version %% JOURNAL_SIZE)
 writes[#writes + 1] = entry
+-- The writer index is touched once a minute per writer; each time, a few
+-- writers silent for longer than the retention are forgotten.
+local now = tonumber(redis.call('TIME')[1])
+if now - stamp >= %(index_every)d then
+  stamp = now
+  local W = KEYS[2]
+  redis.call('ZADD', W, now, writer)
+  for _, old in ipairs(redis.call('ZRANGEBYSCORE', W, '-inf', now - %(retention)d, 'LIMIT', 0, 16)) do
+    redis.call('HDEL', K, 'w' .. old)
+    redis.call('ZREM', W, old)
+  end
+end
 writes[#writes + 1] = wfield
-writes[#writes + 1] = fmt(seq) .. ' ' .. result
+writes[#writes + 1] = fmt(seq) .. ' ' .. fmt(stamp) .. ' ' .. result
 if first_nid or creating then
   writes[#writes + 1] = 'c'
   writes[#writes + 1] = fmt(counter)
@@ -352,7 +378,12 @@ for start = 1, #writes, 1000 do
   redis.call('HSET', K, unpack(writes, start, math.min(start + 999, #writes)))
 end
 return reply('ok', result, unpack(extra))
-""") % {"journal": JOURNAL_SIZE, "touch_limit": TOUCH_LIMIT}
+""") % {
+    "journal": JOURNAL_SIZE,
+    "touch_limit": TOUCH_LIMIT,
+    "index_every": _INDEX_EVERY,
+    "retention": OP_ID_RETENTION,
+}
 
 # Brings a replica from version ARGV[1] of incarnation ARGV[2] to now: the
 # current values of every field the journal says changed since, or 'full'
@@ -419,6 +450,8 @@ class Store:
     def __init__(self, client: redis.Redis, key: str) -> None:
         self.client = client
         self.key = key
+        self.writers_key = key + ":w"
+        self.keys = (key, self.writers_key)
         self.channel = channel(client)
         self._heads: dict[str, bytes] = {}
         self._version_command = resp_command(("HMGET", key, "v", "i"))
@@ -432,12 +465,12 @@ class Store:
         except ConnectionFailed as exc:
             raise ConnectionFailed(f"{exc} (memory {self.key})", key=self.key) from exc.__cause__
 
-    def _script(self, source: str, args: list[bytes], tail: Args = (b"", 0)) -> Any:
+    def _script(self, source: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0)) -> Any:
         head = self._heads.get(source)
         if head is None:
             sha = self._call("SCRIPT", "LOAD", source).decode()
-            head = self._heads[source] = resp_command(("EVALSHA", sha, "1", self.key))[4:]
-        packed = resp_command(args, head, 4, *tail)
+            head = self._heads[source] = resp_command(("EVALSHA", sha, len(keys), *keys))[4:]
+        packed = resp_command(args, head, 3 + len(keys), *tail)
         try:
             return self._call_packed(packed)
         except redis.exceptions.NoScriptError:
@@ -454,7 +487,7 @@ class Store:
         plan: list[bytes] = []
         for nid, keys in drops.items():
             plan += [nid, b"%d" % len(keys), *keys]
-        raw = self._script(_APPLY, [*header, b"%d" % len(plan), *plan], op_args)
+        raw = self._script(_APPLY, self.keys, [*header, b"%d" % len(plan), *plan], op_args)
         return Reply(raw[0].decode(), int(raw[1]), raw[2], int(raw[3]) if raw[3] else None, list(raw[4:]))
 
     def version(self) -> tuple[int, bytes]:
@@ -464,7 +497,7 @@ class Store:
 
     def sync(self, version: int, incarnation: bytes) -> Sync:
         """EVALSHA of the sync script: O(fields changed since ``version``)."""
-        raw = self._script(_SYNC, [b"%d" % version, incarnation])
+        raw = self._script(_SYNC, self.keys[:1], [b"%d" % version, incarnation])
         it = iter(raw[3:])
         return Sync(int(raw[0]), raw[1], raw[2].decode(), list(zip(it, it, strict=False)))
 
@@ -477,5 +510,9 @@ class Store:
         return cast(dict[bytes, bytes], reply)
 
     def delete(self) -> None:
-        """DEL of the memory's hash: O(size of the memory)."""
-        self._call("DEL", self.key)
+        """DEL of the memory's keys: O(size of the memory)."""
+        self._call("DEL", *self.keys)
+
+    def ping(self) -> None:
+        """PING: raises ConnectionFailed unless the server answers."""
+        self._call("PING")

@@ -26,12 +26,28 @@ def test_escaping_is_injective() -> None:
 
 
 def test_memory_lives_in_one_hash(client: redis.Redis) -> None:
-    """A memory with nested data is exactly one Redis key, a hash."""
+    """A memory's data is one Redis hash; its writer index shares the hash tag; delete() removes both."""
     mem = ConversationMemory("one", client=client)
     mem.messages = [{"role": "user", "content": "x"}]
     mem.profile = {"a": {"b": [1, 2]}}
-    assert client.keys("*") == [mem.key.encode()]
+    assert sorted(client.keys("*")) == [mem.key.encode(), (mem.key + ":w").encode()]
     assert client.type(mem.key) == b"hash"
+    assert client.type(mem.key + ":w") == b"zset"
+    mem.delete()
+    assert client.keys("*") == []
+
+
+def test_operation_ids_of_long_silent_writers_are_pruned(client: redis.Redis) -> None:
+    """A writer silent for longer than the retention is forgotten when others write; active ones stay."""
+    mem = Memory("prune", client=client)
+    mem.x = 1
+    client.hset(mem.key, "wgone", b"7 0 ")
+    client.zadd(mem.key + ":w", {"gone": 0})
+    Memory("prune", client=client).y = 2  # a new writer indexes itself and prunes
+    assert client.hget(mem.key, "wgone") is None
+    assert client.zscore(mem.key + ":w", "gone") is None
+    writers = [f for f in client.hkeys(mem.key) if f.startswith(b"w")]
+    assert len(writers) == 2 and client.zcard(mem.key + ":w") == 2
 
 
 def test_layout_is_as_documented(client: redis.Redis) -> None:
