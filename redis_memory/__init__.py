@@ -16,6 +16,7 @@ from .errors import (
 )
 from .memory import ConversationMemory, Memory
 from .proxies import ObservedDict, ObservedList
+from .queue import Status
 
 __all__ = [
     "ConcurrentModification",
@@ -32,6 +33,7 @@ __all__ = [
     "OfflineQueueFull",
     "RedisMemoryError",
     "ReservedName",
+    "Status",
     "UnsupportedValue",
     "embedded_dir",
     "ensure_embedded",

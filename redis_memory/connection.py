@@ -30,6 +30,8 @@ from .errors import ConnectionFailed, EmbeddedServerError
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 10.0
 _clients: dict[str, redis.Redis] = {}
+#: Error replies that mean "not now" rather than "not this command".
+_UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
 _clients_lock = threading.Lock()
 
 
@@ -81,6 +83,7 @@ class Channel:
                 self.conn = self.reader = None
                 self.pid = os.getpid()
             for attempt in (1, 2):
+                fresh = self.conn is None
                 try:
                     conn = self.conn or self._open()
                     if self.reader is None:
@@ -90,7 +93,11 @@ class Channel:
                     reply = read_reply(self.reader)
                 except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                     self._close()
-                    if attempt == 2:
+                    # A connection that had served before may just have gone
+                    # stale: try a new one, once. A new one that failed means
+                    # the server is unreachable: waiting again would only
+                    # double the time a caller is blocked.
+                    if attempt == 2 or fresh:
                         raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
                     continue
                 except BaseException:
@@ -100,6 +107,12 @@ class Channel:
                     self._close()
                     raise
                 if isinstance(reply, redis.ResponseError):
+                    if str(reply).startswith(_UNAVAILABLE):
+                        # Loading its data, or a replica during a failover: for
+                        # now this server cannot take the command; a later
+                        # connection may reach one that can.
+                        self._close()
+                        raise ConnectionFailed(f"Redis unavailable: {reply}") from reply
                     raise reply
                 return reply
             raise AssertionError("unreachable")

@@ -3,17 +3,21 @@ that turns reads and writes into store calls under one lock."""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import redis
 
-from . import connection, ops
+from . import connection, ops, queue
 from .errors import (
     ConcurrentModification,
+    ConnectionFailed,
     ContainerDeleted,
     CorruptData,
     MissingAttribute,
@@ -23,13 +27,14 @@ from .errors import (
 )
 from .proxies import NO_OP, ObservedDict, ObservedList, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, Store, memory_key
+from .store import ANY_INCARNATION, Reply, Store, memory_key, removal_plan
 
 #: How often an operation is rebuilt and resent after the server found this
 #: replica's view stale (another writer changed the same container meanwhile).
 MAX_ATTEMPTS = 20
 _MISSING: Any = object()
 _live_cores: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
+log = logging.getLogger("redis_memory")
 
 
 def _new_token() -> bytes:
@@ -37,27 +42,51 @@ def _new_token() -> bytes:
 
 
 class MemoryCore:
-    """The machinery behind one :class:`Memory`: store, replica, lock, writer id.
+    """The machinery behind one :class:`Memory`: store, replica, queue, lock, writer id.
 
     Every operation carries an id, ``(writer, seq)``: the server records the
     highest ``seq`` applied per writer and answers a repeat with ``dup``
-    instead of applying it twice (a command retried after a lost reply).
+    instead of applying it twice (a command retried after a lost reply, or a
+    queued operation replayed after an outage).
     """
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, max_pending: int, spool: str | os.PathLike[str] | None) -> None:
         self.store = store
         self.name = name
         self.lock = threading.RLock()
         self.writer = _new_token()
         self.seq = 0
+        self.provisional = itertools.count(1)
         self.replica = Replica(self)
+        self.link = queue.link(store.channel)
+        self.outbox = queue.Outbox(max_pending, queue.Spool(spool, store.key) if spool is not None else None)
         _live_cores.add(self)
+        if self.outbox.spool is not None:
+            adopted = self.outbox.spool.adopt(self.writer)
+            if adopted:
+                log.info("%s: %d operations found in the spool of an ended process", store.key, len(adopted))
+                self.outbox.entries.extend(adopted)
+                self.link.wait_for(self)
 
     def after_fork(self) -> None:
-        """In a forked child: a fresh lock and a writer id of its own."""
+        """In a forked child: a fresh lock, a writer id of its own, no queue (the parent replays it)."""
         self.lock = threading.RLock()
         self.writer = _new_token()
         self.seq = 0
+        self.provisional = itertools.count(1)
+        if self.outbox:
+            self.replica.speculative = True
+        self.outbox.after_fork()
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def reachable(self) -> bool:
+        """True when commands may go to Redis now: online, with nothing queued ahead of them."""
+        if not self.link.online:
+            return False
+        return not self.outbox or self.drain()
 
     # -- reads ----------------------------------------------------------------
 
@@ -66,18 +95,29 @@ class MemoryCore:
 
         This version check is the one place that decides freshness, so that
         server-assisted invalidation can replace it without touching callers.
+        While Redis is unreachable the replica is served as it is; a memory
+        never loaded then raises ConnectionFailed.
         """
         replica = self.replica
-        if replica.loaded:
-            version, incarnation = self.store.version()
-            if version == replica.version and incarnation == replica.incarnation:
-                return
-        self.catch_up()
+        try:
+            if not self.reachable():
+                raise self.link.last_error or ConnectionFailed("Redis is unreachable")
+            if replica.loaded and not replica.speculative:
+                version, incarnation = self.store.version()
+                if version == replica.version and incarnation == replica.incarnation:
+                    return
+            self.catch_up()
+        except ConnectionFailed as exc:
+            self.link.failed(exc)
+            if not replica.loaded:
+                raise ConnectionFailed(
+                    f"Redis is unreachable and {self.store.key} was never loaded here: {exc}", key=self.store.key
+                ) from exc
 
     def catch_up(self) -> None:
         """Bring the replica to the server's version: journal delta, else HGETALL."""
         replica = self.replica
-        if replica.loaded:
+        if replica.loaded and not replica.speculative:
             sync = self.store.sync(replica.version, replica.incarnation)
             if sync.kind == "empty":
                 replica.load({})
@@ -134,64 +174,175 @@ class MemoryCore:
                 raise missing(f"{name!r} is not stored in {self.store.key}", key=self.store.key, field=name) from None
 
     def submit(self, proxy: ObservedList | ObservedDict, build: Callable[[], ops.Op | None]) -> Any:
-        """Send the operation ``build`` makes, then apply it to the replica.
+        """Send the operation ``build`` makes (or queue it), then apply it to the replica.
 
         Returns what a delete removed, or ``NO_OP`` when ``build`` found
         nothing to do. Raises ContainerDeleted if ``proxy``'s node is gone.
         """
         with self.lock:
             replica = self.replica
-            if not replica.loaded:
-                self.refresh()
             for _ in range(MAX_ATTEMPTS):
+                if not replica.loaded:
+                    self.refresh()
                 if not proxy._rm_live:
                     raise ContainerDeleted(
                         f"this {type(proxy).__bases__[0].__name__} was deleted from {self.store.key}",
                         key=self.store.key,
                     )
+                online = self.reachable()
                 op = build()
                 if op is None:
                     return NO_OP
                 plan = replica.removal_plan(op)
-                self.seq += 1
-                seq = b"%d" % self.seq
+                seq = self._next_seq()
+                if not online:
+                    return self._enqueue(op, plan, seq)
                 # The writer id and seq also make a fresh incarnation token, used
                 # only if this operation is the one that creates the memory.
+                tag = b"%d" % seq
                 expected = ANY_INCARNATION if op.nid == b"0" else replica.incarnation
-                header = [self.writer, seq, self.writer + b"." + seq, expected, op.name, op.nid]
-                reply = self.store.apply(header, plan, op.args())
-                if reply.status == "ok":
-                    removed = replica.removed_value(op, reply.extra)
-                    created = replica.incarnation == b"" and replica.version == 0
-                    if reply.version == replica.version + 1 and (reply.incarnation == replica.incarnation or created):
-                        replica.apply_local(op, reply.first_nid)
-                        replica.version, replica.incarnation = reply.version, reply.incarnation
-                    elif (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
-                        self.catch_up()
-                    return removed
-                if reply.status == "same":
-                    # Nothing changed on the server; others may have written.
-                    if (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
-                        self.catch_up()
-                    return NO_OP
-                if reply.status == "dup":
-                    # A resent command whose first copy was applied: the
-                    # replica still shows what that copy removed.
-                    removed = replica.value_at(op)
-                    self.catch_up()
-                    return removed
-                self.catch_up()
-                if reply.status == "gone":
-                    proxy._rm_live = False
-                    continue
-                if reply.status == "exists":
-                    return NO_OP
-                # 'stale', 'index' or 'missing': this replica's view was out of
-                # date; build the operation again from the fresh view.
+                header = [self.writer, tag, self.writer + b"." + tag, expected, op.name, op.nid]
+                try:
+                    reply = self.store.apply(header, plan, op.args())
+                except ConnectionFailed as exc:
+                    self.link.failed(exc)
+                    # The server may have applied it before the link broke: queue
+                    # this very operation, with its id, so the replay cannot repeat it.
+                    return self._enqueue(op, plan, seq)
+                try:
+                    result = self._settle(proxy, op, reply)
+                except ConnectionFailed as exc:
+                    self.link.failed(exc)
+                    if reply.status != "ok":
+                        continue  # not applied: build it again, offline now
+                    # Applied, but the replica could not catch up: apply it here
+                    # too, and reload once the server is back.
+                    result = replica.removed_value(op, reply.extra)
+                    replica.apply_local(op, _server_ids(reply.first_nid))
+                    replica.speculative = True
+                if result is not _RETRY:
+                    return result
             raise ConcurrentModification(
                 f"gave up after {MAX_ATTEMPTS} attempts: other writers kept changing this container",
                 key=self.store.key,
             )
+
+    def _settle(self, proxy: ObservedList | ObservedDict, op: ops.Op, reply: Reply) -> Any:
+        """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
+        replica = self.replica
+        if reply.status == "ok":
+            removed = replica.removed_value(op, reply.extra)
+            created = replica.incarnation == b"" and replica.version == 0
+            if reply.version == replica.version + 1 and (reply.incarnation == replica.incarnation or created):
+                replica.apply_local(op, _server_ids(reply.first_nid))
+                replica.version, replica.incarnation = reply.version, reply.incarnation
+            elif (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
+                self.catch_up()
+            return removed
+        if reply.status == "same":
+            # Nothing changed on the server; others may have written.
+            if (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
+                self.catch_up()
+            return NO_OP
+        if reply.status == "dup":
+            # A resent command whose first copy was applied: the replica
+            # still shows what that copy removed.
+            removed = replica.value_at(op)
+            self.catch_up()
+            return removed
+        self.catch_up()
+        if reply.status == "gone":
+            proxy._rm_live = False
+            return _RETRY
+        if reply.status == "exists":
+            return NO_OP
+        # 'stale', 'index' or 'missing': this replica's view was out of date;
+        # build the operation again from the fresh view.
+        return _RETRY
+
+    def _enqueue(self, op: ops.Op, plan: dict[bytes, list[bytes]], seq: int) -> Any:
+        """Offline: apply ``op`` to the replica and queue it for the replay."""
+        replica = self.replica
+        self.outbox.check_room(self.store.key)
+        entry = queue.Pending(self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()))
+        removed = replica.value_at(op)
+        self.outbox.push(self.writer, entry)
+        replica.apply_local(op, queue.provisional_ids(self.writer, self.provisional, entry.created))
+        replica.speculative = True
+        self.link.wait_for(self)
+        return removed
+
+    def drain(self) -> bool:
+        """Replay the queue in order, then reload the replica; True when the queue is empty."""
+        with self.lock:
+            outbox = self.outbox
+            if not outbox:
+                return True
+            replayed = 0
+            try:
+                while outbox:
+                    entry = outbox.entries[0]
+                    self._replay(entry)
+                    outbox.confirmed(self.writer, entry)
+                    replayed += 1
+                self.replica.load(self.store.read_all())
+            except ConnectionFailed as exc:
+                self.link.failed(exc)
+                return False
+            log.info("%s: %d queued operations replayed", self.store.key, replayed)
+            return True
+
+    def _replay(self, entry: queue.Pending) -> None:
+        """Send one queued operation; map the nodes it created, or report why it was dropped."""
+        outbox = self.outbox
+        sent = entry.renamed(outbox.renames)
+        expected = sent.incarnation or outbox.joined
+        if not expected and sent.nid == b"0":
+            expected = ANY_INCARNATION
+        args = sent.args
+        skipped = outbox.skipped.get(sent.nid, 0)
+        if sent.name == b"lreplace" and skipped:
+            args = [b"%d" % (int(args[0]) - skipped), *args[1:]]
+        tag = b"%d" % entry.seq
+        header = [entry.writer, tag, entry.writer + b"." + tag, expected, sent.name, sent.nid]
+        plan = sent.plan
+        reply = self.store.apply(header, plan, ops.from_tokens(args))
+        if reply.status == "stale":
+            # Others changed what this operation removes: plan again from the server's data.
+            plan = removal_plan(self.store.read_all(), sent.name, sent.nid, args)
+            reply = self.store.apply(header, plan, ops.from_tokens(args))
+        status = reply.status
+        if status in ("ok", "dup"):
+            if not entry.incarnation:
+                outbox.joined = reply.incarnation
+            if entry.created and reply.first_nid is not None:
+                first = reply.first_nid
+                mapping = {p: b"%d" % (first + i) for i, p in enumerate(entry.created) if p not in outbox.renames}
+                outbox.renames.update(mapping)
+                self.replica.rename(mapping)
+            return
+        if sent.name[:1] == b"l":
+            outbox.skipped[sent.nid] = skipped + 1
+        if status in ("same", "exists", "missing"):
+            return  # the server already is as this operation would leave it
+        why = {
+            "gone": "the container it changes was deleted (or the server lost the memory) while offline",
+            "index": "the list position it names no longer exists",
+            "stale": "another writer changed the same list while offline",
+        }.get(status, status)
+        error_type = ContainerDeleted if status == "gone" else ConcurrentModification
+        error = error_type(f"a queued {sent.name.decode()} on {self.store.key} was dropped: {why}", key=self.store.key)
+        outbox.dropped += 1
+        outbox.last_error = error
+        log.warning("%s", error)
+
+
+def _server_ids(first: int | None) -> Iterator[bytes]:
+    """The ids the server gave the nodes an operation created, in order."""
+    return (b"%d" % n for n in itertools.count(first or 0))
+
+
+_RETRY: Any = object()
 
 
 def _check_name(name: Any) -> None:
@@ -203,6 +354,7 @@ def _after_fork_in_child() -> None:
     for core in list(_live_cores):
         core.after_fork()
     connection.after_fork()
+    queue.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -222,11 +374,23 @@ class Memory:
     * *online*: each attribute read checks the version (one HMGET) and
       catches up through the journal if another process wrote; each write is
       one script call, in Redis when the statement returns.
-    * *deleted*: after :meth:`delete` the hash is gone; the next write starts
-      a new memory under the same name.
+    * *offline*: a command could not reach Redis (it waited at most the
+      connect timeout). Writes apply to the replica and join a bounded queue
+      (``max_pending``; beyond it :class:`~redis_memory.errors.OfflineQueueFull`
+      and nothing changes), without touching the network; reads are served
+      from the replica. A memory never loaded raises
+      :class:`~redis_memory.errors.ConnectionFailed`. A background thread
+      reconnects.
+    * *replaying*: Redis is back; the queue replays in order, exactly once,
+      then the replica reloads. Operations the server refuses then (their
+      container was deleted meanwhile) are dropped, logged and counted in
+      :meth:`status`. Then *online* again.
+    * *deleted*: after :meth:`delete` the memory's keys are gone; the next
+      write starts a new memory under the same name.
 
-    A connection failure raises :class:`~redis_memory.errors.ConnectionFailed`
-    and changes nothing locally.
+    With ``spool=<directory>`` queued operations are also appended to a file
+    there, so that a process that dies while offline loses nothing: the
+    next memory opened on the same key and spool replays them.
     """
 
     _rm: MemoryCore
@@ -239,9 +403,11 @@ class Memory:
         client: redis.Redis | None = None,
         url: str | None = None,
         prefix: str = "rm",
+        max_pending: int = queue.DEFAULT_MAX_PENDING,
+        spool: str | os.PathLike[str] | None = None,
     ) -> None:
         store = Store(connection.connect(client, url), memory_key(prefix, self._rm_kind, name))
-        object.__setattr__(self, "_rm", MemoryCore(store, name))
+        object.__setattr__(self, "_rm", MemoryCore(store, name, max_pending, spool))
 
     @property
     def key(self) -> str:
@@ -296,21 +462,46 @@ class Memory:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every change made so far is in Redis; True when it is.
 
-        Writes are sent before the statement that made them returns, so this
-        only waits for writes in flight on other threads (up to ``timeout``
-        seconds; None waits as long as they take).
+        Online, writes are sent before the statement that made them returns,
+        so this only waits for writes in flight on other threads. With
+        changes queued offline it retries the server and replays the queue,
+        for up to ``timeout`` seconds (None: as long as it takes).
         """
-        lock = self._rm.lock
-        if not lock.acquire(timeout=-1 if timeout is None else timeout):
-            return False
-        lock.release()
-        return True
+        core = self._rm
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if core.lock.acquire(timeout=-1 if remaining is None else remaining):
+                try:
+                    if not core.outbox:
+                        return True
+                    if (core.link.online or core.link.probe()) and core.drain():
+                        return True
+                finally:
+                    core.lock.release()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def status(self) -> queue.Status:
+        """Online or offline, operations queued, operations dropped on replay, the last error."""
+        core = self._rm
+        with core.lock:
+            outbox = core.outbox
+            error = outbox.last_error or core.link.last_error
+            return queue.Status(core.link.online, len(outbox), outbox.dropped, error)
 
     def delete(self) -> None:
-        """Remove the whole memory from Redis (DEL): O(size)."""
-        with self._rm.lock:
-            self._rm.store.delete()
-            self._rm.replica.load({})
+        """Remove the whole memory from Redis (DEL): O(size). Needs Redis; queued changes are discarded."""
+        core = self._rm
+        with core.lock:
+            try:
+                core.store.delete()
+            except ConnectionFailed as exc:
+                core.link.failed(exc)
+                raise
+            core.outbox.discard()
+            core.replica.load({})
 
 
 class ConversationMemory(Memory):

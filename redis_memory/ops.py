@@ -80,6 +80,23 @@ def _args(plain: list[bytes], values: tuple[Encoded, ...] | list[Encoded] = ()) 
     return head + b"".join(v.args[0] for v in values), len(plain) + sum(v.args[1] for v in values)
 
 
+def tokens(args: Args) -> list[bytes]:
+    """The arguments of ``args`` one by one (the inverse of :func:`from_tokens`)."""
+    data, count = args
+    out, pos = [], 0
+    for _ in range(count):
+        end = data.index(b"\r\n", pos)
+        size = int(data[pos + 1 : end])
+        out.append(data[end + 2 : end + 2 + size])
+        pos = end + 4 + size
+    return out
+
+
+def from_tokens(plain: list[bytes]) -> Args:
+    """Script arguments from plain byte strings."""
+    return _args(plain)
+
+
 @dataclass
 class Op:
     """Base of all operations: the node (container) it applies to."""

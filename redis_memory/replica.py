@@ -59,6 +59,9 @@ class Replica:
         self.key = core.store.key
         self.version = -1  # never loaded
         self.incarnation = b""
+        # Changed by operations the server has not confirmed (made offline):
+        # only a full load makes the replica exact again.
+        self.speculative = False
         self.root = ObservedDict(core, b"0")
         self.nodes: dict[bytes, Node] = {b"0": self.root}
 
@@ -124,6 +127,7 @@ class Replica:
         _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), root=True)
         self.version = int(fields.get(b"v", 0))
         self.incarnation = incarnation
+        self.speculative = False
 
     # -- deltas from the journal --------------------------------------------
 
@@ -262,10 +266,13 @@ class Replica:
             return plain(dict.get(node, op.key_list[0]))
         return None
 
-    def apply_local(self, op: ops.Op, first_nid: int | None) -> None:
-        """Apply ``op`` exactly as the server script just did."""
+    def apply_local(self, op: ops.Op, nids: Iterator[bytes]) -> None:
+        """Apply ``op`` as the server script does, giving new nodes the ids ``nids`` yields.
+
+        Online, ``nids`` counts up from the first id the server gave; offline,
+        it yields provisional ids that the replay maps to the server's.
+        """
         node = self.nodes[op.nid]
-        nids: Iterator[int] = iter(range(first_nid or 0, 1 << 62))
         if isinstance(node, ObservedDict):
             if isinstance(op, ops.DictSet):
                 # Build every new value before changing anything: a value may
@@ -319,7 +326,15 @@ class Replica:
             list.__setitem__(node, slice(None), [self._materialize(e, nids) for e in op.values])
         node._rm_mod += 1
 
-    def _materialize(self, encoded: ops.Encoded, nids: Iterator[int]) -> Any:
+    def rename(self, mapping: dict[bytes, bytes]) -> None:
+        """Give nodes created offline the ids the server assigned on replay."""
+        for provisional, real in mapping.items():
+            node = self.nodes.pop(provisional, None)
+            if node is not None:
+                node._rm_nid = real
+                self.nodes[real] = node
+
+    def _materialize(self, encoded: ops.Encoded, nids: Iterator[bytes]) -> Any:
         """The local value for what ``encoded`` sent, with the nids the server gave.
 
         Walks the value in the order it was tokenized, which is the order the
@@ -329,13 +344,13 @@ class Replica:
             return self.nodes[encoded.reuse]
         return self._build(encoded.value, nids)
 
-    def _build(self, value: Any, nids: Iterator[int]) -> Any:
+    def _build(self, value: Any, nids: Iterator[bytes]) -> Any:
         if isinstance(value, list):
-            lst = cast(ObservedList, self._proxy(b"%d" % next(nids), "l", {}))
+            lst = cast(ObservedList, self._proxy(next(nids), "l", {}))
             list.extend(lst, [self._build(v, nids) for v in value])
             return lst
         if isinstance(value, dict):
-            dct = cast(ObservedDict, self._proxy(b"%d" % next(nids), "d", {}))
+            dct = cast(ObservedDict, self._proxy(next(nids), "d", {}))
             for key, v in value.items():
                 dict.__setitem__(dct, key, self._build(v, nids))
             assert isinstance(dct, ObservedDict)

@@ -516,3 +516,47 @@ class Store:
     def ping(self) -> None:
         """PING: raises ConnectionFailed unless the server answers."""
         self._call("PING")
+
+
+def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list[bytes]) -> dict[bytes, list[bytes]]:
+    """The keys of every dict node operation ``name`` would remove, read from a full HGETALL.
+
+    What a replica computes from its own view, computed instead from the
+    server's current data: used when a queued operation is replayed onto a
+    memory that others changed meanwhile.
+    """
+    entries: dict[bytes, dict[bytes, bytes]] = {}
+    for field, value in fields.items():
+        if field[:1] == b"e":
+            node, _, slot = field[1:].partition(b":")
+            entries.setdefault(node, {})[slot] = value
+    kind = fields.get(b"h" + nid, b"?")[:1]
+
+    def payload(raw: bytes) -> bytes:
+        return raw.partition(b":")[2] if kind == b"d" else raw
+
+    doomed: list[bytes] = []
+    own = entries.get(nid, {})
+    if name in (b"dset", b"dsetdefault", b"ddel"):
+        count = int(args[0])
+        doomed = [payload(own[k]) for k in args[1 : 1 + count] if k in own]
+    elif name == b"dclear":
+        doomed = [bytes((REF,)) + nid]
+    elif name in (b"lset", b"ldel") and args[0] in own:
+        doomed = [own[args[0]]]
+    elif name == b"lreplace":
+        kept = {bytes((REF,)) + k for k in args[2 : 2 + int(args[1])]}
+        doomed = [raw for raw in own.values() if raw not in kept]
+    plan: dict[bytes, list[bytes]] = {}
+    while doomed:
+        raw = doomed.pop()
+        if raw[:1] != bytes((REF,)):
+            continue
+        child = raw[1:]
+        children = entries.get(child, {})
+        if fields.get(b"h" + child, b"")[:1] == b"d":
+            plan[child] = list(children)
+            doomed += [value.partition(b":")[2] for value in children.values()]
+        else:
+            doomed += list(children.values())
+    return plan

@@ -1,0 +1,388 @@
+"""The offline write queue, its optional spool on disk, and reconnecting.
+
+While Redis is unreachable a memory keeps working on its replica: each change
+is applied locally and queued as the same operation the server would have
+run, with the same operation id. When Redis is back the queue is replayed in
+order; the server applies an operation id once, so a replayed operation whose
+first copy did land is answered ``dup`` instead of being applied twice.
+
+Nodes created offline get provisional ids (``~<writer>.<n>``); when the
+operation that created them is replayed, the server's reply says which ids it
+gave, and later queued operations and the replica's proxies are renamed.
+
+The states of a connection (:class:`Link`):
+
+* *online*: commands go to Redis.
+* *offline*: a command failed to reach Redis. A warning is logged once;
+  writes queue without touching the network; reads are served from the
+  replica. A background thread probes the server with growing, jittered
+  delays (:data:`FIRST_DELAY` up to :data:`MAX_DELAY`).
+* back *online*: the probe succeeded. Every memory with queued operations
+  replays them (in the background, or on its own next read or write,
+  whichever comes first), then reloads its replica from the server.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import struct
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .connection import Channel
+from .errors import ConnectionFailed, OfflineQueueFull
+from .store import escape_id
+
+if TYPE_CHECKING:
+    from .memory import MemoryCore
+
+log = logging.getLogger("redis_memory")
+
+#: Operations one memory may queue while offline; beyond it a change raises
+#: :class:`~redis_memory.errors.OfflineQueueFull` and nothing is queued.
+DEFAULT_MAX_PENDING = 10_000
+#: Delays between reconnect attempts: doubling from the first to the last,
+#: each drawn at random between half and all of it.
+FIRST_DELAY = 0.05
+MAX_DELAY = 2.0
+#: The spool is fsynced when it was last fsynced longer ago than this.
+SPOOL_FSYNC_INTERVAL = 1.0
+
+
+@dataclass
+class Pending:
+    """One queued operation: its id, what it expects, and its script arguments."""
+
+    writer: bytes
+    seq: int
+    incarnation: bytes  # of the memory it was made on; b"" if it did not exist
+    name: bytes
+    nid: bytes
+    plan: dict[bytes, list[bytes]]
+    args: list[bytes]
+    created: list[bytes] = field(default_factory=list)  # provisional ids, in the server's allocation order
+
+    def record(self) -> list[Any]:
+        plan = [[nid, keys] for nid, keys in self.plan.items()]
+        return [b"op", self.writer, self.seq, self.incarnation, self.name, self.nid, plan, self.args, self.created]
+
+    @classmethod
+    def from_record(cls, record: list[Any]) -> Pending:
+        _, writer, seq, incarnation, name, nid, plan, args, created = record
+        return cls(writer, seq, incarnation, name, nid, {n: list(k) for n, k in plan}, list(args), list(created))
+
+    def renamed(self, renames: dict[bytes, bytes]) -> Pending:
+        """This operation with provisional node ids replaced by the server's."""
+        if not renames:
+            return self
+
+        def rename(value: bytes) -> bytes:
+            return renames.get(value, value) if value[:1] == b"~" else value
+
+        return Pending(
+            self.writer,
+            self.seq,
+            self.incarnation,
+            self.name,
+            rename(self.nid),
+            {rename(n): keys for n, keys in self.plan.items()},
+            [rename(a) for a in self.args],
+            self.created,
+        )
+
+
+def provisional_ids(writer: bytes, counter: Iterator[int], created: list[bytes]) -> Iterator[bytes]:
+    """Ids for nodes made offline, each also recorded in ``created``."""
+    for n in counter:
+        nid = b"~%s.%d" % (writer, n)
+        created.append(nid)
+        yield nid
+
+
+class Spool:
+    """An append-only file of one memory's queued operations, for one process.
+
+    Files live in ``<directory>/<escaped key>/<writer>.spool``; each is held
+    with an exclusive ``flock`` by the process writing it. A file nobody
+    holds belongs to a process that died: the next memory opened on the same
+    key and directory adopts its operations. Records are length-prefixed
+    msgpack: an operation, or the id of one the server has confirmed.
+
+    fsync policy: every record is written to the operating system before the
+    statement that queued it returns, so a process that crashes or is killed
+    loses nothing. The file is fsynced when a record is appended and the
+    last fsync is older than :data:`SPOOL_FSYNC_INTERVAL`, so a machine that
+    loses power loses at most about that much of its queue.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], key: str) -> None:
+        self.folder = Path(directory) / escape_id(key)
+        self.fd: int | None = None
+        self.path: Path | None = None
+        self.synced = 0.0
+
+    def _own(self, writer: bytes) -> int:
+        if self.fd is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.path = self.folder / f"{writer.decode()}.spool"
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.fd = fd
+        return self.fd
+
+    def _write(self, writer: bytes, record: list[Any]) -> None:
+        data = codec.encode_record(record)
+        fd = self._own(writer)
+        os.write(fd, struct.pack(">I", len(data)) + data)
+        now = time.monotonic()
+        if now - self.synced > SPOOL_FSYNC_INTERVAL:
+            os.fsync(fd)
+            self.synced = now
+
+    def append(self, owner: bytes, entry: Pending) -> None:
+        self._write(owner, entry.record())
+
+    def confirm(self, owner: bytes, entry: Pending) -> None:
+        if self.fd is not None:
+            self._write(owner, [b"ack", entry.writer, entry.seq])
+
+    def clear(self) -> None:
+        """The queue is empty: nothing in the file is needed any more."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+
+    def forget(self) -> None:
+        """In a forked child: the file (and its lock) stays the parent's."""
+        self.fd = self.path = None
+
+    def adopt(self, owner: bytes) -> list[Pending]:
+        """The unconfirmed operations of dead processes' files, moved into this process's file."""
+        if not self.folder.is_dir():
+            return []
+        adopted: list[Pending] = []
+        for path in sorted(self.folder.glob("*.spool")):
+            if path == self.path:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live process owns it
+                found = _read_spool(path)
+                for entry in found:
+                    self.append(owner, entry)
+                if found and self.fd is not None:
+                    os.fsync(self.fd)
+                path.unlink()
+                adopted += found
+            finally:
+                os.close(fd)
+        return adopted
+
+
+def _read_spool(path: Path) -> list[Pending]:
+    """The operations of a spool file not confirmed in it; a torn last record is ignored."""
+    data = path.read_bytes()
+    entries: dict[tuple[bytes, int], Pending] = {}
+    pos = 0
+    while pos + 4 <= len(data):
+        (size,) = struct.unpack(">I", data[pos : pos + 4])
+        if pos + 4 + size > len(data):
+            break
+        try:
+            record = codec.decode_record(data[pos + 4 : pos + 4 + size])
+        except ValueError:
+            log.error("spool %s: undecodable record at byte %d; the rest of the file is skipped", path, pos)
+            break
+        pos += 4 + size
+        if record[0] == b"op":
+            entry = Pending.from_record(record)
+            entries[(entry.writer, entry.seq)] = entry
+        elif record[0] == b"ack":
+            entries.pop((record[1], record[2]), None)
+    return list(entries.values())
+
+
+class Outbox:
+    """One memory's queue of operations waiting for Redis, in order."""
+
+    def __init__(self, limit: int, spool: Spool | None) -> None:
+        if limit < 1:
+            raise ValueError(f"max_pending must be at least 1, not {limit}")
+        self.limit = limit
+        self.spool = spool
+        self.entries: deque[Pending] = deque()
+        # Provisional node id -> the id the server gave, for entries still queued.
+        self.renames: dict[bytes, bytes] = {}
+        # How many queued changes to a list did not change it on the server,
+        # so that a queued whole-list rewrite expects the right counter.
+        self.skipped: dict[bytes, int] = {}
+        # The incarnation a memory created by a replayed operation got.
+        self.joined = b""
+        self.dropped = 0
+        self.last_error: Exception | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def check_room(self, key: str) -> None:
+        if len(self.entries) >= self.limit:
+            raise OfflineQueueFull(
+                f"Redis is unreachable and {self.limit} operations are already queued for {key}; "
+                "this change was not made",
+                key=key,
+            )
+
+    def push(self, owner: bytes, entry: Pending) -> None:
+        if self.spool is not None:
+            self.spool.append(owner, entry)
+        self.entries.append(entry)
+
+    def confirmed(self, owner: bytes, entry: Pending) -> None:
+        """The head entry reached the server (or was dropped): take it off."""
+        self.entries.popleft()
+        if self.spool is not None:
+            self.spool.confirm(owner, entry)
+        if not self.entries:
+            self.renames.clear()
+            self.skipped.clear()
+            self.joined = b""
+            if self.spool is not None:
+                self.spool.clear()
+
+    def after_fork(self) -> None:
+        """In a forked child: the queue and its spool file stay the parent's."""
+        if self.spool is not None:
+            self.spool.forget()
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget every queued entry (the memory was deleted, or in a forked child)."""
+        self.entries.clear()
+        self.renames.clear()
+        self.skipped.clear()
+        if self.spool is not None:
+            self.spool.clear()
+
+
+class Link:
+    """Whether one channel reaches Redis, and the thread that finds out when it does again."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.online = True
+        self.last_error: Exception | None = None
+        self.lock = threading.Lock()
+        self.waiting: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
+        self.thread: threading.Thread | None = None
+        self.pid = os.getpid()
+
+    def failed(self, error: ConnectionFailed) -> None:
+        """A command did not reach Redis: go offline (once) and start reconnecting."""
+        with self.lock:
+            self.last_error = error
+            if self.online:
+                self.online = False
+                log.warning("Redis unreachable (%s); changes are queued until it is back", error)
+            self._start()
+
+    def wait_for(self, core: MemoryCore) -> None:
+        """``core`` has queued operations: replay them once Redis is reachable."""
+        with self.lock:
+            self.waiting.add(core)
+            self._start()
+
+    def probe(self) -> bool:
+        """One PING now; True (and online) if Redis answered."""
+        try:
+            self.channel.call(b"PING")
+        except ConnectionFailed as exc:
+            with self.lock:
+                self.last_error = exc
+            return False
+        with self.lock:
+            if not self.online:
+                self.online = True
+                log.info("Redis reachable again")
+        return True
+
+    def _start(self) -> None:
+        if self.pid != os.getpid():  # forked: the thread stayed in the parent
+            self.pid, self.thread = os.getpid(), None
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="redis_memory-reconnect", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        delay = FIRST_DELAY
+        while True:
+            if not self.online:
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                if not self.probe():
+                    delay = min(delay * 2, MAX_DELAY)
+                    continue
+                delay = FIRST_DELAY
+            for core in list(self.waiting):
+                try:
+                    if core.drain():
+                        self.waiting.discard(core)
+                except Exception as exc:  # a server error reply: report it, try again later
+                    log.error("replaying the queue of %s failed: %s", core.store.key, exc)
+                    self.last_error = exc
+                    time.sleep(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, MAX_DELAY)
+            with self.lock:
+                if self.online and not self.waiting:
+                    self.thread = None
+                    return
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+        self.thread = None
+        self.pid = os.getpid()
+        self.waiting = weakref.WeakSet()
+
+
+_links: weakref.WeakKeyDictionary[Channel, Link] = weakref.WeakKeyDictionary()
+_links_lock = threading.Lock()
+
+
+def link(channel: Channel) -> Link:
+    """The link state of ``channel``, shared by every memory using it."""
+    with _links_lock:
+        found = _links.get(channel)
+        if found is None:
+            found = _links[channel] = Link(channel)
+        return found
+
+
+def after_fork() -> None:
+    """In a forked child: fresh locks, no reconnect thread yet."""
+    global _links_lock
+    _links_lock = threading.Lock()
+    for found in list(_links.values()):
+        found.after_fork()
+
+
+@dataclass(frozen=True)
+class Status:
+    """What :meth:`Memory.status` reports."""
+
+    online: bool  #: the last command reached Redis, or a probe since did
+    pending: int  #: operations queued, not yet confirmed by Redis
+    dropped: int  #: queued operations the server refused on replay (reported in the log)
+    last_error: Exception | None  #: the last connection error, or why the last dropped operation was
