@@ -11,6 +11,7 @@ import fakeredis
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
+from netproxy import TcpProxy
 from servers import EmbeddedServer, RedisServer, debian_redis
 
 settings.register_profile(
@@ -74,3 +75,56 @@ def real_url(request: pytest.FixtureRequest, servers: dict[str, Any]) -> Iterato
     redis.Redis.from_url(url).flushall()
     yield url
     redis.Redis.from_url(url).flushall()
+
+
+class Switch:
+    """A client whose link to the server can be cut and restored, while others stay connected.
+
+    Real servers are reached through a TCP proxy; for fakeredis, the client
+    uses a second FakeServer sharing the first one's data, whose
+    ``connected`` flag plays the cut cable.
+    """
+
+    def __init__(self, servers: dict[str, Any], backend: str) -> None:
+        self.proxy: TcpProxy | None = None
+        self.fake: fakeredis.FakeServer | None = None
+        if backend == "fakeredis":
+            main = servers["fakeredis"]
+            self.fake = fakeredis.FakeServer()
+            self.fake.dbs, self.fake.lock, self.fake.script_cache = main.dbs, main.lock, main.script_cache
+        else:
+            server = servers[backend]
+            self.proxy = TcpProxy(server.socket_path if isinstance(server, EmbeddedServer) else server.port)
+
+    def client(self) -> redis.Redis:
+        """A new client (with a channel of its own) behind this switch."""
+        if self.fake is not None:
+            return fakeredis.FakeRedis(server=self.fake)
+        assert self.proxy is not None
+        return redis.Redis.from_url(self.proxy.url, socket_connect_timeout=2)
+
+    def cut(self) -> None:
+        if self.fake is not None:
+            self.fake.connected = False
+        else:
+            assert self.proxy is not None
+            self.proxy.cut()
+
+    def restore(self) -> None:
+        if self.fake is not None:
+            self.fake.connected = True
+        else:
+            assert self.proxy is not None
+            self.proxy.restore()
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+
+
+@pytest.fixture
+def switch(servers: dict[str, Any], backend: str, client: redis.Redis) -> Iterator[Switch]:
+    """A way to cut some clients off the (flushed) server that ``client`` reaches directly."""
+    found = Switch(servers, backend)
+    yield found
+    found.close()

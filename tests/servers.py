@@ -60,12 +60,27 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(10)
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
 
-def debian_redis(directory: Path) -> RedisServer:
+
+def redis_binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
-    return RedisServer(binary, directory).start()
+    return binary
+
+
+def debian_redis(directory: Path) -> RedisServer:
+    return RedisServer(redis_binary(), directory).start()
+
+
+def durable_redis(directory: Path) -> RedisServer:
+    """A redis-server that fsyncs every write to its append-only file, so SIGKILL loses nothing."""
+    return RedisServer(redis_binary(), directory, "--appendonly", "yes", "--appendfsync", "always").start()
 
 
 class EmbeddedServer:

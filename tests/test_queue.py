@@ -1,0 +1,280 @@
+"""The offline queue: writes while Redis is unreachable, replay, conflicts, bounds, status."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from typing import Any
+
+import pytest
+import redis
+from conftest import REAL_BACKENDS, Switch
+
+from redis_memory import (
+    ConnectionFailed,
+    ContainerDeleted,
+    Memory,
+    OfflineQueueFull,
+    RedisMemoryError,
+)
+from redis_memory.connection import Channel
+
+
+def offline_pair(switch: Switch, client: redis.Redis, **options: Any) -> tuple[Memory, Memory]:
+    """A memory behind the switch, loaded, and one that stays online."""
+    mem = Memory("q", client=switch.client(), **options)
+    mem.to_dict()
+    return mem, Memory("q", client=client)
+
+
+def test_writes_while_offline_apply_locally_and_replay_in_order(switch: Switch, client: redis.Redis) -> None:
+    """Offline changes (nested ones on containers made offline too) show locally, then reach Redis in order."""
+    mem, other = offline_pair(switch, client)
+    mem.log = ["start"]
+    mem.profile = {"name": "A", "tags": ["x"]}
+    switch.cut()
+    mem.log.append({"step": 1, "items": []})
+    mem.log[-1]["items"].append("made offline")
+    mem.log[-1]["items"] += ["and more"]
+    mem.profile["tags"].insert(0, "first")
+    del mem.profile["name"]
+    mem.profile.update(age=3)
+    mem.log.reverse()
+    mem.extra = {"deep": {"er": [1, 2]}}
+    mem.extra["deep"]["er"].pop(0)
+    expected = {
+        "log": [{"step": 1, "items": ["made offline", "and more"]}, "start"],
+        "profile": {"tags": ["first", "x"], "age": 3},
+        "extra": {"deep": {"er": [2]}},
+    }
+    assert mem.to_dict() == expected
+    status = mem.status()
+    assert not status.online and status.pending == 9
+    assert isinstance(status.last_error, ConnectionFailed)
+    assert other.to_dict() == {"log": ["start"], "profile": {"name": "A", "tags": ["x"]}}
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert other.to_dict() == expected
+    assert mem.to_dict() == expected
+    assert mem.status().pending == 0 and mem.status().dropped == 0
+    held = mem.extra["deep"]["er"]
+    held.append(3)  # a proxy made offline now addresses the server's node
+    assert other.extra == {"deep": {"er": [2, 3]}}
+
+
+def test_after_the_first_failure_writes_do_not_touch_the_network(
+    switch: Switch, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One failed attempt, then 100 writes queue without a single command from the writing thread."""
+    mem, _ = offline_pair(switch, client)
+    mem.items = []
+    calls: list[str] = []
+    real = Channel.call_packed
+
+    def counting(self: Channel, packed: bytes) -> object:
+        calls.append(threading.current_thread().name)
+        return real(self, packed)
+
+    monkeypatch.setattr(Channel, "call_packed", counting)
+    switch.cut()
+    mem.items.append(0)
+    me = threading.current_thread().name
+    assert calls.count(me) == 1
+    for i in range(1, 101):
+        mem.items.append(i)
+    assert calls.count(me) == 1
+    assert mem.status().pending == 101
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert Memory("q", client=client).items == list(range(101))
+
+
+def test_reads_offline_come_from_the_replica(switch: Switch, client: redis.Redis) -> None:
+    """A loaded memory reads offline; a never-loaded one raises ConnectionFailed, which hasattr does not hide."""
+    mem, _ = offline_pair(switch, client)
+    mem.title = "t"
+    fresh = Memory("q", client=switch.client())
+    switch.cut()
+    assert mem.title == "t" and "title" in dir(mem)
+    with pytest.raises(AttributeError):
+        _ = mem.never_set
+    with pytest.raises(ConnectionFailed) as raised:
+        hasattr(fresh, "title")
+    assert not isinstance(raised.value, AttributeError)
+    with pytest.raises(ConnectionFailed):
+        fresh.title = "no replica to apply it to"
+
+
+def test_a_full_queue_refuses_the_change_and_keeps_the_rest(switch: Switch, client: redis.Redis) -> None:
+    """Past max_pending a write raises OfflineQueueFull and changes nothing; the queued ones still replay."""
+    mem, other = offline_pair(switch, client, max_pending=3)
+    mem.items = []
+    switch.cut()
+    for i in range(3):
+        mem.items.append(i)
+    with pytest.raises(OfflineQueueFull) as raised:
+        mem.items.append(3)
+    assert isinstance(raised.value, RedisMemoryError) and raised.value.key == mem.key
+    assert mem.items == [0, 1, 2] and mem.status().pending == 3
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert other.items == [0, 1, 2]
+    with pytest.raises(ValueError):
+        Memory("q", client=client, max_pending=0)
+
+
+def test_change_to_a_container_deleted_meanwhile_is_dropped_and_reported(
+    switch: Switch, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queued write to a dict another writer deleted is dropped, logged and counted; nothing is corrupted."""
+    mem, other = offline_pair(switch, client)
+    mem.notes = {"a": 1}
+    mem.kept = [1]
+    notes = mem.notes
+    switch.cut()
+    notes["b"] = 2
+    mem.kept.append(2)
+    del other.notes
+    other.added = "by other"
+    switch.restore()
+    with caplog.at_level(logging.WARNING, logger="redis_memory"):
+        assert mem.flush(timeout=10)
+    status = mem.status()
+    assert status.dropped == 1 and status.pending == 0
+    assert isinstance(status.last_error, ContainerDeleted)
+    assert any("dropped" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert other.to_dict() == mem.to_dict() == {"kept": [1, 2], "added": "by other"}
+    with pytest.raises(ContainerDeleted):
+        notes["c"] = 3
+
+
+def test_server_that_comes_back_empty_is_not_resurrected(switch: Switch, client: redis.Redis) -> None:
+    """If the memory vanished while offline (FLUSHALL, a server without persistence), the queue is discarded."""
+    mem, other = offline_pair(switch, client)
+    mem.messages = ["kept only if the server keeps it"]
+    switch.cut()
+    mem.messages.append("queued")
+    mem.note = "queued too"
+    client.flushall()
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert mem.status().dropped == 2
+    assert client.keys("*") == []
+    assert mem.to_dict() == {} and other.to_dict() == {}
+
+
+def test_memory_first_written_offline_is_created_on_replay(switch: Switch, client: redis.Redis) -> None:
+    """A memory that did not exist yet can be written offline; the replay creates it."""
+    mem, other = offline_pair(switch, client)
+    switch.cut()
+    mem.messages = []
+    mem.messages.append({"role": "user"})
+    mem.messages[0]["content"] = "hi"
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert other.messages == [{"role": "user", "content": "hi"}]
+
+
+def test_two_writers_offline_both_keep_their_appends_and_keys(switch: Switch, client: redis.Redis) -> None:
+    """Replays send operations, not snapshots: offline appends and sets of different keys by two writers all land."""
+    first, _ = offline_pair(switch, client)
+    first.log = []
+    first.seen = {}
+    second = Memory("q", client=switch.client())
+    second.to_dict()
+    switch.cut()
+    for i in range(5):
+        first.log.append(("first", i))
+        second.log.append(("second", i))
+        first.seen[f"first{i}"] = i
+        second.seen[f"second{i}"] = i
+    switch.restore()
+    assert first.flush(timeout=10) and second.flush(timeout=10)
+    log = Memory("q", client=client).log
+    assert sorted(log) == sorted([("first", i) for i in range(5)] + [("second", i) for i in range(5)])
+    assert [x for x in log if x[0] == "first"] == [("first", i) for i in range(5)]
+    assert len(Memory("q", client=client).seen) == 10
+    assert first.to_dict() == second.to_dict()
+
+
+def test_flush_reports_whether_the_queue_drained(switch: Switch, client: redis.Redis) -> None:
+    """flush(timeout) is False while Redis stays away and True once the queue has reached it."""
+    mem, _ = offline_pair(switch, client)
+    switch.cut()
+    mem.x = 1
+    assert mem.flush(timeout=0.3) is False
+    assert mem.status().pending == 1
+    switch.restore()
+    assert mem.flush(timeout=10) is True
+
+
+def test_going_offline_warns_once_and_draining_is_logged(
+    switch: Switch, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One warning per outage however many writes queue; info once the queue has drained."""
+    mem, _ = offline_pair(switch, client)
+    mem.items = []
+    with caplog.at_level(logging.INFO, logger="redis_memory"):
+        switch.cut()
+        for i in range(20):
+            mem.items.append(i)
+        switch.restore()
+        assert mem.flush(timeout=10)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
+    assert any("20 queued operations replayed" in r.getMessage() for r in caplog.records)
+
+
+def test_the_background_reconnect_replays_without_being_asked(switch: Switch, client: redis.Redis) -> None:
+    """With no further call on the memory, the queue reaches Redis once it is back."""
+    mem, other = offline_pair(switch, client)
+    switch.cut()
+    mem.x = "queued"
+    switch.restore()
+    for _ in range(200):
+        if client.exists(mem.key) and other.to_dict() == {"x": "queued"}:
+            break
+        threading.Event().wait(0.05)
+    assert other.to_dict() == {"x": "queued"}
+    assert mem.status().pending == 0
+
+
+def test_delete_needs_the_server(switch: Switch, client: redis.Redis) -> None:
+    """delete() while offline raises ConnectionFailed and keeps the queue; online it discards it."""
+    mem, _ = offline_pair(switch, client)
+    switch.cut()
+    mem.x = 1
+    with pytest.raises(ConnectionFailed):
+        mem.delete()
+    switch.restore()
+    mem.delete()
+    assert mem.status().pending == 0 and client.keys("*") == []
+
+
+def _child_writes_offline(mem: Memory, cut: Any, written: Any) -> None:
+    cut.wait(10)
+    for i in range(10):
+        mem.items.append(i)
+    assert mem.status().pending == 10
+    written.set()
+    assert mem.flush(timeout=20)
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)  # a forked child shares no fakeredis server with its parent
+def test_a_forked_child_queues_and_reconnects_on_its_own(switch: Switch, client: redis.Redis) -> None:
+    """After fork the child has its own queue and reconnect thread; its offline writes land once."""
+    mem, other = offline_pair(switch, client)
+    mem.items = []
+    ctx = multiprocessing.get_context("fork")
+    cut, written = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_child_writes_offline, args=(mem, cut, written))
+    child.start()
+    switch.cut()
+    cut.set()
+    assert written.wait(20)
+    switch.restore()
+    child.join(30)
+    assert child.exitcode == 0
+    assert other.items == list(range(10))
+    assert mem.status().pending == 0
