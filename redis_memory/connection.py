@@ -57,8 +57,11 @@ class Channel:
         self.reader: BinaryIO | None = None
 
     def _open(self) -> redis.connection.AbstractConnection:
-        # The pool's connection_class is always an AbstractConnection (redis-py annotates the interface).
-        conn = cast(redis.connection.AbstractConnection, self.client.connection_pool.make_connection())
+        # Built from the pool's settings but not counted by it: reconnects must
+        # not use up the pool's max_connections. The pool's connection_class
+        # is always an AbstractConnection (redis-py annotates the interface).
+        pool = self.client.connection_pool
+        conn = cast(redis.connection.AbstractConnection, pool.connection_class(**pool.connection_kwargs))
         conn.connect()  # type: ignore[no-untyped-call]
         sock = getattr(conn, "_sock", None)
         self.reader = sock.makefile("rb") if isinstance(sock, socket.socket) else None

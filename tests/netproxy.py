@@ -3,9 +3,9 @@
 Clients connect to ``127.0.0.1:<port>``; each connection is forwarded to
 the server (a loopback port or a unix socket) by two threads, one per
 direction. :meth:`TcpProxy.cut` closes every forwarded connection and
-refuses new ones until :meth:`TcpProxy.restore`. :meth:`TcpProxy.lose_next_reply`
-makes the next bytes the server sends be thrown away and that connection
-closed: the server has run the command, the client never hears back.
+refuses new ones until :meth:`TcpProxy.restore`. :meth:`TcpProxy.lose_next_replies`
+throws the next replies the server sends away and closes the
+connections they came on: the server has run the command, the client never hears back.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class TcpProxy:
         self.accepting = True
         self.lock = threading.Lock()
         self.links: list[tuple[socket.socket, socket.socket]] = []
-        self.lose_reply = threading.Event()
+        self.to_lose = 0
         self.replies_lost = 0
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -64,9 +64,10 @@ class TcpProxy:
                 data = source.recv(65536)
                 if not data:
                     break
-                if from_server and self.lose_reply.is_set():
-                    self.lose_reply.clear()
-                    self.replies_lost += 1
+                if from_server and self.to_lose:
+                    with self.lock:
+                        self.to_lose -= 1
+                        self.replies_lost += 1
                     break
                 sink.sendall(data)
         except OSError:
@@ -76,8 +77,10 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
-    def lose_next_reply(self) -> None:
-        self.lose_reply.set()
+    def lose_next_replies(self, count: int = 1) -> None:
+        """Throw away the next ``count`` replies, closing the connection each came on."""
+        with self.lock:
+            self.to_lose += count
 
     def cut(self) -> None:
         """Close every link and refuse new connections."""

@@ -158,3 +158,17 @@ def test_embedded_from_a_fresh_interpreter(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "from the test"
     connection.stop_embedded(directory)
+
+
+def test_reconnects_do_not_use_up_the_pool(real_url: str) -> None:
+    """The library's own connection is not counted by the client's pool: many reconnects, still working."""
+    client = redis.Redis.from_url(real_url, max_connections=2, client_name="reconnecting")
+    mem = Memory("pool", client=client)
+    admin = redis.Redis.from_url(real_url)
+    for i in range(5):
+        mem[f"k{i}"] = i
+        for found in admin.client_list():
+            if found["name"] == "reconnecting":
+                admin.client_kill_filter(_id=found["id"])
+    mem.last = "ok"
+    assert Memory("pool", url=real_url).to_dict() == {"k0": 0, "k1": 1, "k2": 2, "k3": 3, "k4": 4, "last": "ok"}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from multiprocessing.synchronize import Barrier
+import time
+from multiprocessing.synchronize import Barrier, Event
 
 from redis_memory import ConversationMemory
 
@@ -14,3 +15,46 @@ def append_and_set(url: str, writer: int, count: int, barrier: Barrier) -> None:
     for i in range(count):
         messages.append({"writer": writer, "i": i})
         seen[f"{writer}:{i}"] = i
+
+
+def stream_appends(url: str, writer: int, count: int, barrier: Barrier) -> None:
+    """Append ``count`` items at a steady pace, then wait until all of them are in Redis."""
+    mem = ConversationMemory("faults", url=url)
+    messages = mem.messages
+    barrier.wait()
+    for i in range(count):
+        messages.append({"writer": writer, "i": i})
+        time.sleep(0.004)
+    assert mem.flush(timeout=60), mem.status()
+
+
+def append_while_down(url: str, writer: int, loaded: Event, down: Event, written: Event, up: Event) -> None:
+    """Load the memory, append 20 items once the server is down, then flush once it is back."""
+    mem = ConversationMemory("offline", url=url)
+    messages = mem.messages
+    loaded.set()
+    assert down.wait(30)
+    for i in range(20):
+        messages.append({"writer": writer, "i": i})
+    assert mem.status().pending == 20
+    written.set()
+    assert up.wait(30)
+    assert mem.flush(timeout=60), mem.status()
+
+
+def spool_and_hang(url: str, spool: str, loaded: Event, down: Event, written: Event) -> None:
+    """With a spool, append 50 items while the server is down, then wait to be killed."""
+    mem = ConversationMemory("spooled", url=url, spool=spool)
+    messages = mem.messages
+    loaded.set()
+    assert down.wait(30)
+    for i in range(50):
+        messages.append(i)
+    written.set()
+    time.sleep(120)
+
+
+def open_spool_and_flush(url: str, spool: str) -> None:
+    """A new process on the same spool: the dead one's queue reaches the server."""
+    mem = ConversationMemory("spooled", url=url, spool=spool)
+    assert mem.flush(timeout=60), mem.status()

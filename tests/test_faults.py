@@ -1,0 +1,185 @@
+"""Real failures on real servers: killed servers, killed connections, lost replies, dead processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from netproxy import TcpProxy
+from servers import RedisServer, durable_redis
+from workers import append_while_down, open_spool_and_flush, spool_and_hang, stream_appends
+
+from redis_memory import ConversationMemory, Memory
+
+spawn = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def durable(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone, fsyncing every write, so that SIGKILL loses nothing."""
+    server = durable_redis(tmp_path / "server")
+    yield server
+    server.stop()
+
+
+def check_exactly_once(messages: list[Any], writers: int, count: int) -> None:
+    pairs = [(m["writer"], m["i"]) for m in messages]
+    assert len(pairs) == writers * count, "lost or duplicated"
+    for w in range(writers):
+        assert [i for (writer, i) in pairs if writer == w] == list(range(count)), f"writer {w} out of order"
+
+
+def test_server_killed_and_restarted_during_writes_from_several_processes(durable: RedisServer) -> None:
+    """4 processes append while the server is SIGKILLed and restarted: every write once, in each writer's order."""
+    writers, count = 4, 150
+    setup = ConversationMemory("faults", url=durable.url)
+    setup.messages = []
+    barrier = spawn.Barrier(writers + 1)
+    procs = [spawn.Process(target=stream_appends, args=(durable.url, w, count, barrier)) for w in range(writers)]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    admin = redis.Redis(port=durable.port)
+    while admin.hlen(setup.key) < 150:  # writes are flowing
+        time.sleep(0.01)
+    durable.kill()
+    time.sleep(0.5)  # writes pile up in the queues
+    durable.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    check_exactly_once(ConversationMemory("faults", url=durable.url).messages, writers, count)
+
+
+def kill_clients(admin: redis.Redis, name: str) -> int:
+    """CLIENT KILL of every connection named ``name``; how many there were."""
+    killed = 0
+    for found in admin.client_list():
+        if found["name"] == name:
+            killed += bool(admin.client_kill_filter(_id=found["id"]))
+    return killed
+
+
+def test_client_kill_every_few_operations_loses_and_repeats_nothing(real_url: str) -> None:
+    """CLIENT KILL of the library's connections, over and over, during 300 appends: exactly the 300 remain."""
+    mem = Memory("killed", client=redis.Redis.from_url(real_url, client_name="victim"))
+    mem.items = []
+    items = mem.items
+    done = threading.Event()
+    kills = 0
+
+    def killer() -> None:
+        nonlocal kills
+        admin = redis.Redis.from_url(real_url)
+        while not done.is_set():
+            kills += kill_clients(admin, "victim")
+            time.sleep(random.uniform(0.0005, 0.004))
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    admin = redis.Redis.from_url(real_url)
+    try:
+        for i in range(300):
+            items.append(i)
+            if i % 3 == 2:
+                kills += kill_clients(admin, "victim")
+            time.sleep(0.002)  # long enough for reconnects in between
+    finally:
+        done.set()
+        thread.join()
+    assert mem.flush(timeout=30), mem.status()
+    assert kills > 30
+    assert Memory("killed", url=real_url).items == list(range(300))
+    assert mem.items == list(range(300))
+
+
+@pytest.fixture
+def lossy(servers: dict[str, Any], real_url: str) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the Redis 7 server, able to lose replies."""
+    proxy = TcpProxy(servers["redis7"].port)
+    yield proxy
+    proxy.close()
+
+
+def test_reply_lost_after_the_server_applied_the_operation(lossy: TcpProxy, servers: dict[str, Any]) -> None:
+    """The link drops after the server applied an operation, before the reply arrives: applied once."""
+    direct = Memory("lossy", url=servers["redis7"].url)
+    direct.delete()
+    mem = Memory("lossy", client=redis.Redis.from_url(lossy.url))
+    mem.items = ["a"]
+    mem.meta = {}
+    lossy.lose_next_replies(1)
+    mem.items.append("once")
+    lossy.lose_next_replies(1)
+    mem.meta["k"] = "v"
+    lossy.lose_next_replies(1)
+    assert mem.items.pop(0) == "a"
+    assert lossy.replies_lost == 3
+    assert direct.to_dict() == {"items": ["once"], "meta": {"k": "v"}}
+    # Both the command and its resend lose their replies: the operation is
+    # queued with its id, and its replay is recognised as already applied.
+    lossy.lose_next_replies(2)
+    mem.items.append("still once")
+    assert mem.flush(timeout=10)
+    assert lossy.replies_lost == 5
+    assert direct.items == ["once", "still once"]
+    assert mem.items == ["once", "still once"]
+
+
+def test_two_processes_append_while_offline(durable: RedisServer) -> None:
+    """Two processes append while the server is down; after it is back both sets are present, in order."""
+    setup = ConversationMemory("offline", url=durable.url)
+    setup.messages = []
+    events = [spawn.Event() for _ in range(6)]
+    loaded, written = events[0:2], events[2:4]
+    down, up = events[4], events[5]
+    procs = [
+        spawn.Process(target=append_while_down, args=(durable.url, w, loaded[w], down, written[w], up))
+        for w in range(2)
+    ]
+    for p in procs:
+        p.start()
+    assert all(e.wait(60) for e in loaded)
+    durable.kill()
+    down.set()
+    assert all(e.wait(60) for e in written)
+    durable.start()
+    up.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    check_exactly_once(ConversationMemory("offline", url=durable.url).messages, 2, 20)
+
+
+def test_spooled_queue_survives_sigkill_of_its_process(durable: RedisServer, tmp_path: Path) -> None:
+    """With a spool, a process SIGKILLed while offline loses nothing: the next process on the spool replays it."""
+    spool = str(tmp_path / "spool")
+    setup = ConversationMemory("spooled", url=durable.url)
+    setup.messages = []
+    loaded, down, written = spawn.Event(), spawn.Event(), spawn.Event()
+    doomed = spawn.Process(target=spool_and_hang, args=(durable.url, spool, loaded, down, written))
+    doomed.start()
+    assert loaded.wait(60)
+    durable.kill()
+    down.set()
+    assert written.wait(60)
+    assert doomed.pid is not None
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.join(10)
+    durable.start()
+    assert ConversationMemory("spooled", url=durable.url).messages == []
+    heir = spawn.Process(target=open_spool_and_flush, args=(durable.url, spool))
+    heir.start()
+    heir.join(120)
+    assert heir.exitcode == 0
+    assert ConversationMemory("spooled", url=durable.url).messages == list(range(50))
+    assert all(f.stat().st_size == 0 for f in Path(spool).rglob("*.spool"))
