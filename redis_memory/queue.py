@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .memory import MemoryCore
 
 log = logging.getLogger("redis_memory")
+_jitter = random.Random()
 
 #: Operations one memory may queue while offline; beyond it a change raises
 #: :class:`~redis_memory.errors.OfflineQueueFull` and nothing is queued.
@@ -54,7 +55,7 @@ DEFAULT_MAX_PENDING = 10_000
 #: Delays between reconnect attempts: doubling from the first to the last,
 #: each drawn at random between half and all of it.
 FIRST_DELAY = 0.05
-MAX_DELAY = 2.0
+MAX_DELAY = 1.0
 #: The spool is fsynced when it was last fsynced longer ago than this.
 SPOOL_FSYNC_INTERVAL = 1.0
 
@@ -331,7 +332,7 @@ class Link:
         delay = FIRST_DELAY
         while True:
             if not self.online:
-                time.sleep(delay * random.uniform(0.5, 1.0))
+                time.sleep(delay * _jitter.uniform(0.5, 1.0))
                 if not self.probe():
                     delay = min(delay * 2, MAX_DELAY)
                     continue
@@ -343,7 +344,7 @@ class Link:
                 except Exception as exc:  # a server error reply: report it, try again later
                     log.error("replaying the queue of %s failed: %s", core.store.key, exc)
                     self.last_error = exc
-                    time.sleep(delay * random.uniform(0.5, 1.0))
+                    time.sleep(delay * _jitter.uniform(0.5, 1.0))
                     delay = min(delay * 2, MAX_DELAY)
             with self.lock:
                 if self.online and not self.waiting:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import pytest
 import redis
+from conftest import Switch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -50,34 +52,69 @@ def check_bookkeeping(local: Any, fresh: Any) -> None:
 
 
 class MemoryMachine(RuleBasedStateMachine):
+    """The first memory reaches the server through a switch that rules cut and restore.
+
+    While it is cut off, only it writes (to its replica and queue); the
+    others, still online, must keep showing the state from before the cut.
+    Once restored and flushed, all three must equal the model again.
+    """
+
     client: redis.Redis
+    switch: Switch
     runs = 0
 
     def __init__(self) -> None:
         super().__init__()
         MemoryMachine.runs += 1
         self.client.flushall()
-        self.mems = [Memory("sm", client=self.client) for _ in range(3)]
+        self.mems = [Memory("sm", client=self.switch.client())] + [Memory("sm", client=self.client) for _ in range(2)]
         self.model: dict[str, Any] = {}
+        self.before_cut: dict[str, Any] | None = None
+
+    def writer(self, data: st.DataObject) -> Memory:
+        return self.mems[0] if self.before_cut is not None else data.draw(st.sampled_from(self.mems))
 
     def target(self, data: st.DataObject, kind: type) -> tuple[Memory, list[Any]] | None:
         paths = [p for p in container_paths(self.model, []) if isinstance(walk(self.model, p), kind)]
         if not paths:
             return None
-        mem = data.draw(st.sampled_from(self.mems))
+        mem = self.writer(data)
         return mem, data.draw(st.sampled_from(paths))
+
+    @precondition(lambda self: self.before_cut is None)
+    @rule()
+    def cut_off_the_first_memory(self) -> None:
+        self.mems[0].to_dict()  # its replica is loaded, as a user's would be
+        self.switch.cut()
+        self.before_cut = copy.deepcopy(self.model)
+
+    @precondition(lambda self: self.before_cut is not None)
+    @rule()
+    def reconnect_the_first_memory(self) -> None:
+        self.switch.restore()
+        assert self.mems[0].flush(timeout=20), self.mems[0].status()
+        assert self.mems[0].status().dropped == 0
+        # Until the background probe finds the server back, writes would still queue.
+        deadline = time.monotonic() + 20
+        while not self.mems[0].status().online:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        self.before_cut = None
+
+    def teardown(self) -> None:
+        self.switch.restore()
+        assert self.mems[0].flush(timeout=20)
 
     @rule(data=st.data(), name=st.sampled_from(NAMES), value=values)
     def set_attribute(self, data: st.DataObject, name: str, value: Any) -> None:
-        mem = data.draw(st.sampled_from(self.mems))
-        setattr(mem, name, value)
+        setattr(self.writer(data), name, value)
         self.model[name] = copy.deepcopy(value)
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
     def delete_attribute(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.model)))
-        delattr(data.draw(st.sampled_from(self.mems)), name)
+        delattr(self.writer(data), name)
         del self.model[name]
 
     @rule(data=st.data(), key=keys, value=values)
@@ -189,17 +226,22 @@ class MemoryMachine(RuleBasedStateMachine):
     def all_memories_match_the_model(self) -> None:
         fresh = Replica(self.mems[0]._rm)
         fresh.load(self.client.hgetall(self.mems[0].key))
-        for mem in self.mems:
-            assert same(mem.to_dict(), self.model)
+        online = self.mems if self.before_cut is None else self.mems[1:]
+        for mem in online:
+            assert same(mem.to_dict(), self.model if self.before_cut is None else self.before_cut)
             check_bookkeeping(mem._rm.replica.root, fresh.root)
+        if self.before_cut is not None:
+            assert same(self.mems[0].to_dict(), self.model)
 
 
 @pytest.mark.parametrize("backend", ["fakeredis", "redis7", "valkey"], indirect=True)
-def test_random_mutations_match_a_plain_model(client: redis.Redis) -> None:
+def test_random_mutations_match_a_plain_model(client: redis.Redis, switch: Switch) -> None:
     """Three memories on one id, driven through random mutations at random
     depths, always equal a plain Python model, and their replicas equal a
-    fresh load down to node ids and counters."""
+    fresh load down to node ids and counters. The first memory goes offline
+    and comes back at random; its queued changes replay to the same state."""
     MemoryMachine.client = client
+    MemoryMachine.switch = switch
     MemoryMachine.runs = 0
     MemoryMachine.TestCase().runTest()
     assert MemoryMachine.runs >= settings.default.max_examples
