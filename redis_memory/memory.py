@@ -3,6 +3,8 @@ that turns reads and writes into store calls under one lock."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -101,7 +103,8 @@ class MemoryCore:
         replica = self.replica
         try:
             if not self.reachable():
-                raise self.link.last_error or ConnectionFailed("Redis is unreachable")
+                error = self.link.last_error
+                raise error if isinstance(error, ConnectionFailed) else ConnectionFailed("Redis is unreachable")
             if replica.loaded and not replica.speculative:
                 version, incarnation = self.store.version()
                 if version == replica.version and incarnation == replica.incarnation:
@@ -358,6 +361,24 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _report_unsent_at_exit() -> None:
+    """At interpreter exit: replay what can be replayed now, and say what is lost."""
+    for core in list(_live_cores):
+        if core.outbox and core.link.online:
+            with contextlib.suppress(Exception):
+                core.drain()
+        if core.outbox and core.outbox.spool is None:
+            log.error(
+                "%s: %d queued operations never reached Redis and are lost with this process "
+                "(a memory opened with spool= keeps them for the next process)",
+                core.store.key,
+                len(core.outbox),
+            )
+
+
+atexit.register(_report_unsent_at_exit)
 
 
 class Memory:

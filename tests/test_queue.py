@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -278,3 +281,25 @@ def test_a_forked_child_queues_and_reconnects_on_its_own(switch: Switch, client:
     assert child.exitcode == 0
     assert other.items == list(range(10))
     assert mem.status().pending == 0
+
+
+EXIT_SCRIPT = """
+import sys
+import redis
+from netproxy import TcpProxy
+from redis_memory import Memory
+proxy = TcpProxy(int(sys.argv[1]))
+mem = Memory("exit", client=redis.Redis.from_url(proxy.url))
+mem.x = 1
+proxy.cut()
+mem.y = 2
+"""
+
+
+def test_a_process_exiting_with_an_unsent_queue_says_so(servers: dict[str, Any]) -> None:
+    """Without a spool, operations still queued at exit are reported as lost on stderr, not dropped silently."""
+    tests = str(Path(__file__).resolve().parent)
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(servers["redis7"].port)],
+                          capture_output=True, text=True, timeout=60, cwd=tests)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "1 queued operations never reached Redis and are lost" in done.stderr
