@@ -29,7 +29,7 @@ from .errors import (
 )
 from .proxies import NO_OP, ObservedDict, ObservedList, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, Reply, Store, memory_key, removal_plan
+from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, removal_plan
 
 #: How often an operation is rebuilt and resent after the server found this
 #: replica's view stale (another writer changed the same container meanwhile).
@@ -185,14 +185,18 @@ class MemoryCore:
         with self.lock:
             replica = self.replica
             for _ in range(MAX_ATTEMPTS):
-                if not replica.loaded:
+                # Replaying a queue reloads the replica, and a speculative one
+                # (a forked child's, or one whose reload failed) must be reloaded
+                # before an operation is built from it: both before the check.
+                online = self.reachable()
+                if not replica.loaded or (online and replica.speculative):
                     self.refresh()
+                    online = self.link.online
                 if not proxy._rm_live:
                     raise ContainerDeleted(
                         f"this {type(proxy).__bases__[0].__name__} was deleted from {self.store.key}",
                         key=self.store.key,
                     )
-                online = self.reachable()
                 op = build()
                 if op is None:
                     return NO_OP
@@ -210,17 +214,18 @@ class MemoryCore:
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     # The server may have applied it before the link broke: queue
-                    # this very operation, with its id, so the replay cannot repeat it.
-                    return self._enqueue(op, plan, seq)
+                    # this very operation, with its id, so the replay cannot repeat
+                    # it; even past max_pending, since it may already be stored.
+                    return self._enqueue(op, plan, seq, may_be_applied=True)
                 try:
                     result = self._settle(proxy, op, reply)
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
-                    if reply.status != "ok":
+                    if reply.status not in ("ok", "dup"):
                         continue  # not applied: build it again, offline now
                     # Applied, but the replica could not catch up: apply it here
                     # too, and reload once the server is back.
-                    result = replica.removed_value(op, reply.extra)
+                    result = replica.removed_value(op, reply.extra) if reply.status == "ok" else replica.value_at(op)
                     replica.apply_local(op, _server_ids(reply.first_nid))
                     replica.speculative = True
                 if result is not _RETRY:
@@ -263,10 +268,11 @@ class MemoryCore:
         # build the operation again from the fresh view.
         return _RETRY
 
-    def _enqueue(self, op: ops.Op, plan: dict[bytes, list[bytes]], seq: int) -> Any:
+    def _enqueue(self, op: ops.Op, plan: dict[bytes, list[bytes]], seq: int, may_be_applied: bool = False) -> Any:
         """Offline: apply ``op`` to the replica and queue it for the replay."""
         replica = self.replica
-        self.outbox.check_room(self.store.key)
+        if not may_be_applied:
+            self.outbox.check_room(self.store.key)
         entry = queue.Pending(self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()))
         removed = replica.value_at(op)
         self.outbox.push(self.writer, entry)
@@ -316,16 +322,22 @@ class MemoryCore:
             reply = self.store.apply(header, plan, ops.from_tokens(args))
         status = reply.status
         if status in ("ok", "dup"):
-            if not entry.incarnation:
-                outbox.joined = reply.incarnation
+            if not entry.incarnation and not outbox.joined:
+                # This replay created (or joined) the memory: the replica, made
+                # offline on no incarnation, belongs to this one.
+                outbox.join(self.writer, reply.incarnation)
+                if not self.replica.incarnation:
+                    self.replica.incarnation = reply.incarnation
             if entry.created and reply.first_nid is not None:
                 first = reply.first_nid
-                mapping = {p: b"%d" % (first + i) for i, p in enumerate(entry.created) if p not in outbox.renames}
-                outbox.renames.update(mapping)
-                self.replica.rename(mapping)
+                self._map(entry.created, [b"%d" % (first + i) for i in range(len(entry.created))])
             return
+        if status == "exists" and entry.created and reply.extra and reply.extra[0][:1] == bytes((REF,)):
+            # setdefault found a container already there: what was queued for
+            # the default made offline goes to the one the server holds.
+            self._map(entry.created[:1], [reply.extra[0][1:]])
         if sent.name[:1] == b"l":
-            outbox.skipped[sent.nid] = skipped + 1
+            outbox.skip(self.writer, sent.nid)
         if status in ("same", "exists", "missing"):
             return  # the server already is as this operation would leave it
         why = {
@@ -338,6 +350,12 @@ class MemoryCore:
         outbox.dropped += 1
         outbox.last_error = error
         log.warning("%s", error)
+
+    def _map(self, provisional: list[bytes], real: list[bytes]) -> None:
+        """Nodes made offline now have the server's ids: rename them here and in the queue."""
+        mapping = {p: r for p, r in zip(provisional, real, strict=True) if p not in self.outbox.renames}
+        self.outbox.rename(self.writer, mapping)
+        self.replica.rename(mapping)
 
 
 def _server_ids(first: int | None) -> Iterator[bytes]:
@@ -491,12 +509,12 @@ class Memory:
         core = self._rm
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if core.outbox and not core.link.online:
+                core.link.probe()  # outside the lock: it may wait the connect timeout
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if core.lock.acquire(timeout=-1 if remaining is None else remaining):
                 try:
-                    if not core.outbox:
-                        return True
-                    if (core.link.online or core.link.probe()) and core.drain():
+                    if not core.outbox or (core.link.online and core.drain()):
                         return True
                 finally:
                     core.lock.release()

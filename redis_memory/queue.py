@@ -135,16 +135,22 @@ class Spool:
     def _own(self, writer: bytes) -> int:
         if self.fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.path = self.folder / f"{writer.decode()}.spool"
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            # Locked before it gets the name adopters look for, so that none
+            # can take a live process's new file for a dead one's.
+            path = self.folder / f"{writer.decode()}.spool"
+            fresh = path.with_suffix(".new")
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self.fd = fd
+            os.rename(fresh, path)
+            self.fd, self.path = fd, path
         return self.fd
 
     def _write(self, writer: bytes, record: list[Any]) -> None:
         data = codec.encode_record(record)
         fd = self._own(writer)
-        os.write(fd, struct.pack(">I", len(data)) + data)
+        frame = memoryview(struct.pack(">I", len(data)) + data)
+        while frame:
+            frame = frame[os.write(fd, frame) :]
         now = time.monotonic()
         if now - self.synced > SPOOL_FSYNC_INTERVAL:
             os.fsync(fd)
@@ -157,13 +163,20 @@ class Spool:
         if self.fd is not None:
             self._write(owner, [b"ack", entry.writer, entry.seq])
 
+    def note(self, owner: bytes, record: list[Any]) -> None:
+        """Record what the replay learned (node ids, incarnation, skipped list changes)."""
+        if self.fd is not None:
+            self._write(owner, record)
+
     def clear(self) -> None:
         """The queue is empty: nothing in the file is needed any more."""
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
 
     def forget(self) -> None:
-        """In a forked child: the file (and its lock) stays the parent's."""
+        """In a forked child: the file stays the parent's; closing this copy leaves the lock to the parent alone."""
+        if self.fd is not None:
+            os.close(self.fd)
         self.fd = self.path = None
 
     def adopt(self, owner: bytes) -> list[Pending]:
@@ -196,9 +209,15 @@ class Spool:
 
 
 def _read_spool(path: Path) -> list[Pending]:
-    """The operations of a spool file not confirmed in it; a torn last record is ignored."""
+    """The operations of a spool file not confirmed in it, with what the replay learned applied.
+
+    A torn last record (the process died while writing it) is ignored.
+    """
     data = path.read_bytes()
     entries: dict[tuple[bytes, int], Pending] = {}
+    renames: dict[bytes, bytes] = {}
+    skipped: dict[bytes, int] = {}
+    joined = b""
     pos = 0
     while pos + 4 <= len(data):
         (size,) = struct.unpack(">I", data[pos : pos + 4])
@@ -215,7 +234,21 @@ def _read_spool(path: Path) -> list[Pending]:
             entries[(entry.writer, entry.seq)] = entry
         elif record[0] == b"ack":
             entries.pop((record[1], record[2]), None)
-    return list(entries.values())
+        elif record[0] == b"map":
+            renames.update((p, r) for p, r in record[1])
+        elif record[0] == b"join":
+            joined = record[1]
+        elif record[0] == b"skip":
+            skipped[record[1]] = skipped.get(record[1], 0) + 1
+    adopted = []
+    for entry in entries.values():
+        entry = entry.renamed(renames)
+        if not entry.incarnation:
+            entry.incarnation = joined
+        if entry.name == b"lreplace" and entry.nid in skipped:
+            entry.args[0] = b"%d" % (int(entry.args[0]) - skipped[entry.nid])
+        adopted.append(entry)
+    return adopted
 
 
 class Outbox:
@@ -271,11 +304,28 @@ class Outbox:
             self.spool.forget()
         self.discard()
 
+    def rename(self, owner: bytes, mapping: dict[bytes, bytes]) -> None:
+        if mapping:
+            self.renames.update(mapping)
+            if self.spool is not None:
+                self.spool.note(owner, [b"map", [[p, r] for p, r in mapping.items()]])
+
+    def join(self, owner: bytes, incarnation: bytes) -> None:
+        self.joined = incarnation
+        if self.spool is not None:
+            self.spool.note(owner, [b"join", incarnation])
+
+    def skip(self, owner: bytes, nid: bytes) -> None:
+        self.skipped[nid] = self.skipped.get(nid, 0) + 1
+        if self.spool is not None:
+            self.spool.note(owner, [b"skip", nid])
+
     def discard(self) -> None:
         """Forget every queued entry (the memory was deleted, or in a forked child)."""
         self.entries.clear()
         self.renames.clear()
         self.skipped.clear()
+        self.joined = b""
         if self.spool is not None:
             self.spool.clear()
 
@@ -288,7 +338,9 @@ class Link:
         self.online = True
         self.last_error: Exception | None = None
         self.lock = threading.Lock()
-        self.waiting: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
+        # Strong references: a memory with queued operations is kept alive
+        # until they are replayed, even if its user has let go of it.
+        self.waiting: set[MemoryCore] = set()
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
 
@@ -337,10 +389,13 @@ class Link:
                     delay = min(delay * 2, MAX_DELAY)
                     continue
                 delay = FIRST_DELAY
-            for core in list(self.waiting):
+            with self.lock:
+                cores = list(self.waiting)
+            for core in cores:
                 try:
                     if core.drain():
-                        self.waiting.discard(core)
+                        with self.lock:
+                            self.waiting.discard(core)
                 except Exception as exc:  # a server error reply: report it, try again later
                     log.error("replaying the queue of %s failed: %s", core.store.key, exc)
                     self.last_error = exc
@@ -355,7 +410,7 @@ class Link:
         self.lock = threading.Lock()
         self.thread = None
         self.pid = os.getpid()
-        self.waiting = weakref.WeakSet()
+        self.waiting = set()
 
 
 _links: weakref.WeakKeyDictionary[Channel, Link] = weakref.WeakKeyDictionary()

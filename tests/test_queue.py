@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
+import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +306,119 @@ def test_a_process_exiting_with_an_unsent_queue_says_so(servers: dict[str, Any])
                           capture_output=True, text=True, timeout=60, cwd=tests)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "1 queued operations never reached Redis and are lost" in done.stderr
+
+
+def test_proxies_of_a_memory_created_offline_stay_live_after_the_replay(switch: Switch, client: redis.Redis) -> None:
+    """A list made offline in a memory that did not exist yet is still the same live proxy once replayed."""
+    mem, other = offline_pair(switch, client)
+    switch.cut()
+    mem.items = [1]
+    held = mem.items
+    held.append(2)
+    switch.restore()
+    assert mem.flush(timeout=10)
+    held.append(3)
+    assert other.items == [1, 2, 3] and held is mem.items
+
+
+def test_old_proxy_of_a_memory_recreated_while_offline_raises(switch: Switch, client: redis.Redis) -> None:
+    """The memory was deleted and recreated elsewhere while offline: an old proxy raises, the new data is untouched."""
+    mem, other = offline_pair(switch, client)
+    mem.items = ["mine"]
+    held = mem.items
+    switch.cut()
+    mem.x = 1
+    other.delete()
+    other.unrelated = ["someone else's"]  # a new list, which may get the old one's node id
+    switch.restore()
+    assert mem.flush(timeout=10)
+    with pytest.raises(ContainerDeleted):
+        held.append("through the old proxy")
+    assert other.to_dict() == {"unrelated": ["someone else's"]}
+
+
+def test_a_memory_let_go_while_offline_still_replays(switch: Switch, client: redis.Redis) -> None:
+    """Queued changes outlive the Memory object that made them: they reach Redis once it is back."""
+    mem, other = offline_pair(switch, client)
+    mem.log = ["start"]
+    switch.cut()
+    mem.log.append("offline")
+    del mem
+    gc.collect()
+    switch.restore()
+    deadline = time.monotonic() + 20
+    while other.log != ["start", "offline"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_resent_operation_then_lost_link_is_applied_once(switch: Switch, client: redis.Redis) -> None:
+    """A resend answered 'dup', then the link drops before the replica catches up: the change is not made twice."""
+    mem, other = offline_pair(switch, client)
+    other.log = []
+    mem.to_dict()
+    other.log.append("other")  # mem's replica is behind: it must catch up after its own write
+    store = mem._rm.store
+    real = store.apply
+
+    def resend_then_cut(*args: Any) -> Any:
+        real(*args)  # the first copy lands, its reply is lost
+        reply = real(*args)
+        switch.cut()
+        return reply
+
+    store.apply = resend_then_cut
+    mem.log.append("once")
+    store.apply = real
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert other.log == ["other", "once"] and mem.log == ["other", "once"]
+
+
+def test_spool_keeps_node_ids_learned_before_the_process_died(
+    switch: Switch, client: redis.Redis, tmp_path: Path
+) -> None:
+    """The replay got half way (a list created, its append not yet sent) when the process died: nothing is lost."""
+    mem = Memory("q", client=switch.client(), spool=tmp_path)
+    mem.seed = 0
+    switch.cut()
+    mem.log = []
+    mem.log.append("kept")
+    switch.restore()
+    core = mem._rm
+    real = core.store.apply
+    calls = []
+
+    def cut_after_the_first(*args: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 2:
+            switch.cut()
+        return real(*args)
+
+    core.store.apply = cut_after_the_first
+    assert core.link.probe() and not core.drain()
+    assert core.outbox.spool is not None and core.outbox.spool.fd is not None
+    os.close(core.outbox.spool.fd)  # the process dies: its lock goes with it
+    core.outbox.spool.fd = None
+    core.outbox.entries.clear()
+    switch.restore()
+    heir = Memory("q", client=client, spool=tmp_path)
+    assert heir.status().pending == 1
+    assert heir.flush(timeout=10) and heir.status().dropped == 0
+    assert Memory("q", client=client).to_dict() == {"seed": 0, "log": ["kept"]}
+
+
+def test_setdefault_offline_in_two_writers_keeps_both_appends(switch: Switch, client: redis.Redis) -> None:
+    """Both writers setdefault the same list offline and append to it: the replay appends both to one list."""
+    base = Memory("q", client=client)
+    base.data = {}
+    first = Memory("q", client=switch.client())
+    second = Memory("q", client=switch.client())
+    first.to_dict(), second.to_dict()
+    switch.cut()
+    first.data.setdefault("log", []).append("from first")
+    second.data.setdefault("log", []).append("from second")
+    switch.restore()
+    assert first.flush(timeout=10) and second.flush(timeout=10)
+    assert base.data == {"log": ["from first", "from second"]}
+    assert second.status().dropped == 0
