@@ -52,9 +52,19 @@ class MemoryCore:
     queued operation replayed after an outage).
     """
 
-    def __init__(self, store: Store, name: str, max_pending: int, spool: str | os.PathLike[str] | None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        max_pending: int,
+        spool: str | os.PathLike[str] | None,
+        ttl: float | None = None,
+        bounds: dict[str, int] | None = None,
+    ) -> None:
         self.store = store
         self.name = name
+        self.ttl = b"%d" % _milliseconds(ttl) if ttl is not None else b"0"
+        self.bounds = bounds or {}
         self.lock = threading.RLock()
         self.writer = _new_token()
         self.seq = 0
@@ -200,6 +210,8 @@ class MemoryCore:
                 op = build()
                 if op is None:
                     return NO_OP
+                if self.bounds and isinstance(op, ops.ListAppend):
+                    op = self._bounded(proxy, op)
                 plan = replica.removal_plan(op)
                 seq = self._next_seq()
                 if not online:
@@ -208,7 +220,7 @@ class MemoryCore:
                 # only if this operation is the one that creates the memory.
                 tag = b"%d" % seq
                 expected = ANY_INCARNATION if op.nid == b"0" else replica.incarnation
-                header = [self.writer, tag, self.writer + b"." + tag, expected, op.name, op.nid]
+                header = [self.writer, tag, self.writer + b"." + tag, expected, op.name, op.nid, self.ttl]
                 try:
                     reply = self.store.apply(header, plan, op.args())
                 except ConnectionFailed as exc:
@@ -234,6 +246,13 @@ class MemoryCore:
                 f"gave up after {MAX_ATTEMPTS} attempts: other writers kept changing this container",
                 key=self.store.key,
             )
+
+    def _bounded(self, proxy: ObservedList | ObservedDict, op: ops.ListAppend) -> ops.ListAppend:
+        """An append to a bounded attribute (``max_messages``) also trims it."""
+        for name, keep in self.bounds.items():
+            if dict.get(self.replica.root, name) is proxy:
+                return ops.ListAppend(op.nid, op.value_list, keep)
+        return op
 
     def _settle(self, proxy: ObservedList | ObservedDict, op: ops.Op, reply: Reply) -> Any:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
@@ -313,7 +332,7 @@ class MemoryCore:
         if sent.name == b"lreplace" and skipped:
             args = [b"%d" % (int(args[0]) - skipped), *args[1:]]
         tag = b"%d" % entry.seq
-        header = [entry.writer, tag, entry.writer + b"." + tag, expected, sent.name, sent.nid]
+        header = [entry.writer, tag, entry.writer + b"." + tag, expected, sent.name, sent.nid, self.ttl]
         plan = sent.plan
         reply = self.store.apply(header, plan, ops.from_tokens(args))
         if reply.status == "stale":
@@ -356,6 +375,12 @@ class MemoryCore:
         mapping = {p: r for p, r in zip(provisional, real, strict=True) if p not in self.outbox.renames}
         self.outbox.rename(self.writer, mapping)
         self.replica.rename(mapping)
+
+
+def _milliseconds(seconds: float) -> int:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not seconds > 0:
+        raise ValueError(f"an expiry must be a positive number of seconds, not {seconds!r}")
+    return max(1, round(seconds * 1000))
 
 
 def _server_ids(first: int | None) -> Iterator[bytes]:
@@ -444,9 +469,15 @@ class Memory:
         prefix: str = "rm",
         max_pending: int = queue.DEFAULT_MAX_PENDING,
         spool: str | os.PathLike[str] | None = None,
+        ttl: float | None = None,
     ) -> None:
         store = Store(connection.connect(client, url), memory_key(prefix, self._rm_kind, name))
-        object.__setattr__(self, "_rm", MemoryCore(store, name, max_pending, spool))
+        core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds())
+        object.__setattr__(self, "_rm", core)
+
+    def _rm_bounds(self) -> dict[str, int]:
+        """Attributes whose lists keep only their newest items, and how many."""
+        return {}
 
     @property
     def key(self) -> str:
@@ -530,26 +561,58 @@ class Memory:
             error = outbox.last_error or core.link.last_error
             return queue.Status(core.link.online, len(outbox), outbox.dropped, error)
 
+    def expire(self, seconds: float) -> None:
+        """Let the memory expire in ``seconds`` unless written again (PEXPIRE of its keys): O(1).
+
+        With ``ttl=`` every write restarts that clock anyway. Needs Redis.
+        """
+        self._rm_server_call(lambda store: store.expire(_milliseconds(seconds)))
+
+    def persist(self) -> None:
+        """Remove any expiry (PERSIST of its keys): O(1). Writes with ``ttl=`` set one again."""
+        self._rm_server_call(lambda store: store.expire(None))
+
+    def ttl(self) -> float | None:
+        """Seconds left before the memory expires (PTTL), None if it does not expire or does not exist."""
+        left = self._rm_server_call(lambda store: store.remaining())
+        return left / 1000 if left >= 0 else None
+
+    def _rm_server_call(self, call: Callable[[Store], Any]) -> Any:
+        core = self._rm
+        with core.lock:
+            try:
+                return call(core.store)
+            except ConnectionFailed as exc:
+                core.link.failed(exc)
+                raise
+
     def delete(self) -> None:
         """Remove the whole memory from Redis (DEL): O(size). Needs Redis; queued changes are discarded."""
         core = self._rm
         with core.lock:
-            try:
-                core.store.delete()
-            except ConnectionFailed as exc:
-                core.link.failed(exc)
-                raise
+            self._rm_server_call(lambda store: store.delete())
             core.outbox.discard()
             core.replica.load({})
 
 
 class ConversationMemory(Memory):
-    """A :class:`Memory` keyed by a conversation id."""
+    """A :class:`Memory` keyed by a conversation id.
+
+    With ``max_messages=N``, every append to ``messages`` keeps only the
+    newest N, dropping the oldest in the same atomic step: O(1) per message.
+    """
 
     _rm_kind = "conversation"
 
-    def __init__(self, conversation_id: str, **options: Any) -> None:
+    def __init__(self, conversation_id: str, *, max_messages: int | None = None, **options: Any) -> None:
+        if max_messages is not None and (not isinstance(max_messages, int) or max_messages < 1):
+            raise ValueError(f"max_messages must be a positive int, not {max_messages!r}")
+        object.__setattr__(self, "_rm_max_messages", max_messages)
         super().__init__(conversation_id, **options)
+
+    def _rm_bounds(self) -> dict[str, int]:
+        limit: int | None = self._rm_max_messages
+        return {"messages": limit} if limit else {}
 
     @property
     def conversation_id(self) -> str:

@@ -163,17 +163,25 @@ class DictClear(Op):
 
 @dataclass
 class ListAppend(Op):
-    """``append`` / ``extend`` / ``+=``: add at the end, O(1) per item."""
+    """``append`` / ``extend`` / ``+=``: add at the end, O(1) per item.
+
+    With ``keep``, the list keeps only its newest ``keep`` items: the
+    script drops from the front what the append adds beyond that, and only
+    the last ``keep`` values are sent.
+    """
 
     value_list: list[Any] = field(default_factory=list)
+    keep: int = 0
     values: list[Encoded] = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = b"lappend"
+        if self.keep and len(self.value_list) > self.keep:
+            self.value_list = self.value_list[-self.keep :]
         self.values = [encode_value(v) for v in self.value_list]
 
     def args(self) -> Args:
-        return _args([b"%d" % len(self.values)], self.values)
+        return _args([b"%d" % len(self.values), b"%d" % self.keep], self.values)
 
 
 @dataclass

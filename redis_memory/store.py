@@ -94,7 +94,7 @@ local function efield(n, s) return 'e' .. n .. ':' .. s end
 
 # Applies one operation. KEYS: the hash, the writer index. ARGV: writer,
 # seq, new-incarnation token, expected incarnation ('*' for any, or none),
-# op name, nid; the number of arguments that follow for the keys of every
+# op name, nid, expiry in ms (0: none); the number of arguments that follow for the keys of every
 # dict node the op may remove (per node: nid, key count, keys); then the op's
 # own arguments (see ops.py).
 # Every check runs before the first write: a script is not rolled back.
@@ -138,9 +138,19 @@ end
 local function is_ref(p) return string.byte(p, 1) == REF end
 local function dict_payload(raw) return string.sub(raw, (string.find(raw, ':', 1, true) or 0) + 1) end
 
+local ttl = tonumber(ARGV[7])
+-- Sliding expiry: every write, even one that changes nothing, restarts the
+-- clock of every key of the memory, in the same atomic step.
+local function refresh_ttl()
+  if ttl > 0 then
+    redis.call('PEXPIRE', K, ttl)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+end
+
 local known = {}
-local pos = 8
-local drops_end = pos + tonumber(ARGV[7])
+local pos = 9
+local drops_end = pos + tonumber(ARGV[8])
 while pos < drops_end do
   local dn, cnt = ARGV[pos], tonumber(ARGV[pos + 1])
   local keys = {}
@@ -270,7 +280,20 @@ elseif op == 'dclear' then
   end
   h.a = 0
 elseif op == 'lappend' then
-  local count = tonumber(arg())
+  local count, keep = tonumber(arg()), tonumber(arg())
+  -- A bounded list keeps its newest 'keep' items: as many are dropped from
+  -- the front as the append adds beyond that (the client sends no more than
+  -- 'keep' values).
+  local trim = 0
+  if keep > 0 then trim = math.max(0, math.min(h.b - h.a, h.b - h.a + count - keep)) end
+  for s = h.a, h.a + trim - 1 do
+    if not can_drop(hget(efield(nid, fmt(s))) or '') then return reply('stale') end
+  end
+  for s = h.a, h.a + trim - 1 do
+    local f = efield(nid, fmt(s))
+    drop(hget(f) or ''); hdel(f)
+  end
+  h.a = h.a + trim
   for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
 elseif op == 'linsert' then
   local slot = tonumber(arg())
@@ -332,7 +355,7 @@ else
   return redis.error_reply('redis_memory: unknown operation ' .. op)
 end
 
-if ntouched == 0 then return reply('same') end
+if ntouched == 0 then refresh_ttl(); return reply('same') end
 h.c = h.c + 1
 write_header(nid, h)
 version = version + 1
@@ -377,6 +400,7 @@ end
 for start = 1, #writes, 1000 do
   redis.call('HSET', K, unpack(writes, start, math.min(start + 999, #writes)))
 end
+refresh_ttl()
 return reply('ok', result, unpack(extra))
 """) % {
     "journal": JOURNAL_SIZE,
@@ -512,6 +536,18 @@ class Store:
     def delete(self) -> None:
         """DEL of the memory's keys: O(size of the memory)."""
         self._call("DEL", *self.keys)
+
+    def expire(self, milliseconds: int | None) -> None:
+        """PEXPIRE (or PERSIST, for None) of each of the memory's keys: O(1)."""
+        for key in self.keys:
+            if milliseconds is None:
+                self._call("PERSIST", key)
+            else:
+                self._call("PEXPIRE", key, milliseconds)
+
+    def remaining(self) -> int:
+        """PTTL of the hash: milliseconds left, -1 without expiry, -2 if it does not exist."""
+        return int(self._call("PTTL", self.key))
 
     def ping(self) -> None:
         """PING: raises ConnectionFailed unless the server answers."""

@@ -1,0 +1,116 @@
+"""Conversation features: sliding expiry and bounded message histories."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from conftest import Switch
+
+from redis_memory import ConversationMemory, Memory
+
+
+def test_ttl_expires_every_key_of_the_memory(client: redis.Redis) -> None:
+    """With ttl=, a write gives the hash and the writer index the expiry; ttl() reports what is left."""
+    mem = Memory("ttl", client=client, ttl=30)
+    assert mem.ttl() is None  # nothing stored yet
+    mem.messages = [{"role": "user"}]
+    for key in (mem.key, mem.key + ":w"):
+        assert 0 < client.pttl(key) <= 30_000
+    left = mem.ttl()
+    assert left is not None and 25 < left <= 30
+
+
+def test_ttl_slides_with_every_write_and_an_expired_memory_reads_empty(client: redis.Redis) -> None:
+    """Each write restarts the clock; once it runs out the memory reads as empty, not as an error."""
+    mem = Memory("sliding", client=client, ttl=0.6)
+    mem.log = []
+    for i in range(4):
+        time.sleep(0.3)
+        mem.log.append(i)  # 1.2 s in all, never 0.6 s without a write
+    assert Memory("sliding", client=client).log == [0, 1, 2, 3]
+    time.sleep(1.0)
+    assert client.exists(mem.key, mem.key + ":w") == 0
+    assert mem.to_dict() == {} and not hasattr(mem, "log") and "log" not in dir(mem)
+    mem.log = ["again"]
+    assert Memory("sliding", client=client).log == ["again"]
+
+
+def test_expire_and_persist(client: redis.Redis) -> None:
+    """expire(seconds) sets an expiry on every key, persist() removes it; bad values are refused."""
+    mem = Memory("manual", client=client)
+    mem.x = 1
+    assert mem.ttl() is None
+    mem.expire(100)
+    left = mem.ttl()
+    assert left is not None and 95 < left <= 100
+    assert 0 < client.pttl(mem.key + ":w") <= 100_000
+    mem.persist()
+    assert mem.ttl() is None and client.pttl(mem.key + ":w") == -1
+    for bad in (0, -1, "10", True):
+        with pytest.raises(ValueError):
+            mem.expire(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            Memory("manual", client=client, ttl=bad)  # type: ignore[arg-type]
+    assert mem.x == 1 and mem.ttl() is None
+
+
+def test_max_messages_keeps_the_newest(client: redis.Redis) -> None:
+    """Every append keeps messages at the newest N; the dropped messages leave no field behind."""
+    mem = ConversationMemory("bounded", client=client, max_messages=3)
+    mem.messages = []
+    for i in range(10):
+        mem.messages.append({"role": "user", "content": f"m{i}"})
+    expected = [{"role": "user", "content": f"m{i}"} for i in (7, 8, 9)]
+    assert mem.messages == expected
+    assert ConversationMemory("bounded", client=client).messages == expected
+
+    def data_fields() -> int:  # the journal ring grows to its 128 entries, nothing else may grow
+        return sum(1 for f in client.hkeys(mem.key) if not f.startswith(b"j"))
+
+    fields = data_fields()
+    for i in range(10, 40):
+        mem.messages.append({"role": "user", "content": f"m{i}"})
+    assert data_fields() == fields
+    mem.messages.extend([{"n": n} for n in range(5)])
+    assert mem.messages == [{"n": 2}, {"n": 3}, {"n": 4}]
+    mem.notes = []
+    for i in range(5):
+        mem.notes.append(i)  # only messages is bounded
+    assert mem.notes == [0, 1, 2, 3, 4]
+
+
+def test_max_messages_under_concurrent_writers(client: redis.Redis, other_client: redis.Redis) -> None:
+    """Two writers appending in turn: the list is the newest N of all their appends, and both replicas agree."""
+    first = ConversationMemory("bounded2", client=client, max_messages=4)
+    second = ConversationMemory("bounded2", client=other_client, max_messages=4)
+    first.messages = []
+    for i in range(12):
+        (first if i % 2 else second).messages.append(i)
+    assert first.messages == second.messages == [8, 9, 10, 11]
+    assert ConversationMemory("bounded2", client=client).messages == [8, 9, 10, 11]
+
+
+def test_max_messages_trims_an_assigned_list_on_the_next_append(client: redis.Redis) -> None:
+    """Assigning a longer list stores it as given; the next append brings it to N."""
+    mem = ConversationMemory("bounded3", client=client, max_messages=2)
+    mem.messages = [1, 2, 3, 4]
+    assert mem.messages == [1, 2, 3, 4]
+    mem.messages.append(5)
+    assert mem.messages == [4, 5] == ConversationMemory("bounded3", client=client).messages
+    with pytest.raises(ValueError):
+        ConversationMemory("bounded3", client=client, max_messages=0)
+
+
+def test_max_messages_holds_for_appends_made_offline(switch: Switch, client: redis.Redis) -> None:
+    """Appends queued while offline are bounded locally and again when they replay."""
+    mem = ConversationMemory("bounded4", client=switch.client(), max_messages=3)
+    mem.messages = [{"i": 0}]
+    switch.cut()
+    for i in range(1, 6):
+        mem.messages.append({"i": i})
+    assert mem.messages == [{"i": 3}, {"i": 4}, {"i": 5}]
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert ConversationMemory("bounded4", client=client).messages == [{"i": 3}, {"i": 4}, {"i": 5}]
