@@ -10,15 +10,18 @@ from .errors import (
     MissingAttribute,
     MissingKey,
     OfflineQueueFull,
+    PrivateMemory,
     RedisMemoryError,
     ReservedName,
     UnsupportedValue,
 )
-from .memory import ConversationMemory, Memory
+from .memory import ConversationMemory, Memory, Metadata
 from .proxies import ObservedDict, ObservedList
 from .queue import Status
+from .session import AgentMemory, Session, SessionMemory
 
 __all__ = [
+    "AgentMemory",
     "ConcurrentModification",
     "ConnectionFailed",
     "ContainerDeleted",
@@ -26,13 +29,17 @@ __all__ = [
     "CorruptData",
     "EmbeddedServerError",
     "Memory",
+    "Metadata",
     "MissingAttribute",
     "MissingKey",
     "ObservedDict",
     "ObservedList",
     "OfflineQueueFull",
+    "PrivateMemory",
     "RedisMemoryError",
     "ReservedName",
+    "Session",
+    "SessionMemory",
     "Status",
     "UnsupportedValue",
     "embedded_dir",

@@ -57,5 +57,9 @@ class MissingKey(RedisMemoryError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PrivateMemory(RedisMemoryError, PermissionError):
+    """A session opened for one agent was asked for another agent's private memory."""
+
+
 class EmbeddedServerError(RedisMemoryError, RuntimeError):
     """The embedded server could not be found or started."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime as dt
 import itertools
 import logging
 import os
@@ -12,11 +13,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
 from . import connection, ops, queue
+from .catalog import INDEX_REFRESH, Catalog
 from .errors import (
     ConcurrentModification,
     ConnectionFailed,
@@ -65,6 +68,8 @@ class MemoryCore:
         self.name = name
         self.ttl = b"%d" % _milliseconds(ttl) if ttl is not None else b"0"
         self.bounds = bounds or {}
+        self.catalog: Catalog | None = None
+        self.indexed_at = -INDEX_REFRESH
         self.lock = threading.RLock()
         self.writer = _new_token()
         self.seq = 0
@@ -247,6 +252,16 @@ class MemoryCore:
                 key=self.store.key,
             )
 
+    def _index(self) -> None:
+        """Keep this memory's entry in its kind's index fresh (at most every INDEX_REFRESH seconds)."""
+        now = time.monotonic()
+        if self.catalog is not None and now - self.indexed_at >= INDEX_REFRESH:
+            try:
+                self.catalog.touch(self.name)
+                self.indexed_at = now
+            except redis.RedisError as exc:  # the index may lag; listing checks real activity
+                log.info("%s: index not updated: %s", self.store.key, exc)
+
     def _bounded(self, proxy: ObservedList | ObservedDict, op: ops.ListAppend) -> ops.ListAppend:
         """An append to a bounded attribute (``max_messages``) also trims it."""
         for name, keep in self.bounds.items():
@@ -258,6 +273,7 @@ class MemoryCore:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
         replica = self.replica
         if reply.status == "ok":
+            self._index()
             removed = replica.removed_value(op, reply.extra)
             created = replica.incarnation == b"" and replica.version == 0
             if reply.version == replica.version + 1 and (reply.incarnation == replica.incarnation or created):
@@ -341,6 +357,7 @@ class MemoryCore:
             reply = self.store.apply(header, plan, ops.from_tokens(args))
         status = reply.status
         if status in ("ok", "dup"):
+            self._index()
             if not entry.incarnation and not outbox.joined:
                 # This replay created (or joined) the memory: the replica, made
                 # offline on no incarnation, belongs to this one.
@@ -375,6 +392,19 @@ class MemoryCore:
         mapping = {p: r for p, r in zip(provisional, real, strict=True) if p not in self.outbox.renames}
         self.outbox.rename(self.writer, mapping)
         self.replica.rename(mapping)
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What :meth:`Memory.metadata` reports."""
+
+    created_at: dt.datetime | None  #: when the memory was first written (UTC); None if it does not exist
+    last_activity: dt.datetime | None  #: when it last changed (UTC)
+    message_count: int | None  #: ``len(messages)`` of a conversation; None for a plain memory
+
+
+def _datetime(milliseconds: int | None) -> dt.datetime | None:
+    return None if milliseconds is None else dt.datetime.fromtimestamp(milliseconds / 1000, dt.UTC)
 
 
 def _milliseconds(seconds: float) -> int:
@@ -471,9 +501,67 @@ class Memory:
         spool: str | os.PathLike[str] | None = None,
         ttl: float | None = None,
     ) -> None:
-        store = Store(connection.connect(client, url), memory_key(prefix, self._rm_kind, name))
+        redis_client = connection.connect(client, url)
+        store = Store(redis_client, self._rm_own_key(prefix, name))
         core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds())
+        core.catalog = self._rm_catalog(redis_client, prefix)
         object.__setattr__(self, "_rm", core)
+
+    @classmethod
+    def _rm_key(cls, prefix: str, name: str) -> str:
+        return memory_key(prefix, cls._rm_kind, name)
+
+    def _rm_own_key(self, prefix: str, name: str) -> str:
+        return self._rm_key(prefix, name)
+
+    @classmethod
+    def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
+        """The index this kind of memory is listed in."""
+        return Catalog(client, prefix, cls._rm_kind, lambda name: cls._rm_key(prefix, name))
+
+    @classmethod
+    def list_ids(
+        cls,
+        *,
+        idle_for: float | None = None,
+        limit: int | None = None,
+        client: redis.Redis | None = None,
+        url: str | None = None,
+        prefix: str = "rm",
+    ) -> list[str]:
+        """Ids of the stored memories of this kind, least recently active first.
+
+        With ``idle_for``, only those not written for that many seconds.
+        From the library's index: O(log n + result), never KEYS or SCAN.
+        """
+        catalog = cls._rm_catalog(connection.connect(client, url), prefix)
+        return catalog.ids(idle_for, limit) if catalog else []
+
+    @classmethod
+    def delete_idle(
+        cls,
+        idle_for: float,
+        *,
+        batch: int = 100,
+        client: redis.Redis | None = None,
+        url: str | None = None,
+        prefix: str = "rm",
+    ) -> int:
+        """Delete every memory of this kind idle for ``idle_for`` seconds, ``batch`` at a time; how many."""
+        redis_client = connection.connect(client, url)
+        deleted = 0
+        while True:
+            found = cls.list_ids(idle_for=idle_for, limit=batch, client=redis_client, prefix=prefix)
+            for name in found:
+                cls._rm_open(name, redis_client, prefix).delete()
+            deleted += len(found)
+            if len(found) < batch:
+                return deleted
+
+    @classmethod
+    def _rm_open(cls, name: str, client: redis.Redis, prefix: str) -> Any:
+        """The object that owns the stored memory ``name`` (for deleting it whole)."""
+        return cls(name, client=client, prefix=prefix)
 
     def _rm_bounds(self) -> dict[str, int]:
         """Attributes whose lists keep only their newest items, and how many."""
@@ -577,6 +665,18 @@ class Memory:
         left = self._rm_server_call(lambda store: store.remaining())
         return left / 1000 if left >= 0 else None
 
+    def metadata(self) -> Metadata:
+        """When the memory was created and last changed (kept by the write script), and its message count.
+
+        Read from Redis (one HMGET), outside the attribute namespace.
+        """
+        created, active = self._rm_server_call(lambda store: store.activity())
+        self._rm.names()  # refreshes the replica
+        return Metadata(_datetime(created), _datetime(active), self._rm_message_count())
+
+    def _rm_message_count(self) -> int | None:
+        return None
+
     def _rm_server_call(self, call: Callable[[Store], Any]) -> Any:
         core = self._rm
         with core.lock:
@@ -593,6 +693,9 @@ class Memory:
             self._rm_server_call(lambda store: store.delete())
             core.outbox.discard()
             core.replica.load({})
+            if core.catalog is not None:
+                core.catalog.forget(core.name)
+                core.indexed_at = -INDEX_REFRESH
 
 
 class ConversationMemory(Memory):
@@ -613,6 +716,10 @@ class ConversationMemory(Memory):
     def _rm_bounds(self) -> dict[str, int]:
         limit: int | None = self._rm_max_messages
         return {"messages": limit} if limit else {}
+
+    def _rm_message_count(self) -> int | None:
+        messages = dict.get(self._rm.replica.root, "messages")
+        return len(messages) if isinstance(messages, list) else 0
 
     @property
     def conversation_id(self) -> str:

@@ -11,6 +11,8 @@ One memory is one Redis hash, ``<prefix>:<kind>:{<escaped id>}``. Its fields:
 ``e<nid>:<k>`` dict entry for the msgpack-encoded key ``k``: ``<seq>:<value>``
 ``j<n>``       journal ring: the fields touched by version ``n``
 ``w<writer>``  a writer's last applied seq, when it was last indexed, result
+``tc``         when the memory was created (ms since the epoch)
+``ta``         when it last changed (ms since the epoch)
 =============  ============================================================
 
 A second key, ``<hash key>:w``, is a sorted set of writers by the time
@@ -377,7 +379,16 @@ writes[#writes + 1] = 'j' .. fmt(version %% JOURNAL_SIZE)
 writes[#writes + 1] = entry
 -- The writer index is touched once a minute per writer; each time, a few
 -- writers silent for longer than the retention are forgotten.
-local now = tonumber(redis.call('TIME')[1])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1])
+-- Activity times, in ms: of this write, and of the one that created the memory.
+local now_ms = fmt(now * 1000 + math.floor(tonumber(clock[2]) / 1000))
+writes[#writes + 1] = 'ta'
+writes[#writes + 1] = now_ms
+if creating then
+  writes[#writes + 1] = 'tc'
+  writes[#writes + 1] = now_ms
+end
 if now - stamp >= %(index_every)d then
   stamp = now
   local W = KEYS[2]
@@ -544,6 +555,11 @@ class Store:
                 self._call("PERSIST", key)
             else:
                 self._call("PEXPIRE", key, milliseconds)
+
+    def activity(self) -> tuple[int | None, int | None]:
+        """HMGET of the creation and last-change times (ms since the epoch): O(1)."""
+        created, active = self._call("HMGET", self.key, "tc", "ta")
+        return (int(created) if created else None), (int(active) if active else None)
 
     def remaining(self) -> int:
         """PTTL of the hash: milliseconds left, -1 without expiry, -2 if it does not exist."""

@@ -18,7 +18,9 @@ def test_star_import_gives_exactly_all() -> None:
     exported = {name for name in namespace if not name.startswith("__")}
     assert exported == set(redis_memory.__all__)
     public = {name for name in dir(redis_memory) if not name.startswith("_")}
-    modules = {"codec", "connection", "errors", "memory", "ops", "proxies", "queue", "replica", "store"}
+    modules = {
+        "catalog", "codec", "connection", "errors", "memory", "ops", "proxies", "queue", "replica", "session", "store"
+    }
     assert public - modules == set(redis_memory.__all__)
 
 

@@ -1,0 +1,82 @@
+"""The index of the memories of one kind: listing and clean-up without KEYS or SCAN.
+
+One sorted set per prefix and kind, ``<prefix>:<kind>:index`` (no braces,
+so it never collides with a memory's key), scores each id by the time of
+its last write, in seconds. A memory adds itself on its first write in a
+process and refreshes its score at most every :data:`INDEX_REFRESH`
+seconds, so a score may lag by that much. Listing idle memories is
+therefore O(log n + result): a range of the sorted set, then one HMGET per
+candidate to check its real last activity. Entries whose memory is gone
+(expired, or deleted elsewhere) are removed as they are met.
+
+The index lives in one Redis Cluster slot of its own; it is written by
+separate commands, not by the memories' scripts, so that those stay within
+their own slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import cast
+
+import redis
+
+from .store import escape_id
+
+#: A memory refreshes its index entry at most this often (seconds).
+INDEX_REFRESH = 30.0
+
+
+def index_key(prefix: str, kind: str) -> str:
+    return f"{escape_id(prefix)}:{escape_id(kind)}:index"
+
+
+class Catalog:
+    """The index of one prefix and kind, on one client."""
+
+    def __init__(self, client: redis.Redis, prefix: str, kind: str, key_of: Callable[[str], str]) -> None:
+        self.client = client
+        self.key = index_key(prefix, kind)
+        self.key_of = key_of  # memory id -> the key of its hash
+
+    def touch(self, identifier: str) -> None:
+        """ZADD with the current time: O(log n)."""
+        self.client.zadd(self.key, {identifier: time.time()})
+
+    def forget(self, identifier: str) -> None:
+        """ZREM: O(log n)."""
+        self.client.zrem(self.key, identifier)
+
+    def ids(self, idle_for: float | None = None, limit: int | None = None) -> list[str]:
+        """Ids of existing memories, oldest activity first; with ``idle_for``, only those idle that long.
+
+        O(log n + result): a ZRANGEBYSCORE, then one HMGET per candidate.
+        """
+        if idle_for is not None and idle_for < 0:
+            raise ValueError(f"idle_for must be >= 0, not {idle_for!r}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit!r}")
+        cutoff = time.time() - idle_for if idle_for is not None else float("inf")
+        found: list[str] = []
+        start = 0
+        page = limit or 100
+        while limit is None or len(found) < limit:
+            candidates = cast(list[bytes], self.client.zrangebyscore(self.key, "-inf", cutoff, start=start, num=page))
+            if not candidates:
+                break
+            start += len(candidates)
+            for raw in candidates:
+                identifier = raw.decode()
+                active = self.client.hget(self.key_of(identifier), "ta")
+                if active is None:
+                    self.client.zrem(self.key, raw)  # expired or deleted
+                    start -= 1
+                elif int(active) / 1000 > cutoff:
+                    self.client.zadd(self.key, {raw: int(active) / 1000})  # the score lagged
+                    start -= 1
+                else:
+                    found.append(identifier)
+                    if limit is not None and len(found) == limit:
+                        break
+        return found
