@@ -1,7 +1,8 @@
-"""Conversation features: sliding expiry and bounded message histories."""
+"""Conversation features: expiry, bounded histories, metadata, listing and clean-up."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import pytest
@@ -114,3 +115,52 @@ def test_max_messages_holds_for_appends_made_offline(switch: Switch, client: red
     switch.restore()
     assert mem.flush(timeout=10)
     assert ConversationMemory("bounded4", client=client).messages == [{"i": 3}, {"i": 4}, {"i": 5}]
+
+
+def test_metadata_is_kept_by_the_library_outside_the_attributes(client: redis.Redis) -> None:
+    """Created-at, last activity and message count are readable, and are not stored attributes."""
+    mem = ConversationMemory("meta", client=client)
+    empty = mem.metadata()
+    assert empty.created_at is None and empty.last_activity is None and empty.message_count == 0
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    mem.messages = [{"role": "user"}]
+    mem.messages.append({"role": "assistant"})
+    first = mem.metadata()
+    assert first.created_at is not None and first.last_activity is not None
+    assert before < first.created_at <= first.last_activity
+    assert first.message_count == 2
+    time.sleep(0.05)
+    ConversationMemory("meta", client=client).messages.append({"role": "user"})
+    second = mem.metadata()
+    assert second.created_at == first.created_at and second.last_activity > first.last_activity
+    assert second.message_count == 3
+    assert dir(mem) == sorted(set(dir(mem))) and set(mem.to_dict()) == {"messages"}
+    assert Memory("plain-meta", client=client).metadata().message_count is None
+
+
+def test_listing_and_deleting_idle_conversations(client: redis.Redis) -> None:
+    """list_ids finds stored conversations, idle_for keeps the idle ones, delete_idle removes them whole."""
+    for name in ("old-1", "old-2", "fresh"):
+        ConversationMemory(name, client=client).messages = [name]
+    Memory("not-a-conversation", client=client).x = 1
+    assert sorted(ConversationMemory.list_ids(client=client)) == ["fresh", "old-1", "old-2"]
+    time.sleep(1.1)
+    ConversationMemory("fresh", client=client).messages.append("again")  # within the index's lag
+    assert sorted(ConversationMemory.list_ids(idle_for=1, client=client)) == ["old-1", "old-2"]
+    assert len(ConversationMemory.list_ids(idle_for=1, limit=1, client=client)) == 1
+    assert ConversationMemory.delete_idle(1, batch=1, client=client) == 2
+    assert ConversationMemory.list_ids(client=client) == ["fresh"]
+    remaining = {k for k in client.keys("*") if b"{old" in k}
+    assert remaining == set()
+    assert Memory.list_ids(client=client) == ["not-a-conversation"]
+
+
+def test_listing_forgets_deleted_and_expired_memories(client: redis.Redis) -> None:
+    """A memory deleted elsewhere or expired is not listed, and its index entry goes."""
+    ConversationMemory("gone", client=client).messages = [1]
+    ConversationMemory("kept", client=client).messages = [1]
+    client.delete(ConversationMemory("gone", client=client).key)  # as an expiry would
+    assert ConversationMemory.list_ids(client=client) == ["kept"]
+    assert client.zcard("rm:conversation:index") == 1
+    with pytest.raises(ValueError):
+        ConversationMemory.list_ids(idle_for=-1, client=client)

@@ -1,0 +1,72 @@
+"""Sessions: a shared memory, private agent memories, participants, isolation and clean-up."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from redis_memory import AgentMemory, PrivateMemory, RedisMemoryError, Session
+
+
+def test_agents_share_one_memory_and_keep_their_own(client: redis.Redis, other_client: redis.Redis) -> None:
+    """Agents see each other's shared writes; each private memory is separate."""
+    a = Session("s1", agent="A", client=client)
+    b = Session("s1", agent="B", client=other_client)
+    a.shared.plan = ["search"]
+    b.shared.plan.append("answer")
+    a.private.notes = "A's"
+    b.private.notes = "B's"
+    assert a.shared.plan == ["search", "answer"] == b.shared.plan
+    assert a.private.notes == "A's" and b.private.notes == "B's"
+    assert a.agents() == ["A", "B"] == b.agents()
+    assert isinstance(a.private, AgentMemory) and a.private.agent == "A"
+
+
+def test_an_agent_cannot_open_another_agents_memory(client: redis.Redis) -> None:
+    """A session opened for agent A refuses B's private memory; an orchestrator's view reaches both."""
+    a = Session("s2", agent="A", client=client)
+    with pytest.raises(PrivateMemory) as raised:
+        a.agent("B")
+    assert isinstance(raised.value, PermissionError) and isinstance(raised.value, RedisMemoryError)
+    orchestrator = Session("s2", client=client)
+    orchestrator.agent("B").todo = [1]
+    with pytest.raises(PrivateMemory):
+        _ = orchestrator.private
+    assert "todo" not in dir(a.private)
+
+
+def test_sessions_are_isolated_and_in_one_hash_tag(client: redis.Redis) -> None:
+    """Two sessions never see each other's data; every key of a session has the session's hash tag."""
+    one, two = Session("one", client=client), Session("two", client=client)
+    one.shared.x = 1
+    one.agent("A").y = 2
+    two.shared.x = 3
+    assert one.shared.x == 1 and two.shared.x == 3 and "y" not in dir(two.agent("A"))
+    keys = [k.decode() for k in client.keys("rm:session:{one}*")]
+    assert len(keys) >= 4 and all("{one}" in k for k in keys)
+    assert all(b"{one}" not in k for k in client.keys("rm:session:{two}*"))
+
+
+def test_delete_on_exit_removes_every_key_and_the_index_entry(client: redis.Redis) -> None:
+    """with Session(..., delete_on_exit=True) leaves nothing behind; without it, the session stays."""
+    with Session("kept", client=client) as kept:
+        kept.shared.x = 1
+    with Session("temp", client=client, delete_on_exit=True) as temp:
+        temp.shared.x = 1
+        temp.agent("A").y = 2
+        temp.agent("B").z = 3
+        assert Session.list_ids(client=client) == ["kept", "temp"]
+    assert [k for k in client.keys("*") if b"{temp}" in k] == []
+    assert Session.list_ids(client=client) == ["kept"]
+    assert Session("kept", client=client).shared.x == 1
+
+
+def test_session_metadata_and_idle_clean_up(client: redis.Redis) -> None:
+    """metadata() reports the shared memory's activity; delete_idle removes idle sessions with their agents."""
+    s = Session("idle", client=client)
+    s.shared.topic = "billing"
+    s.agent("A").notes = "private"
+    meta = s.metadata()
+    assert meta.created_at is not None and meta.last_activity is not None
+    assert Session.delete_idle(0, client=client) == 1
+    assert [k for k in client.keys("*") if b"{idle}" in k] == []
