@@ -1,6 +1,6 @@
 """Shared Python state in Redis: attributes, live lists and dicts, atomic operations."""
 
-from .connection import embedded_dir, ensure_embedded, stop_embedded
+from .connection import Health, embedded_dir, ensure_embedded, health_check, stop_embedded
 from .errors import (
     ConcurrentModification,
     ConnectionFailed,
@@ -15,7 +15,7 @@ from .errors import (
     ReservedName,
     UnsupportedValue,
 )
-from .memory import ConversationMemory, Memory, Metadata
+from .memory import ConversationMemory, Memory, Metadata, Stats
 from .proxies import ObservedDict, ObservedList
 from .queue import Status
 from .session import AgentMemory, Session, SessionMemory
@@ -28,6 +28,7 @@ __all__ = [
     "ConversationMemory",
     "CorruptData",
     "EmbeddedServerError",
+    "Health",
     "Memory",
     "Metadata",
     "MissingAttribute",
@@ -40,9 +41,11 @@ __all__ = [
     "ReservedName",
     "Session",
     "SessionMemory",
+    "Stats",
     "Status",
     "UnsupportedValue",
     "embedded_dir",
     "ensure_embedded",
+    "health_check",
     "stop_embedded",
 ]

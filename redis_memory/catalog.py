@@ -48,6 +48,10 @@ class Catalog:
         """ZREM: O(log n)."""
         self.client.zrem(self.key, identifier)
 
+    def count(self) -> int:
+        """ZCARD: O(1)."""
+        return int(self.client.zcard(self.key))
+
     def ids(self, idle_for: float | None = None, limit: int | None = None) -> list[str]:
         """Ids of existing memories, oldest activity first; with ``idle_for``, only those idle that long.
 

@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote, unquote, urlparse
@@ -259,6 +260,35 @@ def _from_url(url: str) -> redis.Redis:
         socket_path = ensure_embedded(embedded_dir(url))
         return redis.Redis(unix_socket_path=socket_path, **options)
     return redis.Redis.from_url(url, **options)
+
+
+@dataclass(frozen=True)
+class Health:
+    """What :func:`health_check` reports."""
+
+    round_trip_ms: float  #: the median of three PINGs
+    server: str  #: "redis" or "valkey"
+    version: str
+    mode: str  #: "standalone", "cluster" or "sentinel"
+
+
+def health_check(client: redis.Redis | None = None, url: str | None = None) -> Health:
+    """Round trip, server version and mode (three PINGs and an INFO server); ConnectionFailed if unreachable."""
+    found = connect(client, url)
+    try:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            found.ping()
+            times.append((time.perf_counter() - start) * 1000)
+        info = found.info("server")
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
+    except redis.ResponseError:  # a server without INFO (fakeredis)
+        info = {"redis_version": "unknown"}
+    server = "valkey" if "valkey_version" in info else "redis"
+    version = str(info.get("valkey_version") or info.get("redis_version", "unknown"))
+    return Health(sorted(times)[1], server, version, str(info.get("redis_mode", "standalone")))
 
 
 def embedded_dir(url: str = "embedded://") -> Path:

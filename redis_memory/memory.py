@@ -395,6 +395,15 @@ class MemoryCore:
 
 
 @dataclass(frozen=True)
+class Stats:
+    """What :meth:`Memory.stats` reports."""
+
+    bytes_used: int  #: MEMORY USAGE of the memory's keys (their stored bytes where the server lacks it)
+    fields: int  #: hash fields, journal and bookkeeping included
+    pending: int  #: operations queued offline, not yet in Redis
+
+
+@dataclass(frozen=True)
 class Metadata:
     """What :meth:`Memory.metadata` reports."""
 
@@ -676,6 +685,21 @@ class Memory:
 
     def _rm_message_count(self) -> int | None:
         return None
+
+    def stats(self) -> Stats:
+        """Bytes this memory takes in Redis (MEMORY USAGE), its hash fields, and operations queued offline."""
+        used, fields = self._rm_server_call(lambda store: store.size())
+        return Stats(used, fields, len(self._rm.outbox))
+
+    def health_check(self) -> connection.Health:
+        """Round trip, server version and mode of this memory's server."""
+        return connection.health_check(self._rm.store.client)
+
+    @classmethod
+    def count(cls, *, client: redis.Redis | None = None, url: str | None = None, prefix: str = "rm") -> int:
+        """How many memories of this kind the index lists (ZCARD): O(1). Expired ones leave when listed."""
+        catalog = cls._rm_catalog(connection.connect(client, url), prefix)
+        return catalog.count() if catalog else 0
 
     def _rm_server_call(self, call: Callable[[Store], Any]) -> Any:
         core = self._rm

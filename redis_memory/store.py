@@ -561,6 +561,16 @@ class Store:
         created, active = self._call("HMGET", self.key, "tc", "ta")
         return (int(created) if created else None), (int(active) if active else None)
 
+    def size(self) -> tuple[int, int]:
+        """MEMORY USAGE of the memory's keys (else their stored bytes), and HLEN: O(size) at most."""
+        fields = int(self._call("HLEN", self.key))
+        try:
+            used = sum(int(self._call("MEMORY", "USAGE", key, "SAMPLES", "0") or 0) for key in self.keys)
+        except redis.ResponseError:  # fakeredis has no MEMORY command
+            stored = self.read_all()
+            used = sum(len(f) + len(v) for f, v in stored.items())
+        return used, fields
+
     def remaining(self) -> int:
         """PTTL of the hash: milliseconds left, -1 without expiry, -2 if it does not exist."""
         return int(self._call("PTTL", self.key))

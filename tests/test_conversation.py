@@ -9,7 +9,7 @@ import pytest
 import redis
 from conftest import Switch
 
-from redis_memory import ConversationMemory, Memory
+from redis_memory import ConnectionFailed, ConversationMemory, Memory, health_check
 
 
 def test_ttl_expires_every_key_of_the_memory(client: redis.Redis) -> None:
@@ -164,3 +164,24 @@ def test_listing_forgets_deleted_and_expired_memories(client: redis.Redis) -> No
     assert client.zcard("rm:conversation:index") == 1
     with pytest.raises(ValueError):
         ConversationMemory.list_ids(idle_for=-1, client=client)
+
+
+def test_health_check_and_stats(client: redis.Redis, backend: str) -> None:
+    """health_check reports a round trip, server and mode; stats report bytes, fields and pending operations."""
+    health = health_check(client)
+    assert health.round_trip_ms > 0 and health.server == {"redis7": "redis", "valkey": "valkey"}.get(backend, "redis")
+    assert health.version.startswith({"redis7": "7.", "valkey": "9."}.get(backend, "unknown"))
+    assert health.mode == "standalone"
+    mem = ConversationMemory("stats", client=client)
+    assert mem.health_check().server == health.server
+    mem.messages = [{"role": "user", "content": "x" * 100}]
+    small = mem.stats()
+    for _ in range(20):
+        mem.messages.append({"role": "user", "content": "x" * 100})
+    large = mem.stats()
+    assert 0 < small.bytes_used < large.bytes_used and small.fields < large.fields
+    assert large.pending == 0
+    ConversationMemory("stats-2", client=client).messages = []
+    assert ConversationMemory.count(client=client) == 2
+    with pytest.raises(ConnectionFailed):
+        health_check(url="redis://127.0.0.1:1/0")
