@@ -112,6 +112,28 @@ def offline_writes(target: int | str, url: str, writes: int = 100, repeats: int 
     return statistics.median(totals), max(totals)
 
 
+def listing_row(client: redis.Redis) -> tuple[str, float, str]:
+    """Listing the same 10 idle conversations among 100 and among 10,010: O(result) means the same time."""
+    for n in range(10):
+        ConversationMemory(f"idle-{n}", client=client, prefix="listing").messages = [message(n)]
+    cutoff = time.time() + 0.75  # idle ones were written before, busy ones after
+    time.sleep(1.5)
+    timings, busy = {}, 0
+    for total in (100, 10_010):
+        while busy < total - 10:
+            ConversationMemory(f"busy-{busy}", client=client, prefix="listing").messages = [message(busy)]
+            busy += 1
+        runs = []
+        for _ in range(21):
+            start = time.perf_counter()
+            found = ConversationMemory.list_ids(idle_for=time.time() - cutoff, client=client, prefix="listing")
+            runs.append(time.perf_counter() - start)
+            assert len(found) == 10, len(found)
+        timings[total] = statistics.median(runs)
+    ms = timings[10_010] * 1000
+    return (f"list 10 idle conversations among 10,010 / among 100 ({ms:.2f} ms)", timings[10_010] / timings[100], "~ 1")
+
+
 def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     client = redis.Redis.from_url(url)
     client.flushall()
@@ -161,6 +183,21 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     used = client.memory_usage(small.key, samples=0)
     packed = len(msgpack.packb(messages[:1000]))
     rows.append((f"Redis memory, 1,000 messages ({used:,} B vs {packed:,} B msgpack)", used / packed, "<= 2"))
+
+    bounded = ConversationMemory("bounded", client=client, max_messages=100)
+    bounded.messages = [message(i) for i in range(100)]
+    j = iter(range(100, 10**9))
+    ratio = interleaved(raw_hset, lambda: bounded.messages.append(message(next(j))))
+    rows.append(("append with max_messages=100, list full (trims one per append)", ratio, "<= 2.5"))
+    while next(j) < 10_000:
+        bounded.messages.append(message(0))
+    at_10k = client.memory_usage(bounded.key, samples=0)
+    while next(j) < 100_000:
+        bounded.messages.append(message(0))
+    at_100k = client.memory_usage(bounded.key, samples=0)
+    rows.append((f"Redis memory after 100,000 / 10,000 bounded appends ({at_100k:,} B)", at_100k / at_10k, "flat"))
+
+    rows.append(listing_row(client))
 
     median_s, worst_s = offline_writes(target, url)
     rows.append((f"100 appends while Redis is down, in all (slowest of 7: {worst_s:.3f} s)", median_s, "< 1 s"))
