@@ -30,7 +30,8 @@ def test_memory_lives_in_one_hash(client: redis.Redis) -> None:
     mem = ConversationMemory("one", client=client)
     mem.messages = [{"role": "user", "content": "x"}]
     mem.profile = {"a": {"b": [1, 2]}}
-    assert sorted(client.keys("*")) == [mem.key.encode(), (mem.key + ":w").encode()]
+    assert sorted(client.keys("*{one}*")) == [mem.key.encode(), (mem.key + ":w").encode()]
+    assert sorted(client.keys("*")) == [b"rm:conversation:index", *sorted(client.keys("*{one}*"))]
     assert client.type(mem.key) == b"hash"
     assert client.type(mem.key + ":w") == b"zset"
     mem.delete()
