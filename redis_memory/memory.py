@@ -216,7 +216,7 @@ class MemoryCore:
                 if op is None:
                     return NO_OP
                 if self.bounds and isinstance(op, ops.ListAppend):
-                    op = self._bounded(proxy, op)
+                    self._bound(proxy, op)
                 plan = replica.removal_plan(op)
                 seq = self._next_seq()
                 if not online:
@@ -262,12 +262,11 @@ class MemoryCore:
             except redis.RedisError as exc:  # the index may lag; listing checks real activity
                 log.info("%s: index not updated: %s", self.store.key, exc)
 
-    def _bounded(self, proxy: ObservedList | ObservedDict, op: ops.ListAppend) -> ops.ListAppend:
+    def _bound(self, proxy: ObservedList | ObservedDict, op: ops.ListAppend) -> None:
         """An append to a bounded attribute (``max_messages``) also trims it."""
         for name, keep in self.bounds.items():
             if dict.get(self.replica.root, name) is proxy:
-                return ops.ListAppend(op.nid, op.value_list, keep)
-        return op
+                op.bounded(keep)
 
     def _settle(self, proxy: ObservedList | ObservedDict, op: ops.Op, reply: Reply) -> Any:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""

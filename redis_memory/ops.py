@@ -165,20 +165,24 @@ class DictClear(Op):
 class ListAppend(Op):
     """``append`` / ``extend`` / ``+=``: add at the end, O(1) per item.
 
-    With ``keep``, the list keeps only its newest ``keep`` items: the
-    script drops from the front what the append adds beyond that, and only
-    the last ``keep`` values are sent.
+    With ``keep`` (see :meth:`bounded`), the list keeps only its newest
+    ``keep`` items: the script drops from the front what the append adds
+    beyond that, and only the last ``keep`` values are sent.
     """
 
     value_list: list[Any] = field(default_factory=list)
-    keep: int = 0
+    keep: int = field(init=False, default=0)
     values: list[Encoded] = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = b"lappend"
-        if self.keep and len(self.value_list) > self.keep:
-            self.value_list = self.value_list[-self.keep :]
         self.values = [encode_value(v) for v in self.value_list]
+
+    def bounded(self, keep: int) -> None:
+        """Make this append keep only the newest ``keep`` items (values are not encoded again)."""
+        self.keep = keep
+        if len(self.values) > keep:
+            self.value_list, self.values = self.value_list[-keep:], self.values[-keep:]
 
     def args(self) -> Args:
         return _args([b"%d" % len(self.values), b"%d" % self.keep], self.values)
