@@ -15,10 +15,12 @@ from .errors import (
     ReservedName,
     UnsupportedValue,
 )
+from .feed import Event, Feed, Subscription
 from .memory import ConversationMemory, Memory, Metadata, Stats
 from .proxies import ObservedDict, ObservedList
 from .queue import Status
 from .session import AgentMemory, Session, SessionMemory
+from .window import TokenCounter, fit_messages, message_tokens, token_counter
 
 __all__ = [
     "AgentMemory",
@@ -28,6 +30,8 @@ __all__ = [
     "ConversationMemory",
     "CorruptData",
     "EmbeddedServerError",
+    "Event",
+    "Feed",
     "Health",
     "Memory",
     "Metadata",
@@ -43,9 +47,14 @@ __all__ = [
     "SessionMemory",
     "Stats",
     "Status",
+    "Subscription",
+    "TokenCounter",
     "UnsupportedValue",
     "embedded_dir",
     "ensure_embedded",
+    "fit_messages",
     "health_check",
+    "message_tokens",
     "stop_embedded",
+    "token_counter",
 ]

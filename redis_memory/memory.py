@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import redis
 
@@ -30,9 +30,11 @@ from .errors import (
     RedisMemoryError,
     ReservedName,
 )
+from .feed import Event, Feed, Subscription
 from .proxies import NO_OP, ObservedDict, ObservedList, plain
 from .replica import Corrupt, Replica, Resync
 from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, removal_plan
+from .window import fit_messages
 
 #: How often an operation is rebuilt and resent after the server found this
 #: replica's view stale (another writer changed the same container meanwhile).
@@ -63,9 +65,11 @@ class MemoryCore:
         spool: str | os.PathLike[str] | None,
         ttl: float | None = None,
         bounds: dict[str, int] | None = None,
+        author: str | None = None,
     ) -> None:
         self.store = store
         self.name = name
+        self.author = author.encode() if author else b""
         self.ttl = b"%d" % _milliseconds(ttl) if ttl is not None else b"0"
         self.bounds = bounds or {}
         self.catalog: Catalog | None = None
@@ -225,7 +229,7 @@ class MemoryCore:
                 # only if this operation is the one that creates the memory.
                 tag = b"%d" % seq
                 expected = ANY_INCARNATION if op.nid == b"0" else replica.incarnation
-                header = [self.writer, tag, self.writer + b"." + tag, expected, op.name, op.nid, self.ttl]
+                header = [self.writer, tag, self.writer + b"." + tag, expected, op.name, op.nid, self.ttl, self.author]
                 try:
                     reply = self.store.apply(header, plan, op.args())
                 except ConnectionFailed as exc:
@@ -347,7 +351,7 @@ class MemoryCore:
         if sent.name == b"lreplace" and skipped:
             args = [b"%d" % (int(args[0]) - skipped), *args[1:]]
         tag = b"%d" % entry.seq
-        header = [entry.writer, tag, entry.writer + b"." + tag, expected, sent.name, sent.nid, self.ttl]
+        header = [entry.writer, tag, entry.writer + b"." + tag, expected, sent.name, sent.nid, self.ttl, self.author]
         plan = sent.plan
         reply = self.store.apply(header, plan, ops.from_tokens(args))
         if reply.status == "stale":
@@ -508,10 +512,13 @@ class Memory:
         max_pending: int = queue.DEFAULT_MAX_PENDING,
         spool: str | os.PathLike[str] | None = None,
         ttl: float | None = None,
+        author: str | None = None,
     ) -> None:
+        if author is not None and not isinstance(author, str):
+            raise TypeError(f"author must be a str, not {type(author).__name__}")
         redis_client = connection.connect(client, url)
-        store = Store(redis_client, self._rm_own_key(prefix, name))
-        core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds())
+        store = Store(redis_client, self._rm_own_key(prefix, name), self._rm_companions(prefix, name))
+        core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds(), author)
         core.catalog = self._rm_catalog(redis_client, prefix)
         object.__setattr__(self, "_rm", core)
 
@@ -521,6 +528,10 @@ class Memory:
 
     def _rm_own_key(self, prefix: str, name: str) -> str:
         return self._rm_key(prefix, name)
+
+    def _rm_companions(self, prefix: str, name: str) -> tuple[str, ...]:
+        """Keys outside the memory that share its expiry."""
+        return ()
 
     @classmethod
     def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
@@ -690,6 +701,26 @@ class Memory:
         used, fields = self._rm_server_call(lambda store: store.size())
         return Stats(used, fields, len(self._rm.outbox))
 
+    @overload
+    def subscribe(self, callback: None = None) -> Feed: ...
+
+    @overload
+    def subscribe(self, callback: Callable[[Event], Any]) -> Subscription: ...
+
+    def subscribe(self, callback: Callable[[Event], Any] | None = None) -> Feed | Subscription:
+        """Follow this memory's changes, made by any process, from now on.
+
+        Without a callback: a :class:`~redis_memory.feed.Feed`, an iterator of
+        :class:`~redis_memory.feed.Event` (``for event in mem.subscribe()``).
+        With one: a :class:`~redis_memory.feed.Subscription` that calls it
+        with each event from a background thread. Close either to stop.
+        """
+        if callback is None:
+            return Feed(self._rm)
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        return Subscription(self._rm, callback)
+
     def health_check(self) -> connection.Health:
         """Round trip, server version and mode of this memory's server."""
         return connection.health_check(self._rm.store.client)
@@ -743,6 +774,26 @@ class ConversationMemory(Memory):
     def _rm_message_count(self) -> int | None:
         messages = dict.get(self._rm.replica.root, "messages")
         return len(messages) if isinstance(messages, list) else 0
+
+    def window(
+        self,
+        max_tokens: int,
+        *,
+        counter: Callable[[str], int] | None = None,
+        keep_system: bool = True,
+        summarize: Callable[[list[dict[str, Any]]], Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The newest ``messages`` that fit ``max_tokens``, as plain dicts to send to a model.
+
+        Reads the messages fresh, then :func:`~redis_memory.window.fit_messages`:
+        a leading system message is kept, ``summarize`` may fold what was cut
+        into one message. Nothing stored changes.
+        """
+        try:
+            messages = self._rm.read("messages", MissingAttribute)
+        except MissingAttribute:
+            messages = []
+        return fit_messages(messages, max_tokens, counter=counter, keep_system=keep_system, summarize=summarize)
 
     @property
     def conversation_id(self) -> str:

@@ -22,10 +22,17 @@ from .memory import Memory, Metadata
 from .store import escape_id
 
 
+def _agents_key(prefix: str, session_id: str) -> str:
+    return SessionMemory._rm_key(prefix, session_id) + ":agents"
+
+
 class SessionMemory(Memory):
     """The memory every agent of a session shares; deleting it idle deletes the whole session."""
 
     _rm_kind = "session"
+
+    def _rm_companions(self, prefix: str, name: str) -> tuple[str, ...]:
+        return (_agents_key(prefix, name),)
 
     @classmethod
     def _rm_open(cls, name: str, client: redis.Redis, prefix: str) -> Any:
@@ -46,6 +53,9 @@ class AgentMemory(Memory):
     def _rm_own_key(self, prefix: str, name: str) -> str:
         return f"{self._rm_key(prefix, name)}:agent:{escape_id(self._rm_agent)}"
 
+    def _rm_companions(self, prefix: str, name: str) -> tuple[str, ...]:
+        return (_agents_key(prefix, name),)
+
     @classmethod
     def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
         return None  # listed through their session
@@ -60,11 +70,13 @@ class Session:
     """A session several agents share: ``shared`` for all, ``agent(name)`` private to each.
 
     Opened with ``agent="A"``, the session object is A's view: ``private`` is
-    A's memory, and asking for another agent's raises :class:`PrivateMemory`.
+    A's memory, and asking for another agent's raises :class:`PrivateMemory`;
+    A's writes carry ``author="A"`` in the change feed.
     Opened without, it is an orchestrator's view and reaches every agent.
     ``with Session(..., delete_on_exit=True) as s:`` deletes the whole
     session when the block ends. Other options (``ttl``, ``spool``,
-    ``max_pending``) apply to every memory of the session.
+    ``max_pending``, ``author``) apply to every memory of the session; with
+    ``ttl`` the participant set expires with them.
     """
 
     def __init__(
@@ -82,9 +94,11 @@ class Session:
         self.me = agent
         self.delete_on_exit = delete_on_exit
         self._client = connection.connect(client, url)
+        if agent is not None:
+            options.setdefault("author", agent)
         self._options: dict[str, Any] = dict(options, client=self._client, prefix=prefix)
         self.shared = SessionMemory(session_id, **self._options)
-        self._agents_key = self.shared.key + ":agents"
+        self._agents_key = _agents_key(prefix, session_id)
         self._opened: dict[str, AgentMemory] = {}
 
     def agent(self, name: str) -> AgentMemory:
@@ -97,7 +111,11 @@ class Session:
         found = self._opened.get(name)
         if found is None:
             found = self._opened[name] = AgentMemory(self.session_id, name, **self._options)
-            self._client.sadd(self._agents_key, name)
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.sadd(self._agents_key, name)
+                if found._rm.ttl != b"0":  # the set lives as long as the session's memories
+                    pipe.pexpire(self._agents_key, int(found._rm.ttl))
+                pipe.execute()
         return found
 
     @property

@@ -29,6 +29,8 @@ insertion order of Python dicts survives.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -47,6 +49,8 @@ OP_ID_RETENTION = 7 * 24 * 3600
 #: A writer's entry in the writer index is refreshed at most this often.
 _INDEX_EVERY = 60
 ANY_INCARNATION = b"*"
+#: The change channel of a memory is its key plus this (same hash tag).
+FEED_SUFFIX = ":changes"
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
 
 
@@ -94,11 +98,14 @@ end
 local function efield(n, s) return 'e' .. n .. ':' .. s end
 """
 
-# Applies one operation. KEYS: the hash, the writer index. ARGV: writer,
+# Applies one operation. KEYS: the hash, the writer index, then any keys
+# that share the memory's expiry (a session's participant set). ARGV: writer,
 # seq, new-incarnation token, expected incarnation ('*' for any, or none),
-# op name, nid, expiry in ms (0: none); the number of arguments that follow for the keys of every
-# dict node the op may remove (per node: nid, key count, keys); then the op's
-# own arguments (see ops.py).
+# op name, nid, expiry in ms (0: none), author (may be empty); the number
+# of arguments that follow for the keys of every dict node the op may remove
+# (per node: nid, key count, keys); then the op's own arguments (see ops.py).
+# An applied change is published on the memory's change channel (see
+# feed.py for the message).
 # Every check runs before the first write: a script is not rolled back.
 _APPLY = (_PRELUDE + """
 local writer, seq = ARGV[1], tonumber(ARGV[2])
@@ -145,14 +152,13 @@ local ttl = tonumber(ARGV[7])
 -- clock of every key of the memory, in the same atomic step.
 local function refresh_ttl()
   if ttl > 0 then
-    redis.call('PEXPIRE', K, ttl)
-    redis.call('PEXPIRE', KEYS[2], ttl)
+    for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
   end
 end
 
 local known = {}
-local pos = 9
-local drops_end = pos + tonumber(ARGV[8])
+local pos = 10
+local drops_end = pos + tonumber(ARGV[9])
 while pos < drops_end do
   local dn, cnt = ARGV[pos], tonumber(ARGV[pos + 1])
   local keys = {}
@@ -237,11 +243,15 @@ if not h then return reply('gone') end
 local want = (string.sub(op, 1, 1) == 'l') and 'l' or 'd'
 if h.kind ~= want then return reply('gone') end
 local extra = {}
+-- What the change event says beyond the op: the dict keys it changed, or
+-- the list index (at the time of the change) and the number of items.
+local event_keys, event_index, event_count = {}, '', ''
 
 if op == 'dset' or op == 'dsetdefault' then
   local count = tonumber(arg())
   local keys = {}
   for i = 1, count do keys[i] = arg() end
+  event_keys = keys
   for i = 1, count do
     local raw = hget(efield(nid, keys[i]))
     if raw and op == 'dsetdefault' then return reply('exists', '', dict_payload(raw)) end
@@ -262,6 +272,7 @@ if op == 'dset' or op == 'dsetdefault' then
 elseif op == 'ddel' then
   local count = tonumber(arg())
   local keys = {}
+  event_keys = keys
   for i = 1, count do
     keys[i] = arg()
     local raw = hget(efield(nid, keys[i]))
@@ -296,6 +307,7 @@ elseif op == 'lappend' then
     drop(hget(f) or ''); hdel(f)
   end
   h.a = h.a + trim
+  event_index, event_count = fmt(h.b - h.a), fmt(count)
   for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
 elseif op == 'linsert' then
   local slot = tonumber(arg())
@@ -311,10 +323,12 @@ elseif op == 'linsert' then
     for s = h.b - 1, slot, -1 do move(nid, s, s + 1) end
     h.b = h.b + 1; target = slot
   end
+  event_index, event_count = fmt(target - h.a), '1'
   put(efield(nid, fmt(target)), build())
 elseif op == 'lset' or op == 'ldel' then
   local slot = tonumber(arg())
   if slot < h.a or slot >= h.b then return reply('index') end
+  event_index, event_count = fmt(slot - h.a), '1'
   local f = efield(nid, fmt(slot))
   local old = hget(f) or ''
   if not can_drop(old) then return reply('stale') end
@@ -412,12 +426,18 @@ for start = 1, #writes, 1000 do
   redis.call('HSET', K, unpack(writes, start, math.min(start + 999, #writes)))
 end
 refresh_ttl()
+local event = {fmt(version), now_ms, writer, ARGV[8], op, nid, event_index, event_count}
+for _, k in ipairs(event_keys) do event[#event + 1] = k end
+for i = 1, #event do event[i] = fmt(#event[i]) .. ':' .. event[i] end
+-- pcall: a user whose ACL forbids the channel still writes (without events).
+redis.pcall('PUBLISH', K .. '%(feed)s', table.concat(event))
 return reply('ok', result, unpack(extra))
 """) % {
     "journal": JOURNAL_SIZE,
     "touch_limit": TOUCH_LIMIT,
     "index_every": _INDEX_EVERY,
     "retention": OP_ID_RETENTION,
+    "feed": FEED_SUFFIX,
 }
 
 # Brings a replica from version ARGV[1] of incarnation ARGV[2] to now: the
@@ -482,11 +502,15 @@ class Sync:
 class Store:
     """All Redis traffic of one memory: its key, its scripts, its reads."""
 
-    def __init__(self, client: redis.Redis, key: str) -> None:
+    def __init__(self, client: redis.Redis, key: str, companions: tuple[str, ...] = ()) -> None:
         self.client = client
         self.key = key
         self.writers_key = key + ":w"
+        #: The keys this memory owns: deleted with it.
         self.keys = (key, self.writers_key)
+        #: Keys that also get the memory's expiry, but outlive its deletion.
+        self.companions = companions
+        self.feed = key + FEED_SUFFIX
         self.channel = channel(client)
         self._heads: dict[str, bytes] = {}
         self._version_command = resp_command(("HMGET", key, "v", "i"))
@@ -522,7 +546,7 @@ class Store:
         plan: list[bytes] = []
         for nid, keys in drops.items():
             plan += [nid, b"%d" % len(keys), *keys]
-        raw = self._script(_APPLY, self.keys, [*header, b"%d" % len(plan), *plan], op_args)
+        raw = self._script(_APPLY, self.keys + self.companions, [*header, b"%d" % len(plan), *plan], op_args)
         return Reply(raw[0].decode(), int(raw[1]), raw[2], int(raw[3]) if raw[3] else None, list(raw[4:]))
 
     def version(self) -> tuple[int, bytes]:
@@ -545,12 +569,17 @@ class Store:
         return cast(dict[bytes, bytes], reply)
 
     def delete(self) -> None:
-        """DEL of the memory's keys: O(size of the memory)."""
+        """DEL of the memory's keys: O(size of the memory); a root ``clear`` on the change feed."""
         self._call("DEL", *self.keys)
+        now = b"%d" % (time.time_ns() // 1_000_000)
+        event = [b"0", now, b"", b"", b"dclear", b"0", b"", b""]
+        # An ACL user without the right to the channel deletes without an event.
+        with contextlib.suppress(redis.ResponseError):
+            self._call("PUBLISH", self.feed, b"".join(b"%d:%s" % (len(part), part) for part in event))
 
     def expire(self, milliseconds: int | None) -> None:
-        """PEXPIRE (or PERSIST, for None) of each of the memory's keys: O(1)."""
-        for key in self.keys:
+        """PEXPIRE (or PERSIST, for None) of each of the memory's keys and companions: O(1)."""
+        for key in self.keys + self.companions:
             if milliseconds is None:
                 self._call("PERSIST", key)
             else:

@@ -79,6 +79,8 @@ def test_acl_user_in_url(servers: dict) -> None:  # type: ignore[type-arg]
         mem.x = [1]
         mem.x.append(2)
         assert Memory("acl", url=f"redis://agent:s3cret@127.0.0.1:{server.port}/0").x == [1, 2]
+        mem.delete()  # writes and deletes work without the right to publish change events
+        assert admin.exists(mem.key) == 0
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(f"redis://agent:wrong@127.0.0.1:{server.port}/0").ping()
     finally:

@@ -9,7 +9,7 @@ import pytest
 import redis
 from conftest import Switch
 
-from redis_memory import ConnectionFailed, ConversationMemory, Memory, health_check
+from redis_memory import ConnectionFailed, ConversationMemory, Memory, health_check, message_tokens
 
 
 def test_ttl_expires_every_key_of_the_memory(client: redis.Redis) -> None:
@@ -185,3 +185,28 @@ def test_health_check_and_stats(client: redis.Redis, backend: str) -> None:
     assert ConversationMemory.count(client=client) == 2
     with pytest.raises(ConnectionFailed):
         health_check(url="redis://127.0.0.1:1/0")
+
+
+def test_window_gives_the_newest_messages_within_a_token_budget(client: redis.Redis) -> None:
+    """window() reads the stored messages fresh and fits them, system message first, as plain dicts."""
+    mem = ConversationMemory("window", client=client)
+    assert mem.window(100) == []
+    mem.messages = [{"role": "system", "content": "be brief"}]
+    other = ConversationMemory("window", client=client)
+    for i in range(30):
+        other.messages.append({"role": "user", "content": f"question {i}"})
+
+    def words(text: str) -> int:
+        return len(text.split())
+
+    cost = message_tokens({"role": "user", "content": "question 1"}, words)
+    system_cost = message_tokens(mem.messages[0], words)
+    window = mem.window(system_cost + 5 * cost, counter=words)
+    assert window == [{"role": "system", "content": "be brief"}] + [
+        {"role": "user", "content": f"question {i}"} for i in range(25, 30)
+    ]
+    assert all(type(m) is dict for m in window)
+    summarized = mem.window(system_cost + 5 * cost, counter=words, summarize=lambda dropped: f"{len(dropped)} earlier")
+    assert summarized[1] == {"role": "system", "content": "26 earlier"}
+    assert summarized[2:] == window[2:]
+    assert len(mem.messages) == 31  # nothing stored changed

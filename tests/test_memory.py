@@ -380,7 +380,7 @@ def test_a_failed_operation_does_not_create_the_memory(client: redis.Redis) -> N
 
     store = Store(client, Memory("absent", client=client).key)
     op = ops.DictDelete(b"0", ["x"])
-    reply = store.apply([b"w", b"1", b"tok", b"", op.name, op.nid, b"0"], {}, op.args())
+    reply = store.apply([b"w", b"1", b"tok", b"", op.name, op.nid, b"0", b""], {}, op.args())
     assert reply.status == "missing"
     assert client.exists(store.key) == 0
 

@@ -70,3 +70,31 @@ def test_session_metadata_and_idle_clean_up(client: redis.Redis) -> None:
     assert meta.created_at is not None and meta.last_activity is not None
     assert Session.delete_idle(0, client=client) == 1
     assert [k for k in client.keys("*") if b"{idle}" in k] == []
+
+
+def test_with_ttl_the_participant_set_expires_with_the_session(client: redis.Redis) -> None:
+    """ttl= covers the participant set too: it gets the expiry and every write to any memory renews it."""
+    s = Session("short", agent="A", client=client, ttl=30)
+    s.private.notes = "n"
+    agents_key = s.shared.key + ":agents"
+    assert 0 < client.pttl(agents_key) <= 30_000
+    client.pexpire(agents_key, 1_000)
+    s.shared.plan = ["x"]  # a write to the shared memory renews it
+    assert client.pttl(agents_key) > 1_000
+    client.pexpire(agents_key, 1_000)
+    s.private.notes = "m"  # and so does a write to an agent's memory
+    assert client.pttl(agents_key) > 1_000
+    s.private.delete()  # deleting one agent's memory leaves the session's participants
+    assert s.agents() == ["A"]
+    s.shared.persist()
+    assert client.pttl(agents_key) == -1
+
+
+def test_an_agents_writes_carry_its_name(client: redis.Redis, other_client: redis.Redis) -> None:
+    """In a session opened for an agent, change events name that agent as the author."""
+    listener = Session("authors", client=other_client)
+    writer = Session("authors", agent="A", client=client)
+    with listener.shared.subscribe() as feed:
+        writer.shared.topic = "billing"
+        event = feed.get(timeout=10)
+    assert event is not None and (event.attribute, event.author) == ("topic", "A")

@@ -96,7 +96,7 @@ def test_an_operation_id_is_applied_once(client: redis.Redis) -> None:
     store = Store(client, mem.key)
     incarnation = client.hget(mem.key, "i")
     nid = mem.items._rm_nid
-    header = [b"retrying-writer", b"1", b"tok", incarnation, b"lappend", nid, b"0"]
+    header = [b"retrying-writer", b"1", b"tok", incarnation, b"lappend", nid, b"0", b""]
     first = store.apply(header, {}, ops.ListAppend(nid, [7]).args())
     again = store.apply(header, {}, ops.ListAppend(nid, [7]).args())
     assert (first.status, again.status) == ("ok", "dup")

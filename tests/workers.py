@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from multiprocessing.synchronize import Barrier, Event
+from typing import Any
 
 from redis_memory import ConversationMemory
 
@@ -58,3 +59,20 @@ def open_spool_and_flush(url: str, spool: str) -> None:
     """A new process on the same spool: the dead one's queue reaches the server."""
     mem = ConversationMemory("spooled", url=url, spool=spool)
     assert mem.flush(timeout=60), mem.status()
+
+
+def agent_listens(url: str, session_id: str, subscribed: Event, results: Any) -> None:
+    """Agent B: follow the session's shared memory and report the first change event; try A's notes."""
+    from redis_memory import PrivateMemory, Session
+
+    b = Session(session_id, agent="B", url=url)
+    try:
+        b.agent("A")
+        results.put("B opened A's private memory")
+    except PrivateMemory:
+        pass
+    with b.shared.subscribe() as feed:
+        subscribed.set()
+        event = feed.get(timeout=30)
+    assert event is not None, "no change event within 30 s"
+    results.put((event.op, event.attribute, event.path, event.author, b.shared.plan[event.path[1]]))

@@ -1,0 +1,353 @@
+"""The change feed: a memory's changes as events, from Redis pub/sub.
+
+The apply script publishes every change it makes, in the same atomic step,
+on the memory's channel (its key plus ``:changes``; same hash tag). A
+message is a sequence of length-prefixed parts (``<len>:<bytes>``):
+
+    version, time (ms), writer, author, op, nid, index, count, key...
+
+``index`` and ``count`` are set for list changes (the position at the time
+of the change, and how many items); the keys are the dict keys a dict change
+set or deleted (msgpack-encoded). :meth:`Memory.delete` publishes a
+``clear`` of the root with version 0.
+
+The server knows a container by its node id, not by its path; a subscriber
+resolves the id to a path in its own memory's replica, brought up to date
+first when the id is not in it. Paths are therefore current as of when the
+event is read: a list index may have moved since the change was made.
+
+Pub/sub delivers to connected subscribers only. A subscriber that misses
+changes (its link broke, or versions skip) gets one ``resync`` event, which
+says: read the state again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from . import codec
+from .errors import RedisMemoryError
+from .proxies import ObservedDict, ObservedList
+
+if TYPE_CHECKING:
+    from .memory import MemoryCore
+
+log = logging.getLogger("redis_memory")
+
+#: The operation names events use, by the script's operation names.
+OPS = {
+    b"dset": "set",
+    b"dsetdefault": "setdefault",
+    b"ddel": "delete",
+    b"dclear": "clear",
+    b"lappend": "append",
+    b"linsert": "insert",
+    b"lset": "set",
+    b"ldel": "delete",
+    b"lreplace": "replace",
+}
+_WAIT_SLICE = 0.2  # a blocked read wakes this often to notice close()
+_MAX_DELAY = 1.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change to a memory.
+
+    ``path`` leads from the memory to what changed: ``("context", "topic")``
+    for ``mem.context["topic"] = ...``, ``("messages", 41)`` for the append
+    that made item 41. A change to a whole container (``clear``,
+    ``replace``) names the container. ``attribute`` is ``path[0]``; both are
+    empty (None, ``()``) for a change to the whole memory (``clear`` after
+    :meth:`Memory.delete`, ``resync``) and for a container deleted before
+    the event was read.
+    """
+
+    memory: str  #: the name (id) of the memory
+    attribute: str | None  #: the top-level name the change is under
+    path: tuple[Any, ...]  #: keys and list indexes from the memory to what changed
+    op: str  #: set, setdefault, delete, clear, append, insert, replace; or resync
+    author: str | None  #: the ``author=`` of the memory that wrote it
+    time: dt.datetime  #: when the server applied it (UTC)
+    version: int  #: the memory's version after the change (0 for a delete)
+
+
+def _parts(message: bytes) -> list[bytes]:
+    parts, pos = [], 0
+    while pos < len(message):
+        colon = message.index(b":", pos)
+        end = colon + 1 + int(message[pos:colon])
+        parts.append(message[colon + 1 : end])
+        pos = end
+    return parts
+
+
+class _Paths:
+    """Node id → path, from a memory's replica, cached and checked on use."""
+
+    def __init__(self, core: MemoryCore) -> None:
+        self.core = core
+        self.parents: dict[bytes, tuple[bytes, Any]] = {}
+
+    def of(self, nid: bytes, version: int) -> tuple[Any, ...] | None:
+        """The path of node ``nid`` in the replica, brought at least to ``version`` first."""
+        core = self.core
+        with core.lock:
+            refreshed = False
+            if core.replica.version < version:
+                refreshed = self._refresh()
+            found = self._walk_up(nid)
+            if found is None:  # not known yet: look in the replica as it is
+                self._rebuild()
+                found = self._walk_up(nid)
+            if found is None and not refreshed and self._refresh():
+                self._rebuild()
+                found = self._walk_up(nid)
+            return found
+
+    def _refresh(self) -> bool:
+        try:
+            self.core.refresh()
+            return True
+        except RedisMemoryError:
+            return False
+
+    def _walk_up(self, nid: bytes) -> tuple[Any, ...] | None:
+        nodes = self.core.replica.nodes
+        path: list[Any] = []
+        while nid != b"0":
+            entry = self.parents.get(nid)
+            node = nodes.get(nid)
+            if entry is None or node is None:
+                return None
+            parent_nid, where = entry
+            parent = nodes.get(parent_nid)
+            if isinstance(parent, ObservedList):
+                index = where - parent._rm_lo
+                if not 0 <= index < len(parent) or list.__getitem__(parent, index) is not node:
+                    return None
+                path.append(index)
+            elif isinstance(parent, ObservedDict) and dict.get(parent, where) is node:
+                path.append(where)
+            else:
+                return None
+            nid = parent_nid
+        return tuple(reversed(path))
+
+    def _rebuild(self) -> None:
+        """One walk of the replica: O(number of containers)."""
+        parents: dict[bytes, tuple[bytes, Any]] = {}
+        stack: list[ObservedDict | ObservedList] = [self.core.replica.root]
+        while stack:
+            node = stack.pop()
+            children: Iterable[tuple[Any, Any]]
+            if isinstance(node, ObservedDict):
+                children = dict.items(node)
+            else:
+                children = enumerate(list.__iter__(node), node._rm_lo)
+            for where, child in children:
+                if isinstance(child, (ObservedDict, ObservedList)):
+                    parents[child._rm_nid] = (node._rm_nid, where)
+                    stack.append(child)
+        self.parents = parents
+
+
+class Feed:
+    """An iterator over a memory's change events, from the moment it was made.
+
+    ``for event in feed`` blocks for each next event; :meth:`get` waits at
+    most a timeout. Close it (or use ``with``) to unsubscribe. A lost link
+    is reconnected in the background of :meth:`get`, followed by a
+    ``resync`` event.
+    """
+
+    def __init__(self, core: MemoryCore) -> None:
+        self._core = core
+        self._client: Any = core.store.client  # redis-py's pubsub() is untyped
+        self._channel = core.store.feed
+        self._paths = _Paths(core)
+        self._ready: deque[Event] = deque()
+        self._last: int | None = None
+        self._closed = False
+        self._pubsub: Any = None
+        self._delay = 0.0
+        self._io = threading.Lock()  # held while reading: close() never closes a socket in use
+        if not self._subscribe(timeout=5.0):
+            log.warning("%s: change feed not subscribed yet; retrying", self._channel)
+
+    # -- the subscription -------------------------------------------------
+
+    def _subscribe(self, timeout: float) -> bool:
+        """A fresh pub/sub connection, subscribed (confirmed by the server)."""
+        self._drop_pubsub()
+        pubsub = self._client.pubsub()
+        try:
+            pubsub.subscribe(self._channel)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                message = pubsub.get_message(timeout=min(_WAIT_SLICE, max(0.0, deadline - time.monotonic())))
+                if message is not None and message["type"] == "subscribe":
+                    self._pubsub = pubsub
+                    self._delay = 0.0
+                    return True
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            log.info("%s: change feed cannot subscribe: %s", self._channel, exc)
+        pubsub.close()
+        return False
+
+    def _drop_pubsub(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._pubsub.close()
+            self._pubsub = None
+
+    def _receive(self, wait: float) -> bytes | None:
+        """The next published message within ``wait`` seconds, reconnecting if needed."""
+        if self._pubsub is None:
+            time.sleep(min(self._delay, wait))
+            self._delay = min(_MAX_DELAY, max(0.05, self._delay * 2))
+            if not self._subscribe(timeout=max(wait, 0.5)):
+                return None
+            self._resync()
+            return None
+        try:
+            message = self._pubsub.get_message(timeout=wait)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            if not self._closed:
+                log.info("%s: change feed lost its link: %s", self._channel, exc)
+            self._drop_pubsub()
+            return None
+        if message is None or message["type"] != "message":
+            return None
+        data: bytes = message["data"]
+        return data
+
+    # -- events -----------------------------------------------------------
+
+    def _resync(self) -> None:
+        self._ready.append(Event(self._core.name, None, (), "resync", None, dt.datetime.now(dt.UTC), -1))
+        self._last = None
+
+    def _events(self, message: bytes) -> list[Event]:
+        try:
+            version_b, ms, _writer, author_b, name, nid, index_b, count_b, *keys = _parts(message)
+            version = int(version_b)
+            when = dt.datetime.fromtimestamp(int(ms) / 1000, dt.UTC)
+        except ValueError:
+            log.warning("%s: change feed ignored a malformed message", self._channel)
+            return []
+        events: list[Event] = []
+        if self._last is not None and version not in (self._last + 1, 0, 1):
+            self._resync()
+        self._last = version
+        op = OPS.get(name, name.decode(errors="replace"))
+        author = author_b.decode(errors="replace") or None
+        base = () if nid == b"0" else self._paths.of(nid, version)
+
+        def event(*where: Any) -> Event:
+            path = () if base is None else (*base, *where)
+            attribute = path[0] if path and isinstance(path[0], str) else None
+            return Event(self._core.name, attribute, path, op, author, when, version)
+
+        if base is None:
+            events.append(event())
+        elif keys:
+            try:
+                events += [event(codec.decode_key(k)) for k in keys]
+            except ValueError:
+                events.append(event())
+        elif index_b:
+            start = int(index_b)
+            events += [event(start + i) for i in range(int(count_b or b"1"))]
+        else:
+            events.append(event())
+        return events
+
+    # -- the public side --------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event; None if none came within ``timeout`` seconds (None: wait for one)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            if self._closed:
+                with self._io:
+                    self._drop_pubsub()
+                return None
+            wait = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+            if wait <= 0:
+                return None
+            with self._io:
+                message = self._receive(wait)
+            if message is not None:
+                self._ready.extend(self._events(message))
+        return self._ready.popleft()
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        event = self.get()
+        if event is None:  # closed
+            raise StopIteration
+        return event
+
+    def close(self) -> None:
+        """Unsubscribe; iteration then stops (a read in progress ends within 0.2 s)."""
+        self._closed = True
+        if self._io.acquire(blocking=False):
+            try:
+                self._drop_pubsub()
+            finally:
+                self._io.release()
+
+    def __enter__(self) -> Feed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Subscription:
+    """Runs a callback on each change event, in a daemon thread, until closed.
+
+    An exception from the callback is logged and the subscription goes on.
+    """
+
+    def __init__(self, core: MemoryCore, callback: Callable[[Event], Any]) -> None:
+        self._feed = Feed(core)
+        self._callback = callback
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"redis_memory feed {core.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                event = self._feed.get(timeout=_WAIT_SLICE)
+                if event is not None:
+                    self._callback(event)
+            except Exception:
+                log.exception("a change callback raised; the subscription goes on")
+
+    def close(self) -> None:
+        """Stop calling back and unsubscribe (waits for a callback in progress)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._feed.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,189 @@
+"""The change feed: events published by the write scripts, as an iterator and as callbacks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+from conftest import REAL_BACKENDS, Switch
+from workers import agent_listens
+
+from redis_memory import ConversationMemory, Event, Feed, Memory, Session
+
+spawn = multiprocessing.get_context("spawn")
+
+
+def take(feed: Feed, count: int) -> list[tuple[str, tuple[Any, ...], str | None]]:
+    """The next ``count`` events as (op, path, author); fails if they do not come within 10 s."""
+    found = []
+    for _ in range(count):
+        event = feed.get(timeout=10)
+        assert event is not None, f"only {len(found)} of {count} events came: {found}"
+        assert event.attribute == (event.path[0] if event.path else None)
+        found.append((event.op, event.path, event.author))
+    return found
+
+
+def test_each_change_is_an_event_naming_what_changed(client: redis.Redis, other_client: redis.Redis) -> None:
+    """Every kind of write, by another memory object, arrives with its op, path and author."""
+    mine = Memory("feed", client=client)
+    theirs = Memory("feed", client=other_client, author="bob")
+    steps = [
+        (lambda: setattr(theirs, "context", {"topic": "billing"}), [("set", ("context",))]),
+        (lambda: theirs.context.__setitem__("topic", "refunds"), [("set", ("context", "topic"))]),
+        (lambda: theirs.context.update(a=1, b=2), [("set", ("context", "a")), ("set", ("context", "b"))]),
+        (lambda: theirs.context.pop("a"), [("delete", ("context", "a"))]),
+        (lambda: setattr(theirs, "messages", []), [("set", ("messages",))]),
+        (lambda: theirs.messages.append({"role": "user"}), [("append", ("messages", 0))]),
+        (lambda: theirs.messages.extend([1, 2]), [("append", ("messages", 1)), ("append", ("messages", 2))]),
+        (lambda: theirs.messages.insert(0, "first"), [("insert", ("messages", 0))]),
+        (lambda: theirs.messages[1].__setitem__("content", "hi"), [("set", ("messages", 1, "content"))]),
+        (lambda: theirs.messages.__setitem__(2, 10), [("set", ("messages", 2))]),
+        (lambda: theirs.messages.pop(), [("delete", ("messages", 3))]),
+        (lambda: theirs.messages.sort(key=str), [("replace", ("messages",))]),
+        (lambda: theirs.context.clear(), [("clear", ("context",))]),
+        (lambda: delattr(theirs, "context"), [("delete", ("context",))]),
+    ]
+    with mine.subscribe() as feed:
+        for write, expected in steps:
+            write()
+            assert take(feed, len(expected)) == [(op, path, "bob") for op, path in expected]
+        assert feed.get(timeout=0.2) is None  # nothing more than what was written
+
+
+def test_events_carry_the_version_and_the_server_time(client: redis.Redis) -> None:
+    """Versions count up by one per change; the time is the server's, now; no-op writes publish nothing."""
+    mem = ConversationMemory("versions", client=client)
+    mem.messages = []
+    with mem.subscribe() as feed:
+        before = dt.datetime.now(dt.UTC)
+        for i in range(5):
+            mem.messages.append(i)
+        mem.messages.sort()  # already sorted: changes nothing
+        mem.messages.append(5)
+        events = [feed.get(timeout=10) for _ in range(6)]
+        assert feed.get(timeout=0.2) is None
+    assert all(isinstance(e, Event) for e in events)
+    versions = [e.version for e in events if e is not None]
+    assert versions == list(range(versions[0], versions[0] + 6))
+    for e in events:
+        assert e is not None and e.memory == "versions" and e.author is None
+        assert abs((e.time - before).total_seconds()) < 60
+
+
+def test_deleting_the_memory_is_a_clear_of_the_whole_memory(client: redis.Redis) -> None:
+    """delete() publishes a clear with no attribute; the memory written again counts from version 1."""
+    mem = Memory("gone", client=client)
+    mem.title = "x"
+    with mem.subscribe() as feed:
+        mem.delete()
+        mem.title = "y"
+        cleared, written = feed.get(timeout=10), feed.get(timeout=10)
+    assert cleared is not None and (cleared.op, cleared.attribute, cleared.path) == ("clear", None, ())
+    assert written is not None and (written.op, written.path, written.version) == ("set", ("title",), 1)
+
+
+def test_a_callback_gets_every_event_and_survives_its_own_errors(
+    client: redis.Redis, other_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """subscribe(callback) calls back from a thread; an exception is logged and later events still come."""
+    seen: list[tuple[Any, ...]] = []
+    done = threading.Event()
+
+    def callback(event: Event) -> None:
+        seen.append(event.path)
+        if len(seen) == 1:
+            raise RuntimeError("first one fails")
+        if len(seen) == 3:
+            done.set()
+
+    listener = ConversationMemory("callbacks", client=client)
+    writer = ConversationMemory("callbacks", client=other_client)
+    with caplog.at_level(logging.ERROR, logger="redis_memory"), listener.subscribe(callback):
+        writer.title = "a"
+        writer.messages = ["m"]
+        writer.messages.append("n")
+        assert done.wait(10), seen
+    assert seen == [("title",), ("messages",), ("messages", 1)]
+    assert "change callback raised" in caplog.text and "first one fails" in caplog.text
+
+
+def test_closing_a_feed_ends_iteration(client: redis.Redis) -> None:
+    """A for loop over a feed ends when another thread closes it."""
+    mem = Memory("closing", client=client)
+    feed = mem.subscribe()
+    threading.Timer(0.3, feed.close).start()
+    started = time.monotonic()
+    assert list(feed) == []
+    assert time.monotonic() - started < 10
+
+
+def test_bad_arguments_are_refused(client: redis.Redis) -> None:
+    with pytest.raises(TypeError, match="callable"):
+        Memory("bad", client=client).subscribe("not a function")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="author"):
+        Memory("bad", client=client, author=7)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_a_feed_that_lost_its_link_says_resync(client: redis.Redis, switch: Switch) -> None:
+    """Changes made while the subscriber was cut off are not replayed: a resync event says to read again."""
+    listener = Memory("resync", client=switch.client())
+    writer = Memory("resync", client=client)
+    writer.log = []
+    with listener.subscribe() as feed:
+        writer.log.append(1)
+        assert take(feed, 1) == [("append", ("log", 0), None)]
+        switch.cut()
+        assert feed.get(timeout=0.5) is None  # notices the lost link
+        writer.log.append(2)  # published while the subscriber is away
+        switch.restore()
+        event = feed.get(timeout=10)
+        assert event is not None and (event.op, event.path) == ("resync", ())
+        assert listener.log == [1, 2]
+        writer.log.append(3)
+        assert take(feed, 1) == [("append", ("log", 2), None)]
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_writes_queued_offline_are_published_when_replayed(client: redis.Redis, switch: Switch) -> None:
+    """A memory cut off queues its appends; their events come when the queue reaches Redis."""
+    writer = ConversationMemory("replayed", client=switch.client(), author="offline-agent")
+    writer.messages = []
+    listener = ConversationMemory("replayed", client=client)
+    with listener.subscribe() as feed:
+        switch.cut()
+        for i in range(3):
+            writer.messages.append(i)
+        assert writer.status().pending == 3
+        assert feed.get(timeout=0.3) is None
+        switch.restore()
+        assert writer.flush(timeout=30)
+        assert take(feed, 3) == [("append", ("messages", i), "offline-agent") for i in range(3)]
+
+
+def test_an_agent_in_another_process_sees_the_change_and_not_the_private_memory(real_url: str) -> None:
+    """Agent A writes to .shared; agent B, in another process, gets the event; neither reads the other's notes."""
+    a = Session("team", agent="A", url=real_url)
+    a.shared.plan = []
+    a.private.notes = "A only"
+    subscribed = spawn.Event()
+    results = spawn.Queue()
+    b = spawn.Process(target=agent_listens, args=(real_url, "team", subscribed, results))
+    b.start()
+    try:
+        assert subscribed.wait(60)
+        a.shared.plan.append("search the docs")
+        reported = results.get(timeout=60)
+    finally:
+        b.join(60)
+    assert b.exitcode == 0
+    assert reported == ("append", "plan", ("plan", 0), "A", "search the docs")
+    assert results.empty()  # B could not open A's memory
+    assert a.agents() == ["A"]
