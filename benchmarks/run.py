@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -251,6 +252,7 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
 
 
 def main() -> None:
+    logging.getLogger("redis_memory").setLevel(logging.ERROR)  # the offline row's warnings are expected
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--server", choices=["redis", "valkey", "both"], default="both")
     parser.add_argument("--json", help="also write the rows to this file")

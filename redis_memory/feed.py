@@ -4,21 +4,22 @@ The apply script publishes every change it makes, in the same atomic step,
 on the memory's channel (its key plus ``:changes``; same hash tag). A
 message is a sequence of length-prefixed parts (``<len>:<bytes>``):
 
-    version, time (ms), writer, author, op, nid, index, count, key...
+    version, time (ms), writer, author, op, nid, incarnation, index, count, trim, key...
 
 ``index`` and ``count`` are set for list changes (the position at the time
-of the change, and how many items); the keys are the dict keys a dict change
-set or deleted (msgpack-encoded). :meth:`Memory.delete` publishes a
-``clear`` of the root with version 0.
+of the change, and how many items); ``trim`` is how many items a bounded
+append dropped from the front first; the keys are the dict keys whose
+entries a dict change set or deleted (msgpack-encoded). Deleting a memory
+publishes a ``clear`` of the root with version 0.
 
-The server knows a container by its node id, not by its path; a subscriber
-resolves the id to a path in its own memory's replica, brought up to date
-first when the id is not in it. Paths are therefore current as of when the
-event is read: a list index may have moved since the change was made.
+The server knows a container by its node id, not by its path. A feed
+resolves the id to a path in a replica of its own (never the user's, which
+it must not change under a user's loop), brought at least to the event's
+version first; paths are those of the state when the event is read.
 
 Pub/sub delivers to connected subscribers only. A subscriber that misses
-changes (its link broke, or versions skip) gets one ``resync`` event, which
-says: read the state again.
+changes (its link broke, went silent, or versions skip) gets one ``resync``
+event, which says: read the state again.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -58,6 +61,12 @@ OPS = {
 }
 _WAIT_SLICE = 0.2  # a blocked read wakes this often to notice close()
 _MAX_DELAY = 1.0
+#: After this many seconds without a message, a feed PINGs its connection,
+#: and counts the link as lost if no answer comes within PONG_WAIT: a link
+#: that died without closing (a partition) is noticed.
+IDLE_PING = 30.0
+PONG_WAIT = 10.0
+_live: weakref.WeakSet[Subscription] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -99,12 +108,13 @@ class _Paths:
         self.core = core
         self.parents: dict[bytes, tuple[bytes, Any]] = {}
 
-    def of(self, nid: bytes, version: int) -> tuple[Any, ...] | None:
+    def of(self, nid: bytes, version: int, incarnation: bytes) -> tuple[Any, ...] | None:
         """The path of node ``nid`` in the replica, brought at least to ``version`` first."""
         core = self.core
         with core.lock:
             refreshed = False
-            if core.replica.version < version:
+            replica = core.replica
+            if replica.incarnation != incarnation or replica.version < version:
                 refreshed = self._refresh()
             found = self._walk_up(nid)
             if found is None:  # not known yet: look in the replica as it is
@@ -172,15 +182,18 @@ class Feed:
     """
 
     def __init__(self, core: MemoryCore) -> None:
+        """``core``: a core of the memory's own, used to resolve paths (see the module's notes)."""
         self._core = core
         self._client: Any = core.store.client  # redis-py's pubsub() is untyped
         self._channel = core.store.feed
         self._paths = _Paths(core)
         self._ready: deque[Event] = deque()
-        self._last: int | None = None
+        self._last: tuple[bytes, int] | None = None  # incarnation and version of the last event
         self._closed = False
         self._pubsub: Any = None
+        self._pid = os.getpid()
         self._delay = 0.0
+        self._heard = self._pinged = 0.0
         self._io = threading.Lock()  # held while reading: close() never closes a socket in use
         if not self._subscribe(timeout=5.0):
             log.warning("%s: change feed not subscribed yet; retrying", self._channel)
@@ -199,6 +212,7 @@ class Feed:
                 if message is not None and message["type"] == "subscribe":
                     self._pubsub = pubsub
                     self._delay = 0.0
+                    self._heard, self._pinged = time.monotonic(), 0.0
                     return True
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             log.info("%s: change feed cannot subscribe: %s", self._channel, exc)
@@ -213,6 +227,11 @@ class Feed:
 
     def _receive(self, wait: float) -> bytes | None:
         """The next published message within ``wait`` seconds, reconnecting if needed."""
+        if self._pid != os.getpid():
+            # A forked child: the connection is the parent's (closing our copy
+            # of the socket leaves the parent's open); subscribe afresh.
+            self._pid = os.getpid()
+            self._drop_pubsub()
         if self._pubsub is None:
             time.sleep(min(self._delay, wait))
             self._delay = min(_MAX_DELAY, max(0.05, self._delay * 2))
@@ -221,13 +240,22 @@ class Feed:
             self._resync()
             return None
         try:
+            now = time.monotonic()
+            if self._pinged and now - self._pinged > PONG_WAIT:
+                raise redis.ConnectionError(f"no answer to a PING in {PONG_WAIT:g} s")
+            if not self._pinged and now - self._heard > IDLE_PING:
+                self._pubsub.ping()
+                self._pinged = now
             message = self._pubsub.get_message(timeout=wait)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             if not self._closed:
                 log.info("%s: change feed lost its link: %s", self._channel, exc)
             self._drop_pubsub()
             return None
-        if message is None or message["type"] != "message":
+        if message is None:
+            return None
+        self._heard, self._pinged = time.monotonic(), 0.0
+        if message["type"] != "message":
             return None
         data: bytes = message["data"]
         return data
@@ -238,27 +266,36 @@ class Feed:
         self._ready.append(Event(self._core.name, None, (), "resync", None, dt.datetime.now(dt.UTC), -1))
         self._last = None
 
+    def _in_sequence(self, incarnation: bytes, version: int) -> bool:
+        """Whether this event directly follows the last one seen (nothing was missed)."""
+        last = self._last
+        if last is None or version == 0:  # the first one, or a delete
+            return True
+        if last[1] == 0:  # after a delete, a new memory starts at 1
+            return version == 1
+        return last == (incarnation, version - 1)
+
     def _events(self, message: bytes) -> list[Event]:
         try:
-            version_b, ms, _writer, author_b, name, nid, index_b, count_b, *keys = _parts(message)
+            version_b, ms, _writer, author_b, name, nid, incarnation, index_b, count_b, trim_b, *keys = _parts(message)
             version = int(version_b)
             when = dt.datetime.fromtimestamp(int(ms) / 1000, dt.UTC)
         except ValueError:
             log.warning("%s: change feed ignored a malformed message", self._channel)
             return []
-        events: list[Event] = []
-        if self._last is not None and version not in (self._last + 1, 0, 1):
+        if not self._in_sequence(incarnation, version):
             self._resync()
-        self._last = version
+        self._last = (incarnation, version)
         op = OPS.get(name, name.decode(errors="replace"))
         author = author_b.decode(errors="replace") or None
-        base = () if nid == b"0" else self._paths.of(nid, version)
+        base = () if nid == b"0" else self._paths.of(nid, version, incarnation)
 
-        def event(*where: Any) -> Event:
+        def event(*where: Any, what: str = op) -> Event:
             path = () if base is None else (*base, *where)
             attribute = path[0] if path and isinstance(path[0], str) else None
-            return Event(self._core.name, attribute, path, op, author, when, version)
+            return Event(self._core.name, attribute, path, what, author, when, version)
 
+        events: list[Event] = []
         if base is None:
             events.append(event())
         elif keys:
@@ -267,6 +304,8 @@ class Feed:
             except ValueError:
                 events.append(event())
         elif index_b:
+            # A bounded append first drops items from the front: each a delete at 0.
+            events += [event(0, what="delete") for _ in range(int(trim_b or b"0"))]
             start = int(index_b)
             events += [event(start + i) for i in range(int(count_b or b"1"))]
         else:
@@ -280,16 +319,18 @@ class Feed:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._ready:
             if self._closed:
-                with self._io:
-                    self._drop_pubsub()
-                return None
-            wait = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
-            if wait <= 0:
-                return None
+                break
+            wait = _WAIT_SLICE if deadline is None else max(0.0, min(_WAIT_SLICE, deadline - time.monotonic()))
             with self._io:
                 message = self._receive(wait)
             if message is not None:
                 self._ready.extend(self._events(message))
+            elif deadline is not None and time.monotonic() >= deadline:
+                return None
+        if self._closed:  # closed by another thread while this one read
+            with self._io:
+                self._drop_pubsub()
+            return None
         return self._ready.popleft()
 
     def __iter__(self) -> Iterator[Event]:
@@ -327,7 +368,12 @@ class Subscription:
         self._feed = Feed(core)
         self._callback = callback
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"redis_memory feed {core.name}", daemon=True)
+        self._name = f"redis_memory feed {core.name}"
+        self._start()
+        _live.add(self)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -351,3 +397,13 @@ class Subscription:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _after_fork_in_child() -> None:
+    """Threads do not survive fork: each open subscription gets its own again in the child."""
+    for subscription in list(_live):
+        if not subscription._stop.is_set():
+            subscription._start()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

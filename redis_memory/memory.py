@@ -89,6 +89,10 @@ class MemoryCore:
                 self.outbox.entries.extend(adopted)
                 self.link.wait_for(self)
 
+    def shadow(self) -> MemoryCore:
+        """Another core on the same memory, with a replica of its own: for a reader in another thread."""
+        return MemoryCore(Store(self.store.client, self.store.key, self.store.companions), self.name, 1, None)
+
     def after_fork(self) -> None:
         """In a forked child: a fresh lock, a writer id of its own, no queue (the parent replays it)."""
         self.lock = threading.RLock()
@@ -311,7 +315,9 @@ class MemoryCore:
         replica = self.replica
         if not may_be_applied:
             self.outbox.check_room(self.store.key)
-        entry = queue.Pending(self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()))
+        entry = queue.Pending(
+            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), author=self.author
+        )
         removed = replica.value_at(op)
         self.outbox.push(self.writer, entry)
         replica.apply_local(op, queue.provisional_ids(self.writer, self.provisional, entry.created))
@@ -351,7 +357,7 @@ class MemoryCore:
         if sent.name == b"lreplace" and skipped:
             args = [b"%d" % (int(args[0]) - skipped), *args[1:]]
         tag = b"%d" % entry.seq
-        header = [entry.writer, tag, entry.writer + b"." + tag, expected, sent.name, sent.nid, self.ttl, self.author]
+        header = [entry.writer, tag, entry.writer + b"." + tag, expected, sent.name, sent.nid, self.ttl, entry.author]
         plan = sent.plan
         reply = self.store.apply(header, plan, ops.from_tokens(args))
         if reply.status == "stale":
@@ -716,10 +722,10 @@ class Memory:
         with each event from a background thread. Close either to stop.
         """
         if callback is None:
-            return Feed(self._rm)
+            return Feed(self._rm.shadow())
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        return Subscription(self._rm, callback)
+        return Subscription(self._rm.shadow(), callback)
 
     def health_check(self) -> connection.Health:
         """Round trip, server version and mode of this memory's server."""
@@ -744,7 +750,7 @@ class Memory:
         """Remove the whole memory from Redis (DEL): O(size). Needs Redis; queued changes are discarded."""
         core = self._rm
         with core.lock:
-            self._rm_server_call(lambda store: store.delete())
+            self._rm_server_call(lambda store: store.delete(core.author))
             core.outbox.discard()
             core.replica.load({})
             if core.catalog is not None:

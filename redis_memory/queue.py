@@ -72,15 +72,20 @@ class Pending:
     plan: dict[bytes, list[bytes]]
     args: list[bytes]
     created: list[bytes] = field(default_factory=list)  # provisional ids, in the server's allocation order
+    author: bytes = b""  # the author= of the memory that made it, for its change event
 
     def record(self) -> list[Any]:
         plan = [[nid, keys] for nid, keys in self.plan.items()]
-        return [b"op", self.writer, self.seq, self.incarnation, self.name, self.nid, plan, self.args, self.created]
+        return [
+            b"op", self.writer, self.seq, self.incarnation, self.name, self.nid, plan, self.args, self.created,
+            self.author,
+        ]  # fmt: skip
 
     @classmethod
     def from_record(cls, record: list[Any]) -> Pending:
-        _, writer, seq, incarnation, name, nid, plan, args, created = record
-        return cls(writer, seq, incarnation, name, nid, {n: list(k) for n, k in plan}, list(args), list(created))
+        _, writer, seq, incarnation, name, nid, plan, args, created, *rest = record
+        plan_map = {n: list(k) for n, k in plan}
+        return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), rest[0] if rest else b"")
 
     def renamed(self, renames: dict[bytes, bytes]) -> Pending:
         """This operation with provisional node ids replaced by the server's."""
@@ -99,6 +104,7 @@ class Pending:
             {rename(n): keys for n, keys in self.plan.items()},
             [rename(a) for a in self.args],
             self.created,
+            self.author,
         )
 
 

@@ -29,8 +29,6 @@ insertion order of Python dicts survives.
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -150,9 +148,17 @@ local function dict_payload(raw) return string.sub(raw, (string.find(raw, ':', 1
 local ttl = tonumber(ARGV[7])
 -- Sliding expiry: every write, even one that changes nothing, restarts the
 -- clock of every key of the memory, in the same atomic step.
+-- Keys after the first two are shared with other memories (a session's
+-- participant set): their expiry is only ever extended, never shortened
+-- (nor set on one that has none).
 local function refresh_ttl()
   if ttl > 0 then
-    for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+    redis.call('PEXPIRE', K, ttl)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+    for i = 3, #KEYS do
+      local left = redis.call('PTTL', KEYS[i])
+      if left >= 0 and left < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+    end
   end
 end
 
@@ -245,13 +251,12 @@ if h.kind ~= want then return reply('gone') end
 local extra = {}
 -- What the change event says beyond the op: the dict keys it changed, or
 -- the list index (at the time of the change) and the number of items.
-local event_keys, event_index, event_count = {}, '', ''
+local event_keys, event_index, event_count, event_trim = {}, '', '', ''
 
 if op == 'dset' or op == 'dsetdefault' then
   local count = tonumber(arg())
   local keys = {}
   for i = 1, count do keys[i] = arg() end
-  event_keys = keys
   for i = 1, count do
     local raw = hget(efield(nid, keys[i]))
     if raw and op == 'dsetdefault' then return reply('exists', '', dict_payload(raw)) end
@@ -267,7 +272,10 @@ if op == 'dset' or op == 'dsetdefault' then
     else
       s = fmt(h.b); h.b = h.b + 1; h.a = h.a + 1
     end
+    local before = ntouched
     hset(f, s .. ':' .. build())
+    -- Only keys whose entry changed are named in the change event.
+    if ntouched > before then event_keys[#event_keys + 1] = keys[i] end
   end
 elseif op == 'ddel' then
   local count = tonumber(arg())
@@ -307,7 +315,7 @@ elseif op == 'lappend' then
     drop(hget(f) or ''); hdel(f)
   end
   h.a = h.a + trim
-  event_index, event_count = fmt(h.b - h.a), fmt(count)
+  event_index, event_count, event_trim = fmt(h.b - h.a), fmt(count), fmt(trim)
   for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
 elseif op == 'linsert' then
   local slot = tonumber(arg())
@@ -426,7 +434,7 @@ for start = 1, #writes, 1000 do
   redis.call('HSET', K, unpack(writes, start, math.min(start + 999, #writes)))
 end
 refresh_ttl()
-local event = {fmt(version), now_ms, writer, ARGV[8], op, nid, event_index, event_count}
+local event = {fmt(version), now_ms, writer, ARGV[8], op, nid, incarnation, event_index, event_count, event_trim}
 for _, k in ipairs(event_keys) do event[#event + 1] = k end
 for i = 1, #event do event[i] = fmt(#event[i]) .. ':' .. event[i] end
 -- pcall: a user whose ACL forbids the channel still writes (without events).
@@ -476,6 +484,25 @@ for start = 1, #fields, 500 do
 end
 return out
 """) % {"journal": JOURNAL_SIZE, "touch_limit": TOUCH_LIMIT}
+
+
+# Deletes a memory's keys (KEYS) and, if there was anything, publishes a
+# 'clear' of the whole memory on its change channel (ARGV: author).
+_DELETE = (
+    """
+local deleted = redis.call('DEL', unpack(KEYS))
+if deleted > 0 then
+  local clock = redis.call('TIME')
+  local now_ms = string.format('%d', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
+  local event = {'0', now_ms, '', ARGV[1], 'dclear', '0', '', '', '', ''}
+  for i = 1, #event do event[i] = string.format('%d', #event[i]) .. ':' .. event[i] end
+  redis.pcall('PUBLISH', KEYS[1] .. '"""
+    + FEED_SUFFIX
+    + """', table.concat(event))
+end
+return deleted
+"""
+)
 
 
 @dataclass
@@ -568,21 +595,25 @@ class Store:
             return dict(zip(it, it, strict=False))
         return cast(dict[bytes, bytes], reply)
 
-    def delete(self) -> None:
-        """DEL of the memory's keys: O(size of the memory); a root ``clear`` on the change feed."""
-        self._call("DEL", *self.keys)
-        now = b"%d" % (time.time_ns() // 1_000_000)
-        event = [b"0", now, b"", b"", b"dclear", b"0", b"", b""]
-        # An ACL user without the right to the channel deletes without an event.
-        with contextlib.suppress(redis.ResponseError):
-            self._call("PUBLISH", self.feed, b"".join(b"%d:%s" % (len(part), part) for part in event))
+    def delete(self, author: bytes = b"") -> None:
+        """DEL of the memory's keys: O(size of the memory); if it existed, a ``clear`` on the change feed."""
+        self._script(_DELETE, self.keys, [author])
 
     def expire(self, milliseconds: int | None) -> None:
-        """PEXPIRE (or PERSIST, for None) of each of the memory's keys and companions: O(1)."""
-        for key in self.keys + self.companions:
+        """PEXPIRE (or PERSIST, for None) of each of the memory's keys: O(1).
+
+        A companion's expiry is only extended (or removed), never shortened:
+        other memories may outlive this one.
+        """
+        for key in self.keys:
             if milliseconds is None:
                 self._call("PERSIST", key)
             else:
+                self._call("PEXPIRE", key, milliseconds)
+        for key in self.companions:
+            if milliseconds is None:
+                self._call("PERSIST", key)
+            elif 0 <= int(self._call("PTTL", key)) < milliseconds:
                 self._call("PEXPIRE", key, milliseconds)
 
     def activity(self) -> tuple[int | None, int | None]:

@@ -291,7 +291,8 @@ def fit_messages(
     With ``keep_system``, a leading ``"system"`` message is always kept first
     and counted; ``ValueError`` if it alone is over budget. The rest is taken
     newest first up to the first message that does not fit: the window is
-    contiguous, an older message never replaces a big newer one.
+    contiguous, an older message never replaces a big newer one. ``tool``
+    results whose calling assistant message was cut are cut too.
 
     When messages were dropped and ``summarize`` is given, it receives them
     (copies, oldest first) and returns a message or a str (which becomes a
@@ -332,6 +333,7 @@ def fit_messages(
         kept.append((copy, cost))
         room -= cost
     kept.reverse()
+    _drop_orphan_tool_results(kept)
     first_kept = len(history) - len(kept)
     if first_kept == 0 or summarize is None:
         return head + [copy for copy, _ in kept]
@@ -353,6 +355,19 @@ def fit_messages(
             copy, cost = kept.pop(0)
             dropped.append(copy)
             kept_cost -= cost
+        dropped += [copy for copy, _ in _drop_orphan_tool_results(kept)]
+
+
+def _drop_orphan_tool_results(kept: list[tuple[dict[str, Any], int]]) -> list[tuple[dict[str, Any], int]]:
+    """Remove (and return) ``tool`` messages at the start of the window.
+
+    Their assistant message with the ``tool_calls`` was cut, and chat APIs
+    refuse a tool result whose call they cannot see.
+    """
+    orphans = []
+    while kept and kept[0][0].get("role") == "tool":
+        orphans.append(kept.pop(0))
+    return orphans
 
 
 def _summary_message(result: Any) -> dict[str, Any]:

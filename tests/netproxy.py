@@ -1,4 +1,4 @@
-"""A small TCP proxy for fault tests: cut every link, or lose one reply.
+"""A small TCP proxy for fault tests: cut every link, lose one reply, or go silent.
 
 Clients connect to ``127.0.0.1:<port>``; each connection is forwarded to
 the server (a loopback port or a unix socket) by two threads, one per
@@ -6,6 +6,7 @@ direction. :meth:`TcpProxy.cut` closes every forwarded connection and
 refuses new ones until :meth:`TcpProxy.restore`. :meth:`TcpProxy.lose_next_replies`
 throws the next replies the server sends away and closes the
 connections they came on: the server has run the command, the client never hears back.
+:meth:`TcpProxy.silence` drops every byte without closing anything: a partition.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class TcpProxy:
         self.links: list[tuple[socket.socket, socket.socket]] = []
         self.to_lose = 0
         self.replies_lost = 0
+        self.silent = False
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -64,6 +66,8 @@ class TcpProxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                if self.silent:  # a partition: bytes vanish, nobody is told
+                    continue
                 if from_server and self.to_lose:
                     with self.lock:
                         self.to_lose -= 1
@@ -81,6 +85,10 @@ class TcpProxy:
         """Throw away the next ``count`` replies, closing the connection each came on."""
         with self.lock:
             self.to_lose += count
+
+    def silence(self, silent: bool = True) -> None:
+        """Drop every byte in both directions without closing anything (a network partition), or stop."""
+        self.silent = silent
 
     def cut(self) -> None:
         """Close every link and refuse new connections."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from conftest import REAL_BACKENDS, Switch
 from workers import agent_listens
 
 from redis_memory import ConversationMemory, Event, Feed, Memory, Session
+from redis_memory import feed as feed_module
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -187,3 +189,130 @@ def test_an_agent_in_another_process_sees_the_change_and_not_the_private_memory(
     assert reported == ("append", "plan", ("plan", 0), "A", "search the docs")
     assert results.empty()  # B could not open A's memory
     assert a.agents() == ["A"]
+
+
+def test_a_memory_deleted_and_made_again_gets_paths_from_the_new_one(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """Node ids restart in a new memory: events after a delete name the new containers, not the old."""
+    writer = Memory("again", client=client)
+    with Memory("again", client=other_client).subscribe() as feed:
+        writer.a = []
+        for i in range(3):
+            writer.a.append(i)
+        assert take(feed, 4)[-1] == ("append", ("a", 2), None)
+        writer.delete()
+        writer.b = []
+        writer.b.append("x")
+        assert take(feed, 3) == [("clear", (), None), ("set", ("b",), None), ("append", ("b", 0), None)]
+
+
+def test_the_feed_never_changes_the_subscribers_own_objects(client: redis.Redis, other_client: redis.Redis) -> None:
+    """Events are resolved on a replica of the feed's own: a dict the user holds (or loops over) is left alone."""
+    mine = Memory("untouched", client=client)
+    mine.ctx = {"a": {"n": 1}}
+    held = mine.ctx
+    came = threading.Event()
+    with mine.subscribe(lambda event: came.set()):
+        Memory("untouched", client=other_client).ctx["a"]["n"] = 2
+        assert came.wait(10)
+        assert dict.copy(held) == {"a": {"n": 1}}  # changes only on the user's next read
+    assert mine.ctx == {"a": {"n": 2}}
+
+
+def test_a_memory_that_vanished_without_an_event_gives_resync(client: redis.Redis) -> None:
+    """A memory that expired (no event) and was written again is a gap: resync, then the new events."""
+    mem = Memory("expiring", client=client)
+    mem.x = 1
+    with mem.subscribe() as feed:
+        mem.y = 2
+        assert take(feed, 1) == [("set", ("y",), None)]
+        client.delete(mem.key, mem.key + ":w")  # as expiry does: nothing published
+        mem.z = 3
+        assert take(feed, 2) == [("resync", (), None), ("set", ("z",), None)]
+
+
+def test_get_without_waiting_returns_an_event_already_there(client: redis.Redis) -> None:
+    mem = Memory("polled", client=client)
+    with mem.subscribe() as feed:
+        assert feed.get(timeout=0) is None
+        mem.x = 1
+        time.sleep(0.3)
+        event = feed.get(timeout=0)
+        assert event is not None and event.path == ("x",)
+
+
+def test_only_what_changed_is_published(client: redis.Redis) -> None:
+    """An update names only the keys whose value changed; deleting a memory that does not exist says nothing."""
+    mem = Memory("changed", client=client, author="alice")
+    mem.d = {"a": 1, "b": 2}
+    with mem.subscribe() as feed:
+        mem.d.update(a=1, b=3)
+        assert take(feed, 1) == [("set", ("d", "b"), "alice")]
+        Memory("never-written", client=client).delete()
+        mem.delete()
+        assert take(feed, 1) == [("clear", (), "alice")]
+        assert feed.get(timeout=0.3) is None
+
+
+def test_a_bounded_append_reports_what_it_dropped(client: redis.Redis) -> None:
+    """With max_messages, the messages dropped from the front are delete events: a mirror stays exact."""
+    chat = ConversationMemory("mirror", client=client, max_messages=3)
+    chat.messages = []
+    mirror: list[Any] = []
+    appended = iter(range(7))  # the values, in the order they were appended
+    with chat.subscribe() as feed:
+        for i in range(5):
+            chat.messages.append(i)
+        chat.messages.extend([5, 6])
+        for _ in range(5 + 2 + 4):  # 7 appends, 4 drops
+            event = feed.get(timeout=10)
+            assert event is not None
+            if event.op == "delete":
+                del mirror[event.path[1]]
+            else:
+                assert event.op == "append" and event.path[1] == len(mirror)
+                mirror.append(next(appended))
+        assert feed.get(timeout=0.3) is None
+    assert mirror == chat.messages == [4, 5, 6]
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_a_feed_notices_a_silent_link(client: redis.Redis, switch: Switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link that drops everything without closing (a partition) is found by a PING; then resync."""
+    monkeypatch.setattr(feed_module, "IDLE_PING", 0.3)
+    monkeypatch.setattr(feed_module, "PONG_WAIT", 0.5)
+    assert switch.proxy is not None
+    listener = Memory("partition", client=switch.client())
+    writer = Memory("partition", client=client)
+    with listener.subscribe() as feed:
+        switch.proxy.silence()
+        writer.x = 1  # never reaches the listener
+        assert feed.get(timeout=2) is None
+        switch.proxy.silence(False)
+        event = feed.get(timeout=10)
+        assert event is not None and event.op == "resync"
+        writer.x = 2
+        assert take(feed, 1) == [("set", ("x",), None)]
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_a_forked_child_follows_on_its_own_connection(client: redis.Redis) -> None:
+    """After fork, the child subscribes afresh (resync, then every event); the parent still gets every event."""
+    writer = Memory("forked", client=client)
+    with Memory("forked", client=client).subscribe() as feed:
+        pid = os.fork()
+        if pid == 0:  # the child: count what it sees for 3 s
+            seen = 0
+            try:
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline:
+                    seen += feed.get(timeout=max(0.0, deadline - time.monotonic())) is not None
+            finally:
+                os._exit(seen)
+        time.sleep(1)
+        for i in range(3):
+            writer[f"k{i}"] = i
+        assert take(feed, 3) == [("set", (f"k{i}",), None) for i in range(3)]
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 4  # resync + the same 3

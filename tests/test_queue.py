@@ -422,3 +422,21 @@ def test_setdefault_offline_in_two_writers_keeps_both_appends(switch: Switch, cl
     assert first.flush(timeout=10) and second.flush(timeout=10)
     assert base.data == {"log": ["from first", "from second"]}
     assert second.status().dropped == 0
+
+
+def test_a_spooled_operation_keeps_its_author(switch: Switch, client: redis.Redis, tmp_path: Path) -> None:
+    """Replayed by another process's memory, a spooled change is still announced as its author's."""
+    mem = Memory("authored", client=switch.client(), spool=tmp_path, author="alice")
+    mem.log = []
+    switch.cut()
+    mem.log.append("offline")
+    assert mem._rm.outbox.spool is not None and mem._rm.outbox.spool.fd is not None
+    os.close(mem._rm.outbox.spool.fd)  # the process dies: its lock goes with it
+    mem._rm.outbox.spool.fd = None
+    mem._rm.outbox.entries.clear()
+    switch.restore()
+    with Memory("authored", client=client).subscribe() as feed:
+        heir = Memory("authored", client=client, spool=tmp_path, author="bob")
+        assert heir.flush(timeout=10)
+        event = feed.get(timeout=10)
+    assert event is not None and (event.op, event.path, event.author) == ("append", ("log", 0), "alice")

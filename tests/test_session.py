@@ -98,3 +98,13 @@ def test_an_agents_writes_carry_its_name(client: redis.Redis, other_client: redi
         writer.shared.topic = "billing"
         event = feed.get(timeout=10)
     assert event is not None and (event.attribute, event.author) == ("topic", "A")
+
+
+def test_one_agent_cannot_shorten_the_sessions_participant_list(client: redis.Redis) -> None:
+    """expire() on one agent's memory leaves the participant set (shared by the session) as long as it was."""
+    s = Session("long", client=client, ttl=600)
+    s.agent("A").notes = "a"
+    s.agent("B").notes = "b"
+    s.agent("A").expire(1)
+    assert client.pttl(s.shared.key + ":agents") > 500_000
+    assert s.agents() == ["A", "B"]

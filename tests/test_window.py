@@ -424,3 +424,19 @@ def test_clear_token_counter_cache_checks_again(monkeypatch: pytest.MonkeyPatch)
     clear_token_counter_cache()
     assert token_counter().exact is True
     assert window.APPROXIMATE.exact is False
+
+
+def test_a_tool_result_whose_call_was_cut_is_cut_too() -> None:
+    """A window never starts with a tool result: its assistant message with the tool call was cut."""
+    history = [
+        {"role": "system", "content": "S"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": {"name": "f"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "result"},
+        {"role": "assistant", "content": "done"},
+    ]
+    budget = message_tokens(history[0], chars) + message_tokens(history[2], chars) + message_tokens(history[3], chars)
+    window = fit_messages(history, budget, counter=chars)
+    assert [m["role"] for m in window] == ["system", "assistant"]
+    seen: list[list[Message]] = []
+    fit_messages(history, budget + 20, counter=chars, summarize=lambda dropped: seen.append(dropped) or "sum")
+    assert [m["role"] for m in seen[-1]] == ["assistant", "tool"]
