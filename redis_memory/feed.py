@@ -2,9 +2,11 @@
 
 The apply script publishes every change it makes, in the same atomic step,
 on the memory's channel (its key plus ``:changes``; same hash tag). A
-message is a sequence of length-prefixed parts (``<len>:<bytes>``):
+message is nine space-separated fields (none can hold a space), then the
+author and the keys as length-prefixed parts (``<len>:<bytes>``), each
+after a space:
 
-    version, time (ms), writer, author, op, nid, incarnation, index, count, trim, key...
+    version time(ms) writer op nid incarnation index count trim author key...
 
 ``index`` and ``count`` are set for list changes (the position at the time
 of the change, and how many items); ``trim`` is how many items a bounded
@@ -92,12 +94,16 @@ class Event:
 
 
 def _parts(message: bytes) -> list[bytes]:
-    parts, pos = [], 0
-    while pos < len(message):
-        colon = message.index(b":", pos)
-        end = colon + 1 + int(message[pos:colon])
-        parts.append(message[colon + 1 : end])
-        pos = end
+    """The fields of a published message (see the module's notes); ValueError if malformed."""
+    parts = message.split(b" ", 9)
+    if len(parts) != 10:
+        raise ValueError("too few fields")
+    rest, pos = parts.pop(), 0
+    while pos < len(rest):
+        colon = rest.index(b":", pos)
+        end = colon + 1 + int(rest[pos:colon])
+        parts.append(rest[colon + 1 : end])
+        pos = end + 1
     return parts
 
 
@@ -277,7 +283,7 @@ class Feed:
 
     def _events(self, message: bytes) -> list[Event]:
         try:
-            version_b, ms, _writer, author_b, name, nid, incarnation, index_b, count_b, trim_b, *keys = _parts(message)
+            version_b, ms, _writer, name, nid, incarnation, index_b, count_b, trim_b, author_b, *keys = _parts(message)
             version = int(version_b)
             when = dt.datetime.fromtimestamp(int(ms) / 1000, dt.UTC)
         except ValueError:

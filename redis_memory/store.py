@@ -75,14 +75,44 @@ local function touch(f)
   ntouched = ntouched + 1
   if ntouched <= TOUCH_LIMIT then touched[ntouched] = f end
 end
-local function hget(f) return redis.call('HGET', K, f) end
+-- Each field is read from Redis at most once per run (a field read while
+-- checking is not read again while applying): 'cache' holds what this run
+-- knows, false for absent. Deletions are collected and sent as one HDEL
+-- before the final HSET.
+local cache, doomed, dellist = {}, {}, {}
+local function hget(f)
+  local v = cache[f]
+  if v == nil then
+    v = redis.call('HGET', K, f) or false
+    cache[f] = v
+  end
+  return v or nil
+end
 -- Writes that change nothing are skipped, so an operation that changes
 -- nothing leaves the version (and every replica) alone.
 local function hset(f, v)
-  if redis.call('HGET', K, f) ~= v then redis.call('HSET', K, f, v); touch(f) end
+  if hget(f) ~= v then
+    redis.call('HSET', K, f, v)
+    cache[f] = v
+    doomed[f] = nil
+    touch(f)
+  end
 end
 local function hdel(f)
-  if redis.call('HDEL', K, f) == 1 then touch(f) end
+  if hget(f) then
+    cache[f] = false
+    if not doomed[f] then doomed[f] = true; dellist[#dellist + 1] = f end
+    touch(f)
+  end
+end
+local function flush_deletes()
+  local dels = {}
+  for _, f in ipairs(dellist) do
+    if doomed[f] then dels[#dels + 1] = f end
+  end
+  for start = 1, #dels, 1000 do
+    redis.call('HDEL', K, unpack(dels, start, math.min(start + 999, #dels)))
+  end
 end
 local function hfield(n) return 'h' .. n end
 -- Fields that cannot exist yet (a new node, a new slot) and headers are
@@ -91,6 +121,7 @@ local writes = {}
 local function put(f, v)
   writes[#writes + 1] = f
   writes[#writes + 1] = v
+  cache[f] = v
   touch(f)
 end
 local function efield(n, s) return 'e' .. n .. ':' .. s end
@@ -430,15 +461,19 @@ if creating then
   writes[#writes + 1] = 'i'
   writes[#writes + 1] = incarnation
 end
+flush_deletes()
 for start = 1, #writes, 1000 do
   redis.call('HSET', K, unpack(writes, start, math.min(start + 999, #writes)))
 end
 refresh_ttl()
-local event = {fmt(version), now_ms, writer, ARGV[8], op, nid, incarnation, event_index, event_count, event_trim}
-for _, k in ipairs(event_keys) do event[#event + 1] = k end
-for i = 1, #event do event[i] = fmt(#event[i]) .. ':' .. event[i] end
+local author = ARGV[8]
+local event = {
+  fmt(version), now_ms, writer, op, nid, incarnation, event_index, event_count, event_trim,
+  fmt(#author) .. ':' .. author
+}
+for _, k in ipairs(event_keys) do event[#event + 1] = fmt(#k) .. ':' .. k end
 -- pcall: a user whose ACL forbids the channel still writes (without events).
-redis.pcall('PUBLISH', K .. '%(feed)s', table.concat(event))
+redis.pcall('PUBLISH', K .. '%(feed)s', table.concat(event, ' '))
 return reply('ok', result, unpack(extra))
 """) % {
     "journal": JOURNAL_SIZE,
@@ -494,11 +529,11 @@ local deleted = redis.call('DEL', unpack(KEYS))
 if deleted > 0 then
   local clock = redis.call('TIME')
   local now_ms = string.format('%d', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
-  local event = {'0', now_ms, '', ARGV[1], 'dclear', '0', '', '', '', ''}
-  for i = 1, #event do event[i] = string.format('%d', #event[i]) .. ':' .. event[i] end
+  local author = string.format('%d', #ARGV[1]) .. ':' .. ARGV[1]
+  local event = {'0', now_ms, '', 'dclear', '0', '', '', '', '', author}
   redis.pcall('PUBLISH', KEYS[1] .. '"""
     + FEED_SUFFIX
-    + """', table.concat(event))
+    + """', table.concat(event, ' '))
 end
 return deleted
 """
