@@ -13,6 +13,7 @@ from .errors import (
     PrivateMemory,
     RedisMemoryError,
     ReservedName,
+    ServerRefused,
     UnsupportedValue,
 )
 from .feed import Event, Feed, Subscription
@@ -43,6 +44,7 @@ __all__ = [
     "PrivateMemory",
     "RedisMemoryError",
     "ReservedName",
+    "ServerRefused",
     "Session",
     "SessionMemory",
     "Stats",

@@ -61,5 +61,12 @@ class PrivateMemory(RedisMemoryError, PermissionError):
     """A session opened for one agent was asked for another agent's private memory."""
 
 
+class ServerRefused(RedisMemoryError, RuntimeError):
+    """Redis refused a command: out of memory (OOM), no permission (NOPERM), and the like.
+
+    ``cause`` (``__cause__``) is redis-py's ``ResponseError``. Nothing was changed.
+    """
+
+
 class EmbeddedServerError(RedisMemoryError, RuntimeError):
     """The embedded server could not be found or started."""

@@ -35,7 +35,7 @@ from typing import Any, cast
 import redis
 
 from .connection import channel, resp_command
-from .errors import ConnectionFailed
+from .errors import ConnectionFailed, CorruptData, ServerRefused
 from .ops import Args
 
 REF = 0xC1
@@ -585,6 +585,14 @@ class Store:
             return self.channel.call_packed(packed)
         except ConnectionFailed as exc:
             raise ConnectionFailed(f"{exc} (memory {self.key})", key=self.key) from exc.__cause__
+        except redis.exceptions.NoScriptError:
+            raise  # the caller loads the script and sends it again
+        except redis.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise CorruptData(
+                    f"{self.key} holds another kind of Redis value, not a memory: {exc}", key=self.key
+                ) from exc
+            raise ServerRefused(f"Redis refused a command on {self.key}: {exc}", key=self.key) from exc
 
     def _script(self, source: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0)) -> Any:
         head = self._heads.get(source)
@@ -661,7 +669,7 @@ class Store:
         fields = int(self._call("HLEN", self.key))
         try:
             used = sum(int(self._call("MEMORY", "USAGE", key, "SAMPLES", "0") or 0) for key in self.keys)
-        except redis.ResponseError:  # fakeredis has no MEMORY command
+        except ServerRefused:  # fakeredis has no MEMORY command
             stored = self.read_all()
             used = sum(len(f) + len(v) for f, v in stored.items())
         return used, fields

@@ -21,6 +21,7 @@ from redis_memory import (
     MissingKey,
     RedisMemoryError,
     ReservedName,
+    ServerRefused,
     UnsupportedValue,
 )
 
@@ -398,3 +399,32 @@ def test_deleting_a_corrupt_attribute_works(client: redis.Redis) -> None:
     del fresh.bad
     assert not hasattr(fresh, "bad")
     assert not client.hexists(mem.key, field)
+
+
+def test_a_key_holding_another_type_is_a_clear_error_and_is_left_alone(client: redis.Redis) -> None:
+    """A memory's key taken by a string (WRONGTYPE) raises CorruptData naming the key; nothing is overwritten."""
+    mem = Memory("taken", client=client)
+    client.set(mem.key, "someone else's")
+    with pytest.raises(CorruptData) as raised:
+        mem.title = "x"
+    assert raised.value.key == mem.key and "another kind of Redis value" in str(raised.value)
+    with pytest.raises(CorruptData):
+        _ = Memory("taken", client=client).title
+    assert client.get(mem.key) == b"someone else's"
+
+
+@pytest.mark.parametrize("backend", ["redis7", "valkey"])
+def test_a_server_out_of_memory_refuses_the_write_clearly(client: redis.Redis) -> None:
+    """With maxmemory reached (noeviction), a write raises ServerRefused and the replica keeps the stored state."""
+    mem = ConversationMemory("oom", client=client)
+    mem.messages = ["kept"]
+    client.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(ServerRefused) as raised:
+            mem.messages.append("refused")
+        assert isinstance(raised.value, RuntimeError) and "OOM" in str(raised.value)
+        assert mem.messages == ["kept"]
+    finally:
+        client.config_set("maxmemory", 0)
+    mem.messages.append("after")
+    assert ConversationMemory("oom", client=client).messages == ["kept", "after"]
