@@ -69,6 +69,7 @@ _MAX_DELAY = 1.0
 IDLE_PING = 30.0
 PONG_WAIT = 10.0
 _live: weakref.WeakSet[Subscription] = weakref.WeakSet()
+_feeds: weakref.WeakSet[Feed] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class Feed:
         self._delay = 0.0
         self._heard = self._pinged = 0.0
         self._io = threading.Lock()  # held while reading: close() never closes a socket in use
+        _feeds.add(self)
         if not self._subscribe(timeout=5.0):
             log.warning("%s: change feed not subscribed yet; retrying", self._channel)
 
@@ -406,7 +408,13 @@ class Subscription:
 
 
 def _after_fork_in_child() -> None:
-    """Threads do not survive fork: each open subscription gets its own again in the child."""
+    """Threads do not survive fork: each open subscription gets its own again in the child.
+
+    A lock held by a parent's thread at the fork would stay held for ever
+    in the child: each feed gets a fresh one.
+    """
+    for feed in list(_feeds):
+        feed._io = threading.Lock()
     for subscription in list(_live):
         if not subscription._stop.is_set():
             subscription._start()

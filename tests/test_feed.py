@@ -316,3 +316,27 @@ def test_a_forked_child_follows_on_its_own_connection(client: redis.Redis) -> No
         assert take(feed, 3) == [("set", (f"k{i}",), None) for i in range(3)]
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 4  # resync + the same 3
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_a_callback_subscription_runs_on_in_a_forked_child(client: redis.Redis) -> None:
+    """Threads do not survive fork: the child's subscription starts its own and is called back there too."""
+    writer = Memory("forked-callback", client=client)
+    seen: list[Event] = []
+    with Memory("forked-callback", client=client).subscribe(seen.append):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and not any(e.op == "set" for e in seen):
+                    time.sleep(0.05)
+            finally:
+                os._exit(1 if any(e.op == "set" and e.path == ("x",) for e in seen) else 0)
+        time.sleep(1)
+        writer.x = 1
+        _, status = os.waitpid(pid, 0)
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert [(e.op, e.path) for e in seen] == [("set", ("x",))]
