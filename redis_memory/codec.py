@@ -130,14 +130,31 @@ def decode(data: bytes) -> Any:
         raise ValueError(f"undecodable value: {exc}") from exc
 
 
-def encode_key(key: Any) -> bytes:
-    """Encode a dict key; raise UnsupportedValue for types that cannot be keys."""
+def _check_key(key: Any) -> None:
     if type(key) not in KEY_TYPES:
         raise UnsupportedValue(
             f"cannot use a key of type {type(key).__qualname__}; dict keys must be "
             "str, bytes, int, None, tuple, frozenset, date or datetime"
         )
+
+
+def encode_key(key: Any) -> bytes:
+    """Encode a dict key; raise UnsupportedValue for types that cannot be keys."""
+    _check_key(key)
     return encode(key)
+
+
+def encode_whole(value: dict[Any, Any]) -> bytes:
+    """Encode a dict whose values are all scalars as one msgpack map.
+
+    Its keys and values obey the same rules as those of a dict node, and
+    decoding gives back an equal dict in the same order.
+    """
+    for key, item in value.items():
+        _check_key(key)
+        if type(item) not in SCALAR_TYPES:
+            _default(item)  # raises with the type's name (lists and dicts are not scalars here)
+    return _pack(dict(value))
 
 
 def decode_key(data: bytes) -> Any:

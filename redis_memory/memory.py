@@ -223,12 +223,20 @@ class MemoryCore:
                 op = build()
                 if op is None:
                     return NO_OP
+                # A list item's dict stored whole gets fields of its own first
+                # (one more operation, once); then the loop builds the change.
+                promotion = replica.promotion(proxy)
+                if promotion is not None:
+                    op = promotion
                 if self.bounds and isinstance(op, ops.ListAppend):
                     self._bound(proxy, op)
                 plan = replica.removal_plan(op)
                 seq = self._next_seq()
                 if not online:
-                    return self._enqueue(op, plan, seq)
+                    result = self._enqueue(op, plan, seq)
+                    if promotion is None:
+                        return result
+                    continue
                 # The writer id and seq also make a fresh incarnation token, used
                 # only if this operation is the one that creates the memory.
                 tag = b"%d" % seq
@@ -241,7 +249,10 @@ class MemoryCore:
                     # The server may have applied it before the link broke: queue
                     # this very operation, with its id, so the replay cannot repeat
                     # it; even past max_pending, since it may already be stored.
-                    return self._enqueue(op, plan, seq, may_be_applied=True)
+                    result = self._enqueue(op, plan, seq, may_be_applied=True)
+                    if promotion is None:
+                        return result
+                    continue
                 try:
                     result = self._settle(proxy, op, reply)
                 except ConnectionFailed as exc:
@@ -253,7 +264,7 @@ class MemoryCore:
                     result = replica.removed_value(op, reply.extra) if reply.status == "ok" else replica.value_at(op)
                     replica.apply_local(op, _server_ids(reply.first_nid))
                     replica.speculative = True
-                if result is not _RETRY:
+                if result is not _RETRY and promotion is None:
                     return result
             raise ConcurrentModification(
                 f"gave up after {MAX_ATTEMPTS} attempts: other writers kept changing this container",
@@ -380,7 +391,7 @@ class MemoryCore:
         if status == "exists" and entry.created and reply.extra and reply.extra[0][:1] == bytes((REF,)):
             # setdefault found a container already there: what was queued for
             # the default made offline goes to the one the server holds.
-            self._map(entry.created[:1], [reply.extra[0][1:]])
+            self._map(entry.created[:1], [reply.extra[0][1:].partition(b"=")[0]])
         if sent.name[:1] == b"l":
             outbox.skip(self.writer, sent.nid)
         if status in ("same", "exists", "missing"):

@@ -11,7 +11,15 @@ Token grammar (each token one script argument)::
     value := "s" <msgpack bytes>            scalar or immutable container
            | "l" <count> value*             new list node
            | "d" <count> <key>* value*      new dict node (keys, then values)
+           | "f" <msgpack map>              new dict node kept whole (see below)
            | "r" <nid>                      existing node kept (ListReplace only)
+
+A dict that is an item of a list and holds at most :data:`WHOLE_MAX_KEYS`
+scalars (a chat message) is stored *whole*: one msgpack map in its list
+slot, with its node id, instead of a header and one field per key. Adding,
+reading and dropping it then costs one field. It is still a node with a
+stable id: before its first change, a :class:`Promote` gives it fields of
+its own.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ def item(data: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-_S, _L, _D, _R = item(b"s"), item(b"l"), item(b"d"), item(b"r")
+_S, _L, _D, _F, _R = item(b"s"), item(b"l"), item(b"d"), item(b"f"), item(b"r")
+#: The most keys a list item's dict may have to be stored whole.
+WHOLE_MAX_KEYS = 16
 
 #: Script arguments in RESP form, and how many there are.
 Args = tuple[bytes, int]
@@ -43,19 +53,32 @@ class Encoded:
     reuse: bytes | None = None  # the nid of an existing node kept in place
 
 
-def encode_value(value: Any, keep: dict[int, bytes] | None = None) -> Encoded:
-    """Tokenize ``value``; ``keep`` maps id(proxy) -> nid of nodes that may stay in place."""
+def whole(value: Any) -> bool:
+    """True if ``value``, as an item of a list, is stored whole (see the module's notes)."""
+    if not isinstance(value, dict) or len(value) > WHOLE_MAX_KEYS:
+        return False
+    return not any(isinstance(element, (list, dict)) for element in value.values())
+
+
+def encode_value(value: Any, keep: dict[int, bytes] | None = None, in_list: bool = False) -> Encoded:
+    """Tokenize ``value`` (an item of a list if ``in_list``).
+
+    ``keep`` maps id(proxy) -> nid of nodes that may stay in place.
+    """
     if keep is not None and isinstance(value, (list, dict)) and id(value) in keep:
         nid = keep.pop(id(value))
         return Encoded((_R + item(nid), 2), value, nid)
     out: list[bytes] = []
-    _tokenize(value, out, set())
+    _tokenize(value, out, set(), in_list)
     return Encoded((b"".join(out), len(out)), value)
 
 
-def _tokenize(value: Any, out: list[bytes], path: set[int]) -> None:
+def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool) -> None:
     if not isinstance(value, (list, dict)):
         out += (_S, item(codec.encode(value)))
+        return
+    if in_list and isinstance(value, dict) and whole(value):
+        out += (_F, item(codec.encode_whole(value)))
         return
     if id(value) in path:
         raise UnsupportedValue("cannot store a container that contains itself")
@@ -63,12 +86,12 @@ def _tokenize(value: Any, out: list[bytes], path: set[int]) -> None:
     if isinstance(value, list):
         out += (_L, item(b"%d" % len(value)))
         for element in value:
-            _tokenize(element, out, path)
+            _tokenize(element, out, path, True)
     else:
         out += (_D, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(k)) for k in value])
         for element in value.values():
-            _tokenize(element, out, path)
+            _tokenize(element, out, path, False)
     path.discard(id(value))
 
 
@@ -176,7 +199,7 @@ class ListAppend(Op):
 
     def __post_init__(self) -> None:
         self.name = b"lappend"
-        self.values = [encode_value(v) for v in self.value_list]
+        self.values = [encode_value(v, in_list=True) for v in self.value_list]
 
     def bounded(self, keep: int) -> None:
         """Make this append keep only the newest ``keep`` items (values are not encoded again)."""
@@ -197,7 +220,7 @@ class _SlotValue(Op):
     encoded: Encoded = field(init=False)
 
     def __post_init__(self) -> None:
-        self.encoded = encode_value(self.value)
+        self.encoded = encode_value(self.value, in_list=True)
 
     def args(self) -> Args:
         return _args([b"%d" % self.slot], [self.encoded])
@@ -252,8 +275,30 @@ class ListReplace(Op):
     def __post_init__(self) -> None:
         self.name = b"lreplace"
         keep = dict(self.children)
-        self.values = [encode_value(v, keep) for v in self.value_list]
+        self.values = [encode_value(v, keep, in_list=True) for v in self.value_list]
         self.kept = [nid for key, nid in self.children.items() if key not in keep]
 
     def args(self) -> Args:
         return _args([b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)], self.values)
+
+
+@dataclass
+class Promote(Op):
+    """Give a list item's dict stored whole (node ``child``) fields of its own.
+
+    Sent before the first change to such a dict; ``slot`` is where this
+    replica sees it (the script looks further if others moved it). It
+    changes how the dict is stored, not what the list or dict holds.
+    """
+
+    child: bytes = b""
+    slot: int = 0
+    items: list[tuple[Any, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = b"promote"
+
+    def args(self) -> Args:
+        keys = [codec.encode_key(k) for k, _ in self.items]
+        values = [codec.encode(v) for _, v in self.items]
+        return _args([self.child, b"%d" % self.slot, b"%d" % len(keys), *keys, *values])

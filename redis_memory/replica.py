@@ -74,9 +74,18 @@ class Replica:
     def _corrupt(self, field: bytes, why: object) -> CorruptData:
         return CorruptData(f"corrupt data in {self.key} field {field!r}: {why}", key=self.key, field=field)
 
-    def _decode(self, payload: bytes, field: bytes) -> Any:
-        if payload[:1] == bytes((REF,)):
-            node = self.nodes.get(payload[1:])
+    def _decode(self, payload: bytes, field: bytes, parent: Node) -> Any:
+        if payload[:1] == _REF_BYTE:
+            nid, whole, blob = payload[1:].partition(b"=")
+            node = self.nodes.get(nid)
+            if whole:
+                # Stored whole, so unchanged since stored: a proxy we have is current.
+                if isinstance(node, ObservedDict):
+                    return node
+                try:
+                    return self._whole(nid, blob, parent, {})
+                except ValueError as exc:
+                    raise self._corrupt(field, exc) from None
             if node is None:
                 raise Resync(field)
             return node
@@ -84,6 +93,18 @@ class Replica:
             return codec.decode(payload)
         except ValueError as exc:
             raise self._corrupt(field, exc) from None
+
+    def _whole(self, nid: bytes, blob: bytes, parent: Node, reuse: dict[bytes, Node]) -> ObservedDict:
+        """The proxy of a list item's dict stored whole (see ops.py); ValueError if undecodable."""
+        value = codec.decode(blob)
+        if type(value) is not dict or not isinstance(parent, ObservedList):
+            raise ValueError("a dict stored whole must be a map in a list")
+        node = cast(ObservedDict, self._proxy(nid, "d", reuse))
+        if len(node):
+            dict.clear(node)
+        dict.update(node, value)
+        node._rm_next, node._rm_mod, node._rm_up = len(value) + 1, 0, parent
+        return node
 
     def _kill(self, value: Any) -> None:
         """Forget a node removed from the tree, and everything under it."""
@@ -176,16 +197,22 @@ class Replica:
                 and all(lo + n <= s < hi2 for s in slots)
                 and len(slots) == hi2 - lo - n
             ):
-                list.extend(node, [self._need(slots[s], nid, s) for s in range(lo + n, hi2)])
+                list.extend(node, [self._need(slots[s], node, s) for s in range(lo + n, hi2)])
             else:
                 items = []
                 for s in range(lo2, hi2):
                     if s in slots:
-                        items.append(self._need(slots[s], nid, s))
+                        items.append(self._need(slots[s], node, s))
                     elif not new and 0 <= s - lo < n:
                         items.append(node[s - lo])
                     else:
                         raise Resync(nid)
+                # Items no longer in the list are gone (a dict stored whole
+                # has no header whose deletion would say so).
+                kept = {id(v) for v in items}
+                for value in list.__iter__(node):
+                    if id(value) not in kept:
+                        self._kill(value)
                 list.__setitem__(node, slice(None), items)
             node._rm_lo, node._rm_mod = lo2, mod
             return
@@ -198,7 +225,7 @@ class Replica:
                 dict.pop(node, key, None)
                 continue
             seq, _, payload = raw.partition(b":")
-            value = self._decode(payload, b"e" + nid + b":" + kbytes)
+            value = self._decode(payload, b"e" + nid + b":" + kbytes, node)
             if int(seq) >= first_new:
                 moved.append((int(seq), key, value))
             elif key in node:
@@ -210,13 +237,14 @@ class Replica:
             dict.__setitem__(node, key, value)
         if header:
             _, length, node._rm_next, node._rm_mod = parse_header(header)
+            node._rm_up = None  # a dict stored whole was given fields of its own
             if length != len(node):
                 raise Resync(nid)
 
-    def _need(self, payload: bytes | None, nid: bytes, slot: int) -> Any:
+    def _need(self, payload: bytes | None, node: Node, slot: int) -> Any:
         if payload is None:
-            raise Resync(nid)
-        return self._decode(payload, b"e%s:%d" % (nid, slot))
+            raise Resync(node._rm_nid)
+        return self._decode(payload, b"e%s:%d" % (node._rm_nid, slot), node)
 
     # -- this process's own operations --------------------------------------
 
@@ -241,7 +269,7 @@ class Replica:
         stack = doomed
         while stack:
             value = stack.pop()
-            if isinstance(value, ObservedDict):
+            if isinstance(value, ObservedDict) and value._rm_up is None:  # one stored whole has no fields to list
                 plan[value._rm_nid] = [codec.encode_key(k) for k in value]
                 stack.extend(value.values())
             elif isinstance(value, ObservedList):
@@ -253,9 +281,12 @@ class Replica:
         if not payloads:
             return None
         payload = payloads[0]
-        if payload[:1] != bytes((REF,)):
-            return self._decode(payload, b"e" + op.nid)
-        node = self.nodes.get(payload[1:])
+        if payload[:1] != _REF_BYTE:
+            return self._decode(payload, b"e" + op.nid, self.nodes[op.nid])
+        nid, whole, blob = payload[1:].partition(b"=")
+        node = self.nodes.get(nid)
+        if node is None and whole:
+            return self._decode(blob, b"e" + op.nid, self.nodes[op.nid])
         return plain(node)
 
     def value_at(self, op: ops.Op) -> Any:
@@ -275,11 +306,17 @@ class Replica:
         it yields provisional ids that the replay maps to the server's.
         """
         node = self.nodes[op.nid]
+        if isinstance(op, ops.Promote):
+            # The dict keeps its contents; it is now a node with fields of its own.
+            child = self.nodes.get(op.child)
+            if isinstance(child, ObservedDict):
+                child._rm_up = None
+            return
         if isinstance(node, ObservedDict):
             if isinstance(op, ops.DictSet):
                 # Build every new value before changing anything: a value may
                 # be this very dict, and the server stored it as it was.
-                built = [self._materialize(encoded, nids) for encoded in op.values]
+                built = [self._materialize(encoded, nids, None) for encoded in op.values]
                 for key, value in zip((k for k, _ in op.items), built, strict=True):
                     old = dict.get(node, key)
                     if key not in node:
@@ -302,9 +339,9 @@ class Replica:
                 self._kill(value)
             list.__delitem__(node, slice(0, trim))
             node._rm_lo += trim
-            list.extend(node, [self._materialize(e, nids) for e in op.values])
+            list.extend(node, [self._materialize(e, nids, node) for e in op.values])
         elif isinstance(op, ops.ListInsert):
-            value = self._materialize(op.encoded, nids)
+            value = self._materialize(op.encoded, nids, node)
             slot = op.slot
             if slot <= lo:
                 list.insert(node, 0, value)
@@ -318,7 +355,7 @@ class Replica:
         elif isinstance(op, ops.ListSet):
             i = op.slot - lo
             self._kill(node[i])
-            list.__setitem__(node, i, self._materialize(op.encoded, nids))
+            list.__setitem__(node, i, self._materialize(op.encoded, nids, node))
         elif isinstance(op, ops.ListDelete):
             i = op.slot - lo
             self._kill(node[i])
@@ -330,7 +367,7 @@ class Replica:
             for value in node:
                 if getattr(value, "_rm_nid", None) not in kept:
                     self._kill(value)
-            list.__setitem__(node, slice(None), [self._materialize(e, nids) for e in op.values])
+            list.__setitem__(node, slice(None), [self._materialize(e, nids, node) for e in op.values])
         node._rm_mod += 1
 
     def rename(self, mapping: dict[bytes, bytes]) -> None:
@@ -341,29 +378,38 @@ class Replica:
                 node._rm_nid = real
                 self.nodes[real] = node
 
-    def _materialize(self, encoded: ops.Encoded, nids: Iterator[bytes]) -> Any:
+    def _materialize(self, encoded: ops.Encoded, nids: Iterator[bytes], parent: ObservedList | None) -> Any:
         """The local value for what ``encoded`` sent, with the nids the server gave.
 
         Walks the value in the order it was tokenized, which is the order the
-        script allocated node ids in.
+        script allocated node ids in; ``parent`` is the list it is an item of.
         """
         if encoded.reuse is not None:
             return self.nodes[encoded.reuse]
-        return self._build(encoded.value, nids)
+        return self._build(encoded.value, nids, parent)
 
-    def _build(self, value: Any, nids: Iterator[bytes]) -> Any:
+    def _build(self, value: Any, nids: Iterator[bytes], parent: ObservedList | None) -> Any:
         if isinstance(value, list):
             lst = cast(ObservedList, self._proxy(next(nids), "l", {}))
-            list.extend(lst, [self._build(v, nids) for v in value])
+            list.extend(lst, [self._build(v, nids, lst) for v in value])
             return lst
         if isinstance(value, dict):
             dct = cast(ObservedDict, self._proxy(next(nids), "d", {}))
             for key, v in value.items():
-                dict.__setitem__(dct, key, self._build(v, nids))
-            assert isinstance(dct, ObservedDict)
+                dict.__setitem__(dct, key, self._build(v, nids, None))
             dct._rm_next = len(value) + 1
+            if parent is not None and ops.whole(value):
+                dct._rm_up = parent
             return dct
         return codec.detached(value)
+
+    def promotion(self, proxy: Node) -> ops.Promote | None:
+        """The operation that gives ``proxy`` fields of its own, if it is a dict stored whole."""
+        if not isinstance(proxy, ObservedDict) or proxy._rm_up is None:
+            return None
+        parent = proxy._rm_up
+        index = next((i for i, v in enumerate(list.__iter__(parent)) if v is proxy), -1)
+        return ops.Promote(parent._rm_nid, proxy._rm_nid, parent._rm_lo + index, list(dict.items(proxy)))
 
 
 class _Loader:
@@ -384,9 +430,14 @@ class _Loader:
         # ("role", "content") and are immutable, so one decode serves all.
         self.keys: dict[bytes, Any] = {}
 
-    def value(self, payload: bytes, nid: bytes, slot: bytes | int) -> Any:
+    def value(self, payload: bytes, nid: bytes, slot: bytes | int, parent: Node) -> Any:
         if payload[:1] == _REF_BYTE:
-            child = payload[1:]
+            child, whole, blob = payload[1:].partition(b"=")
+            if whole:
+                try:
+                    return self.replica._whole(child, blob, parent, self.reuse)
+                except ValueError as exc:
+                    raise self.corrupt(nid, slot, exc) from None
             header = self.headers.get(child)
             if header is None:
                 raise self.corrupt(nid, slot, f"reference to missing node {child!r}")
@@ -420,10 +471,11 @@ class _Loader:
                 found = slots.get(s)
                 if found is None:
                     raise self.corrupt(nid, s, "missing list element")
-                items.append(self.value(found, nid, s))
+                items.append(self.value(found, nid, s, node))
             list.__setitem__(node, slice(None), items)
             node._rm_lo = a
             return node
+        node._rm_up = None
         ordered = []
         keys = self.keys
         for key, raw in entries:
@@ -445,11 +497,11 @@ class _Loader:
         for _, k, payload, key in ordered:
             if root:
                 try:
-                    dict.__setitem__(node, k, self.value(payload, nid, key))
+                    dict.__setitem__(node, k, self.value(payload, nid, key, node))
                 except CorruptData as exc:
                     dict.__setitem__(node, k, Corrupt(exc))
             else:
-                dict.__setitem__(node, k, self.value(payload, nid, key))
+                dict.__setitem__(node, k, self.value(payload, nid, key, node))
         node._rm_next = b
         return node
 

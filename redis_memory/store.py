@@ -21,9 +21,12 @@ seconds after a writer's last write; older writer fields are pruned, a few
 at a time, by the writes of others.
 
 A value is msgpack bytes, or ``\\xc1<nid>`` (a byte msgpack never emits) for
-a reference to a child node. List slots run from ``lo`` to ``hi - 1``; an
-append writes slot ``hi``, an insert at the front slot ``lo - 1``, so both
-ends are O(1). Dict entries carry an insertion sequence number so the
+a reference to a child node, or ``\\xc1<nid>=<msgpack map>`` for a list
+item's dict of scalars stored whole (node ``nid`` without fields of its own,
+until a ``promote`` gives it some; see :mod:`redis_memory.ops`).
+
+List slots run from ``lo`` to ``hi - 1``; an append writes slot ``hi``, an
+insert at the front slot ``lo - 1``, so both ends are O(1). Dict entries carry an insertion sequence number so the
 insertion order of Python dicts survives.
 """
 
@@ -174,6 +177,10 @@ local function write_header(n, h)
   put(hfield(n), h.kind .. ' ' .. fmt(h.a) .. ' ' .. fmt(h.b) .. ' ' .. fmt(h.c))
 end
 local function is_ref(p) return string.byte(p, 1) == REF end
+-- A list item's dict stored whole: REF, its nid, '=', its msgpack map. It
+-- has no fields of its own, so dropping it is dropping the field holding it.
+local function is_whole(p) return string.find(p, '=', 2, true) ~= nil end
+local function ref_nid(p) return string.match(p, '^.([^=]*)') end
 local function dict_payload(raw) return string.sub(raw, (string.find(raw, ':', 1, true) or 0) + 1) end
 
 local ttl = tonumber(ARGV[7])
@@ -211,7 +218,7 @@ end
 -- True when every dict node under payload p is fully listed in 'known',
 -- so that drop(p) removes every field the subtree has.
 local function can_drop(p)
-  if not is_ref(p) then return true end
+  if not is_ref(p) or is_whole(p) then return true end
   local n = string.sub(p, 2)
   local h = read_header(n)
   if not h then return true end
@@ -231,7 +238,7 @@ local function can_drop(p)
   return true
 end
 local function drop(p)
-  if not is_ref(p) then return end
+  if not is_ref(p) or is_whole(p) then return end
   local n = string.sub(p, 2)
   local h = read_header(n)
   if not h then return end
@@ -252,14 +259,20 @@ local function drop(p)
 end
 
 local first_nid = nil
+-- What each kept child of a list replace held (a dict stored whole keeps its map).
+local kept_raw = {}
 local function build()
   local t = arg()
   if t == 's' then return arg() end
-  if t == 'r' then return string.char(REF) .. arg() end
-  local count = tonumber(arg())
+  if t == 'r' then
+    local n = arg()
+    return kept_raw[n] or (string.char(REF) .. n)
+  end
   counter = counter + 1
   first_nid = first_nid or counter
   local n = fmt(counter)
+  if t == 'f' then return string.char(REF) .. n .. '=' .. arg() end
+  local count = tonumber(arg())
   if t == 'l' then
     for s = 0, count - 1 do put(efield(n, fmt(s)), build()) end
     put(hfield(n), 'l 0 ' .. fmt(count) .. ' 0')
@@ -277,7 +290,7 @@ end
 
 local h = read_header(nid)
 if not h then return reply('gone') end
-local want = (string.sub(op, 1, 1) == 'l') and 'l' or 'd'
+local want = (string.sub(op, 1, 1) == 'd') and 'd' or 'l'
 if h.kind ~= want then return reply('gone') end
 local extra = {}
 -- What the change event says beyond the op: the dict keys it changed, or
@@ -387,11 +400,11 @@ elseif op == 'lreplace' then
   local nkept = tonumber(arg())
   local kept, seen = {}, {}
   for _ = 1, nkept do kept[arg()] = true end
-  local function kept_child(raw) return is_ref(raw) and kept[string.sub(raw, 2)] and string.sub(raw, 2) end
+  local function kept_child(raw) return is_ref(raw) and kept[ref_nid(raw)] and ref_nid(raw) end
   for s = h.a, h.b - 1 do
     local raw = hget(efield(nid, fmt(s))) or ''
     local child = kept_child(raw)
-    if child then seen[child] = true
+    if child then seen[child] = true; kept_raw[child] = raw
     elseif not can_drop(raw) then return reply('stale') end
   end
   for child in pairs(kept) do
@@ -406,13 +419,43 @@ elseif op == 'lreplace' then
   local count = tonumber(arg())
   h.b = h.a
   for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
+elseif op == 'promote' then
+  -- The dict stored whole in this list (node x, seen at 'slot') gets a
+  -- header and entries, as a dict node has, and the slot a plain reference.
+  -- Nothing to do if it already has them; 'gone' if it is no longer here.
+  local x, slot = arg(), tonumber(arg())
+  if not read_header(x) then
+    local head = string.char(REF) .. x .. '='
+    local function holds(s)
+      local raw = hget(efield(nid, fmt(s)))
+      return raw and string.sub(raw, 1, #head) == head
+    end
+    if slot < h.a or slot >= h.b or not holds(slot) then
+      -- Others moved it since this client looked: O(n), and rare.
+      slot = nil
+      for s = h.a, h.b - 1 do
+        if holds(s) then slot = s; break end
+      end
+      if not slot then return reply('gone') end
+    end
+    hset(efield(nid, fmt(slot)), string.char(REF) .. x)
+    local count = tonumber(arg())
+    local keys = {}
+    for i = 1, count do keys[i] = arg() end
+    for i = 1, count do put(efield(x, keys[i]), fmt(i) .. ':' .. arg()) end
+    put(hfield(x), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0')
+  end
 else
   return redis.error_reply('redis_memory: unknown operation ' .. op)
 end
 
 if ntouched == 0 then refresh_ttl(); return reply('same') end
-h.c = h.c + 1
-write_header(nid, h)
+-- A promotion changes how an item is stored, not what the list holds:
+-- the list's change count (which a list replace checks) stays.
+if op ~= 'promote' then
+  h.c = h.c + 1
+  write_header(nid, h)
+end
 version = version + 1
 local entry
 if ntouched > TOUCH_LIMIT then
@@ -715,9 +758,9 @@ def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list
     plan: dict[bytes, list[bytes]] = {}
     while doomed:
         raw = doomed.pop()
-        if raw[:1] != bytes((REF,)):
+        child, whole, _ = raw[1:].partition(b"=")
+        if raw[:1] != bytes((REF,)) or whole:
             continue
-        child = raw[1:]
         children = entries.get(child, {})
         if fields.get(b"h" + child, b"")[:1] == b"d":
             plan[child] = list(children)
