@@ -145,16 +145,26 @@ def encode_key(key: Any) -> bytes:
 
 
 def encode_whole(value: dict[Any, Any]) -> bytes:
-    """Encode a dict whose values are all scalars as one msgpack map.
+    """Encode a dict whose values are all scalars (the caller checks) as one msgpack map.
 
     Its keys and values obey the same rules as those of a dict node, and
     decoding gives back an equal dict in the same order.
     """
-    for key, item in value.items():
-        _check_key(key)
-        if type(item) not in SCALAR_TYPES:
-            _default(item)  # raises with the type's name (lists and dicts are not scalars here)
-    return _pack(dict(value))
+    for key in value:
+        if type(key) not in KEY_TYPES:
+            _check_key(key)
+    packer = getattr(_local, "whole_packer", None)
+    if packer is None:
+        packer = _local.whole_packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True)
+    try:
+        packed: bytes = packer.pack(value if type(value) is dict else dict(value))
+    except UnsupportedValue:
+        _local.whole_packer = None  # its buffer may hold part of the value
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        _local.whole_packer = None
+        raise UnsupportedValue(f"cannot store this dict: {exc}") from exc
+    return packed
 
 
 def decode_key(data: bytes) -> Any:
