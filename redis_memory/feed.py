@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from . import codec
-from .errors import RedisMemoryError
+from .errors import RedisMemoryError, ServerRefused
 from .proxies import ObservedDict, ObservedList
 
 if TYPE_CHECKING:
@@ -224,6 +224,9 @@ class Feed:
                     return True
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             log.info("%s: change feed cannot subscribe: %s", self._channel, exc)
+        except redis.ResponseError as exc:  # NOPERM: the ACL user may not use the channel
+            pubsub.close()
+            raise ServerRefused(f"Redis refused the change feed {self._channel}: {exc}", key=self._channel) from exc
         pubsub.close()
         return False
 

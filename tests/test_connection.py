@@ -12,7 +12,7 @@ import pytest
 import redis
 from servers import free_port
 
-from redis_memory import ConversationMemory, Memory, connection
+from redis_memory import ConversationMemory, Memory, ServerRefused, connection
 
 
 def test_explicit_url_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,6 +79,8 @@ def test_acl_user_in_url(servers: dict) -> None:  # type: ignore[type-arg]
         mem.x = [1]
         mem.x.append(2)
         assert Memory("acl", url=f"redis://agent:s3cret@127.0.0.1:{server.port}/0").x == [1, 2]
+        with pytest.raises(ServerRefused, match="change feed"):
+            mem.subscribe()  # a clear error, not redis-py's
         mem.delete()  # writes and deletes work without the right to publish change events
         assert admin.exists(mem.key) == 0
         with pytest.raises(redis.AuthenticationError):
