@@ -230,6 +230,9 @@ class MemoryCore:
                     op = promotion
                 if self.bounds and isinstance(op, ops.ListAppend):
                     self._bound(proxy, op)
+                if promotion is not None and not online:
+                    # Queue the promotion only if the change after it fits too.
+                    self.outbox.check_room(self.store.key, needed=2)
                 plan = replica.removal_plan(op)
                 seq = self._next_seq()
                 if not online:

@@ -214,6 +214,11 @@ class ListAppend(Op):
         return _args([b"%d" % len(self.values), b"%d" % self.keep], self.values)
 
 
+def trimmed(length: int, added: int, keep: int) -> int:
+    """How many items a bounded append drops from the front of a list of ``length`` (as the script computes it)."""
+    return max(0, min(length, length + added - keep))
+
+
 @dataclass
 class _SlotValue(Op):
     """An operation on one list slot that writes one value."""

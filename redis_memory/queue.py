@@ -279,8 +279,8 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def check_room(self, key: str) -> None:
-        if len(self.entries) >= self.limit:
+    def check_room(self, key: str, needed: int = 1) -> None:
+        if len(self.entries) + needed > self.limit:
             raise OfflineQueueFull(
                 f"Redis is unreachable and {self.limit} operations are already queued for {key}; "
                 "this change was not made",

@@ -264,7 +264,7 @@ class Replica:
         elif isinstance(op, ops.ListReplace):
             doomed = [v for v in node if getattr(v, "_rm_nid", None) not in op.kept]
         elif isinstance(op, ops.ListAppend) and op.keep:
-            doomed = node[: _trimmed(len(node), len(op.values), op.keep)]
+            doomed = node[: ops.trimmed(len(node), len(op.values), op.keep)]
         plan: dict[bytes, list[bytes]] = {}
         stack = doomed
         while stack:
@@ -334,7 +334,7 @@ class Replica:
             return
         lo, hi = node._rm_lo, node._rm_lo + len(node)
         if isinstance(op, ops.ListAppend):
-            trim = _trimmed(len(node), len(op.values), op.keep) if op.keep else 0
+            trim = ops.trimmed(len(node), len(op.values), op.keep) if op.keep else 0
             for value in node[:trim]:
                 self._kill(value)
             list.__delitem__(node, slice(0, trim))
@@ -504,11 +504,6 @@ class _Loader:
                 dict.__setitem__(node, k, self.value(payload, nid, key, node))
         node._rm_next = b
         return node
-
-
-def _trimmed(length: int, added: int, keep: int) -> int:
-    """How many items a bounded append drops from the front (as the script computes it)."""
-    return max(0, min(length, length + added - keep))
 
 
 _REF_BYTE = bytes((REF,))

@@ -39,7 +39,7 @@ import redis
 
 from .connection import channel, resp_command
 from .errors import ConnectionFailed, CorruptData, ServerRefused
-from .ops import Args
+from .ops import Args, trimmed
 
 REF = 0xC1
 JOURNAL_SIZE = 128
@@ -752,6 +752,11 @@ def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list
         doomed = [bytes((REF,)) + nid]
     elif name in (b"lset", b"ldel") and args[0] in own:
         doomed = [own[args[0]]]
+    elif name == b"lappend" and int(args[1]) > 0:
+        # A bounded append drops from the front what it adds beyond ``keep``.
+        _, lo, hi, _ = fields.get(b"h" + nid, b"l 0 0 0").split(b" ")
+        trim = trimmed(int(hi) - int(lo), int(args[0]), int(args[1]))
+        doomed = [own[b"%d" % s] for s in range(int(lo), int(lo) + trim) if b"%d" % s in own]
     elif name == b"lreplace":
         kept = {bytes((REF,)) + k for k in args[2 : 2 + int(args[1])]}
         doomed = [raw for raw in own.values() if raw not in kept]

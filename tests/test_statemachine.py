@@ -36,7 +36,7 @@ def container_paths(value: Any, path: list[Any]) -> list[list[Any]]:
 
 
 def check_bookkeeping(local: Any, fresh: Any) -> None:
-    """A replica's node ids, slots and counters equal those of a fresh load."""
+    """A replica's node ids, slots, counters and storage equal those of a fresh load."""
     assert type(local) is type(fresh)
     if isinstance(local, (ObservedList, ObservedDict)):
         assert local._rm_nid == fresh._rm_nid
@@ -47,6 +47,10 @@ def check_bookkeeping(local: Any, fresh: Any) -> None:
                 check_bookkeeping(x, y)
         else:
             assert local._rm_next == fresh._rm_next
+            # Stored whole (in the same list) or with fields of its own, as the server has it.
+            assert [up._rm_nid for up in (local._rm_up,) if up is not None] == [
+                up._rm_nid for up in (fresh._rm_up,) if up is not None
+            ]
             for k in fresh:
                 check_bookkeeping(local[k], fresh[k])
 

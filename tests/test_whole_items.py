@@ -12,7 +12,7 @@ import pytest
 import redis
 from conftest import Switch
 
-from redis_memory import ContainerDeleted, ConversationMemory, CorruptData, Memory, ops
+from redis_memory import ContainerDeleted, ConversationMemory, CorruptData, Memory, OfflineQueueFull, ops
 
 
 def message(i: int) -> dict[str, object]:
@@ -169,3 +169,33 @@ def test_an_undecodable_stored_message_is_corrupt_data(client: redis.Redis) -> N
         _ = fresh.messages
     assert caught.value.field == field
     assert fresh.title == "t"
+
+
+def test_an_offline_bounded_append_survives_an_edit_of_the_oldest_message(switch: Switch, client: redis.Redis) -> None:
+    """The replay plans the trim from the server's data when others changed the message it drops."""
+    mem = ConversationMemory("c", client=switch.client(), max_messages=3)
+    mem.messages = [message(i) for i in range(3)]
+    ConversationMemory("c", client=client).messages[0]["content"] = "edited"  # gives it fields of its own
+    switch.cut()
+    mem.messages.append(message(3))  # queued; will drop the oldest
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert mem.status().dropped == 0
+    assert ConversationMemory("c", client=client).messages == [message(1), message(2), message(3)]
+
+
+def test_an_offline_edit_of_a_message_is_refused_whole_when_the_queue_is_nearly_full(
+    switch: Switch, client: redis.Redis
+) -> None:
+    """A message's first change queues two operations: with room for one, nothing is queued or changed."""
+    mem = ConversationMemory("c", client=switch.client(), max_pending=2)
+    mem.messages = [message(0), message(1)]
+    switch.cut()
+    mem.title = "t"
+    with pytest.raises(OfflineQueueFull):
+        mem.messages[0]["content"] = "edited"
+    assert mem.status().pending == 1 and mem.messages[0] == message(0)
+    switch.restore()
+    assert mem.flush(timeout=10)
+    mem.messages[0]["content"] = "edited"
+    assert ConversationMemory("c", client=client).messages == [{"role": "assistant", "content": "edited"}, message(1)]
