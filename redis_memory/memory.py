@@ -207,6 +207,7 @@ class MemoryCore:
         """
         with self.lock:
             replica = self.replica
+            fresh = False  # whether this call has checked the server's version
             for _ in range(MAX_ATTEMPTS):
                 # Replaying a queue reloads the replica, and a speculative one
                 # (a forked child's, or one whose reload failed) must be reloaded
@@ -214,14 +215,27 @@ class MemoryCore:
                 online = self.reachable()
                 if not replica.loaded or (online and replica.speculative):
                     self.refresh()
-                    online = self.link.online
+                    fresh, online = True, self.link.online
                 if not proxy._rm_live:
                     raise ContainerDeleted(
                         f"this {type(proxy).__bases__[0].__name__} was deleted from {self.store.key}",
                         key=self.store.key,
                     )
-                op = build()
+                # A held proxy builds from the view it has, without a round trip;
+                # the server checks what an operation depends on. But "nothing to
+                # do" and "no such item" write nothing the server could check, so
+                # they are decided again on a fresh view before they stand.
+                try:
+                    op = build()
+                except (LookupError, ValueError):
+                    if not online or fresh:
+                        raise
+                    op = None
                 if op is None:
+                    if online and not fresh:
+                        self.refresh()
+                        fresh = True
+                        continue
                     return NO_OP
                 # A list item's dict stored whole gets fields of its own first
                 # (one more operation, once); then the loop builds the change.
@@ -234,6 +248,8 @@ class MemoryCore:
                     # Queue the promotion only if the change after it fits too.
                     self.outbox.check_room(self.store.key, needed=2)
                 plan = replica.removal_plan(op)
+                if plan is None:
+                    plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args())) if online else {}
                 seq = self._next_seq()
                 if not online:
                     result = self._enqueue(op, plan, seq)
@@ -324,7 +340,7 @@ class MemoryCore:
         # build the operation again from the fresh view.
         return _RETRY
 
-    def _enqueue(self, op: ops.Op, plan: dict[bytes, list[bytes]], seq: int, may_be_applied: bool = False) -> Any:
+    def _enqueue(self, op: ops.Op, plan: ops.Plan, seq: int, may_be_applied: bool = False) -> Any:
         """Offline: apply ``op`` to the replica and queue it for the replay."""
         replica = self.replica
         if not may_be_applied:

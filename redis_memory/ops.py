@@ -42,6 +42,9 @@ WHOLE_MAX_KEYS = 16
 
 #: Script arguments in RESP form, and how many there are.
 Args = tuple[bytes, int]
+#: A removal plan: for each container an operation may remove (by node id),
+#: the change count it was seen at and, for a dict, its encoded keys.
+Plan = dict[bytes, tuple[int, list[bytes]]]
 
 
 @dataclass
@@ -236,11 +239,16 @@ class _SlotValue(Op):
 
 @dataclass
 class ListInsert(_SlotValue):
-    """``insert``: before the element at ``slot``; O(1) at either end."""
+    """``insert``: before the element at ``slot``, or at an ``end`` of the list as the server has it; O(1) at either end."""
+
+    end: bytes = b""  # b"front", b"back", or b"" for a slot inside the list
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.name = b"linsert"
+
+    def args(self) -> Args:
+        return _args([self.end or b"%d" % self.slot], [self.encoded])
 
 
 @dataclass

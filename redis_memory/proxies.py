@@ -5,7 +5,9 @@ list/dict reads of the local replica, which the memory refreshes in place
 when an attribute is read. Each mutating method builds one operation from
 the replica's current view and hands it to the memory's core, which sends it
 to the server and applies it here; the builder runs again if the server
-says the view was stale, so positions are resolved against a fresh list.
+says the view was stale, so positions are resolved against a fresh list. A
+builder that finds nothing to do, or raises (an empty list's ``pop``), is
+run again on a view made fresh first: what the server holds decides.
 
 ``copy.deepcopy``, ``copy.copy`` and pickling give plain lists and dicts.
 """
@@ -92,15 +94,22 @@ class ObservedList(list):  # type: ignore[type-arg]
             i = index.__index__()
             n = len(self)
             i = max(0, min(n, i + n if i < 0 else i))
-            return ops.ListInsert(self._rm_nid, self._rm_lo + i, value)
+            # At an end of this view is at that end of the list on the server:
+            # others may have added there since this replica looked.
+            end = b"front" if i == 0 else b"back" if i == n else b""
+            return ops.ListInsert(self._rm_nid, self._rm_lo + i, value, end)
 
         self._rm_submit(build)
 
     def pop(self, index: SupportsIndex = -1) -> Any:
         """Remove and return an item: O(1) at either end."""
-        if not len(self):
-            raise IndexError("pop from empty list")
-        return self._rm_submit(lambda: ops.ListDelete(self._rm_nid, self._rm_slot(index)))
+
+        def build() -> ops.Op:
+            if not len(self):
+                raise IndexError("pop from empty list")
+            return ops.ListDelete(self._rm_nid, self._rm_slot(index))
+
+        return self._rm_submit(build)
 
     def remove(self, value: Any) -> None:
         """Remove the first item equal to ``value``: O(n) to find it."""
@@ -205,8 +214,7 @@ class ObservedDict(dict):  # type: ignore[type-arg]
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         """Set ``key`` only if the server does not have it; return the stored value."""
-        if key not in self:
-            self._rm_submit(lambda: ops.DictSetDefault(self._rm_nid, [(key, default)]))
+        self._rm_submit(lambda: None if key in self else ops.DictSetDefault(self._rm_nid, [(key, default)]))
         return self[key]
 
     def pop(self, key: Any, default: Any = NO_OP) -> Any:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import codec
+from . import codec, ops
 from .connection import Channel
 from .errors import ConnectionFailed, OfflineQueueFull
 from .store import escape_id
@@ -69,13 +69,13 @@ class Pending:
     incarnation: bytes  # of the memory it was made on; b"" if it did not exist
     name: bytes
     nid: bytes
-    plan: dict[bytes, list[bytes]]
+    plan: ops.Plan
     args: list[bytes]
     created: list[bytes] = field(default_factory=list)  # provisional ids, in the server's allocation order
     author: bytes = b""  # the author= of the memory that made it, for its change event
 
     def record(self) -> list[Any]:
-        plan = [[nid, keys] for nid, keys in self.plan.items()]
+        plan = [[nid, mod, keys] for nid, (mod, keys) in self.plan.items()]
         return [
             b"op", self.writer, self.seq, self.incarnation, self.name, self.nid, plan, self.args, self.created,
             self.author,
@@ -84,7 +84,7 @@ class Pending:
     @classmethod
     def from_record(cls, record: list[Any]) -> Pending:
         _, writer, seq, incarnation, name, nid, plan, args, created, *rest = record
-        plan_map = {n: list(k) for n, k in plan}
+        plan_map = {n: (m, list(k)) for n, m, k in plan}
         return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), rest[0] if rest else b"")
 
     def renamed(self, renames: dict[bytes, bytes]) -> Pending:

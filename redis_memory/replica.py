@@ -248,8 +248,12 @@ class Replica:
 
     # -- this process's own operations --------------------------------------
 
-    def removal_plan(self, op: ops.Op) -> dict[bytes, list[bytes]]:
-        """The keys of every dict node ``op`` may remove, for the server to check."""
+    def removal_plan(self, op: ops.Op) -> ops.Plan | None:
+        """Every container ``op`` may remove, as this replica sees it, for the server to check.
+
+        None if it removes an attribute whose stored data is corrupt: only
+        the server's data can tell what that holds.
+        """
         node = self.nodes[op.nid]
         doomed: list[Any] = []
         if isinstance(op, (ops.DictSet, ops.DictDelete)):
@@ -265,14 +269,17 @@ class Replica:
             doomed = [v for v in node if getattr(v, "_rm_nid", None) not in op.kept]
         elif isinstance(op, ops.ListAppend) and op.keep:
             doomed = node[: ops.trimmed(len(node), len(op.values), op.keep)]
-        plan: dict[bytes, list[bytes]] = {}
+        plan: ops.Plan = {}
         stack = doomed
         while stack:
             value = stack.pop()
+            if isinstance(value, Corrupt):
+                return None
             if isinstance(value, ObservedDict) and value._rm_up is None:  # one stored whole has no fields to list
-                plan[value._rm_nid] = [codec.encode_key(k) for k in value]
+                plan[value._rm_nid] = (value._rm_mod, [codec.encode_key(k) for k in value])
                 stack.extend(value.values())
             elif isinstance(value, ObservedList):
+                plan[value._rm_nid] = (value._rm_mod, [])
                 stack.extend(value)
         return plan
 
@@ -343,7 +350,12 @@ class Replica:
         elif isinstance(op, ops.ListInsert):
             value = self._materialize(op.encoded, nids, node)
             slot = op.slot
-            if slot <= lo:
+            if op.end == b"front" or (not op.end and slot <= lo):
+                list.insert(node, 0, value)
+                node._rm_lo -= 1
+            elif op.end == b"back":
+                list.append(node, value)
+            elif slot <= lo:
                 list.insert(node, 0, value)
                 node._rm_lo -= 1
             elif slot >= hi:

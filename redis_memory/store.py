@@ -39,7 +39,7 @@ import redis
 
 from .connection import channel, resp_command
 from .errors import ConnectionFailed, CorruptData, ServerRefused
-from .ops import Args, trimmed
+from .ops import Args, Plan, trimmed
 
 REF = 0xC1
 JOURNAL_SIZE = 128
@@ -200,15 +200,19 @@ local function refresh_ttl()
   end
 end
 
-local known = {}
+-- The removal plan: for each container the op may remove, the change
+-- count this client saw it at and (for a dict) its keys. A container
+-- changed since is not removed: the client's copy of it, which a pop
+-- returns, would be stale.
+local known, known_mod = {}, {}
 local pos = 10
 local drops_end = pos + tonumber(ARGV[9])
 while pos < drops_end do
-  local dn, cnt = ARGV[pos], tonumber(ARGV[pos + 1])
+  local dn, mod, cnt = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
   local keys = {}
-  for j = 1, cnt do keys[j] = ARGV[pos + 1 + j] end
-  known[dn] = keys
-  pos = pos + 2 + cnt
+  for j = 1, cnt do keys[j] = ARGV[pos + 2 + j] end
+  known[dn], known_mod[dn] = keys, mod
+  pos = pos + 3 + cnt
 end
 local function arg()
   pos = pos + 1
@@ -222,6 +226,8 @@ local function can_drop(p)
   local n = string.sub(p, 2)
   local h = read_header(n)
   if not h then return true end
+  local keys = known[n]
+  if not keys or known_mod[n] ~= h.c then return false end
   if h.kind == 'l' then
     for s = h.a, h.b - 1 do
       local raw = hget(efield(n, fmt(s)))
@@ -229,8 +235,7 @@ local function can_drop(p)
     end
     return true
   end
-  local keys = known[n]
-  if not keys or #keys ~= h.a then return false end
+  if #keys ~= h.a then return false end
   for _, k in ipairs(keys) do
     local raw = hget(efield(n, k))
     if not raw or not can_drop(dict_payload(raw)) then return false end
@@ -362,11 +367,14 @@ elseif op == 'lappend' then
   event_index, event_count, event_trim = fmt(h.b - h.a), fmt(count), fmt(trim)
   for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
 elseif op == 'linsert' then
-  local slot = tonumber(arg())
+  -- 'front' and 'back' are the list's ends on the server, whatever the
+  -- client saw; a number is a slot inside the list.
+  local where = arg()
+  local slot = tonumber(where)
   local target
-  if slot <= h.a then
+  if where == 'front' or (slot and slot <= h.a) then
     h.a = h.a - 1; target = h.a
-  elseif slot >= h.b then
+  elseif where == 'back' or slot >= h.b then
     target = h.b; h.b = h.b + 1
   elseif slot - h.a < h.b - slot then
     for s = h.a, slot - 1 do move(nid, s, s - 1) end
@@ -650,15 +658,17 @@ class Store:
             self._call("SCRIPT", "LOAD", source)
             return self._call_packed(packed)
 
-    def apply(self, header: list[bytes], drops: dict[bytes, list[bytes]], op_args: Args) -> Reply:
+    def apply(self, header: list[bytes], drops: Plan, op_args: Args) -> Reply:
         """EVALSHA of the apply script: O(1) fields for item operations.
 
-        ``drops`` lists the keys of every dict node the operation may remove,
-        so the script can delete whole subtrees without scanning the hash.
+        ``drops`` gives, for every container the operation may remove, the
+        change count it was seen at and its keys (for a dict), so the script
+        can delete whole subtrees without scanning the hash, and refuses to
+        remove one changed since.
         """
         plan: list[bytes] = []
-        for nid, keys in drops.items():
-            plan += [nid, b"%d" % len(keys), *keys]
+        for nid, (mod, keys) in drops.items():
+            plan += [nid, b"%d" % mod, b"%d" % len(keys), *keys]
         raw = self._script(_APPLY, self.keys + self.companions, [*header, b"%d" % len(plan), *plan], op_args)
         return Reply(raw[0].decode(), int(raw[1]), raw[2], int(raw[3]) if raw[3] else None, list(raw[4:]))
 
@@ -726,8 +736,8 @@ class Store:
         self._call("PING")
 
 
-def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list[bytes]) -> dict[bytes, list[bytes]]:
-    """The keys of every dict node operation ``name`` would remove, read from a full HGETALL.
+def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list[bytes]) -> Plan:
+    """What operation ``name`` would remove (see :data:`ops.Plan`), read from a full HGETALL.
 
     What a replica computes from its own view, computed instead from the
     server's current data: used when a queued operation is replayed onto a
@@ -754,22 +764,26 @@ def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list
         doomed = [own[args[0]]]
     elif name == b"lappend" and int(args[1]) > 0:
         # A bounded append drops from the front what it adds beyond ``keep``.
-        _, lo, hi, _ = fields.get(b"h" + nid, b"l 0 0 0").split(b" ")
+        _, lo, hi, _ = fields.get(b"h" + nid, b"l 0 0 0").split(b" ")[:4]
         trim = trimmed(int(hi) - int(lo), int(args[0]), int(args[1]))
         doomed = [own[b"%d" % s] for s in range(int(lo), int(lo) + trim) if b"%d" % s in own]
     elif name == b"lreplace":
         kept = {bytes((REF,)) + k for k in args[2 : 2 + int(args[1])]}
         doomed = [raw for raw in own.values() if raw not in kept]
-    plan: dict[bytes, list[bytes]] = {}
+    plan: Plan = {}
     while doomed:
         raw = doomed.pop()
         child, whole, _ = raw[1:].partition(b"=")
         if raw[:1] != bytes((REF,)) or whole:
             continue
+        header = fields.get(b"h" + child, b"").split(b" ")
+        if len(header) < 4:
+            continue  # a missing node: nothing to remove
         children = entries.get(child, {})
-        if fields.get(b"h" + child, b"")[:1] == b"d":
-            plan[child] = list(children)
+        if header[0] == b"d":
+            plan[child] = (int(header[3]), list(children))
             doomed += [value.partition(b":")[2] for value in children.values()]
         else:
+            plan[child] = (int(header[3]), [])
             doomed += list(children.values())
     return plan

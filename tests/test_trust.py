@@ -1,0 +1,134 @@
+"""Paths that used to lose, resurrect or hide data: stale decisions, end inserts, pops, replays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from redis_memory import Memory, MissingKey
+
+
+def pair(client: redis.Redis, other_client: redis.Redis, **values: Any) -> tuple[Memory, Memory]:
+    mine, theirs = Memory("t", client=client), Memory("t", client=other_client)
+    for name, value in values.items():
+        setattr(mine, name, value)
+    theirs.to_dict()
+    return mine, theirs
+
+
+# -- a decision that writes nothing is made on a fresh view (item 8) ----------
+
+
+def test_clear_of_a_held_list_removes_what_others_added(client: redis.Redis, other_client: redis.Redis) -> None:
+    """clear() on a held empty list still clears the item another process appended meanwhile."""
+    mine, theirs = pair(client, other_client, items=[])
+    held = mine.items
+    theirs.items.append("late")
+    held.clear()
+    assert Memory("t", client=other_client).items == []
+    assert held == []
+
+
+def test_clear_of_a_held_dict_removes_what_others_added(client: redis.Redis, other_client: redis.Redis) -> None:
+    """clear() on a held empty dict still clears the key another process set meanwhile."""
+    mine, theirs = pair(client, other_client, d={})
+    held = mine.d
+    theirs.d["k"] = 1
+    held.clear()
+    assert Memory("t", client=other_client).d == {}
+
+
+@pytest.mark.parametrize("method", ["sort", "reverse"])
+def test_sort_and_reverse_of_a_held_list_see_what_others_added(
+    client: redis.Redis, other_client: redis.Redis, method: str
+) -> None:
+    """sort() and reverse() on a held one-item list include the item another process appended."""
+    mine, theirs = pair(client, other_client, items=[2])
+    held = mine.items
+    theirs.items.append(1)
+    getattr(held, method)()
+    assert Memory("t", client=other_client).items == [1, 2]
+
+
+def test_setdefault_returns_what_the_server_holds(client: redis.Redis, other_client: redis.Redis) -> None:
+    """setdefault() on a key another process deleted sets the default and returns it, as stored."""
+    mine, theirs = pair(client, other_client, d={"k": "old"})
+    held = mine.d
+    del theirs.d["k"]
+    assert held.setdefault("k", "new") == "new"
+    assert Memory("t", client=other_client).d == {"k": "new"}
+
+
+def test_pop_with_default_removes_what_others_added(client: redis.Redis, other_client: redis.Redis) -> None:
+    """pop(k, default) on a key missing here but set by another process removes and returns it."""
+    mine, theirs = pair(client, other_client, d={})
+    held = mine.d
+    theirs.d["k"] = "theirs"
+    assert held.pop("k", None) == "theirs"
+    assert Memory("t", client=other_client).d == {}
+
+
+def test_errors_of_a_stale_view_are_checked_on_a_fresh_one(client: redis.Redis, other_client: redis.Redis) -> None:
+    """pop() of an empty held list, remove(x) and popitem() see what others added before they raise."""
+    mine, theirs = pair(client, other_client, items=[], d={})
+    items, d = mine.items, mine.d
+    theirs.items.extend(["x", "y"])
+    theirs.d["k"] = 1
+    assert items.pop() == "y"
+    items.remove("x")
+    assert d.popitem() == ("k", 1)
+    assert Memory("t", client=other_client).to_dict() == {"items": [], "d": {}}
+    with pytest.raises(IndexError):
+        items.pop()
+    with pytest.raises(MissingKey):
+        d.popitem()
+
+
+# -- inserts at either end are end operations (item 9) -------------------------
+
+
+def test_front_inserts_from_a_stale_view_keep_each_writers_order(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """Two writers' insert(0, x) from stale views land at the front, each writer's order kept."""
+    mine, theirs = pair(client, other_client, items=["base"])
+    a, b = mine.items, theirs.items
+    b.insert(0, "b1")
+    a.insert(0, "a1")
+    b.insert(0, "b2")
+    a.insert(0, "a2")
+    stored = Memory("t", client=other_client).items
+    assert stored == ["a2", "b2", "a1", "b1", "base"]
+    assert a.pop(0) == "a2"
+
+
+def test_end_inserts_from_a_stale_view_land_at_the_end(client: redis.Redis, other_client: redis.Redis) -> None:
+    """insert(len(l), x) from a stale view appends after what others appended."""
+    mine, theirs = pair(client, other_client, items=["base"])
+    held = mine.items
+    theirs.items.append("theirs")
+    held.insert(len(held), "mine")
+    assert Memory("t", client=other_client).items == ["base", "theirs", "mine"]
+
+
+# -- pop() of a container returns what the server removed (item 10) -----------
+
+
+def test_popped_dict_is_what_the_server_held(client: redis.Redis, other_client: redis.Redis) -> None:
+    """A held dict's pop(k) of a nested dict another process changed returns the changed dict."""
+    mine, theirs = pair(client, other_client, d={"inner": {"a": 1}})
+    held = mine.d
+    theirs.d["inner"]["b"] = 2
+    assert held.pop("inner") == {"a": 1, "b": 2}
+    assert Memory("t", client=other_client).d == {}
+
+
+def test_popped_list_item_is_what_the_server_held(client: redis.Redis, other_client: redis.Redis) -> None:
+    """A held list's pop() of a nested list another process appended to returns it whole."""
+    mine, theirs = pair(client, other_client, rows=[["a"]])
+    held = mine.rows
+    theirs.rows[0].append("b")
+    assert held.pop() == ["a", "b"]
+    assert Memory("t", client=other_client).rows == []
