@@ -239,7 +239,7 @@ class _SlotValue(Op):
 
 @dataclass
 class ListInsert(_SlotValue):
-    """``insert``: before the element at ``slot``, or at an ``end`` of the list as the server has it; O(1) at either end."""
+    """``insert``: before the element at ``slot``, or at an ``end`` as the server has it; O(1) at the ends."""
 
     end: bytes = b""  # b"front", b"back", or b"" for a slot inside the list
 
