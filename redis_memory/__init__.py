@@ -18,7 +18,7 @@ from .errors import (
 )
 from .feed import Event, Feed, Subscription
 from .memory import ConversationMemory, Memory, Metadata, Stats
-from .proxies import ObservedDict, ObservedList
+from .proxies import ObservedDict, ObservedList, ObservedSet
 from .queue import Status
 from .session import AgentMemory, Session, SessionMemory
 from .window import TokenCounter, fit_messages, message_tokens, token_counter
@@ -40,6 +40,7 @@ __all__ = [
     "MissingKey",
     "ObservedDict",
     "ObservedList",
+    "ObservedSet",
     "OfflineQueueFull",
     "PrivateMemory",
     "RedisMemoryError",

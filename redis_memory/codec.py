@@ -2,7 +2,7 @@
 
 Scalars and immutable containers are msgpack; the types msgpack lacks travel
 as extension types. Decoding never executes code: it builds only the types
-listed here. Lists and dicts are not encoded here as whole values; the store
+listed here. Lists, dicts and sets are not encoded here as whole values; the store
 keeps each of them as a node of its own (see :mod:`redis_memory.ops`).
 """
 
@@ -28,7 +28,8 @@ EXT_BIGINT = 6
 #: compare equal to ints (``1 == 1.0 == True``) yet encode differently, so one
 #: Python key could become several stored ones.
 KEY_TYPES = (str, bytes, int, type(None), tuple, frozenset, dt.date, dt.datetime)
-SCALAR_TYPES = (type(None), bool, int, float, str, bytes, tuple, set, frozenset, dt.date, dt.datetime)
+#: Types stored as one encoded value. Lists, dicts and sets are nodes instead (see ops.py).
+SCALAR_TYPES = (type(None), bool, int, float, str, bytes, tuple, frozenset, dt.date, dt.datetime)
 
 
 def _default(obj: Any) -> Any:

@@ -42,7 +42,7 @@ import redis
 
 from . import codec
 from .errors import RedisMemoryError, ServerRefused
-from .proxies import ObservedDict, ObservedList
+from .proxies import ObservedDict, ObservedList, ObservedSet
 
 if TYPE_CHECKING:
     from .memory import MemoryCore
@@ -60,6 +60,7 @@ OPS = {
     b"lset": "set",
     b"ldel": "delete",
     b"lreplace": "replace",
+    b"schange": "update",
 }
 _WAIT_SLICE = 0.2  # a blocked read wakes this often to notice close()
 _MAX_DELAY = 1.0
@@ -88,7 +89,7 @@ class Event:
     memory: str  #: the name (id) of the memory
     attribute: str | None  #: the top-level name the change is under
     path: tuple[Any, ...]  #: keys and list indexes from the memory to what changed
-    op: str  #: set, setdefault, delete, clear, append, insert, replace; or resync
+    op: str  #: set, setdefault, delete, clear, append, insert, replace, update (of a set); or resync
     author: str | None  #: the ``author=`` of the memory that wrote it
     time: dt.datetime  #: when the server applied it (UTC)
     version: int  #: the memory's version after the change (0 for a delete)
@@ -176,6 +177,8 @@ class _Paths:
                 if isinstance(child, (ObservedDict, ObservedList)):
                     parents[child._rm_nid] = (node._rm_nid, where)
                     stack.append(child)
+                elif isinstance(child, ObservedSet):
+                    parents[child._rm_nid] = (node._rm_nid, where)
         self.parents = parents
 
 

@@ -31,7 +31,7 @@ from .errors import (
     ReservedName,
 )
 from .feed import Event, Feed, Subscription
-from .proxies import NO_OP, ObservedDict, ObservedList, plain
+from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, plain
 from .replica import Corrupt, Replica, Resync
 from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, removal_plan
 from .window import fit_messages
@@ -199,7 +199,7 @@ class MemoryCore:
             except MissingKey:
                 raise missing(f"{name!r} is not stored in {self.store.key}", key=self.store.key, field=name) from None
 
-    def submit(self, proxy: ObservedList | ObservedDict, build: Callable[[], ops.Op | None]) -> Any:
+    def submit(self, proxy: ObservedList | ObservedDict | ObservedSet, build: Callable[[], ops.Op | None]) -> Any:
         """Send the operation ``build`` makes (or queue it), then apply it to the replica.
 
         Returns what a delete removed, or ``NO_OP`` when ``build`` found
@@ -300,13 +300,13 @@ class MemoryCore:
             except redis.RedisError as exc:  # the index may lag; listing checks real activity
                 log.info("%s: index not updated: %s", self.store.key, exc)
 
-    def _bound(self, proxy: ObservedList | ObservedDict, op: ops.ListAppend) -> None:
+    def _bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.ListAppend) -> None:
         """An append to a bounded attribute (``max_messages``) also trims it."""
         for name, keep in self.bounds.items():
             if dict.get(self.replica.root, name) is proxy:
                 op.bounded(keep)
 
-    def _settle(self, proxy: ObservedList | ObservedDict, op: ops.Op, reply: Reply) -> Any:
+    def _settle(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op, reply: Reply) -> Any:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
         replica = self.replica
         if reply.status == "ok":

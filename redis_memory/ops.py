@@ -12,6 +12,7 @@ Token grammar (each token one script argument)::
            | "l" <count> value*             new list node
            | "d" <count> <key>* value*      new dict node (keys, then values)
            | "f" <msgpack map>              new dict node kept whole (see below)
+           | "t" <count> <key>*             new set node (its elements, encoded as dict keys)
            | "r" <nid>                      existing node kept (ListReplace only)
 
 A dict that is an item of a list and holds at most :data:`WHOLE_MAX_KEYS`
@@ -36,7 +37,7 @@ def item(data: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-_S, _L, _D, _F, _R = item(b"s"), item(b"l"), item(b"d"), item(b"f"), item(b"r")
+_S, _L, _D, _F, _R, _T = item(b"s"), item(b"l"), item(b"d"), item(b"f"), item(b"r"), item(b"t")
 #: The most keys a list item's dict may have to be stored whole.
 WHOLE_MAX_KEYS = 16
 
@@ -61,7 +62,7 @@ def whole(value: Any) -> bool:
     if not isinstance(value, dict) or len(value) > WHOLE_MAX_KEYS:
         return False
     for element in value.values():  # a loop: twice as fast as any() here
-        if type(element) not in codec.SIMPLE_TYPES and isinstance(element, (list, dict)):
+        if type(element) not in codec.SIMPLE_TYPES and isinstance(element, (list, dict, set)):
             return False
     return True
 
@@ -71,7 +72,7 @@ def encode_value(value: Any, keep: dict[int, bytes] | None = None, in_list: bool
 
     ``keep`` maps id(proxy) -> nid of nodes that may stay in place.
     """
-    if keep is not None and isinstance(value, (list, dict)) and id(value) in keep:
+    if keep is not None and isinstance(value, (list, dict, set)) and id(value) in keep:
         nid = keep.pop(id(value))
         return Encoded((_R + item(nid), 2), value, nid)
     out: list[bytes] = []
@@ -80,6 +81,10 @@ def encode_value(value: Any, keep: dict[int, bytes] | None = None, in_list: bool
 
 
 def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool) -> None:
+    if isinstance(value, set):
+        out += (_T, item(b"%d" % len(value)))
+        out.extend([item(codec.encode_key(e)) for e in value])
+        return
     if not isinstance(value, (list, dict)):
         out += (_S, item(codec.encode(value)))
         return
@@ -296,6 +301,34 @@ class ListReplace(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)], self.values)
+
+
+@dataclass
+class SetChange(Op):
+    """Add and remove set elements as one atomic change (every set method).
+
+    With ``strict``, nothing is applied unless every element to remove is
+    there; with ``mod`` (the set's change count as seen), nothing is applied
+    if the set changed since: for methods whose result depends on the whole
+    set (``clear``, ``&=``, ``^=``).
+    """
+
+    add: list[Any] = field(default_factory=list)
+    remove: list[Any] = field(default_factory=list)
+    strict: bool = False
+    mod: int = -1
+    added: list[bytes] = field(init=False)
+    removed: list[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = b"schange"
+        self.added = [codec.encode_key(e) for e in self.add]
+        self.removed = [codec.encode_key(e) for e in self.remove]
+
+    def args(self) -> Args:
+        flag = b"1" if self.strict else b"0"
+        counts = [b"%d" % len(self.added), *self.added, b"%d" % len(self.removed), *self.removed]
+        return _args([b"%d" % self.mod, flag, *counts])
 
 
 @dataclass

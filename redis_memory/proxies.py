@@ -1,4 +1,4 @@
-"""Observed ``list`` and ``dict``: real subclasses whose every mutation is saved.
+"""Observed ``list``, ``dict`` and ``set``: real subclasses whose every mutation is saved.
 
 A proxy stands for one node of a memory (``_rm_nid``). Reads are plain
 list/dict reads of the local replica, which the memory refreshes in place
@@ -9,7 +9,7 @@ says the view was stale, so positions are resolved against a fresh list. A
 builder that finds nothing to do, or raises (an empty list's ``pop``), is
 run again on a view made fresh first: what the server holds decides.
 
-``copy.deepcopy``, ``copy.copy`` and pickling give plain lists and dicts.
+``copy.deepcopy``, ``copy.copy`` and pickling give plain lists, dicts and sets.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ NO_OP: Any = object()
 
 
 def plain(value: Any) -> Any:
-    """A deep copy of ``value`` with every proxy turned into a plain list/dict."""
+    """A deep copy of ``value`` with every proxy turned into a plain list, dict or set."""
     if isinstance(value, list):
         return [plain(v) for v in value]
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, set):
+        return set(value)
     return value
 
 
@@ -66,7 +68,7 @@ class ObservedList(list):  # type: ignore[type-arg]
             new = compute(list(self))
             if len(new) == len(self) and all(a is b for a, b in zip(new, self, strict=True)):
                 return None
-            children = {id(v): v._rm_nid for v in self if isinstance(v, (ObservedList, ObservedDict))}
+            children = {id(v): v._rm_nid for v in self if isinstance(v, Proxy)}
             return ops.ListReplace(self._rm_nid, self._rm_mod, new, children)
 
         self._rm_submit(build)
@@ -124,7 +126,7 @@ class ObservedList(list):  # type: ignore[type-arg]
                 return current
 
             self._rm_replace(compute)
-        elif isinstance(value, (ObservedList, ObservedDict)) and self[index] is value:
+        elif isinstance(value, Proxy) and self[index] is value:
             return  # `l[i] += [x]` assigns the mutated proxy back to where it is
         else:
             self._rm_submit(lambda: ops.ListSet(self._rm_nid, self._rm_slot(index), value))
@@ -194,7 +196,7 @@ class ObservedDict(dict):  # type: ignore[type-arg]
 
     def __setitem__(self, key: Any, value: Any) -> None:
         """Set one key: one EVALSHA, O(1)."""
-        if isinstance(value, (ObservedList, ObservedDict)) and dict.get(self, key) is value:
+        if isinstance(value, Proxy) and dict.get(self, key) is value:
             return  # `d[k] += [x]` assigns the mutated proxy back to where it is
         self._rm_submit(lambda: ops.DictSet(self._rm_nid, [(key, value)]))
 
@@ -260,4 +262,113 @@ class ObservedDict(dict):  # type: ignore[type-arg]
         return dict.__repr__(self)
 
 
-Proxy = (ObservedList, ObservedDict)
+class ObservedSet(set):  # type: ignore[type-arg]
+    """A set node of a memory. Adding, discarding and testing one element are O(1).
+
+    Elements follow the rules of dict keys (see the codec). Operations that
+    return a new set (``|``, ``&``, ``copy()``) give plain sets.
+    """
+
+    __slots__ = ("_rm_core", "_rm_live", "_rm_mod", "_rm_nid")
+
+    def __init__(self, core: MemoryCore, nid: bytes) -> None:
+        super().__init__()
+        self._rm_core = core
+        self._rm_nid = nid
+        self._rm_mod = 0
+        self._rm_live = True
+
+    def _rm_submit(self, build: Callable[[], ops.Op | None]) -> Any:
+        return self._rm_core.submit(self, build)
+
+    def _rm_change(self, add: Iterable[Any] = (), remove: Iterable[Any] = (), **options: Any) -> ops.SetChange | None:
+        adds, removes = list(add), list(remove)
+        return ops.SetChange(self._rm_nid, adds, removes, **options) if adds or removes else None
+
+    def add(self, element: Any) -> None:
+        """Add one element: one EVALSHA, O(1)."""
+        self._rm_submit(lambda: None if element in self else self._rm_change(add=[element]))
+
+    def discard(self, element: Any) -> None:
+        """Remove one element if present: one EVALSHA, O(1)."""
+        self._rm_submit(lambda: self._rm_change(remove=[element]) if element in self else None)
+
+    def remove(self, element: Any) -> None:
+        """Remove one element; KeyError if the server does not hold it: O(1)."""
+
+        def build() -> ops.Op | None:
+            if element not in self:
+                raise MissingKey(element)
+            return self._rm_change(remove=[element], strict=True)
+
+        self._rm_submit(build)
+
+    def pop(self) -> Any:
+        """Remove and return an arbitrary element: O(1)."""
+        box: list[Any] = []
+
+        def build() -> ops.Op | None:
+            if not len(self):
+                raise MissingKey("pop from an empty set")
+            box[:] = [next(iter(self))]
+            return self._rm_change(remove=box, strict=True)
+
+        self._rm_submit(build)
+        return box[0]
+
+    def clear(self) -> None:
+        """Remove every element the server holds: O(n)."""
+        self._rm_submit(lambda: self._rm_change(remove=set(self), mod=self._rm_mod))
+
+    def update(self, *others: Iterable[Any]) -> None:
+        """Add every element of ``others`` as one atomic operation: O(len(others))."""
+        new = set().union(*others)
+        self._rm_submit(lambda: self._rm_change(add=new - self))
+
+    def difference_update(self, *others: Iterable[Any]) -> None:
+        """Remove every element of ``others`` the server holds: O(len(others))."""
+        gone = set().union(*others)
+        self._rm_submit(lambda: self._rm_change(remove=gone) if not gone.isdisjoint(self) else None)
+
+    def intersection_update(self, *others: Iterable[Any]) -> None:
+        """Keep only elements also in every one of ``others``: O(n), applied only to the set as seen here."""
+        kept = [set(other) for other in others]
+        self._rm_submit(
+            lambda: self._rm_change(remove=[e for e in self if not all(e in k for k in kept)], mod=self._rm_mod)
+        )
+
+    def symmetric_difference_update(self, other: Iterable[Any]) -> None:
+        """Add the elements of ``other`` not here, remove those here: O(len(other)), on the set as seen here."""
+        toggled = set(other)
+        self._rm_submit(lambda: self._rm_change(toggled - self, toggled & self, mod=self._rm_mod))
+
+    def __ior__(self, other: Any) -> ObservedSet:  # type: ignore[misc]
+        self.update(other)
+        return self
+
+    def __iand__(self, other: Any) -> ObservedSet:  # type: ignore[misc]
+        self.intersection_update(other)
+        return self
+
+    def __isub__(self, other: Any) -> ObservedSet:  # type: ignore[misc]
+        self.difference_update(other)
+        return self
+
+    def __ixor__(self, other: Any) -> ObservedSet:  # type: ignore[misc]
+        self.symmetric_difference_update(other)
+        return self
+
+    def __copy__(self) -> set[Any]:
+        return set(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> set[Any]:
+        return {copy.deepcopy(v, memo) for v in self}
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        return (set, (list(self),))
+
+    def __repr__(self) -> str:
+        return repr(set(self))
+
+
+Proxy = (ObservedList, ObservedDict, ObservedSet)

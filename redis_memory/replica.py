@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import codec, ops
 from .errors import CorruptData
-from .proxies import ObservedDict, ObservedList, plain
+from .proxies import ObservedDict, ObservedList, ObservedSet, plain
 from .store import REF
 
 if TYPE_CHECKING:
     from .memory import MemoryCore
 
-Node = ObservedList | ObservedDict
+Node = ObservedList | ObservedDict | ObservedSet
 
 
 class Corrupt:
@@ -46,7 +46,7 @@ class Resync(Exception):
 
 def parse_header(raw: bytes) -> tuple[str, int, int, int]:
     kind, a, b, c = raw.split(b" ")
-    if kind not in (b"l", b"d"):
+    if kind not in (b"l", b"d", b"s"):
         raise ValueError(f"bad node kind {kind!r}")
     return kind.decode(), int(a), int(b), int(c)
 
@@ -108,15 +108,16 @@ class Replica:
 
     def _kill(self, value: Any) -> None:
         """Forget a node removed from the tree, and everything under it."""
-        if isinstance(value, (ObservedList, ObservedDict)) and self.nodes.get(value._rm_nid) is value:
+        if isinstance(value, (ObservedList, ObservedDict, ObservedSet)) and self.nodes.get(value._rm_nid) is value:
             del self.nodes[value._rm_nid]
             value._rm_live = False
-            for child in value.values() if isinstance(value, ObservedDict) else value:
-                self._kill(child)
+            if not isinstance(value, ObservedSet):  # a set's elements are never nodes
+                for child in value.values() if isinstance(value, ObservedDict) else value:
+                    self._kill(child)
 
     def _proxy(self, nid: bytes, kind: str, reuse: dict[bytes, Node]) -> Node:
         old = reuse.pop(nid, None)
-        cls = ObservedList if kind == "l" else ObservedDict
+        cls = _KINDS[kind]
         node = old if type(old) is cls else cls(self.core, nid)
         node._rm_live = True
         self.nodes[nid] = node
@@ -186,6 +187,20 @@ class Replica:
 
     def _update(self, nid: bytes, header: bytes | None, changed: dict[bytes, bytes | None], new: bool) -> None:
         node = self.nodes[nid]
+        if isinstance(node, ObservedSet):
+            if new:
+                set.clear(node)
+            for kbytes, raw in changed.items():
+                element = codec.decode_key(kbytes)
+                if raw is None:
+                    set.discard(node, element)
+                else:
+                    set.add(node, element)
+            if header:
+                _, length, _, node._rm_mod = parse_header(header)
+                if length != len(node):
+                    raise Resync(nid)
+            return
         if isinstance(node, ObservedList):
             lo, n = node._rm_lo, len(node)
             _, lo2, hi2, mod = parse_header(header) if header else ("l", lo, lo + n, node._rm_mod)
@@ -268,7 +283,7 @@ class Replica:
         elif isinstance(op, ops.ListReplace):
             doomed = [v for v in node if getattr(v, "_rm_nid", None) not in op.kept]
         elif isinstance(op, ops.ListAppend) and op.keep:
-            doomed = node[: ops.trimmed(len(node), len(op.values), op.keep)]
+            doomed = cast(ObservedList, node)[: ops.trimmed(len(node), len(op.values), op.keep)]
         plan: ops.Plan = {}
         stack = doomed
         while stack:
@@ -281,6 +296,8 @@ class Replica:
             elif isinstance(value, ObservedList):
                 plan[value._rm_nid] = (value._rm_mod, [])
                 stack.extend(value)
+            elif isinstance(value, ObservedSet):
+                plan[value._rm_nid] = (value._rm_mod, [codec.encode_key(e) for e in value])
         return plan
 
     def removed_value(self, op: ops.Op, payloads: list[bytes]) -> Any:
@@ -318,6 +335,12 @@ class Replica:
             child = self.nodes.get(op.child)
             if isinstance(child, ObservedDict):
                 child._rm_up = None
+            return
+        if isinstance(node, ObservedSet):
+            assert isinstance(op, ops.SetChange)
+            set.difference_update(node, op.remove)
+            set.update(node, op.add)
+            node._rm_mod += 1
             return
         if isinstance(node, ObservedDict):
             if isinstance(op, ops.DictSet):
@@ -401,6 +424,10 @@ class Replica:
         return self._build(encoded.value, nids, parent)
 
     def _build(self, value: Any, nids: Iterator[bytes], parent: ObservedList | None) -> Any:
+        if isinstance(value, set):
+            elements = cast(ObservedSet, self._proxy(next(nids), "s", {}))
+            set.update(elements, (codec.detached(e) for e in value))
+            return elements
         if isinstance(value, list):
             lst = cast(ObservedList, self._proxy(next(nids), "l", {}))
             list.extend(lst, [self._build(v, nids, lst) for v in value])
@@ -471,6 +498,16 @@ class _Loader:
         node = self.replica._proxy(nid, kind, self.reuse)
         node._rm_mod = c
         entries = self.entries.get(nid, ())
+        if isinstance(node, ObservedSet):
+            try:
+                elements = {codec.decode_key(key) for key, _ in entries}
+            except ValueError as exc:
+                raise self.replica._corrupt(b"h" + nid, f"undecodable set element: {exc}") from None
+            if len(elements) != a:
+                raise self.replica._corrupt(b"h" + nid, f"a set of {a} elements has {len(elements)}")
+            set.clear(node)
+            set.update(node, elements)
+            return node
         if isinstance(node, ObservedList):
             slots = {}
             for slot, payload in entries:
@@ -520,6 +557,7 @@ class _Loader:
 
 _REF_BYTE = bytes((REF,))
 _MISSING: Any = object()
+_KINDS: dict[str, type[Node]] = {"l": ObservedList, "d": ObservedDict, "s": ObservedSet}
 
 
 def _first(item: tuple[int, Any, bytes, bytes]) -> int:

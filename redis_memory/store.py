@@ -6,9 +6,11 @@ One memory is one Redis hash, ``<prefix>:<kind>:{<escaped id>}``. Its fields:
 ``i``          incarnation: a random token set when the hash is created
 ``v``          version: +1 per applied operation
 ``c``          node-id counter; the root dict is node ``0``
-``h<nid>``     node header: ``l <lo> <hi> <mod>`` or ``d <len> <next> <mod>``
+``h<nid>``     node header: ``l <lo> <hi> <mod>``, ``d <len> <next> <mod>``
+               or ``s <len> 0 <mod>``
 ``e<nid>:<s>`` list element at slot ``s`` (a decimal integer)
-``e<nid>:<k>`` dict entry for the msgpack-encoded key ``k``: ``<seq>:<value>``
+``e<nid>:<k>`` dict entry for the msgpack-encoded key ``k``: ``<seq>:<value>``;
+               set element ``k``: an empty value
 ``j<n>``       journal ring: the fields touched by version ``n``
 ``w<writer>``  a writer's last applied seq, when it was last indexed, result
 ``tc``         when the memory was created (ms since the epoch)
@@ -278,7 +280,10 @@ local function build()
   local n = fmt(counter)
   if t == 'f' then return string.char(REF) .. n .. '=' .. arg() end
   local count = tonumber(arg())
-  if t == 'l' then
+  if t == 't' then
+    for _ = 1, count do put(efield(n, arg()), '') end
+    put(hfield(n), 's ' .. fmt(count) .. ' 0 0')
+  elseif t == 'l' then
     for s = 0, count - 1 do put(efield(n, fmt(s)), build()) end
     put(hfield(n), 'l 0 ' .. fmt(count) .. ' 0')
   else
@@ -295,7 +300,8 @@ end
 
 local h = read_header(nid)
 if not h then return reply('gone') end
-local want = (string.sub(op, 1, 1) == 'd') and 'd' or 'l'
+local want = string.sub(op, 1, 1)
+if want ~= 'd' and want ~= 's' then want = 'l' end
 if h.kind ~= want then return reply('gone') end
 local extra = {}
 -- What the change event says beyond the op: the dict keys it changed, or
@@ -427,6 +433,26 @@ elseif op == 'lreplace' then
   local count = tonumber(arg())
   h.b = h.a
   for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
+elseif op == 'schange' then
+  -- Set elements are fields with empty values, named by their encoded key.
+  local mod, strict = tonumber(arg()), arg() == '1'
+  if mod >= 0 and mod ~= h.c then return reply('stale') end
+  local adds, removes = {}, {}
+  for i = 1, tonumber(arg()) do adds[i] = arg() end
+  for i = 1, tonumber(arg()) do removes[i] = arg() end
+  if strict then
+    for _, e in ipairs(removes) do
+      if not hget(efield(nid, e)) then return reply('missing') end
+    end
+  end
+  for _, e in ipairs(removes) do
+    local f = efield(nid, e)
+    if hget(f) then hdel(f); h.a = h.a - 1 end
+  end
+  for _, e in ipairs(adds) do
+    local f = efield(nid, e)
+    if not hget(f) then hset(f, ''); h.a = h.a + 1 end
+  end
 elseif op == 'promote' then
   -- The dict stored whole in this list (node x, seen at 'slot') gets a
   -- header and entries, as a dict node has, and the slot a plain reference.
@@ -780,7 +806,7 @@ def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list
         if len(header) < 4:
             continue  # a missing node: nothing to remove
         children = entries.get(child, {})
-        if header[0] == b"d":
+        if header[0] in (b"d", b"s"):  # a set's elements hold empty values: no children
             plan[child] = (int(header[3]), list(children))
             doomed += [value.partition(b":")[2] for value in children.values()]
         else:

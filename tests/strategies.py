@@ -32,11 +32,13 @@ values = st.recursive(
 
 
 def same(a: Any, b: Any) -> bool:
-    """Equal, with the same types (lists and dicts by kind) and dict order."""
+    """Equal, with the same types (lists, dicts and sets by kind) and dict order."""
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return list(a.keys()) == list(b.keys()) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, set) and isinstance(b, set):
+        return a == b
     if type(a) is not type(b):
         return False
     if isinstance(a, float):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from strategies import keys, same, values
 
-from redis_memory import Memory, ObservedDict, ObservedList
+from redis_memory import Memory, ObservedDict, ObservedList, ObservedSet
 from redis_memory.replica import Replica
 
 NAMES = ["a", "b", "c"]
@@ -30,7 +30,7 @@ def container_paths(value: Any, path: list[Any]) -> list[list[Any]]:
     found = [path] if path else []
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for k, v in items:
-        if isinstance(v, (list, dict)):
+        if isinstance(v, (list, dict, set)):
             found += container_paths(v, [*path, k])
     return found
 
@@ -38,6 +38,8 @@ def container_paths(value: Any, path: list[Any]) -> list[list[Any]]:
 def check_bookkeeping(local: Any, fresh: Any) -> None:
     """A replica's node ids, slots, counters and storage equal those of a fresh load."""
     assert type(local) is type(fresh)
+    if isinstance(local, ObservedSet):
+        assert (local._rm_nid, local._rm_mod) == (fresh._rm_nid, fresh._rm_mod)
     if isinstance(local, (ObservedList, ObservedDict)):
         assert local._rm_nid == fresh._rm_nid
         assert local._rm_mod == fresh._rm_mod
@@ -225,6 +227,36 @@ class MemoryMachine(RuleBasedStateMachine):
             holder = walk(mem, path[:-1])
             holder[path[-1]] *= times
             model[:] = [copy.deepcopy(x) for x in model * times]
+
+    @rule(data=st.data(), elements=st.sets(st.text(max_size=2), max_size=3),
+          op=st.sampled_from(["add", "discard", "remove", "pop", "clear", "update", "ior", "iand", "isub", "ixor",
+                              "difference_update", "intersection_update", "symmetric_difference_update"]))  # fmt: skip
+    def set_change(self, data: st.DataObject, elements: set[str], op: str) -> None:
+        found = self.target(data, set)
+        if not found:
+            return
+        mem, path = found
+        proxy, model = walk(mem, path), walk(self.model, path)
+        one = data.draw(st.sampled_from(sorted(model | elements))) if model | elements else "x"
+        if op in ("add", "discard"):
+            getattr(proxy, op)(one)
+            getattr(model, op)(one)
+        elif op == "remove":
+            if one in model:
+                proxy.remove(one)
+                model.remove(one)
+        elif op == "pop":
+            if model:
+                model.remove(proxy.pop())
+        elif op == "clear":
+            proxy.clear()
+            model.clear()
+        elif op.startswith("i"):
+            getattr(proxy, f"__{op}__")(elements)
+            getattr(model, f"__{op}__")(elements)
+        else:
+            getattr(proxy, op)(elements)
+            getattr(model, op)(elements)
 
     @invariant()
     def all_memories_match_the_model(self) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import redis
 
-from redis_memory import Memory, MissingKey
+from redis_memory import Memory, MissingKey, ObservedSet
 
 
 def pair(client: redis.Redis, other_client: redis.Redis, **values: Any) -> tuple[Memory, Memory]:
@@ -132,3 +132,91 @@ def test_popped_list_item_is_what_the_server_held(client: redis.Redis, other_cli
     theirs.rows[0].append("b")
     assert held.pop() == ["a", "b"]
     assert Memory("t", client=other_client).rows == []
+
+
+# -- sets are observed (item 1) -------------------------------------------------
+
+SET_MUTATIONS: dict[str, Any] = {
+    "add": lambda s: s.add("z"),
+    "discard": lambda s: s.discard("a"),
+    "remove": lambda s: s.remove("a"),
+    "pop": lambda s: s.pop(),
+    "clear": lambda s: s.clear(),
+    "update": lambda s: s.update({"y"}, ["z"]),
+    "ior": lambda s: s.__ior__({"y"}),
+    "iand": lambda s: s.__iand__({"a", "q"}),
+    "isub": lambda s: s.__isub__({"a"}),
+    "ixor": lambda s: s.__ixor__({"a", "q"}),
+    "difference_update": lambda s: s.difference_update({"a"}, {"b"}),
+    "intersection_update": lambda s: s.intersection_update({"a", "b"}, {"b"}),
+    "symmetric_difference_update": lambda s: s.symmetric_difference_update({"b", "w"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SET_MUTATIONS))
+def test_every_set_mutation_is_saved_at_depth(client: redis.Redis, other_client: redis.Redis, name: str) -> None:
+    """Each mutating set method, on an attribute and nested in a dict and a list, reaches other processes."""
+    mine = Memory("s", client=client)
+    mine.tags = {"a", "b"}
+    mine.nested = {"d": {"a", "b"}, "l": [{"a", "b"}]}
+    models = [{"a", "b"}, {"a", "b"}, {"a", "b"}]
+    proxies = [mine.tags, mine.nested["d"], mine.nested["l"][0]]
+    for proxy, model in zip(proxies, models, strict=True):
+        assert isinstance(proxy, set) and isinstance(proxy, ObservedSet)
+        result = SET_MUTATIONS[name](proxy)
+        expected = SET_MUTATIONS[name](model)
+        if name == "pop":
+            assert result in {"a", "b"}
+            model.clear()
+            model.update({"a", "b"} - {result})
+        else:
+            assert result is None or result is proxy
+            del expected
+        assert proxy == model
+    fresh = Memory("s", client=other_client)
+    assert fresh.tags == models[0] and type(fresh.tags) is ObservedSet
+    assert fresh.nested == {"d": models[1], "l": [models[2]]}
+    assert mine.to_dict() == fresh.to_dict()
+
+
+def test_set_methods_on_a_stale_view_apply_to_what_the_server_holds(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """clear, &=, ^= and remove of a held set see elements another process added or removed first."""
+    mine, theirs = pair(client, other_client, s={"a"}, t={"a", "b"}, u={"a"})
+    s, t, u = mine.s, mine.t, mine.u
+    theirs.s.add("late")
+    theirs.t.add("late")
+    theirs.u.discard("a")
+    s.clear()
+    t &= {"a"}
+    with pytest.raises(KeyError):
+        u.remove("a")
+    fresh = Memory("t", client=other_client)
+    assert fresh.s == set() and fresh.t == {"a"} and fresh.u == set()
+
+
+def test_set_copies_are_plain_and_unchanged_sets_write_nothing(client: redis.Redis) -> None:
+    """copies and operators give plain sets; adding a present element or discarding an absent one writes nothing."""
+    import copy
+
+    mem = Memory("s", client=client)
+    mem.tags = {1, 2}
+    tags = mem.tags
+    assert type(tags | {3}) is set and type(copy.deepcopy(tags)) is set and type(tags.copy()) is set
+    assert repr(tags) == repr({1, 2})
+    assert type(mem.to_dict()["tags"]) is set
+    version = client.hget(mem.key, "v")
+    tags.add(1)
+    tags.discard(3)
+    tags |= {2}
+    tags -= {5}
+    assert client.hget(mem.key, "v") == version
+
+
+def test_a_set_inside_a_message_is_observed(client: redis.Redis, other_client: redis.Redis) -> None:
+    """A list item's dict that holds a set keeps it as a live set, saved when changed."""
+    mem = Memory("s", client=client)
+    mem.messages = [{"role": "user", "tags": {"x"}}]
+    mem.messages[0]["tags"].add("y")
+    assert Memory("s", client=other_client).messages == [{"role": "user", "tags": {"x", "y"}}]

@@ -12,7 +12,7 @@ import pytest
 import redis
 from conftest import Switch
 
-from redis_memory import ContainerDeleted, ConversationMemory, CorruptData, Memory, OfflineQueueFull, ops
+from redis_memory import ContainerDeleted, ConversationMemory, CorruptData, Memory, ObservedSet, OfflineQueueFull, ops
 
 
 def message(i: int) -> dict[str, object]:
@@ -29,7 +29,7 @@ def test_a_message_takes_one_field(client: redis.Redis) -> None:
     odd = {"n": 2**70, "t": (1, "a"), "s": {1}, "b": b"\x00", "f": 1.5, "none": None, 3: "int key"}
     mem.messages.append(odd)
     got = ConversationMemory("c", client=client).messages[-1]
-    assert got == odd and list(got) == list(odd) and type(got["t"]) is tuple and type(got["s"]) is set
+    assert got == odd and list(got) == list(odd) and type(got["t"]) is tuple and isinstance(got["s"], ObservedSet)
 
 
 def test_dicts_holding_containers_or_many_keys_and_attribute_dicts_are_nodes(client: redis.Redis) -> None:
