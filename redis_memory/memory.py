@@ -48,6 +48,16 @@ def _new_token() -> bytes:
     return os.urandom(6).hex().encode()
 
 
+def op_token(writer: bytes, seq: int) -> bytes:
+    """The token of operation ``(writer, seq)``: its version's, and the birth of the nodes it creates.
+
+    Unique to the operation (a writer id is random, its seq only grows), so
+    a server rolled back and written again never repeats a version or a
+    node as this replica knew them.
+    """
+    return writer[:8] + b"%x" % seq
+
+
 class MemoryCore:
     """The machinery behind one :class:`Memory`: store, replica, queue, lock, writer id.
 
@@ -129,8 +139,8 @@ class MemoryCore:
                 error = self.link.last_error
                 raise error if isinstance(error, ConnectionFailed) else ConnectionFailed("Redis is unreachable")
             if replica.loaded and not replica.speculative:
-                version, incarnation = self.store.version()
-                if version == replica.version and incarnation == replica.incarnation:
+                stamp, incarnation = self.store.version()
+                if stamp == replica.stamp and incarnation == replica.incarnation:
                     return
             self.catch_up()
         except ConnectionFailed as exc:
@@ -144,13 +154,13 @@ class MemoryCore:
         """Bring the replica to the server's version: journal delta, else HGETALL."""
         replica = self.replica
         if replica.loaded and not replica.speculative:
-            sync = self.store.sync(replica.version, replica.incarnation)
+            sync = self.store.sync(replica.stamp, replica.incarnation)
             if sync.kind == "empty":
                 replica.load({})
                 return
             if sync.kind == "delta":
                 try:
-                    replica.apply_delta(sync.version, sync.changes)
+                    replica.apply_delta(sync.stamp, sync.changes)
                     return
                 except Resync:
                     pass
@@ -256,11 +266,12 @@ class MemoryCore:
                     if promotion is None:
                         return result
                     continue
-                # The writer id and seq also make a fresh incarnation token, used
-                # only if this operation is the one that creates the memory.
-                tag = b"%d" % seq
+                # The token also makes a fresh incarnation, used only if this
+                # operation is the one that creates the memory.
+                token = op_token(self.writer, seq)
                 expected = ANY_INCARNATION if op.nid == b"0" else replica.incarnation
-                header = [self.writer, tag, self.writer + b"." + tag, expected, op.name, op.nid, self.ttl, self.author]
+                birth = replica.nodes[op.nid]._rm_birth
+                header = [self.writer, b"%d" % seq, token, expected, op.name, op.nid, self.ttl, self.author, birth]
                 try:
                     reply = self.store.apply(header, plan, op.args())
                 except ConnectionFailed as exc:
@@ -273,7 +284,7 @@ class MemoryCore:
                         return result
                     continue
                 try:
-                    result = self._settle(proxy, op, reply)
+                    result = self._settle(proxy, op, reply, token)
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     if reply.status not in ("ok", "dup"):
@@ -281,7 +292,7 @@ class MemoryCore:
                     # Applied, but the replica could not catch up: apply it here
                     # too, and reload once the server is back.
                     result = replica.removed_value(op, reply.extra) if reply.status == "ok" else replica.value_at(op)
-                    replica.apply_local(op, _server_ids(reply.first_nid))
+                    replica.apply_local(op, _server_ids(reply.first_nid), token)
                     replica.speculative = True
                 if result is not _RETRY and promotion is None:
                     return result
@@ -306,22 +317,23 @@ class MemoryCore:
             if dict.get(self.replica.root, name) is proxy:
                 op.bounded(keep)
 
-    def _settle(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op, reply: Reply) -> Any:
+    def _settle(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op, reply: Reply, token: bytes) -> Any:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
         replica = self.replica
         if reply.status == "ok":
             self._index()
             removed = replica.removed_value(op, reply.extra)
             created = replica.incarnation == b"" and replica.version == 0
-            if reply.version == replica.version + 1 and (reply.incarnation == replica.incarnation or created):
-                replica.apply_local(op, _server_ids(reply.first_nid))
-                replica.version, replica.incarnation = reply.version, reply.incarnation
-            elif (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
+            if reply.before == replica.stamp and (reply.incarnation == replica.incarnation or created):
+                replica.apply_local(op, _server_ids(reply.first_nid), token)
+                replica.stamped(reply.stamp)
+                replica.incarnation = reply.incarnation
+            elif (reply.stamp, reply.incarnation) != (replica.stamp, replica.incarnation):
                 self.catch_up()
             return removed
         if reply.status == "same":
             # Nothing changed on the server; others may have written.
-            if (reply.version, reply.incarnation) != (replica.version, replica.incarnation):
+            if (reply.stamp, reply.incarnation) != (replica.stamp, replica.incarnation):
                 self.catch_up()
             return NO_OP
         if reply.status == "dup":
@@ -345,12 +357,15 @@ class MemoryCore:
         replica = self.replica
         if not may_be_applied:
             self.outbox.check_room(self.store.key)
+        birth = replica.nodes[op.nid]._rm_birth
         entry = queue.Pending(
-            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), author=self.author
-        )
+            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), author=self.author,
+            birth=birth,
+        )  # fmt: skip
         removed = replica.value_at(op)
         self.outbox.push(self.writer, entry)
-        replica.apply_local(op, queue.provisional_ids(self.writer, self.provisional, entry.created))
+        token = op_token(self.writer, seq)
+        replica.apply_local(op, queue.provisional_ids(self.writer, self.provisional, entry.created), token)
         replica.speculative = True
         self.link.wait_for(self)
         return removed
@@ -386,8 +401,9 @@ class MemoryCore:
         skipped = outbox.skipped.get(sent.nid, 0)
         if sent.name == b"lreplace" and skipped:
             args = [b"%d" % (int(args[0]) - skipped), *args[1:]]
-        tag = b"%d" % entry.seq
-        header = [entry.writer, tag, entry.writer + b"." + tag, expected, sent.name, sent.nid, self.ttl, entry.author]
+        token = op_token(entry.writer, entry.seq)
+        birth = outbox.births.get(sent.nid, entry.birth)
+        header = [entry.writer, b"%d" % entry.seq, token, expected, sent.name, sent.nid, self.ttl, entry.author, birth]
         plan = sent.plan
         reply = self.store.apply(header, plan, ops.from_tokens(args))
         if reply.status == "stale":
@@ -410,7 +426,8 @@ class MemoryCore:
         if status == "exists" and entry.created and reply.extra and reply.extra[0][:1] == bytes((REF,)):
             # setdefault found a container already there: what was queued for
             # the default made offline goes to the one the server holds.
-            self._map(entry.created[:1], [reply.extra[0][1:].partition(b"=")[0]])
+            real = reply.extra[0][1:].partition(b"=")[0]
+            self._map(entry.created[:1], [real], {real: reply.extra[1]} if len(reply.extra) > 1 else {})
         if sent.name[:1] == b"l":
             outbox.skip(self.writer, sent.nid)
         if status in ("same", "exists", "missing"):
@@ -426,11 +443,17 @@ class MemoryCore:
         outbox.last_error = error
         log.warning("%s", error)
 
-    def _map(self, provisional: list[bytes], real: list[bytes]) -> None:
-        """Nodes made offline now have the server's ids: rename them here and in the queue."""
+    def _map(self, provisional: list[bytes], real: list[bytes], births: dict[bytes, bytes] | None = None) -> None:
+        """Nodes made offline now have the server's ids (and, when joined to nodes made by others, their births)."""
         mapping = {p: r for p, r in zip(provisional, real, strict=True) if p not in self.outbox.renames}
         self.outbox.rename(self.writer, mapping)
         self.replica.rename(mapping)
+        if births:
+            self.outbox.rebirth(self.writer, births)
+            for nid, birth in births.items():
+                node = self.replica.nodes.get(nid)
+                if node is not None:
+                    node._rm_birth = birth
 
 
 @dataclass(frozen=True)

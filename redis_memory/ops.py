@@ -350,4 +350,6 @@ class Promote(Op):
     def args(self) -> Args:
         keys = [codec.encode_key(k) for k, _ in self.items]
         values = [codec.encode(v) for _, v in self.items]
-        return _args([self.child, b"%d" % self.slot, b"%d" % len(keys), *keys, *values])
+        # Its stored bytes too, which name it beyond its id (see the script).
+        whole = codec.encode_whole(dict(self.items))
+        return _args([self.child, b"%d" % self.slot, whole, b"%d" % len(keys), *keys, *values])

@@ -41,12 +41,13 @@ def plain(value: Any) -> Any:
 class ObservedList(list):  # type: ignore[type-arg]
     """A list node of a memory. O(1) at both ends; whole-list methods are O(n)."""
 
-    __slots__ = ("_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
         self._rm_core = core
         self._rm_nid = nid
+        self._rm_birth = b""  # the token of the operation that created the node
         self._rm_lo = 0
         self._rm_mod = 0
         self._rm_live = True
@@ -179,12 +180,13 @@ class ObservedList(list):  # type: ignore[type-arg]
 class ObservedDict(dict):  # type: ignore[type-arg]
     """A dict node of a memory. Setting, deleting and reading one key are O(1)."""
 
-    __slots__ = ("_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid", "_rm_up")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid", "_rm_up")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
         self._rm_core = core
         self._rm_nid = nid
+        self._rm_birth = b""
         self._rm_next = 1
         self._rm_mod = 0
         self._rm_live = True
@@ -269,12 +271,13 @@ class ObservedSet(set):  # type: ignore[type-arg]
     return a new set (``|``, ``&``, ``copy()``) give plain sets.
     """
 
-    __slots__ = ("_rm_core", "_rm_live", "_rm_mod", "_rm_nid")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_nid")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
         self._rm_core = core
         self._rm_nid = nid
+        self._rm_birth = b""
         self._rm_mod = 0
         self._rm_live = True
 

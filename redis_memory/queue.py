@@ -73,19 +73,20 @@ class Pending:
     args: list[bytes]
     created: list[bytes] = field(default_factory=list)  # provisional ids, in the server's allocation order
     author: bytes = b""  # the author= of the memory that made it, for its change event
+    birth: bytes = b""  # the birth of node ``nid`` when the operation was made (see store.py)
 
     def record(self) -> list[Any]:
         plan = [[nid, mod, keys] for nid, (mod, keys) in self.plan.items()]
         return [
             b"op", self.writer, self.seq, self.incarnation, self.name, self.nid, plan, self.args, self.created,
-            self.author,
+            self.author, self.birth,
         ]  # fmt: skip
 
     @classmethod
     def from_record(cls, record: list[Any]) -> Pending:
-        _, writer, seq, incarnation, name, nid, plan, args, created, *rest = record
+        _, writer, seq, incarnation, name, nid, plan, args, created, author, birth = record
         plan_map = {n: (m, list(k)) for n, m, k in plan}
-        return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), rest[0] if rest else b"")
+        return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), author, birth)
 
     def renamed(self, renames: dict[bytes, bytes]) -> Pending:
         """This operation with provisional node ids replaced by the server's."""
@@ -105,6 +106,7 @@ class Pending:
             [rename(a) for a in self.args],
             self.created,
             self.author,
+            self.birth,
         )
 
 
@@ -222,6 +224,7 @@ def _read_spool(path: Path) -> list[Pending]:
     data = path.read_bytes()
     entries: dict[tuple[bytes, int], Pending] = {}
     renames: dict[bytes, bytes] = {}
+    births: dict[bytes, bytes] = {}
     skipped: dict[bytes, int] = {}
     joined = b""
     pos = 0
@@ -242,6 +245,8 @@ def _read_spool(path: Path) -> list[Pending]:
             entries.pop((record[1], record[2]), None)
         elif record[0] == b"map":
             renames.update((p, r) for p, r in record[1])
+        elif record[0] == b"birth":
+            births.update((n, b) for n, b in record[1])
         elif record[0] == b"join":
             joined = record[1]
         elif record[0] == b"skip":
@@ -249,6 +254,7 @@ def _read_spool(path: Path) -> list[Pending]:
     adopted = []
     for entry in entries.values():
         entry = entry.renamed(renames)
+        entry.birth = births.get(entry.nid, entry.birth)
         if not entry.incarnation:
             entry.incarnation = joined
         if entry.name == b"lreplace" and entry.nid in skipped:
@@ -271,6 +277,8 @@ class Outbox:
         # How many queued changes to a list did not change it on the server,
         # so that a queued whole-list rewrite expects the right counter.
         self.skipped: dict[bytes, int] = {}
+        # The births of nodes made by others that nodes made offline were joined to.
+        self.births: dict[bytes, bytes] = {}
         # The incarnation a memory created by a replayed operation got.
         self.joined = b""
         self.dropped = 0
@@ -299,6 +307,7 @@ class Outbox:
             self.spool.confirm(owner, entry)
         if not self.entries:
             self.renames.clear()
+            self.births.clear()
             self.skipped.clear()
             self.joined = b""
             if self.spool is not None:
@@ -316,6 +325,11 @@ class Outbox:
             if self.spool is not None:
                 self.spool.note(owner, [b"map", [[p, r] for p, r in mapping.items()]])
 
+    def rebirth(self, owner: bytes, births: dict[bytes, bytes]) -> None:
+        self.births.update(births)
+        if self.spool is not None:
+            self.spool.note(owner, [b"birth", [[n, b] for n, b in births.items()]])
+
     def join(self, owner: bytes, incarnation: bytes) -> None:
         self.joined = incarnation
         if self.spool is not None:
@@ -330,6 +344,7 @@ class Outbox:
         """Forget every queued entry (the memory was deleted, or in a forked child)."""
         self.entries.clear()
         self.renames.clear()
+        self.births.clear()
         self.skipped.clear()
         self.joined = b""
         if self.spool is not None:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from . import codec, ops
 from .errors import CorruptData
 from .proxies import ObservedDict, ObservedList, ObservedSet, plain
-from .store import REF
+from .store import REF, version_number
 
 if TYPE_CHECKING:
     from .memory import MemoryCore
@@ -44,11 +44,22 @@ class Resync(Exception):
     """A delta did not fit the replica; a full load is needed."""
 
 
-def parse_header(raw: bytes) -> tuple[str, int, int, int]:
-    kind, a, b, c = raw.split(b" ")
-    if kind not in (b"l", b"d", b"s"):
-        raise ValueError(f"bad node kind {kind!r}")
-    return kind.decode(), int(a), int(b), int(c)
+class Header(NamedTuple):
+    """A node's header field (see store.py): its kind, two numbers, change count and birth."""
+
+    kind: str
+    a: int
+    b: int
+    mod: int
+    birth: bytes
+
+
+def parse_header(raw: bytes) -> Header:
+    """The parts of a header field; ValueError if it is not one."""
+    parts = raw.split(b" ")
+    if len(parts) not in (4, 5) or parts[0] not in (b"l", b"d", b"s"):
+        raise ValueError(f"bad node header {raw[:40]!r}")
+    return Header(parts[0].decode(), int(parts[1]), int(parts[2]), int(parts[3]), parts[4] if len(parts) == 5 else b"")
 
 
 class Replica:
@@ -58,6 +69,7 @@ class Replica:
         self.core = core
         self.key = core.store.key
         self.version = -1  # never loaded
+        self.stamp = b""  # the server's version stamp ('<count> <token>'), b"" for none
         self.incarnation = b""
         # Changed by operations the server has not confirmed (made offline):
         # only a full load makes the replica exact again.
@@ -99,7 +111,12 @@ class Replica:
         value = codec.decode(blob)
         if type(value) is not dict or not isinstance(parent, ObservedList):
             raise ValueError("a dict stored whole must be a map in a list")
-        node = cast(ObservedDict, self._proxy(nid, "d", reuse))
+        old = reuse.get(nid)
+        if isinstance(old, ObservedDict) and old._rm_up is not None and not dict.__eq__(old, value):
+            # A dict stored whole never changes: other contents under the same
+            # id are another dict (a rolled-back server reused the id).
+            del reuse[nid]
+        node = cast(ObservedDict, self._proxy(nid, "d", reuse, b""))
         if len(node):
             dict.clear(node)
         dict.update(node, value)
@@ -115,13 +132,23 @@ class Replica:
                 for child in value.values() if isinstance(value, ObservedDict) else value:
                     self._kill(child)
 
-    def _proxy(self, nid: bytes, kind: str, reuse: dict[bytes, Node]) -> Node:
+    def _proxy(self, nid: bytes, kind: str, reuse: dict[bytes, Node], birth: bytes) -> Node:
+        """The proxy of node ``nid``: the one in ``reuse`` if it is that very node (same kind and birth)."""
         old = reuse.pop(nid, None)
         cls = _KINDS[kind]
-        node = old if type(old) is cls else cls(self.core, nid)
+        node = old if type(old) is cls and old._rm_birth == birth else cls(self.core, nid)
         node._rm_live = True
+        node._rm_birth = birth
         self.nodes[nid] = node
         return node
+
+    def stamped(self, stamp: bytes) -> None:
+        """The replica now reflects the server's version ``stamp``; CorruptData if it is no stamp."""
+        try:
+            self.version = version_number(stamp)
+        except ValueError:
+            raise self._corrupt(b"v", f"not a version: {stamp[:40]!r}") from None
+        self.stamp = stamp
 
     # -- full load ----------------------------------------------------------
 
@@ -147,14 +174,14 @@ class Replica:
         reuse: dict[bytes, Node] = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
         _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), root=True)
-        self.version = int(fields.get(b"v", 0))
+        self.stamped(fields.get(b"v", b""))
         self.incarnation = incarnation
         self.speculative = False
 
     # -- deltas from the journal --------------------------------------------
 
-    def apply_delta(self, version: int, changes: list[tuple[bytes, bytes | None]]) -> None:
-        """Apply the current values of the fields changed since ``self.version``.
+    def apply_delta(self, stamp: bytes, changes: list[tuple[bytes, bytes | None]]) -> None:
+        """Apply the current values of the fields changed since ``self.stamp``, reaching ``stamp``.
 
         Raises :class:`Resync` when the delta does not fit (the caller then
         loads everything); the replica may be half-updated then, which the
@@ -172,7 +199,8 @@ class Replica:
         try:
             created = [nid for nid, h in headers.items() if h is not None and nid not in self.nodes]
             for nid in created:
-                self._proxy(nid, parse_header(headers[nid] or b"")[0], {})
+                header = parse_header(headers[nid] or b"")
+                self._proxy(nid, header.kind, {}, header.birth)
             for nid in created:
                 self._update(nid, headers[nid], entries.get(nid, {}), new=True)
             for nid in set(headers) | set(entries):
@@ -183,7 +211,7 @@ class Replica:
                     self._kill(self.nodes[nid])
         except (ValueError, CorruptData) as exc:
             raise Resync(str(exc)) from exc
-        self.version = version
+        self.stamped(stamp)
 
     def _update(self, nid: bytes, header: bytes | None, changed: dict[bytes, bytes | None], new: bool) -> None:
         node = self.nodes[nid]
@@ -197,13 +225,13 @@ class Replica:
                 else:
                     set.add(node, element)
             if header:
-                _, length, _, node._rm_mod = parse_header(header)
+                length, node._rm_mod = self._header(node, header, "s")[1::2]
                 if length != len(node):
                     raise Resync(nid)
             return
         if isinstance(node, ObservedList):
             lo, n = node._rm_lo, len(node)
-            _, lo2, hi2, mod = parse_header(header) if header else ("l", lo, lo + n, node._rm_mod)
+            _, lo2, hi2, mod, _ = self._header(node, header, "l") if header else ("l", lo, lo + n, node._rm_mod, b"")
             slots = {int(s): v for s, v in changed.items()}
             if (
                 not new
@@ -251,10 +279,22 @@ class Replica:
             dict.pop(node, key, None)
             dict.__setitem__(node, key, value)
         if header:
-            _, length, node._rm_next, node._rm_mod = parse_header(header)
+            _, length, node._rm_next, node._rm_mod, _ = self._header(node, header, "d")
             node._rm_up = None  # a dict stored whole was given fields of its own
             if length != len(node):
                 raise Resync(nid)
+
+    @staticmethod
+    def _header(node: Node, raw: bytes, kind: str) -> Header:
+        """The header a delta brings for ``node``; Resync if it is another node's (a rollback reused the id)."""
+        header = parse_header(raw)
+        if header.kind != kind:
+            raise Resync(node._rm_nid)
+        if header.birth != node._rm_birth:
+            if not (isinstance(node, ObservedDict) and node._rm_up is not None):
+                raise Resync(node._rm_nid)
+            node._rm_birth = header.birth  # a dict stored whole was given fields of its own
+        return header
 
     def _need(self, payload: bytes | None, node: Node, slot: int) -> Any:
         if payload is None:
@@ -323,8 +363,8 @@ class Replica:
             return plain(dict.get(node, op.key_list[0]))
         return None
 
-    def apply_local(self, op: ops.Op, nids: Iterator[bytes]) -> None:
-        """Apply ``op`` as the server script does, giving new nodes the ids ``nids`` yields.
+    def apply_local(self, op: ops.Op, nids: Iterator[bytes], birth: bytes) -> None:
+        """Apply ``op`` (whose token is ``birth``) as the server script does, new nodes getting the ids ``nids`` yields.
 
         Online, ``nids`` counts up from the first id the server gave; offline,
         it yields provisional ids that the replay maps to the server's.
@@ -334,7 +374,7 @@ class Replica:
             # The dict keeps its contents; it is now a node with fields of its own.
             child = self.nodes.get(op.child)
             if isinstance(child, ObservedDict):
-                child._rm_up = None
+                child._rm_up, child._rm_birth = None, birth
             return
         if isinstance(node, ObservedSet):
             assert isinstance(op, ops.SetChange)
@@ -346,7 +386,7 @@ class Replica:
             if isinstance(op, ops.DictSet):
                 # Build every new value before changing anything: a value may
                 # be this very dict, and the server stored it as it was.
-                built = [self._materialize(encoded, nids, None) for encoded in op.values]
+                built = [self._materialize(encoded, nids, None, birth) for encoded in op.values]
                 for key, value in zip((k for k, _ in op.items), built, strict=True):
                     old = dict.get(node, key)
                     if key not in node:
@@ -369,9 +409,9 @@ class Replica:
                 self._kill(value)
             list.__delitem__(node, slice(0, trim))
             node._rm_lo += trim
-            list.extend(node, [self._materialize(e, nids, node) for e in op.values])
+            list.extend(node, [self._materialize(e, nids, node, birth) for e in op.values])
         elif isinstance(op, ops.ListInsert):
-            value = self._materialize(op.encoded, nids, node)
+            value = self._materialize(op.encoded, nids, node, birth)
             slot = op.slot
             if op.end == b"front" or (not op.end and slot <= lo):
                 list.insert(node, 0, value)
@@ -390,7 +430,7 @@ class Replica:
         elif isinstance(op, ops.ListSet):
             i = op.slot - lo
             self._kill(node[i])
-            list.__setitem__(node, i, self._materialize(op.encoded, nids, node))
+            list.__setitem__(node, i, self._materialize(op.encoded, nids, node, birth))
         elif isinstance(op, ops.ListDelete):
             i = op.slot - lo
             self._kill(node[i])
@@ -402,7 +442,7 @@ class Replica:
             for value in node:
                 if getattr(value, "_rm_nid", None) not in kept:
                     self._kill(value)
-            list.__setitem__(node, slice(None), [self._materialize(e, nids, node) for e in op.values])
+            list.__setitem__(node, slice(None), [self._materialize(e, nids, node, birth) for e in op.values])
         node._rm_mod += 1
 
     def rename(self, mapping: dict[bytes, bytes]) -> None:
@@ -413,7 +453,9 @@ class Replica:
                 node._rm_nid = real
                 self.nodes[real] = node
 
-    def _materialize(self, encoded: ops.Encoded, nids: Iterator[bytes], parent: ObservedList | None) -> Any:
+    def _materialize(
+        self, encoded: ops.Encoded, nids: Iterator[bytes], parent: ObservedList | None, birth: bytes
+    ) -> Any:
         """The local value for what ``encoded`` sent, with the nids the server gave.
 
         Walks the value in the order it was tokenized, which is the order the
@@ -421,24 +463,24 @@ class Replica:
         """
         if encoded.reuse is not None:
             return self.nodes[encoded.reuse]
-        return self._build(encoded.value, nids, parent)
+        return self._build(encoded.value, nids, parent, birth)
 
-    def _build(self, value: Any, nids: Iterator[bytes], parent: ObservedList | None) -> Any:
+    def _build(self, value: Any, nids: Iterator[bytes], parent: ObservedList | None, birth: bytes) -> Any:
         if isinstance(value, set):
-            elements = cast(ObservedSet, self._proxy(next(nids), "s", {}))
+            elements = cast(ObservedSet, self._proxy(next(nids), "s", {}, birth))
             set.update(elements, (codec.detached(e) for e in value))
             return elements
         if isinstance(value, list):
-            lst = cast(ObservedList, self._proxy(next(nids), "l", {}))
-            list.extend(lst, [self._build(v, nids, lst) for v in value])
+            lst = cast(ObservedList, self._proxy(next(nids), "l", {}, birth))
+            list.extend(lst, [self._build(v, nids, lst, birth) for v in value])
             return lst
         if isinstance(value, dict):
-            dct = cast(ObservedDict, self._proxy(next(nids), "d", {}))
+            dct = cast(ObservedDict, self._proxy(next(nids), "d", {}, birth))
             for key, v in value.items():
-                dict.__setitem__(dct, key, self._build(v, nids, None))
+                dict.__setitem__(dct, key, self._build(v, nids, None, birth))
             dct._rm_next = len(value) + 1
             if parent is not None and ops.whole(value):
-                dct._rm_up = parent
+                dct._rm_up, dct._rm_birth = parent, b""  # no header, so no birth
             return dct
         return codec.detached(value)
 
@@ -492,10 +534,10 @@ class _Loader:
 
     def fill(self, nid: bytes, header: bytes, root: bool = False) -> Node:
         try:
-            kind, a, b, c = parse_header(header)
+            kind, a, b, c, birth = parse_header(header)
         except ValueError as exc:
             raise self.replica._corrupt(b"h" + nid, exc) from None
-        node = self.replica._proxy(nid, kind, self.reuse)
+        node = self.replica._proxy(nid, kind, self.reuse, birth)
         node._rm_mod = c
         entries = self.entries.get(nid, ())
         if isinstance(node, ObservedSet):

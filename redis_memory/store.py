@@ -4,14 +4,17 @@ One memory is one Redis hash, ``<prefix>:<kind>:{<escaped id>}``. Its fields:
 
 =============  ============================================================
 ``i``          incarnation: a random token set when the hash is created
-``v``          version: +1 per applied operation
+``v``          version: ``<count> <token>``, the count +1 per applied operation,
+               the token that of the operation (so a rolled-back server's
+               later versions never pass for the ones it lost)
 ``c``          node-id counter; the root dict is node ``0``
-``h<nid>``     node header: ``l <lo> <hi> <mod>``, ``d <len> <next> <mod>``
-               or ``s <len> 0 <mod>``
+``h<nid>``     node header: ``l <lo> <hi> <mod> <birth>``,
+               ``d <len> <next> <mod> <birth>`` or ``s <len> 0 <mod> <birth>``;
+               the birth is the token of the operation that created the node
 ``e<nid>:<s>`` list element at slot ``s`` (a decimal integer)
 ``e<nid>:<k>`` dict entry for the msgpack-encoded key ``k``: ``<seq>:<value>``;
                set element ``k``: an empty value
-``j<n>``       journal ring: the fields touched by version ``n``
+``j<n>``       journal ring: the stamp of version ``n`` and the fields it touched
 ``w<writer>``  a writer's last applied seq, when it was last indexed, result
 ``tc``         when the memory was created (ms since the epoch)
 ``ta``         when it last changed (ms since the epoch)
@@ -134,22 +137,30 @@ local function efield(n, s) return 'e' .. n .. ':' .. s end
 
 # Applies one operation. KEYS: the hash, the writer index, then any keys
 # that share the memory's expiry (a session's participant set). ARGV: writer,
-# seq, new-incarnation token, expected incarnation ('*' for any, or none),
-# op name, nid, expiry in ms (0: none), author (may be empty); the number
+# seq, the operation's token (unique to it: the new version's token, the
+# birth of the nodes it creates, the incarnation if it creates the memory),
+# expected incarnation ('*' for any, or none), op name, nid, expiry in ms
+# (0: none), author (may be empty), the birth of node nid as the client
+# knows it (checked unless nid is the root); the number
 # of arguments that follow for the keys of every dict node the op may remove
 # (per node: nid, key count, keys); then the op's own arguments (see ops.py).
 # An applied change is published on the memory's change channel (see
 # feed.py for the message).
 # Every check runs before the first write: a script is not rolled back.
 _APPLY = (_PRELUDE + """
-local writer, seq = ARGV[1], tonumber(ARGV[2])
+local writer, seq, token = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local wfield = 'w' .. writer
 local meta = redis.call('HMGET', K, 'i', 'v', 'c', wfield)
-local incarnation, version, counter = meta[1], tonumber(meta[2] or '0'), tonumber(meta[3] or '0')
+-- The version is '<count> <token of the operation that made it>': a server
+-- rolled back to an older state and written again reaches the same counts
+-- with other tokens, so no replica mistakes one state for another.
+local before = meta[2] or ''
+local incarnation, version, counter = meta[1], tonumber(string.match(before, '^%%d+') or '0'), tonumber(meta[3] or '0')
 local nid, op = ARGV[6], ARGV[5]
+local stamp_now = before
 
 local function reply(status, result, ...)
-  return {status, fmt(version), incarnation or '', result or '', ...}
+  return {status, stamp_now, incarnation or '', result or '', before, ...}
 end
 
 local stamp = 0
@@ -163,7 +174,7 @@ if ARGV[4] ~= '*' and ARGV[4] ~= (incarnation or '') then return reply('gone') e
 -- write, never before everything is checked.
 local creating = not incarnation
 if creating then
-  incarnation = ARGV[3]
+  incarnation = token
   version, counter = 0, 0
 end
 
@@ -171,12 +182,15 @@ local function read_header(n)
   local h = hget(hfield(n))
   if not h and creating and n == '0' then h = 'd 0 1 0' end
   if not h then return nil end
-  local kind, a, b, c = string.match(h, '^(%%a) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+)$')
+  -- A node's birth is the token of the operation that created it: after a
+  -- rollback the same id may name another node, of another birth.
+  local kind, a, b, c, birth = string.match(h, '^(%%a) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+) ?(%%S*)$')
   if not kind then return nil end
-  return {kind = kind, a = tonumber(a), b = tonumber(b), c = tonumber(c)}
+  return {kind = kind, a = tonumber(a), b = tonumber(b), c = tonumber(c), birth = birth}
 end
 local function write_header(n, h)
-  put(hfield(n), h.kind .. ' ' .. fmt(h.a) .. ' ' .. fmt(h.b) .. ' ' .. fmt(h.c))
+  local birth = (h.birth ~= '' and ' ' .. h.birth) or ''
+  put(hfield(n), h.kind .. ' ' .. fmt(h.a) .. ' ' .. fmt(h.b) .. ' ' .. fmt(h.c) .. birth)
 end
 local function is_ref(p) return string.byte(p, 1) == REF end
 -- A list item's dict stored whole: REF, its nid, '=', its msgpack map. It
@@ -207,8 +221,8 @@ end
 -- changed since is not removed: the client's copy of it, which a pop
 -- returns, would be stale.
 local known, known_mod = {}, {}
-local pos = 10
-local drops_end = pos + tonumber(ARGV[9])
+local pos = 11
+local drops_end = pos + tonumber(ARGV[10])
 while pos < drops_end do
   local dn, mod, cnt = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
   local keys = {}
@@ -282,15 +296,15 @@ local function build()
   local count = tonumber(arg())
   if t == 't' then
     for _ = 1, count do put(efield(n, arg()), '') end
-    put(hfield(n), 's ' .. fmt(count) .. ' 0 0')
+    put(hfield(n), 's ' .. fmt(count) .. ' 0 0 ' .. token)
   elseif t == 'l' then
     for s = 0, count - 1 do put(efield(n, fmt(s)), build()) end
-    put(hfield(n), 'l 0 ' .. fmt(count) .. ' 0')
+    put(hfield(n), 'l 0 ' .. fmt(count) .. ' 0 ' .. token)
   else
     local keys = {}
     for s = 1, count do keys[s] = arg() end
     for s = 1, count do put(efield(n, keys[s]), fmt(s) .. ':' .. build()) end
-    put(hfield(n), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0')
+    put(hfield(n), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0 ' .. token)
   end
   return string.char(REF) .. n
 end
@@ -299,7 +313,7 @@ local function move(n, from, to)
 end
 
 local h = read_header(nid)
-if not h then return reply('gone') end
+if not h or (nid ~= '0' and h.birth ~= ARGV[9]) then return reply('gone') end
 local want = string.sub(op, 1, 1)
 if want ~= 'd' and want ~= 's' then want = 'l' end
 if h.kind ~= want then return reply('gone') end
@@ -314,7 +328,12 @@ if op == 'dset' or op == 'dsetdefault' then
   for i = 1, count do keys[i] = arg() end
   for i = 1, count do
     local raw = hget(efield(nid, keys[i]))
-    if raw and op == 'dsetdefault' then return reply('exists', '', dict_payload(raw)) end
+    if raw and op == 'dsetdefault' then
+      -- What is there, and its birth if it is a node (for what was queued for the default).
+      local p = dict_payload(raw)
+      local there = is_ref(p) and read_header(string.sub(p, 2))
+      return reply('exists', '', p, there and there.birth or '')
+    end
     if raw and not can_drop(dict_payload(raw)) then return reply('stale') end
   end
   for i = 1, count do
@@ -457,12 +476,13 @@ elseif op == 'promote' then
   -- The dict stored whole in this list (node x, seen at 'slot') gets a
   -- header and entries, as a dict node has, and the slot a plain reference.
   -- Nothing to do if it already has them; 'gone' if it is no longer here.
+  -- A dict stored whole never changes, so the client names it by its id and
+  -- its stored bytes: after a rollback the same id may be another message.
   local x, slot = arg(), tonumber(arg())
+  local whole = string.char(REF) .. x .. '=' .. arg()
   if not read_header(x) then
-    local head = string.char(REF) .. x .. '='
     local function holds(s)
-      local raw = hget(efield(nid, fmt(s)))
-      return raw and string.sub(raw, 1, #head) == head
+      return hget(efield(nid, fmt(s))) == whole
     end
     if slot < h.a or slot >= h.b or not holds(slot) then
       -- Others moved it since this client looked: O(n), and rare.
@@ -477,7 +497,7 @@ elseif op == 'promote' then
     local keys = {}
     for i = 1, count do keys[i] = arg() end
     for i = 1, count do put(efield(x, keys[i]), fmt(i) .. ':' .. arg()) end
-    put(hfield(x), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0')
+    put(hfield(x), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0 ' .. token)
   end
 else
   return redis.error_reply('redis_memory: unknown operation ' .. op)
@@ -492,10 +512,11 @@ if op ~= 'promote' then
 end
 version = version + 1
 local entry
+stamp_now = fmt(version) .. ' ' .. token
 if ntouched > TOUCH_LIMIT then
-  entry = fmt(version) .. ' *'
+  entry = stamp_now .. ' *'
 else
-  local parts = {fmt(version), ' '}
+  local parts = {stamp_now, ' '}
   for i = 1, ntouched do
     local f = touched[i]
     parts[#parts + 1] = fmt(#f) .. ':' .. f
@@ -504,7 +525,7 @@ else
 end
 local result = first_nid and fmt(first_nid) or ''
 writes[#writes + 1] = 'v'
-writes[#writes + 1] = fmt(version)
+writes[#writes + 1] = stamp_now
 writes[#writes + 1] = 'j' .. fmt(version %% JOURNAL_SIZE)
 writes[#writes + 1] = entry
 -- The writer index is touched once a minute per writer; each time, a few
@@ -560,22 +581,31 @@ return reply('ok', result, unpack(extra))
     "feed": FEED_SUFFIX,
 }
 
-# Brings a replica from version ARGV[1] of incarnation ARGV[2] to now: the
-# current values of every field the journal says changed since, or 'full'
-# when the journal no longer covers the gap (then the caller reads it all).
+# Brings a replica from version ARGV[1] ('<count> <token>') of incarnation
+# ARGV[2] to now: the current values of every field the journal says changed
+# since, or 'full' when the journal no longer covers the gap or does not hold
+# that version (the server was rolled back): then the caller reads it all.
+# A journal entry is '<count> <token> ' then the fields, or '*' for too many.
 _SYNC = (_PRELUDE + """
 local meta = redis.call('HMGET', K, 'v', 'i')
 local v, inc = meta[1], meta[2]
 if not inc then return {'0', '', 'empty'} end
-local known = tonumber(ARGV[1])
-local current = tonumber(v)
-if inc ~= ARGV[2] or current < known or current - known > JOURNAL_SIZE then return {v, inc, 'full'} end
+local known = tonumber(string.match(ARGV[1], '^%%d+') or '')
+local current = tonumber(string.match(v or '', '^%%d+') or '')
+if inc ~= ARGV[2] or not known or not current or current < known or current - known >= JOURNAL_SIZE then
+  return {v, inc, 'full'}
+end
+if known > 0 then
+  local e = hget('j' .. fmt(known %% JOURNAL_SIZE)) or ''
+  if string.sub(e, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then return {v, inc, 'full'} end
+end
 local fields, seen = {}, {}
 for n = known + 1, current do
   local e = hget('j' .. fmt(n %% JOURNAL_SIZE))
-  local sp = e and string.find(e, ' ', 1, true)
-  if not sp or string.sub(e, 1, sp - 1) ~= fmt(n) then return {v, inc, 'full'} end
-  local p = sp + 1
+  local num, tok
+  if e then num, tok = string.match(e, '^(%%d+) (%%S+) ') end
+  if num ~= fmt(n) then return {v, inc, 'full'} end
+  local p = #num + #tok + 3
   if string.sub(e, p) == '*' then return {v, inc, 'full'} end
   while p <= #e do
     local c = string.find(e, ':', p, true)
@@ -617,14 +647,20 @@ return deleted
 )
 
 
+def version_number(stamp: bytes) -> int:
+    """The change count of a version stamp (``<count> <token>``, see the apply script); 0 for none."""
+    return int(stamp.partition(b" ")[0] or b"0")
+
+
 @dataclass
 class Reply:
-    """What the apply script answered: a status, the version after it, and data."""
+    """What the apply script answered: a status, the version stamps after and before it, and data."""
 
     status: str
-    version: int
+    stamp: bytes
     incarnation: bytes
     first_nid: int | None
+    before: bytes
     extra: list[bytes]
 
 
@@ -632,7 +668,7 @@ class Reply:
 class Sync:
     """What the sync script answered: ``kind`` is 'empty', 'delta' or 'full'."""
 
-    version: int
+    stamp: bytes
     incarnation: bytes
     kind: str
     changes: list[tuple[bytes, bytes | None]]
@@ -696,18 +732,18 @@ class Store:
         for nid, (mod, keys) in drops.items():
             plan += [nid, b"%d" % mod, b"%d" % len(keys), *keys]
         raw = self._script(_APPLY, self.keys + self.companions, [*header, b"%d" % len(plan), *plan], op_args)
-        return Reply(raw[0].decode(), int(raw[1]), raw[2], int(raw[3]) if raw[3] else None, list(raw[4:]))
+        return Reply(raw[0].decode(), raw[1], raw[2], int(raw[3]) if raw[3] else None, raw[4], list(raw[5:]))
 
-    def version(self) -> tuple[int, bytes]:
-        """HMGET of the version and incarnation: the O(1) freshness check."""
+    def version(self) -> tuple[bytes, bytes]:
+        """HMGET of the version stamp and incarnation: the O(1) freshness check."""
         v, inc = self._call_packed(self._version_command)
-        return (int(v) if v is not None else 0), (inc or b"")
+        return (v or b""), (inc or b"")
 
-    def sync(self, version: int, incarnation: bytes) -> Sync:
-        """EVALSHA of the sync script: O(fields changed since ``version``)."""
-        raw = self._script(_SYNC, self.keys[:1], [b"%d" % version, incarnation])
+    def sync(self, stamp: bytes, incarnation: bytes) -> Sync:
+        """EVALSHA of the sync script: O(fields changed since version ``stamp``)."""
+        raw = self._script(_SYNC, self.keys[:1], [stamp or b"0", incarnation])
         it = iter(raw[3:])
-        return Sync(int(raw[0]), raw[1], raw[2].decode(), list(zip(it, it, strict=False)))
+        return Sync(raw[0] or b"", raw[1], raw[2].decode(), list(zip(it, it, strict=False)))
 
     def read_all(self) -> dict[bytes, bytes]:
         """HGETALL: O(size of the memory)."""

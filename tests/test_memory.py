@@ -222,7 +222,7 @@ def test_corrupt_field_gives_clear_error_and_others_still_read(client: redis.Red
     client.hset(mem.key, bad_list_item, b"\xc7\x01\x63\x00")  # an unknown extension type
     attr_field = next(f for f in layout if f.startswith(b"e0:") and f.endswith(b"alsobad"))
     client.hset(mem.key, attr_field, b"99:\xd9")  # a truncated string
-    client.hincrby(mem.key, "v", 1)  # make every replica catch up
+    client.hset(mem.key, "v", b"999 forced")  # make every replica reload
     fresh = Memory("m", client=client)
     assert fresh.good == {"x": 1}
     for name, field in [("bad", bad_list_item), ("alsobad", attr_field)]:
@@ -381,7 +381,7 @@ def test_a_failed_operation_does_not_create_the_memory(client: redis.Redis) -> N
 
     store = Store(client, Memory("absent", client=client).key)
     op = ops.DictDelete(b"0", ["x"])
-    reply = store.apply([b"w", b"1", b"tok", b"", op.name, op.nid, b"0", b""], {}, op.args())
+    reply = store.apply([b"w", b"1", b"tok", b"", op.name, op.nid, b"0", b"", b""], {}, op.args())
     assert reply.status == "missing"
     assert client.exists(store.key) == 0
 
@@ -392,7 +392,7 @@ def test_deleting_a_corrupt_attribute_works(client: redis.Redis) -> None:
     mem.bad = "x"
     field = next(f for f in client.hgetall(mem.key) if f.startswith(b"e0:"))
     client.hset(mem.key, field, b"1:\xc7\x01\x63\x00")
-    client.hincrby(mem.key, "v", 1)
+    client.hset(mem.key, "v", b"999 forced")
     fresh = Memory("corrupt-del", client=client)
     with pytest.raises(CorruptData):
         _ = fresh.bad

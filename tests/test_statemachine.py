@@ -38,6 +38,8 @@ def container_paths(value: Any, path: list[Any]) -> list[list[Any]]:
 def check_bookkeeping(local: Any, fresh: Any) -> None:
     """A replica's node ids, slots, counters and storage equal those of a fresh load."""
     assert type(local) is type(fresh)
+    if isinstance(local, (ObservedList, ObservedDict, ObservedSet)):
+        assert local._rm_birth == fresh._rm_birth
     if isinstance(local, ObservedSet):
         assert (local._rm_nid, local._rm_mod) == (fresh._rm_nid, fresh._rm_mod)
     if isinstance(local, (ObservedList, ObservedDict)):
@@ -251,7 +253,7 @@ class MemoryMachine(RuleBasedStateMachine):
         elif op == "clear":
             proxy.clear()
             model.clear()
-        elif op.startswith("i"):
+        elif op in ("ior", "iand", "isub", "ixor"):
             getattr(proxy, f"__{op}__")(elements)
             getattr(model, f"__{op}__")(elements)
         else:

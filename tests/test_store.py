@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from redis_memory import ConversationMemory, Memory, ops
-from redis_memory.store import JOURNAL_SIZE, Store, escape_id, memory_key
+from redis_memory.store import JOURNAL_SIZE, Store, escape_id, memory_key, version_number
 
 
 @pytest.mark.parametrize("identifier", ["a:b", "*", "{x}", "ü", "with space", "a%3Ab", "x}{y", "🙂"])
@@ -56,14 +56,16 @@ def test_layout_is_as_documented(client: redis.Redis) -> None:
     mem = Memory("layout", client=client)
     mem.messages = ["hi"]
     fields = client.hgetall(mem.key)
-    assert fields[b"v"] == b"1" and fields[b"c"] == b"1" and len(fields[b"i"]) > 0
+    count, token = fields[b"v"].split(b" ")
+    assert count == b"1" and fields[b"c"] == b"1" and len(fields[b"i"]) > 0
     assert fields[b"h0"] == b"d 1 2 1"
     assert fields[b"e0:\xa8messages"] == b"1:\xc11"
-    assert fields[b"h1"] == b"l 0 1 0"
+    assert fields[b"h1"] == b"l 0 1 0 " + token  # born of the operation that made version 1
     assert fields[b"e1:0"] == b"\xa2hi"
     mem.messages.append("there")
     fields = client.hgetall(mem.key)
-    assert fields[b"h1"] == b"l 0 2 1" and fields[b"e1:1"] == b"\xa5there"
+    assert fields[b"h1"] == b"l 0 2 1 " + token and fields[b"e1:1"] == b"\xa5there"
+    assert fields[b"v"].split(b" ")[0] == b"2" and fields[b"v"] != b"2 " + token
 
 
 def test_append_touches_the_same_fields_whatever_the_size(client: redis.Redis) -> None:
@@ -73,8 +75,8 @@ def test_append_touches_the_same_fields_whatever_the_size(client: redis.Redis) -
 
     def fields_touched_by_next_append() -> list[bytes]:
         mem.items.append({"role": "user", "content": "x"})
-        version = int(client.hget(mem.key, "v"))
-        entry: bytes = client.hget(mem.key, f"j{version % JOURNAL_SIZE}").split(b" ", 1)[1]
+        version = version_number(client.hget(mem.key, "v"))
+        entry: bytes = client.hget(mem.key, f"j{version % JOURNAL_SIZE}").split(b" ", 2)[2]
         fields, pos = [], 0
         while pos < len(entry):
             colon = entry.index(b":", pos)
@@ -96,7 +98,7 @@ def test_an_operation_id_is_applied_once(client: redis.Redis) -> None:
     store = Store(client, mem.key)
     incarnation = client.hget(mem.key, "i")
     nid = mem.items._rm_nid
-    header = [b"retrying-writer", b"1", b"tok", incarnation, b"lappend", nid, b"0", b""]
+    header = [b"retrying-writer", b"1", b"tok", incarnation, b"lappend", nid, b"0", b"", mem.items._rm_birth]
     first = store.apply(header, {}, ops.ListAppend(nid, [7]).args())
     again = store.apply(header, {}, ops.ListAppend(nid, [7]).args())
     assert (first.status, again.status) == ("ok", "dup")
@@ -131,8 +133,9 @@ def test_reader_catches_up_through_the_journal(client: redis.Redis, other_client
     assert reader.log == [{"n": -1}, {"n": 0, "seen": True}, {"n": 1}]
     assert reader.log[1] is first
     store = Store(other_client, reader.key)
-    version = int(client.hget(reader.key, "v"))
-    sync = store.sync(version - 1, client.hget(reader.key, "i"))
+    version = version_number(client.hget(reader.key, "v"))
+    previous = b" ".join(client.hget(reader.key, f"j{(version - 1) % JOURNAL_SIZE}").split(b" ")[:2])
+    sync = store.sync(previous, client.hget(reader.key, "i"))
     assert sync.kind == "delta" and 0 < len(sync.changes) <= 4
 
 

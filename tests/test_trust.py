@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import redis
 
-from redis_memory import Memory, MissingKey, ObservedSet
+from redis_memory import ContainerDeleted, Memory, MissingKey, ObservedSet
 
 
 def pair(client: redis.Redis, other_client: redis.Redis, **values: Any) -> tuple[Memory, Memory]:
@@ -220,3 +220,53 @@ def test_a_set_inside_a_message_is_observed(client: redis.Redis, other_client: r
     mem.messages = [{"role": "user", "tags": {"x"}}]
     mem.messages[0]["tags"].add("y")
     assert Memory("s", client=other_client).messages == [{"role": "user", "tags": {"x", "y"}}]
+
+
+# -- a server that comes back with older data is detected (item 4) --------------
+
+
+def snapshot(client: redis.Redis, mem: Memory) -> dict[bytes, dict[bytes, bytes]]:
+    """The memory's hash as it is now, as a snapshot of the server would keep it."""
+    return {mem.key.encode(): client.hgetall(mem.key)}
+
+
+def roll_back(client: redis.Redis, saved: dict[bytes, dict[bytes, bytes]]) -> None:
+    """Put the memory's hash back as it was in ``saved``: a restart from an older snapshot."""
+    for key, fields in saved.items():
+        client.delete(key)
+        client.hset(key, mapping=fields)
+
+
+def test_a_rolled_back_server_is_never_trusted(client: redis.Redis, other_client: redis.Redis) -> None:
+    """After a rollback and later writes by others, a replica reloads and a vanished dict's proxy is deleted."""
+    mine = Memory("t", client=client)
+    mine.profile = {"name": "A"}
+    saved = snapshot(client, mine)
+    mine.old = {"a": 1}
+    held = mine.old
+    mine.n = 1
+    mine.n = 2
+    roll_back(client, saved)
+    theirs = Memory("t", client=other_client)
+    theirs.payroll = {}  # its node id is the one the vanished dict had
+    for i in range(4):
+        theirs.n = i
+    assert mine.to_dict() == Memory("t", client=other_client).to_dict()
+    assert "old" not in mine.to_dict()
+    with pytest.raises(ContainerDeleted):
+        held["salary"] = 100
+    assert Memory("t", client=other_client).payroll == {}
+
+
+def test_a_rollback_to_the_same_version_number_is_detected(client: redis.Redis, other_client: redis.Redis) -> None:
+    """Others' writes after a rollback that reach this replica's version number still make it reload."""
+    mine = Memory("t", client=client)
+    mine.a = 1
+    saved = snapshot(client, mine)
+    mine.b = 2
+    mine.c = 3
+    roll_back(client, saved)
+    theirs = Memory("t", client=other_client)
+    theirs.x = 1
+    theirs.y = 2
+    assert mine.to_dict() == {"a": 1, "x": 1, "y": 2}
