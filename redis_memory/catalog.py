@@ -22,7 +22,8 @@ from typing import cast
 
 import redis
 
-from .store import escape_id
+from .connection import channel
+from .store import command, escape_id
 
 #: A memory refreshes its index entry at most this often (seconds).
 INDEX_REFRESH = 30.0
@@ -36,21 +37,38 @@ class Catalog:
     """The index of one prefix and kind, on one client."""
 
     def __init__(self, client: redis.Redis, prefix: str, kind: str, key_of: Callable[[str], str]) -> None:
-        self.client = client
+        self.channel = channel(client)
         self.key = index_key(prefix, kind)
         self.key_of = key_of  # memory id -> the key of its hash
 
+    def _call(self, *args: bytes | str | int) -> object:
+        return command(self.channel, self.key, *args)
+
+    def _active(self, identifier: str) -> bytes | None:
+        """HGET of a memory's last activity (ms since the epoch), None if it does not exist: O(1)."""
+        key = self.key_of(identifier)
+        return cast(bytes | None, command(self.channel, key, "HGET", key, "ta"))
+
     def touch(self, identifier: str) -> None:
         """ZADD with the current time: O(log n)."""
-        self.client.zadd(self.key, {identifier: time.time()})
+        self._call("ZADD", self.key, repr(time.time()), identifier)
 
     def forget(self, identifier: str) -> None:
-        """ZREM: O(log n)."""
-        self.client.zrem(self.key, identifier)
+        """ZREM, then HGET of the memory: O(log n).
+
+        A memory written again by another process between its deletion and
+        this ZREM would be left out of the index for good (its writer adds
+        it again only when its write created it, which came first): such
+        an entry is put back.
+        """
+        self._call("ZREM", self.key, identifier)
+        active = self._active(identifier)
+        if active is not None:
+            self._call("ZADD", self.key, repr(int(active) / 1000), identifier)
 
     def count(self) -> int:
         """ZCARD: O(1)."""
-        return int(self.client.zcard(self.key))
+        return int(cast(int, self._call("ZCARD", self.key)))
 
     def ids(self, idle_for: float | None = None, limit: int | None = None) -> list[str]:
         """Ids of existing memories, oldest activity first; with ``idle_for``, only those idle that long.
@@ -66,18 +84,20 @@ class Catalog:
         start = 0
         page = limit or 100
         while limit is None or len(found) < limit:
-            candidates = cast(list[bytes], self.client.zrangebyscore(self.key, "-inf", cutoff, start=start, num=page))
+            candidates = cast(
+                list[bytes], self._call("ZRANGEBYSCORE", self.key, "-inf", repr(cutoff), "LIMIT", start, page)
+            )
             if not candidates:
                 break
             start += len(candidates)
             for raw in candidates:
                 identifier = raw.decode()
-                active = self.client.hget(self.key_of(identifier), "ta")
+                active = self._active(identifier)
                 if active is None:
-                    self.client.zrem(self.key, raw)  # expired or deleted
+                    self.forget(identifier)  # expired or deleted
                     start -= 1
                 elif int(active) / 1000 > cutoff:
-                    self.client.zadd(self.key, {raw: int(active) / 1000})  # the score lagged
+                    self._call("ZADD", self.key, repr(int(active) / 1000), raw)  # the score lagged
                     start -= 1
                 else:
                     found.append(identifier)

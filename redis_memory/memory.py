@@ -281,7 +281,7 @@ class MemoryCore:
             try:
                 self.catalog.touch(self.name)
                 self.indexed_at = now
-            except redis.RedisError as exc:  # the index may lag; listing checks real activity
+            except RedisMemoryError as exc:  # the index may lag; listing checks real activity
                 log.info("%s: index not updated: %s", self.store.key, exc)
 
     def _bound(self, proxy: ObservedList | ObservedDict, op: ops.ListAppend) -> None:
@@ -767,9 +767,12 @@ class Memory:
             self._rm_server_call(lambda store: store.delete(core.author))
             core.outbox.discard()
             core.replica.load({})
+            core.indexed_at = -INDEX_REFRESH
             if core.catalog is not None:
-                core.catalog.forget(core.name)
-                core.indexed_at = -INDEX_REFRESH
+                try:
+                    core.catalog.forget(core.name)
+                except RedisMemoryError as exc:  # a stale entry goes when a listing meets it
+                    log.info("%s: index entry not removed: %s", core.store.key, exc)
 
 
 class ConversationMemory(Memory):

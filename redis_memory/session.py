@@ -17,9 +17,9 @@ import redis
 
 from . import connection
 from .catalog import Catalog
-from .errors import PrivateMemory
+from .errors import ConnectionFailed, PrivateMemory
 from .memory import Memory, Metadata
-from .store import escape_id
+from .store import command, escape_id
 
 
 def _agents_key(prefix: str, session_id: str) -> str:
@@ -99,10 +99,14 @@ class Session:
         self._options: dict[str, Any] = dict(options, client=self._client, prefix=prefix)
         self.shared = SessionMemory(session_id, **self._options)
         self._agents_key = _agents_key(prefix, session_id)
+        self._channel = connection.channel(self._client)
         self._opened: dict[str, AgentMemory] = {}
 
     def agent(self, name: str) -> AgentMemory:
-        """The private memory of agent ``name``; the agent joins the session's participants (SADD)."""
+        """The private memory of agent ``name``; the agent joins the session's participants (SADD): O(1).
+
+        While Redis is unreachable the memory is opened all the same.
+        """
         if self.me is not None and name != self.me:
             raise PrivateMemory(
                 f"this session is opened for agent {self.me!r}; {name!r}'s memory is private",
@@ -110,12 +114,16 @@ class Session:
             )
         found = self._opened.get(name)
         if found is None:
-            found = self._opened[name] = AgentMemory(self.session_id, name, **self._options)
-            with self._client.pipeline(transaction=False) as pipe:
-                pipe.sadd(self._agents_key, name)
-                if found._rm.ttl != b"0":  # the set lives as long as the session's memories
-                    pipe.pexpire(self._agents_key, int(found._rm.ttl))
-                pipe.execute()
+            found = AgentMemory(self.session_id, name, **self._options)
+            core = found._rm
+            if core.link.online:
+                try:
+                    command(self._channel, self._agents_key, "SADD", self._agents_key, name)
+                    if core.ttl != b"0":  # the set lives as long as the session's memories
+                        command(self._channel, self._agents_key, "PEXPIRE", self._agents_key, core.ttl)
+                except ConnectionFailed as exc:
+                    core.link.failed(exc)
+            self._opened[name] = found
         return found
 
     @property
@@ -127,7 +135,8 @@ class Session:
 
     def agents(self) -> list[str]:
         """The agents that have opened a private memory here (SMEMBERS): O(agents)."""
-        return sorted(m.decode() for m in cast(set[bytes], self._client.smembers(self._agents_key)))
+        members = cast(list[bytes], command(self._channel, self._agents_key, "SMEMBERS", self._agents_key))
+        return sorted(m.decode() for m in members)
 
     def metadata(self) -> Metadata:
         """Creation and last activity of the shared memory."""
@@ -138,7 +147,7 @@ class Session:
         for name in self.agents():
             AgentMemory(self.session_id, name, **self._options).delete()
         self.shared.delete()
-        self._client.delete(self._agents_key)
+        command(self._channel, self._agents_key, "DEL", self._agents_key)
 
     @classmethod
     def list_ids(cls, **options: Any) -> list[str]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import redis
+from conftest import Switch
 
-from redis_memory import AgentMemory, PrivateMemory, RedisMemoryError, Session
+from redis_memory import AgentMemory, ConnectionFailed, CorruptData, PrivateMemory, RedisMemoryError, Session
 
 
 def test_agents_share_one_memory_and_keep_their_own(client: redis.Redis, other_client: redis.Redis) -> None:
@@ -108,3 +109,29 @@ def test_one_agent_cannot_shorten_the_sessions_participant_list(client: redis.Re
     s.agent("A").expire(1)
     assert client.pttl(s.shared.key + ":agents") > 500_000
     assert s.agents() == ["A", "B"]
+
+
+def test_session_calls_while_redis_is_down_raise_connection_failed(switch: Switch) -> None:
+    """agents() and delete() raise ConnectionFailed when Redis is unreachable; opening an agent's memory does not."""
+    offline = switch.client()
+    s = Session("down", agent="A", client=offline)
+    s.shared.topic = "loaded"
+    switch.cut()
+    for call in (s.agents, s.delete, lambda: Session("down", client=offline).delete()):
+        with pytest.raises(ConnectionFailed) as raised:
+            call()
+        assert isinstance(raised.value, ConnectionError) and isinstance(raised.value, RedisMemoryError)
+    assert s.private.agent == "A" and s.agent("A") is s.private
+    assert s.shared.topic == "loaded"
+
+
+def test_a_participant_set_of_another_type_is_corrupt_data_naming_it(client: redis.Redis) -> None:
+    """A participant set key holding a string makes agent(), private, agents() and delete() raise CorruptData."""
+    s = Session("taken", agent="A", client=client)
+    agents_key = s.shared.key + ":agents"
+    client.set(agents_key, "someone else's")
+    for call in (lambda: s.private, lambda: s.agent("A"), s.agents, s.delete):
+        with pytest.raises(CorruptData) as raised:
+            call()
+        assert raised.value.key == agents_key and isinstance(raised.value, ValueError)
+    assert client.get(agents_key) == b"someone else's"

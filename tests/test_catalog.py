@@ -1,0 +1,76 @@
+"""The index of memories: listing, counting and idle clean-up, their errors, and entries never lost."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from conftest import Switch
+
+from redis_memory import ConnectionFailed, ConversationMemory, CorruptData, RedisMemoryError, ServerRefused
+
+
+def test_listing_while_redis_is_down_raises_connection_failed(switch: Switch) -> None:
+    """list_ids, count and delete_idle raise ConnectionFailed (a ConnectionError) when Redis is unreachable."""
+    offline = switch.client()
+    ConversationMemory("c", client=offline).messages = ["hi"]
+    switch.cut()
+    for call in (
+        lambda: ConversationMemory.list_ids(client=offline),
+        lambda: ConversationMemory.list_ids(idle_for=0, client=offline),
+        lambda: ConversationMemory.count(client=offline),
+        lambda: ConversationMemory.delete_idle(0, client=offline),
+    ):
+        with pytest.raises(ConnectionFailed) as raised:
+            call()
+        assert isinstance(raised.value, ConnectionError) and isinstance(raised.value, RedisMemoryError)
+
+
+def test_an_index_key_of_another_type_is_corrupt_data_naming_it(client: redis.Redis) -> None:
+    """An index key holding a string makes listing raise CorruptData naming that key; writes still work."""
+    index = "rm:conversation:index"
+    client.set(index, "someone else's")
+    mem = ConversationMemory("c", client=client)
+    mem.messages = ["written"]  # the index is secondary: the write goes through
+    assert ConversationMemory("c", client=client).messages == ["written"]
+    for call in (
+        lambda: ConversationMemory.list_ids(client=client),
+        lambda: ConversationMemory.count(client=client),
+        lambda: ConversationMemory.delete_idle(0, client=client),
+    ):
+        with pytest.raises(CorruptData) as raised:
+            call()
+        assert raised.value.key == index and isinstance(raised.value, ValueError)
+    assert client.get(index) == b"someone else's"
+
+
+def test_a_listed_memory_key_of_another_type_is_corrupt_data_naming_it(client: redis.Redis) -> None:
+    """An index entry whose memory key holds a string makes listing raise CorruptData naming the memory key."""
+    mem = ConversationMemory("taken", client=client)
+    mem.messages = ["x"]
+    client.delete(mem.key)
+    client.set(mem.key, "someone else's")
+    with pytest.raises(CorruptData) as raised:
+        ConversationMemory.list_ids(client=client)
+    assert raised.value.key == mem.key
+
+
+@pytest.mark.parametrize("backend", ["redis7", "valkey"])
+def test_a_refused_index_command_is_server_refused(client: redis.Redis) -> None:
+    """An ACL user who may not read the index gets ServerRefused (a RuntimeError), not redis-py's error."""
+    ConversationMemory("c", client=client).messages = ["x"]
+    client.acl_setuser("lister", enabled=True, passwords=["+pw"], keys=["rm:conversation:{*"], commands=["+@all"])
+    try:
+        pool = client.connection_pool
+        options = dict(pool.connection_kwargs, username="lister", password="pw")
+        restricted = redis.Redis(
+            connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **options)
+        )
+        for call in (
+            lambda: ConversationMemory.list_ids(client=restricted),
+            lambda: ConversationMemory.count(client=restricted),
+        ):
+            with pytest.raises(ServerRefused) as raised:
+                call()
+            assert raised.value.key == "rm:conversation:index" and isinstance(raised.value, RuntimeError)
+    finally:
+        client.acl_deluser("lister")
