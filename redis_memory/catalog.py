@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import redis
 
@@ -27,6 +27,14 @@ from .store import command, escape_id
 
 #: A memory refreshes its index entry at most this often (seconds).
 INDEX_REFRESH = 30.0
+
+
+class Listing(Protocol):
+    """Where a memory keeps an entry while it exists: its kind's index, or its session's participant set."""
+
+    def touch(self, identifier: str) -> None: ...
+
+    def forget(self, identifier: str) -> None: ...
 
 
 def index_key(prefix: str, kind: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, cast, overload
 import redis
 
 from . import connection, ops, queue
-from .catalog import INDEX_REFRESH, Catalog
+from .catalog import INDEX_REFRESH, Catalog, Listing
 from .errors import (
     ConcurrentModification,
     ConnectionFailed,
@@ -72,7 +72,7 @@ class MemoryCore:
         self.author = author.encode() if author else b""
         self.ttl = b"%d" % _milliseconds(ttl) if ttl is not None else b"0"
         self.bounds = bounds or {}
-        self.catalog: Catalog | None = None
+        self.catalog: Listing | None = None
         self.indexed_at = -INDEX_REFRESH
         self.lock = threading.RLock()
         self.writer = _new_token()
@@ -274,10 +274,14 @@ class MemoryCore:
                 key=self.store.key,
             )
 
-    def _index(self) -> None:
-        """Keep this memory's entry in its kind's index fresh (at most every INDEX_REFRESH seconds)."""
+    def _index(self, created: bool = False) -> None:
+        """Keep this memory's entry in its listing fresh: at once if ``created``, else at most every INDEX_REFRESH s.
+
+        A write that created the memory (again: deleted or expired meanwhile,
+        perhaps by another process) always adds it, or it would stay unlisted.
+        """
         now = time.monotonic()
-        if self.catalog is not None and now - self.indexed_at >= INDEX_REFRESH:
+        if self.catalog is not None and (created or now - self.indexed_at >= INDEX_REFRESH):
             try:
                 self.catalog.touch(self.name)
                 self.indexed_at = now
@@ -294,7 +298,7 @@ class MemoryCore:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
         replica = self.replica
         if reply.status == "ok":
-            self._index()
+            self._index(created=reply.version == 1)  # version 1: this write created the memory
             removed = replica.removed_value(op, reply.extra)
             created = replica.incarnation == b"" and replica.version == 0
             if reply.version == replica.version + 1 and (reply.incarnation == replica.incarnation or created):
@@ -309,8 +313,9 @@ class MemoryCore:
                 self.catch_up()
             return NO_OP
         if reply.status == "dup":
-            # A resent command whose first copy was applied: the replica
-            # still shows what that copy removed.
+            # A resent command whose first copy was applied (and may have
+            # created the memory): the replica still shows what that copy removed.
+            self._index(created=True)
             removed = replica.value_at(op)
             self.catch_up()
             return removed
@@ -380,7 +385,7 @@ class MemoryCore:
             reply = self.store.apply(header, plan, ops.from_tokens(args))
         status = reply.status
         if status in ("ok", "dup"):
-            self._index()
+            self._index(created=status == "dup" or reply.version == 1)
             if not entry.incarnation and not outbox.joined:
                 # This replay created (or joined) the memory: the replica, made
                 # offline on no incarnation, belongs to this one.

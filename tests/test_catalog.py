@@ -7,6 +7,7 @@ import redis
 from conftest import Switch
 
 from redis_memory import ConnectionFailed, ConversationMemory, CorruptData, RedisMemoryError, ServerRefused
+from redis_memory.store import Store
 
 
 def test_listing_while_redis_is_down_raises_connection_failed(switch: Switch) -> None:
@@ -74,3 +75,37 @@ def test_a_refused_index_command_is_server_refused(client: redis.Redis) -> None:
             assert raised.value.key == "rm:conversation:index" and isinstance(raised.value, RuntimeError)
     finally:
         client.acl_deluser("lister")
+
+
+def test_a_memory_deleted_idle_and_written_again_by_another_process_is_listed(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """delete_idle in one process, then a write in another within the index's lag: listed and counted again."""
+    writer = ConversationMemory("c", client=client)
+    writer.messages = ["first"]  # the writer's index entry is fresh now
+    assert ConversationMemory.delete_idle(0, client=other_client) == 1
+    assert ConversationMemory.list_ids(client=other_client) == []
+    writer.messages = ["second"]  # creates the memory anew
+    assert ConversationMemory.list_ids(client=other_client) == ["c"]
+    assert ConversationMemory.count(client=other_client) == 1
+    assert ConversationMemory.delete_idle(0, client=other_client) == 1
+    assert client.keys("*{c}*") == []
+
+
+def test_a_write_landing_between_a_deletion_and_its_index_removal_keeps_the_memory_listed(
+    client: redis.Redis, other_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If another process recreates the memory just after delete_idle's DEL, before its ZREM, it stays listed."""
+    writer = ConversationMemory("c", client=client)
+    writer.messages = ["first"]
+    delete = Store.delete
+
+    def delete_then_another_writes(store: Store, author: bytes = b"") -> None:
+        delete(store, author)
+        if store.client is other_client:
+            writer.messages = ["written in between"]
+
+    monkeypatch.setattr(Store, "delete", delete_then_another_writes)
+    assert ConversationMemory.delete_idle(0, client=other_client) == 1
+    assert ConversationMemory.list_ids(client=other_client) == ["c"]
+    assert ConversationMemory("c", client=other_client).messages == ["written in between"]
