@@ -6,6 +6,11 @@ the session id):
 * ``<prefix>:session:{s}``: the shared memory (and its ``:w`` writer index);
 * ``<prefix>:session:{s}:agent:<name>``: each agent's private memory;
 * ``<prefix>:session:{s}:agents``: the set of agent names.
+
+An agent is added to the set when its memory is opened, and again by the
+first write of its memory in each process and by every write that creates
+that memory (the session had expired, or was deleted elsewhere), so that
+:meth:`Session.delete` finds every agent's memory that exists.
 """
 
 from __future__ import annotations
@@ -39,6 +44,30 @@ class SessionMemory(Memory):
         return Session(name, client=client, prefix=prefix)
 
 
+class Participants:
+    """A session's participant set, as an agent memory's listing: the agent is kept in it."""
+
+    def __init__(self, link: connection.Channel, key: str, agent: str, ttl: bytes) -> None:
+        self.channel = link
+        self.key = key
+        self.agent = agent
+        self.ttl = int(ttl)  # ms, 0 for none
+
+    def touch(self, identifier: str) -> None:
+        """SADD of the agent (with a ttl, a PTTL before and a PEXPIRE that only extends the set's expiry): O(1).
+
+        The set is shared by every memory of the session: an agent with a
+        shorter ttl never shortens it, nor sets one on a set that has none.
+        """
+        left = int(command(self.channel, self.key, "PTTL", self.key)) if self.ttl else -1
+        command(self.channel, self.key, "SADD", self.key, self.agent)
+        if left == -2 or 0 <= left < self.ttl:  # -2: this SADD created the set
+            command(self.channel, self.key, "PEXPIRE", self.key, self.ttl)
+
+    def forget(self, identifier: str) -> None:
+        """Nothing: an agent whose memory was deleted stays a participant until the session is deleted."""
+
+
 class AgentMemory(Memory):
     """One agent's private memory in a session; it shares the session's hash tag."""
 
@@ -49,6 +78,17 @@ class AgentMemory(Memory):
             raise ValueError(f"an agent name must be a non-empty str, not {agent!r}")
         object.__setattr__(self, "_rm_agent", agent)
         super().__init__(session_id, **options)
+        core = self._rm
+        core.catalog = Participants(core.store.channel, core.store.companions[0], agent, core.ttl)
+
+    def _rm_join(self) -> None:
+        """Join the session's participants now (see :meth:`Participants.touch`); offline, the first write does."""
+        core = self._rm
+        if core.catalog is not None and core.link.online:
+            try:
+                core.catalog.touch(core.name)
+            except ConnectionFailed as exc:
+                core.link.failed(exc)
 
     def _rm_own_key(self, prefix: str, name: str) -> str:
         return f"{self._rm_key(prefix, name)}:agent:{escape_id(self._rm_agent)}"
@@ -115,14 +155,7 @@ class Session:
         found = self._opened.get(name)
         if found is None:
             found = AgentMemory(self.session_id, name, **self._options)
-            core = found._rm
-            if core.link.online:
-                try:
-                    command(self._channel, self._agents_key, "SADD", self._agents_key, name)
-                    if core.ttl != b"0":  # the set lives as long as the session's memories
-                        command(self._channel, self._agents_key, "PEXPIRE", self._agents_key, core.ttl)
-                except ConnectionFailed as exc:
-                    core.link.failed(exc)
+            found._rm_join()
             self._opened[name] = found
         return found
 

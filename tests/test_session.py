@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 from conftest import Switch
@@ -135,3 +137,72 @@ def test_a_participant_set_of_another_type_is_corrupt_data_naming_it(client: red
             call()
         assert raised.value.key == agents_key and isinstance(raised.value, ValueError)
     assert client.get(agents_key) == b"someone else's"
+
+
+def _wait_online(mem: AgentMemory) -> None:
+    deadline = time.monotonic() + 10
+    while not mem.status().online and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _session_keys(client: redis.Redis, session_id: str) -> list[bytes]:
+    return [k for k in client.keys("*") if b"{" + session_id.encode() + b"}" in k]
+
+
+def test_an_agent_first_opened_while_redis_is_down_is_deleted_with_the_session(
+    switch: Switch, client: redis.Redis
+) -> None:
+    """An agent whose memory was opened during an outage joins the participants once it writes; delete() takes it."""
+    offline = switch.client()
+    switch.cut()
+    s = Session("late", agent="A", client=offline)
+    agent = s.private  # opened while Redis is down
+    with pytest.raises(ConnectionFailed):
+        agent.notes = "never loaded here: refused"
+    switch.restore()
+    _wait_online(agent)
+    s.private.notes = "written once Redis is back"
+    assert Session("late", client=client).agents() == ["A"]
+    Session("late", client=client).delete()
+    assert _session_keys(client, "late") == []
+
+
+def test_an_agent_that_writes_to_an_expired_session_is_deleted_with_it(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """Once a session expired, an agent writing to it again is a participant again: delete() leaves nothing."""
+    s = Session("expired", agent="A", client=client, ttl=600)
+    s.private.notes = "first life"
+    s.shared.topic = "first life"
+    for key in _session_keys(client, "expired"):
+        client.delete(key)  # as the expiry would
+    s.private.notes = "second life"
+    assert Session("expired", client=other_client).agents() == ["A"]
+    Session("expired", client=other_client).delete()
+    assert _session_keys(client, "expired") == []
+
+
+def test_an_agent_deleted_by_another_process_and_written_again_is_deleted_with_the_session(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """After Session.delete() elsewhere, an agent's next write makes it a participant again."""
+    s = Session("again", agent="A", client=client)
+    s.private.notes = "before"
+    Session("again", client=other_client).delete()
+    s.private.notes = "after"
+    assert Session("again", client=other_client).agents() == ["A"]
+    Session("again", client=other_client).delete()
+    assert _session_keys(client, "again") == []
+
+
+def test_an_agent_with_a_shorter_ttl_never_shortens_the_participant_set(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """Opening or writing an agent's memory with a short ttl leaves the participant set's longer expiry alone."""
+    long = Session("mixed", client=client, ttl=600)
+    long.agent("A").notes = "a"
+    agents_key = long.shared.key + ":agents"
+    short = Session("mixed", client=other_client, ttl=5)
+    short.agent("B").notes = "b"
+    assert client.pttl(agents_key) > 500_000
+    assert long.agents() == ["A", "B"]
