@@ -52,10 +52,14 @@ class Catalog:
     def _call(self, *args: bytes | str | int) -> object:
         return command(self.channel, self.key, *args)
 
-    def _active(self, identifier: str) -> bytes | None:
-        """HGET of a memory's last activity (ms since the epoch), None if it does not exist: O(1)."""
-        key = self.key_of(identifier)
-        return cast(bytes | None, command(self.channel, key, "HGET", key, "ta"))
+    def last_activity(self, identifier: str) -> float | None:
+        """HGET of a memory's last write (seconds since the epoch), None if it does not exist: O(1)."""
+        return self.activity_of(self.key_of(identifier))
+
+    def activity_of(self, key: str) -> float | None:
+        """HGET of the last write of the memory at ``key``: O(1)."""
+        active = cast(bytes | None, command(self.channel, key, "HGET", key, "ta"))
+        return int(active) / 1000 if active is not None else None
 
     def touch(self, identifier: str) -> None:
         """ZADD with the current time: O(log n)."""
@@ -70,9 +74,9 @@ class Catalog:
         an entry is put back.
         """
         self._call("ZREM", self.key, identifier)
-        active = self._active(identifier)
+        active = self.last_activity(identifier)
         if active is not None:
-            self._call("ZADD", self.key, repr(int(active) / 1000), identifier)
+            self._call("ZADD", self.key, repr(active), identifier)
 
     def count(self) -> int:
         """ZCARD: O(1)."""
@@ -81,7 +85,7 @@ class Catalog:
     def ids(self, idle_for: float | None = None, limit: int | None = None) -> list[str]:
         """Ids of existing memories, oldest activity first; with ``idle_for``, only those idle that long.
 
-        O(log n + result): a ZRANGEBYSCORE, then one HMGET per candidate.
+        O(log n + result): a ZRANGEBYSCORE, then one HGET per candidate.
         """
         if idle_for is not None and idle_for < 0:
             raise ValueError(f"idle_for must be >= 0, not {idle_for!r}")
@@ -100,12 +104,12 @@ class Catalog:
             start += len(candidates)
             for raw in candidates:
                 identifier = raw.decode()
-                active = self._active(identifier)
+                active = self.last_activity(identifier)
                 if active is None:
                     self.forget(identifier)  # expired or deleted
                     start -= 1
-                elif int(active) / 1000 > cutoff:
-                    self._call("ZADD", self.key, repr(int(active) / 1000), raw)  # the score lagged
+                elif active > cutoff:
+                    self._call("ZADD", self.key, repr(active), raw)  # the score lagged
                     start -= 1
                 else:
                     found.append(identifier)

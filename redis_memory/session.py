@@ -10,7 +10,9 @@ the session id):
 An agent is added to the set when its memory is opened, and again by the
 first write of its memory in each process and by every write that creates
 that memory (the session had expired, or was deleted elsewhere), so that
-:meth:`Session.delete` finds every agent's memory that exists.
+:meth:`Session.delete` finds every agent's memory that exists. Those writes
+also add the session to the sessions' index: a session exists while its
+shared memory or any agent's does, and is idle when all of them are.
 """
 
 from __future__ import annotations
@@ -31,6 +33,27 @@ def _agents_key(prefix: str, session_id: str) -> str:
     return SessionMemory._rm_key(prefix, session_id) + ":agents"
 
 
+def _agent_key(session_key: str, agent: str) -> str:
+    return f"{session_key}:agent:{escape_id(agent)}"
+
+
+class SessionCatalog(Catalog):
+    """The index of sessions: a session's last activity is the latest write to its shared or agents' memories."""
+
+    def last_activity(self, identifier: str) -> float | None:
+        """HGET of the shared memory, SMEMBERS of the participants, one HGET per agent: O(agents)."""
+        shared = self.key_of(identifier)
+        agents = shared + ":agents"
+        members = cast(list[bytes], command(self.channel, agents, "SMEMBERS", agents))
+        times = [self.activity_of(shared), *(self.activity_of(_agent_key(shared, m.decode())) for m in members)]
+        known = [t for t in times if t is not None]
+        return max(known) if known else None
+
+
+def _sessions(client: redis.Redis, prefix: str) -> SessionCatalog:
+    return SessionCatalog(client, prefix, SessionMemory._rm_kind, lambda name: SessionMemory._rm_key(prefix, name))
+
+
 class SessionMemory(Memory):
     """The memory every agent of a session shares; deleting it idle deletes the whole session."""
 
@@ -40,21 +63,26 @@ class SessionMemory(Memory):
         return (_agents_key(prefix, name),)
 
     @classmethod
+    def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
+        return _sessions(client, prefix)
+
+    @classmethod
     def _rm_open(cls, name: str, client: redis.Redis, prefix: str) -> Any:
         return Session(name, client=client, prefix=prefix)
 
 
 class Participants:
-    """A session's participant set, as an agent memory's listing: the agent is kept in it."""
+    """An agent memory's listing: the agent in its session's participant set, the session in the sessions' index."""
 
-    def __init__(self, link: connection.Channel, key: str, agent: str, ttl: bytes) -> None:
-        self.channel = link
+    def __init__(self, sessions: SessionCatalog, key: str, agent: str, ttl: bytes) -> None:
+        self.sessions = sessions
+        self.channel = sessions.channel
         self.key = key
         self.agent = agent
         self.ttl = int(ttl)  # ms, 0 for none
 
     def touch(self, identifier: str) -> None:
-        """SADD of the agent (with a ttl, a PTTL before and a PEXPIRE that only extends the set's expiry): O(1).
+        """SADD of the agent (with a ttl, a PTTL and a PEXPIRE that only extends), ZADD of the session: O(log n).
 
         The set is shared by every memory of the session: an agent with a
         shorter ttl never shortens it, nor sets one on a set that has none.
@@ -63,6 +91,7 @@ class Participants:
         command(self.channel, self.key, "SADD", self.key, self.agent)
         if left == -2 or 0 <= left < self.ttl:  # -2: this SADD created the set
             command(self.channel, self.key, "PEXPIRE", self.key, self.ttl)
+        self.sessions.touch(identifier)
 
     def forget(self, identifier: str) -> None:
         """Nothing: an agent whose memory was deleted stays a participant until the session is deleted."""
@@ -79,7 +108,8 @@ class AgentMemory(Memory):
         object.__setattr__(self, "_rm_agent", agent)
         super().__init__(session_id, **options)
         core = self._rm
-        core.catalog = Participants(core.store.channel, core.store.companions[0], agent, core.ttl)
+        sessions = _sessions(core.store.client, options.get("prefix", "rm"))
+        core.catalog = Participants(sessions, core.store.companions[0], agent, core.ttl)
 
     def _rm_join(self) -> None:
         """Join the session's participants now (see :meth:`Participants.touch`); offline, the first write does."""
@@ -91,7 +121,7 @@ class AgentMemory(Memory):
                 core.link.failed(exc)
 
     def _rm_own_key(self, prefix: str, name: str) -> str:
-        return f"{self._rm_key(prefix, name)}:agent:{escape_id(self._rm_agent)}"
+        return _agent_key(self._rm_key(prefix, name), self._rm_agent)
 
     def _rm_companions(self, prefix: str, name: str) -> tuple[str, ...]:
         return (_agents_key(prefix, name),)

@@ -8,7 +8,15 @@ import pytest
 import redis
 from conftest import Switch
 
-from redis_memory import AgentMemory, ConnectionFailed, CorruptData, PrivateMemory, RedisMemoryError, Session
+from redis_memory import (
+    AgentMemory,
+    ConnectionFailed,
+    CorruptData,
+    PrivateMemory,
+    RedisMemoryError,
+    Session,
+    SessionMemory,
+)
 
 
 def test_agents_share_one_memory_and_keep_their_own(client: redis.Redis, other_client: redis.Redis) -> None:
@@ -206,3 +214,26 @@ def test_an_agent_with_a_shorter_ttl_never_shortens_the_participant_set(
     short.agent("B").notes = "b"
     assert client.pttl(agents_key) > 500_000
     assert long.agents() == ["A", "B"]
+
+
+def test_a_session_only_its_agents_wrote_is_listed_and_deleted_when_idle(client: redis.Redis) -> None:
+    """A session whose agents wrote but whose shared memory never was is listed, counted and deleted when idle."""
+    s = Session("agents-only", agent="A", client=client)
+    s.private.notes = "x"
+    assert Session.list_ids(client=client) == ["agents-only"]
+    assert SessionMemory.count(client=client) == 1
+    assert Session.delete_idle(0, client=client) == 1
+    assert _session_keys(client, "agents-only") == []
+
+
+def test_an_agent_writing_keeps_its_session_from_being_idle(client: redis.Redis) -> None:
+    """A session is idle only when its shared memory and every agent's memory are: delete_idle spares it otherwise."""
+    s = Session("busy", agent="A", client=client)
+    s.shared.topic = "set long ago"
+    time.sleep(1.1)
+    s.private.notes = "fresh"
+    client.zadd("rm:session:index", {"busy": 0})  # as an index score lagging behind would
+    assert Session.list_ids(idle_for=1, client=client) == []
+    assert Session.delete_idle(1, client=client) == 0
+    assert Session("busy", agent="A", client=client).private.notes == "fresh"
+    assert Session.list_ids(client=client) == ["busy"]
