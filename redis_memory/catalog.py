@@ -3,11 +3,12 @@
 One sorted set per prefix and kind, ``<prefix>:<kind>:index`` (no braces,
 so it never collides with a memory's key), scores each id by the time of
 its last write, in seconds. A memory adds itself on its first write in a
-process and refreshes its score at most every :data:`INDEX_REFRESH`
-seconds, so a score may lag by that much. Listing idle memories is
-therefore O(log n + result): a range of the sorted set, then one HMGET per
-candidate to check its real last activity. Entries whose memory is gone
-(expired, or deleted elsewhere) are removed as they are met.
+process and on every write that creates it (again, perhaps after another
+process deleted it), and refreshes its score at most every
+:data:`INDEX_REFRESH` seconds, so a score may lag by that much. Listing idle
+memories is therefore O(log n + result): a range of the sorted set, then
+one HGET per candidate to check its real last activity. Entries whose
+memory is gone (expired, or deleted elsewhere) are removed as they are met.
 
 The index lives in one Redis Cluster slot of its own; it is written by
 separate commands, not by the memories' scripts, so that those stay within

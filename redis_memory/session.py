@@ -206,7 +206,7 @@ class Session:
         return self.shared.metadata()
 
     def delete(self) -> None:
-        """Delete the shared memory, every agent's memory and the participant set."""
+        """Delete the shared memory, every agent's memory and the participant set (SMEMBERS, then DELs): O(size)."""
         for name in self.agents():
             AgentMemory(self.session_id, name, **self._options).delete()
         self.shared.delete()
