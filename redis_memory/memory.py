@@ -772,8 +772,8 @@ class Memory:
             self._rm_server_call(lambda store: store.delete(core.author))
             core.outbox.discard()
             core.replica.load({})
-            core.indexed_at = -INDEX_REFRESH
             if core.catalog is not None:
+                core.indexed_at = -INDEX_REFRESH
                 try:
                     core.catalog.forget(core.name)
                 except RedisMemoryError as exc:  # a stale entry goes when a listing meets it

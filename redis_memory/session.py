@@ -173,7 +173,7 @@ class Session:
         self._opened: dict[str, AgentMemory] = {}
 
     def agent(self, name: str) -> AgentMemory:
-        """The private memory of agent ``name``; the agent joins the session's participants (SADD): O(1).
+        """The private memory of agent ``name``; the agent joins the participants (SADD, ZADD of the session): O(log n).
 
         While Redis is unreachable the memory is opened all the same.
         """
@@ -197,7 +197,7 @@ class Session:
         return self.agent(self.me)
 
     def agents(self) -> list[str]:
-        """The agents that have opened a private memory here (SMEMBERS): O(agents)."""
+        """The agents that have opened or written a private memory here (SMEMBERS): O(agents)."""
         members = cast(list[bytes], command(self._channel, self._agents_key, "SMEMBERS", self._agents_key))
         return sorted(m.decode() for m in members)
 
