@@ -15,6 +15,7 @@ from .errors import (
     ReservedName,
     ServerRefused,
     UnsupportedValue,
+    UnusableClient,
 )
 from .feed import Event, Feed, Subscription
 from .memory import ConversationMemory, Memory, Metadata, Stats
@@ -53,6 +54,7 @@ __all__ = [
     "Subscription",
     "TokenCounter",
     "UnsupportedValue",
+    "UnusableClient",
     "embedded_dir",
     "ensure_embedded",
     "fit_messages",

@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote, urlparse
 
 import redis
 
-from .errors import ConnectionFailed, EmbeddedServerError
+from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
 
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 10.0
@@ -236,9 +236,11 @@ def resolve_url(url: str | None = None) -> str:
 
 
 def check_client(client: redis.Redis) -> redis.Redis:
-    """Refuse clients that would decode the binary fields the store keeps."""
+    """Refuse clients the library cannot use: not a ``redis.Redis``, or decoding the binary fields it keeps."""
+    if not isinstance(client, redis.Redis):
+        raise UnusableClient(f"redis_memory needs a redis.Redis client, not {type(client).__name__}")
     if client.get_connection_kwargs().get("decode_responses"):
-        raise ValueError("redis_memory needs a client with decode_responses=False")
+        raise UnusableClient("redis_memory needs a client with decode_responses=False")
     return client
 
 
@@ -250,7 +252,7 @@ def connect(client: redis.Redis | None = None, url: str | None = None) -> redis.
     with _clients_lock:
         found = _clients.get(resolved)
         if found is None:
-            found = _clients[resolved] = _from_url(resolved)
+            found = _clients[resolved] = check_client(_from_url(resolved))
         return found
 
 

@@ -30,6 +30,10 @@ class CorruptData(RedisMemoryError, ValueError):
     """A stored field could not be decoded; ``key`` and ``field`` say which."""
 
 
+class UnusableClient(RedisMemoryError, ValueError):
+    """A client the library cannot use (one that decodes replies, or not a ``redis.Redis``): refused at once."""
+
+
 class UnsupportedValue(RedisMemoryError, TypeError):
     """A value (or dict key) of a type the codec cannot store."""
 

@@ -19,7 +19,7 @@ from typing import Any, cast, overload
 import redis
 
 from . import connection, ops, queue
-from .catalog import INDEX_REFRESH, Catalog
+from .catalog import INDEX_REFRESH, Catalog, Listing
 from .errors import (
     ConcurrentModification,
     ConnectionFailed,
@@ -33,7 +33,7 @@ from .errors import (
 from .feed import Event, Feed, Subscription
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, removal_plan
+from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, removal_plan, version_number
 from .window import fit_messages
 
 #: How often an operation is rebuilt and resent after the server found this
@@ -82,7 +82,7 @@ class MemoryCore:
         self.author = author.encode() if author else b""
         self.ttl = b"%d" % _milliseconds(ttl) if ttl is not None else b"0"
         self.bounds = bounds or {}
-        self.catalog: Catalog | None = None
+        self.catalog: Listing | None = None
         self.indexed_at = -INDEX_REFRESH
         self.lock = threading.RLock()
         self.writer = _new_token()
@@ -301,14 +301,18 @@ class MemoryCore:
                 key=self.store.key,
             )
 
-    def _index(self) -> None:
-        """Keep this memory's entry in its kind's index fresh (at most every INDEX_REFRESH seconds)."""
+    def _index(self, created: bool = False) -> None:
+        """Keep this memory's entry in its listing fresh: at once if ``created``, else at most every INDEX_REFRESH s.
+
+        A write that created the memory (again: deleted or expired meanwhile,
+        perhaps by another process) always adds it, or it would stay unlisted.
+        """
         now = time.monotonic()
-        if self.catalog is not None and now - self.indexed_at >= INDEX_REFRESH:
+        if self.catalog is not None and (created or now - self.indexed_at >= INDEX_REFRESH):
             try:
                 self.catalog.touch(self.name)
                 self.indexed_at = now
-            except redis.RedisError as exc:  # the index may lag; listing checks real activity
+            except RedisMemoryError as exc:  # the index may lag; listing checks real activity
                 log.info("%s: index not updated: %s", self.store.key, exc)
 
     def _bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.ListAppend) -> None:
@@ -321,7 +325,7 @@ class MemoryCore:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
         replica = self.replica
         if reply.status == "ok":
-            self._index()
+            self._index(created=version_number(reply.stamp) == 1)  # version 1: this write created the memory
             removed = replica.removed_value(op, reply.extra)
             created = replica.incarnation == b"" and replica.version == 0
             if reply.before == replica.stamp and (reply.incarnation == replica.incarnation or created):
@@ -337,8 +341,9 @@ class MemoryCore:
                 self.catch_up()
             return NO_OP
         if reply.status == "dup":
-            # A resent command whose first copy was applied: the replica
-            # still shows what that copy removed.
+            # A resent command whose first copy was applied (and may have
+            # created the memory): the replica still shows what that copy removed.
+            self._index(created=True)
             removed = replica.value_at(op)
             self.catch_up()
             return removed
@@ -412,7 +417,7 @@ class MemoryCore:
             reply = self.store.apply(header, plan, ops.from_tokens(args))
         status = reply.status
         if status in ("ok", "dup"):
-            self._index()
+            self._index(created=status == "dup" or version_number(reply.stamp) == 1)
             if not entry.incarnation and not outbox.joined:
                 # This replay created (or joined) the memory: the replica, made
                 # offline on no incarnation, belongs to this one.
@@ -807,8 +812,11 @@ class Memory:
             core.outbox.discard()
             core.replica.load({})
             if core.catalog is not None:
-                core.catalog.forget(core.name)
                 core.indexed_at = -INDEX_REFRESH
+                try:
+                    core.catalog.forget(core.name)
+                except RedisMemoryError as exc:  # a stale entry goes when a listing meets it
+                    log.info("%s: index entry not removed: %s", core.store.key, exc)
 
 
 class ConversationMemory(Memory):

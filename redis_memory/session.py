@@ -6,6 +6,13 @@ the session id):
 * ``<prefix>:session:{s}``: the shared memory (and its ``:w`` writer index);
 * ``<prefix>:session:{s}:agent:<name>``: each agent's private memory;
 * ``<prefix>:session:{s}:agents``: the set of agent names.
+
+An agent is added to the set when its memory is opened, and again by the
+first write of its memory in each process and by every write that creates
+that memory (the session had expired, or was deleted elsewhere), so that
+:meth:`Session.delete` finds every agent's memory that exists. Those writes
+also add the session to the sessions' index: a session exists while its
+shared memory or any agent's does, and is idle when all of them are.
 """
 
 from __future__ import annotations
@@ -17,13 +24,34 @@ import redis
 
 from . import connection
 from .catalog import Catalog
-from .errors import PrivateMemory
+from .errors import ConnectionFailed, PrivateMemory
 from .memory import Memory, Metadata
-from .store import escape_id
+from .store import command, escape_id
 
 
 def _agents_key(prefix: str, session_id: str) -> str:
     return SessionMemory._rm_key(prefix, session_id) + ":agents"
+
+
+def _agent_key(session_key: str, agent: str) -> str:
+    return f"{session_key}:agent:{escape_id(agent)}"
+
+
+class SessionCatalog(Catalog):
+    """The index of sessions: a session's last activity is the latest write to its shared or agents' memories."""
+
+    def last_activity(self, identifier: str) -> float | None:
+        """HGET of the shared memory, SMEMBERS of the participants, one HGET per agent: O(agents)."""
+        shared = self.key_of(identifier)
+        agents = shared + ":agents"
+        members = cast(list[bytes], command(self.channel, agents, "SMEMBERS", agents))
+        times = [self.activity_of(shared), *(self.activity_of(_agent_key(shared, m.decode())) for m in members)]
+        known = [t for t in times if t is not None]
+        return max(known) if known else None
+
+
+def _sessions(client: redis.Redis, prefix: str) -> SessionCatalog:
+    return SessionCatalog(client, prefix, SessionMemory._rm_kind, lambda name: SessionMemory._rm_key(prefix, name))
 
 
 class SessionMemory(Memory):
@@ -35,8 +63,38 @@ class SessionMemory(Memory):
         return (_agents_key(prefix, name),)
 
     @classmethod
+    def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
+        return _sessions(client, prefix)
+
+    @classmethod
     def _rm_open(cls, name: str, client: redis.Redis, prefix: str) -> Any:
         return Session(name, client=client, prefix=prefix)
+
+
+class Participants:
+    """An agent memory's listing: the agent in its session's participant set, the session in the sessions' index."""
+
+    def __init__(self, sessions: SessionCatalog, key: str, agent: str, ttl: bytes) -> None:
+        self.sessions = sessions
+        self.channel = sessions.channel
+        self.key = key
+        self.agent = agent
+        self.ttl = int(ttl)  # ms, 0 for none
+
+    def touch(self, identifier: str) -> None:
+        """SADD of the agent (with a ttl, a PTTL and a PEXPIRE that only extends), ZADD of the session: O(log n).
+
+        The set is shared by every memory of the session: an agent with a
+        shorter ttl never shortens it, nor sets one on a set that has none.
+        """
+        left = int(command(self.channel, self.key, "PTTL", self.key)) if self.ttl else -1
+        command(self.channel, self.key, "SADD", self.key, self.agent)
+        if left == -2 or 0 <= left < self.ttl:  # -2: this SADD created the set
+            command(self.channel, self.key, "PEXPIRE", self.key, self.ttl)
+        self.sessions.touch(identifier)
+
+    def forget(self, identifier: str) -> None:
+        """Nothing: an agent whose memory was deleted stays a participant until the session is deleted."""
 
 
 class AgentMemory(Memory):
@@ -49,9 +107,21 @@ class AgentMemory(Memory):
             raise ValueError(f"an agent name must be a non-empty str, not {agent!r}")
         object.__setattr__(self, "_rm_agent", agent)
         super().__init__(session_id, **options)
+        core = self._rm
+        sessions = _sessions(core.store.client, options.get("prefix", "rm"))
+        core.catalog = Participants(sessions, core.store.companions[0], agent, core.ttl)
+
+    def _rm_join(self) -> None:
+        """Join the session's participants now (see :meth:`Participants.touch`); offline, the first write does."""
+        core = self._rm
+        if core.catalog is not None and core.link.online:
+            try:
+                core.catalog.touch(core.name)
+            except ConnectionFailed as exc:
+                core.link.failed(exc)
 
     def _rm_own_key(self, prefix: str, name: str) -> str:
-        return f"{self._rm_key(prefix, name)}:agent:{escape_id(self._rm_agent)}"
+        return _agent_key(self._rm_key(prefix, name), self._rm_agent)
 
     def _rm_companions(self, prefix: str, name: str) -> tuple[str, ...]:
         return (_agents_key(prefix, name),)
@@ -99,10 +169,14 @@ class Session:
         self._options: dict[str, Any] = dict(options, client=self._client, prefix=prefix)
         self.shared = SessionMemory(session_id, **self._options)
         self._agents_key = _agents_key(prefix, session_id)
+        self._channel = connection.channel(self._client)
         self._opened: dict[str, AgentMemory] = {}
 
     def agent(self, name: str) -> AgentMemory:
-        """The private memory of agent ``name``; the agent joins the session's participants (SADD)."""
+        """The private memory of agent ``name``; the agent joins the participants (SADD, ZADD of the session): O(log n).
+
+        While Redis is unreachable the memory is opened all the same.
+        """
         if self.me is not None and name != self.me:
             raise PrivateMemory(
                 f"this session is opened for agent {self.me!r}; {name!r}'s memory is private",
@@ -110,12 +184,9 @@ class Session:
             )
         found = self._opened.get(name)
         if found is None:
-            found = self._opened[name] = AgentMemory(self.session_id, name, **self._options)
-            with self._client.pipeline(transaction=False) as pipe:
-                pipe.sadd(self._agents_key, name)
-                if found._rm.ttl != b"0":  # the set lives as long as the session's memories
-                    pipe.pexpire(self._agents_key, int(found._rm.ttl))
-                pipe.execute()
+            found = AgentMemory(self.session_id, name, **self._options)
+            found._rm_join()
+            self._opened[name] = found
         return found
 
     @property
@@ -126,19 +197,20 @@ class Session:
         return self.agent(self.me)
 
     def agents(self) -> list[str]:
-        """The agents that have opened a private memory here (SMEMBERS): O(agents)."""
-        return sorted(m.decode() for m in cast(set[bytes], self._client.smembers(self._agents_key)))
+        """The agents that have opened or written a private memory here (SMEMBERS): O(agents)."""
+        members = cast(list[bytes], command(self._channel, self._agents_key, "SMEMBERS", self._agents_key))
+        return sorted(m.decode() for m in members)
 
     def metadata(self) -> Metadata:
         """Creation and last activity of the shared memory."""
         return self.shared.metadata()
 
     def delete(self) -> None:
-        """Delete the shared memory, every agent's memory and the participant set."""
+        """Delete the shared memory, every agent's memory and the participant set (SMEMBERS, then DELs): O(size)."""
         for name in self.agents():
             AgentMemory(self.session_id, name, **self._options).delete()
         self.shared.delete()
-        self._client.delete(self._agents_key)
+        command(self._channel, self._agents_key, "DEL", self._agents_key)
 
     @classmethod
     def list_ids(cls, **options: Any) -> list[str]:

@@ -42,7 +42,7 @@ from typing import Any, cast
 
 import redis
 
-from .connection import channel, resp_command
+from .connection import Channel, channel, resp_command
 from .errors import ConnectionFailed, CorruptData, ServerRefused
 from .ops import Args, Plan, trimmed
 
@@ -652,6 +652,30 @@ def version_number(stamp: bytes) -> int:
     return int(stamp.partition(b" ")[0] or b"0")
 
 
+def send(link: Channel, key: str, packed: bytes) -> Any:
+    """Send one command about ``key`` (in RESP form) on ``link``; redis-py's errors become the library's.
+
+    Unreachable: ConnectionFailed; ``key`` of another type: CorruptData;
+    any other refusal: ServerRefused. Each names ``key``.
+    """
+    try:
+        return link.call_packed(packed)
+    except ConnectionFailed as exc:
+        raise ConnectionFailed(f"{exc} (key {key})", key=key) from exc.__cause__
+    except redis.exceptions.NoScriptError:
+        raise  # the caller loads the script and sends it again
+    except redis.ResponseError as exc:
+        if str(exc).startswith("WRONGTYPE"):
+            message = f"{key} holds another kind of Redis value than redis_memory keeps there: {exc}"
+            raise CorruptData(message, key=key) from exc
+        raise ServerRefused(f"Redis refused a command on {key}: {exc}", key=key) from exc
+
+
+def command(link: Channel, key: str, *args: bytes | str | int) -> Any:
+    """Send one command about ``key`` (see :func:`send`)."""
+    return send(link, key, resp_command(args))
+
+
 @dataclass
 class Reply:
     """What the apply script answered: a status, the version stamps after and before it, and data."""
@@ -694,18 +718,7 @@ class Store:
         return self._call_packed(resp_command(args))
 
     def _call_packed(self, packed: bytes) -> Any:
-        try:
-            return self.channel.call_packed(packed)
-        except ConnectionFailed as exc:
-            raise ConnectionFailed(f"{exc} (memory {self.key})", key=self.key) from exc.__cause__
-        except redis.exceptions.NoScriptError:
-            raise  # the caller loads the script and sends it again
-        except redis.ResponseError as exc:
-            if str(exc).startswith("WRONGTYPE"):
-                raise CorruptData(
-                    f"{self.key} holds another kind of Redis value, not a memory: {exc}", key=self.key
-                ) from exc
-            raise ServerRefused(f"Redis refused a command on {self.key}: {exc}", key=self.key) from exc
+        return send(self.channel, self.key, packed)
 
     def _script(self, source: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0)) -> Any:
         head = self._heads.get(source)

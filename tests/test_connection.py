@@ -12,7 +12,8 @@ import pytest
 import redis
 from servers import free_port
 
-from redis_memory import ConversationMemory, Memory, ServerRefused, connection
+from redis_memory import ConversationMemory, Memory, RedisMemoryError, ServerRefused, Session, connection
+from redis_memory.errors import UnusableClient
 
 
 def test_explicit_url_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +68,31 @@ def test_decoding_clients_are_refused() -> None:
     """A client with decode_responses=True would corrupt binary fields: refused clearly."""
     with pytest.raises(ValueError, match="decode_responses"):
         Memory("x", client=redis.Redis(decode_responses=True))
+
+
+def test_a_decoding_url_is_refused_when_the_memory_is_built(real_url: str) -> None:
+    """url='...?decode_responses=True' is refused at once with UnusableClient (a ValueError), for every entry point."""
+    url = real_url + ("&" if "?" in real_url else "?") + "decode_responses=True"
+    for build in (
+        lambda: Memory("x", url=url),
+        lambda: ConversationMemory("x", url=url),
+        lambda: Session("x", url=url),
+        lambda: Memory.list_ids(url=url),
+    ):
+        with pytest.raises(UnusableClient, match="decode_responses") as raised:
+            build()
+        assert isinstance(raised.value, ValueError) and isinstance(raised.value, RedisMemoryError)
+    Memory("x", url=real_url).title = "a client without it still works"
+    assert Memory("x", url=real_url).title == "a client without it still works"
+
+
+def test_a_client_that_is_not_a_redis_client_is_refused() -> None:
+    """Anything but a redis.Redis (an asyncio client, a stray object) is refused with UnusableClient."""
+    import redis.asyncio
+
+    for wrong in (redis.asyncio.Redis(), object()):
+        with pytest.raises(UnusableClient):
+            Memory("x", client=wrong)  # type: ignore[arg-type]
 
 
 def test_acl_user_in_url(servers: dict) -> None:  # type: ignore[type-arg]
