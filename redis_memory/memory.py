@@ -31,7 +31,7 @@ from .errors import (
     ReservedName,
 )
 from .feed import Event, Feed, Subscription
-from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, plain
+from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
 from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, removal_plan, version_number
 from .window import fit_messages
@@ -367,6 +367,8 @@ class MemoryCore:
             self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), author=self.author,
             birth=birth,
         )  # fmt: skip
+        if isinstance(op, ops.ListReplace):
+            entry.intent, entry.recompute = op.intent, op.compute
         removed = replica.value_at(op)
         self.outbox.push(self.writer, entry)
         token = op_token(self.writer, seq)
@@ -410,11 +412,22 @@ class MemoryCore:
         birth = outbox.births.get(sent.nid, entry.birth)
         header = [entry.writer, b"%d" % entry.seq, token, expected, sent.name, sent.nid, self.ttl, entry.author, birth]
         plan = sent.plan
-        reply = self.store.apply(header, plan, ops.from_tokens(args))
-        if reply.status == "stale":
-            # Others changed what this operation removes: plan again from the server's data.
-            plan = removal_plan(self.store.read_all(), sent.name, sent.nid, args)
+        for _ in range(MAX_ATTEMPTS):
             reply = self.store.apply(header, plan, ops.from_tokens(args))
+            if reply.status != "stale":
+                break
+            # Others changed what this operation depends on since it was queued:
+            # plan again from the server's data, as the online path builds again
+            # from a fresh view; a whole-list rewrite is made again from the list
+            # the server holds (sort what is there, clear what is there).
+            fields = self.store.read_all()
+            if sent.name != b"lreplace":
+                plan = removal_plan(fields, sent.name, sent.nid, args)
+                continue
+            again = self._rewrite_again(entry, sent.nid, fields)
+            if again is None:
+                break
+            args, plan = again
         status = reply.status
         if status in ("ok", "dup"):
             self._index(created=status == "dup" or version_number(reply.stamp) == 1)
@@ -447,6 +460,22 @@ class MemoryCore:
         outbox.dropped += 1
         outbox.last_error = error
         log.warning("%s", error)
+
+    def _rewrite_again(
+        self, entry: queue.Pending, nid: bytes, fields: dict[bytes, bytes]
+    ) -> tuple[list[bytes], ops.Plan] | None:
+        """A queued whole-list rewrite made again from list ``nid`` in ``fields`` (an HGETALL); None if it cannot be."""
+        compute = entry.recompute or ops.INTENTS.get(entry.intent)
+        if compute is None:
+            return None  # a rewrite by a function this process does not have (adopted from a spool)
+        scratch = Replica(self)
+        scratch.load(fields)
+        node = scratch.nodes.get(nid)
+        if not isinstance(node, ObservedList):
+            return None
+        children = {id(v): v._rm_nid for v in node if isinstance(v, Proxy)}
+        op = ops.ListReplace(nid, node._rm_mod, compute(list(node)), children)
+        return ops.tokens(op.args()), scratch.removal_plan(op) or {}
 
     def _map(self, provisional: list[bytes], real: list[bytes], births: dict[bytes, bytes] | None = None) -> None:
         """Nodes made offline now have the server's ids (and, when joined to nodes made by others, their births)."""

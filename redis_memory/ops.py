@@ -25,6 +25,7 @@ its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,11 +286,17 @@ class ListReplace(Op):
     Applied only if the list is unchanged on the server since this replica
     saw it (``mod``); otherwise the replica refreshes and the caller recomputes.
     Child containers that stay in the list keep their nodes (and identity).
+    ``compute`` makes the new list from the current one, so that a rewrite
+    queued offline is made again from what the server holds when it is
+    replayed; ``intent`` names it when it is one of :data:`INTENTS` (which a
+    spool file can keep, where a function cannot go).
     """
 
     mod: int = 0
     value_list: list[Any] = field(default_factory=list)
     children: dict[int, bytes] = field(default_factory=dict)
+    compute: Callable[[list[Any]], list[Any]] | None = field(default=None, compare=False, repr=False)
+    intent: bytes = b""
     kept: list[bytes] = field(init=False)
     values: list[Encoded] = field(init=False)
 
@@ -301,6 +308,15 @@ class ListReplace(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)], self.values)
+
+
+#: Whole-list rewrites that a name says in full (see :class:`ListReplace`).
+INTENTS: dict[bytes, Callable[[list[Any]], list[Any]]] = {
+    b"clear": lambda current: [],
+    b"reverse": lambda current: current[::-1],
+    b"sort": sorted,
+    b"sort-reverse": lambda current: sorted(current, reverse=True),
+}
 
 
 @dataclass

@@ -64,13 +64,13 @@ class ObservedList(list):  # type: ignore[type-arg]
             raise IndexError("list index out of range")
         return self._rm_lo + i
 
-    def _rm_replace(self, compute: Callable[[list[Any]], list[Any]]) -> None:
+    def _rm_replace(self, compute: Callable[[list[Any]], list[Any]], intent: bytes = b"") -> None:
         def build() -> ops.Op | None:
             new = compute(list(self))
             if len(new) == len(self) and all(a is b for a, b in zip(new, self, strict=True)):
                 return None
             children = {id(v): v._rm_nid for v in self if isinstance(v, Proxy)}
-            return ops.ListReplace(self._rm_nid, self._rm_mod, new, children)
+            return ops.ListReplace(self._rm_nid, self._rm_mod, new, children, compute, intent)
 
         self._rm_submit(build)
 
@@ -147,15 +147,19 @@ class ObservedList(list):  # type: ignore[type-arg]
 
     def clear(self) -> None:
         """Remove every item: O(n)."""
-        self._rm_replace(lambda current: [])
+        self._rm_replace(ops.INTENTS[b"clear"], b"clear")
 
     def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
         """Sort in place: O(n log n) here, O(n) fields rewritten."""
-        self._rm_replace(lambda current: sorted(current, key=key, reverse=reverse))
+        if key is None:
+            intent = b"sort-reverse" if reverse else b"sort"
+            self._rm_replace(ops.INTENTS[intent], intent)
+        else:
+            self._rm_replace(lambda current: sorted(current, key=key, reverse=reverse))
 
     def reverse(self) -> None:
         """Reverse in place: O(n)."""
-        self._rm_replace(lambda current: current[::-1])
+        self._rm_replace(ops.INTENTS[b"reverse"], b"reverse")
 
     def __imul__(self, times: SupportsIndex) -> ObservedList:
         # Repeated containers become separate copies: a memory is a tree.

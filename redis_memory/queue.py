@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,19 +74,22 @@ class Pending:
     created: list[bytes] = field(default_factory=list)  # provisional ids, in the server's allocation order
     author: bytes = b""  # the author= of the memory that made it, for its change event
     birth: bytes = b""  # the birth of node ``nid`` when the operation was made (see store.py)
+    intent: bytes = b""  # a whole-list rewrite's name (ops.INTENTS), to make it again on replay
+    #: The function that makes a whole-list rewrite again from the server's list; not spooled.
+    recompute: Callable[[list[Any]], list[Any]] | None = field(default=None, compare=False, repr=False)
 
     def record(self) -> list[Any]:
         plan = [[nid, mod, keys] for nid, (mod, keys) in self.plan.items()]
         return [
             b"op", self.writer, self.seq, self.incarnation, self.name, self.nid, plan, self.args, self.created,
-            self.author, self.birth,
+            self.author, self.birth, self.intent,
         ]  # fmt: skip
 
     @classmethod
     def from_record(cls, record: list[Any]) -> Pending:
-        _, writer, seq, incarnation, name, nid, plan, args, created, author, birth = record
+        _, writer, seq, incarnation, name, nid, plan, args, created, author, birth, intent = record
         plan_map = {n: (m, list(k)) for n, m, k in plan}
-        return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), author, birth)
+        return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), author, birth, intent)
 
     def renamed(self, renames: dict[bytes, bytes]) -> Pending:
         """This operation with provisional node ids replaced by the server's."""
@@ -107,6 +110,8 @@ class Pending:
             self.created,
             self.author,
             self.birth,
+            self.intent,
+            self.recompute,
         )
 
 

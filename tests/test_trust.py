@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 import redis
+from conftest import Switch
 
 from redis_memory import ContainerDeleted, Memory, MissingKey, ObservedSet
 
@@ -270,3 +273,68 @@ def test_a_rollback_to_the_same_version_number_is_detected(client: redis.Redis, 
     theirs.x = 1
     theirs.y = 2
     assert mine.to_dict() == {"a": 1, "x": 1, "y": 2}
+
+
+# -- queued changes replay like online ones (item 7) ----------------------------
+
+WHOLE_LIST_CHANGES: dict[str, tuple[list[Any], Any, list[Any]]] = {
+    # the list, what the offline writer does to it, what it is after another writer appended 2
+    "clear": ([3, 1], lambda l: l.clear(), []),
+    "sort": ([3, 1], lambda l: l.sort(), [1, 2, 3]),
+    "sort_reverse": ([1, 3], lambda l: l.sort(reverse=True), [3, 2, 1]),
+    "sort_key": ([1, 3], lambda l: l.sort(key=lambda x: -x), [3, 2, 1]),
+    "reverse": ([3, 1], lambda l: l.reverse(), [2, 1, 3]),
+    "slice_set": ([3, 1], lambda l: l.__setitem__(slice(0, 1), ["x"]), ["x", 1, 2]),
+    "slice_del": ([3, 1], lambda l: l.__delitem__(slice(0, 1)), [1, 2]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_LIST_CHANGES))
+def test_a_queued_whole_list_change_applies_to_what_the_server_holds(
+    switch: Switch, client: redis.Redis, name: str
+) -> None:
+    """clear, sort, reverse and slice changes queued offline apply on replay to the list as others left it."""
+    start, change, expected = WHOLE_LIST_CHANGES[name]
+    mem = Memory("t", client=switch.client())
+    mem.items = start
+    other = Memory("t", client=client)
+    switch.cut()
+    change(mem.items)
+    other.items.append(2)
+    switch.restore()
+    assert mem.flush(timeout=20)
+    assert mem.status().dropped == 0
+    assert Memory("t", client=client).items == expected
+    assert mem.items == expected
+
+
+def test_a_queued_dict_change_survives_a_busy_container(switch: Switch, client: redis.Redis) -> None:
+    """A queued d[k] = v replacing a nested dict that another process keeps changing lands on replay."""
+    mem = Memory("t", client=switch.client())
+    mem.d = {"k": {"n": 0}}
+    other = Memory("t", client=client)
+    inner = other.d["k"]
+    switch.cut()
+    mem.d["k"] = "mine"
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                inner[f"x{n % 50}"] = n
+            except ContainerDeleted:
+                return
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        time.sleep(0.2)
+        switch.restore()
+        assert mem.flush(timeout=30)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert mem.status().dropped == 0
+    assert Memory("t", client=client).d == {"k": "mine"}
