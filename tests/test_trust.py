@@ -279,13 +279,13 @@ def test_a_rollback_to_the_same_version_number_is_detected(client: redis.Redis, 
 
 WHOLE_LIST_CHANGES: dict[str, tuple[list[Any], Any, list[Any]]] = {
     # the list, what the offline writer does to it, what it is after another writer appended 2
-    "clear": ([3, 1], lambda l: l.clear(), []),
-    "sort": ([3, 1], lambda l: l.sort(), [1, 2, 3]),
-    "sort_reverse": ([1, 3], lambda l: l.sort(reverse=True), [3, 2, 1]),
-    "sort_key": ([1, 3], lambda l: l.sort(key=lambda x: -x), [3, 2, 1]),
-    "reverse": ([3, 1], lambda l: l.reverse(), [2, 1, 3]),
-    "slice_set": ([3, 1], lambda l: l.__setitem__(slice(0, 1), ["x"]), ["x", 1, 2]),
-    "slice_del": ([3, 1], lambda l: l.__delitem__(slice(0, 1)), [1, 2]),
+    "clear": ([3, 1], lambda xs: xs.clear(), []),
+    "sort": ([3, 1], lambda xs: xs.sort(), [1, 2, 3]),
+    "sort_reverse": ([1, 3], lambda xs: xs.sort(reverse=True), [3, 2, 1]),
+    "sort_key": ([1, 3], lambda xs: xs.sort(key=lambda x: -x), [3, 2, 1]),
+    "reverse": ([3, 1], lambda xs: xs.reverse(), [2, 1, 3]),
+    "slice_set": ([3, 1], lambda xs: xs.__setitem__(slice(0, 1), ["x"]), ["x", 1, 2]),
+    "slice_del": ([3, 1], lambda xs: xs.__delitem__(slice(0, 1)), [1, 2]),
 }
 
 
