@@ -252,8 +252,8 @@ class MemoryCore:
                 promotion = replica.promotion(proxy)
                 if promotion is not None:
                     op = promotion
-                if self.bounds and isinstance(op, ops.ListAppend):
-                    self._bound(proxy, op)
+                if self.bounds:
+                    op = self._bound(proxy, op)
                 if promotion is not None and not online:
                     # Queue the promotion only if the change after it fits too.
                     self.outbox.check_room(self.store.key, needed=2)
@@ -315,11 +315,45 @@ class MemoryCore:
             except RedisMemoryError as exc:  # the index may lag; listing checks real activity
                 log.info("%s: index not updated: %s", self.store.key, exc)
 
-    def _bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.ListAppend) -> None:
-        """An append to a bounded attribute (``max_messages``) also trims it."""
-        for name, keep in self.bounds.items():
-            if dict.get(self.replica.root, name) is proxy:
-                op.bounded(keep)
+    def _bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op) -> ops.Op:
+        """``op``, made to keep a bounded attribute (``max_messages``) at its newest items, however it grows it."""
+        root = self.replica.root
+        if isinstance(op, ops.DictSet) and proxy is root:
+            items, trimmed = [], False
+            for name, value in op.items:
+                keep = self.bounds.get(name, 0)
+                if keep and isinstance(value, list) and len(value) > keep:
+                    value, trimmed = value[-keep:], True
+                items.append((name, value))
+            return ops.DictSet(op.nid, items) if trimmed else op
+        keep = next((keep for name, keep in self.bounds.items() if dict.get(root, name) is proxy), 0)
+        if not keep or not isinstance(proxy, ObservedList):
+            return op
+        if isinstance(op, ops.ListAppend):
+            op.bounded(keep)
+        elif isinstance(op, ops.ListInsert) and op.end == b"back":
+            op = ops.ListAppend(op.nid, [op.value])
+            op.bounded(keep)
+        elif isinstance(op, ops.ListInsert) and len(proxy) >= keep:
+            # Inserting before the end of a full history drops its oldest: a
+            # rewrite of the (bounded, so short) list, made again if it changed.
+            index = 0 if op.end == b"front" else op.slot - proxy._rm_lo
+            value = op.value
+
+            def insert(current: list[Any]) -> list[Any]:
+                current.insert(index, value)
+                return current[-keep:]
+
+            children = {id(v): v._rm_nid for v in proxy if isinstance(v, Proxy)}
+            op = ops.ListReplace(op.nid, proxy._rm_mod, insert(list(proxy)), children, insert)
+        elif isinstance(op, ops.ListReplace) and len(op.value_list) > keep:
+            compute = op.compute
+
+            def bounded(current: list[Any]) -> list[Any]:
+                return (compute(current) if compute else current)[-keep:]
+
+            op = ops.ListReplace(op.nid, op.mod, op.value_list[-keep:], op.children, bounded)
+        return op
 
     def _settle(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op, reply: Reply, token: bytes) -> Any:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""

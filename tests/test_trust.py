@@ -338,3 +338,39 @@ def test_a_queued_dict_change_survives_a_busy_container(switch: Switch, client: 
         worker.join(10)
     assert mem.status().dropped == 0
     assert Memory("t", client=client).d == {"k": "mine"}
+
+
+# -- max_messages holds for every way a list grows (item 17) ---------------------
+
+
+@pytest.mark.parametrize(
+    "grow",
+    [
+        lambda m: m.insert(len(m), {"n": 99}),
+        lambda m: m.insert(0, {"n": 99}),
+        lambda m: m.insert(1, {"n": 99}),
+        lambda m: m.__setitem__(slice(1, 2), [{"n": 97}, {"n": 98}, {"n": 99}]),
+        lambda m: m.__imul__(2),
+    ],
+    ids=["insert_end", "insert_front", "insert_middle", "slice_set", "imul"],
+)
+def test_max_messages_holds_for_inserts_and_slices(client: redis.Redis, grow: Any) -> None:
+    """insert, slice assignment and *= on a bounded history keep only its newest max_messages items."""
+    from redis_memory import ConversationMemory
+
+    chat = ConversationMemory("bounded", client=client, max_messages=3)
+    chat.messages = [{"n": i} for i in range(3)]
+    model = [{"n": i} for i in range(3)]
+    grow(chat.messages)
+    grow(model)
+    stored = ConversationMemory("bounded", client=client).messages
+    assert stored == model[-3:] and chat.messages == stored
+
+
+def test_max_messages_holds_when_the_history_is_assigned_whole(client: redis.Redis) -> None:
+    """Assigning a longer list to a bounded history stores only its newest max_messages items."""
+    from redis_memory import ConversationMemory
+
+    chat = ConversationMemory("bounded", client=client, max_messages=3)
+    chat.messages = list(range(5))
+    assert ConversationMemory("bounded", client=client).messages == [2, 3, 4]
