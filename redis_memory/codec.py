@@ -34,6 +34,13 @@ SCALAR_TYPES = (type(None), bool, int, float, str, bytes, tuple, set, frozenset,
 def _default(obj: Any) -> Any:
     kind = type(obj)
     if kind is tuple:
+        for element in obj:
+            # Changes to a list, dict or set inside a tuple could not be
+            # observed: this process's copy would drift from the server's.
+            if isinstance(element, (list, dict, set)):
+                raise UnsupportedValue(
+                    f"cannot store a tuple holding a {type(element).__name__}; use a list, or a tuple of scalars"
+                )
         return msgpack.ExtType(EXT_TUPLE, _pack(list(obj)))
     if kind is set:
         return msgpack.ExtType(EXT_SET, _pack(list(obj)))
@@ -46,12 +53,6 @@ def _default(obj: Any) -> Any:
         return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
     if kind is int:
         return msgpack.ExtType(EXT_BIGINT, obj.to_bytes(obj.bit_length() // 8 + 1, "big", signed=True))
-    # Proxies and other list/dict subclasses inside a tuple or set are stored
-    # as the plain containers they are.
-    if isinstance(obj, list):
-        return list(obj)
-    if isinstance(obj, dict):
-        return dict(obj)
     raise UnsupportedValue(
         f"cannot store a value of type {kind.__module__}.{kind.__qualname__}; "
         "supported: None, bool, int, float, str, bytes, list, dict, tuple, set, "

@@ -58,3 +58,10 @@ def test_unknown_extension_is_a_value_error() -> None:
         codec.decode(b"\xc7\x01\x63\x00")
     with pytest.raises(ValueError):
         codec.decode(b"\xd9")
+
+
+@pytest.mark.parametrize("value", [(1, [2]), (1, {"a": 1}), (1, {2}), (((1, [2]),),)])
+def test_tuples_holding_mutable_containers_are_refused(value: Any) -> None:
+    """A tuple holding a list, dict or set, at any depth, cannot be encoded."""
+    with pytest.raises(UnsupportedValue):
+        codec.encode(value)
