@@ -24,9 +24,12 @@ EXT_DATETIME = 4
 EXT_DATE = 5
 EXT_BIGINT = 6
 
-#: Exact types a dict key may have. Floats and bools are refused because they
-#: compare equal to ints (``1 == 1.0 == True``) yet encode differently, so one
-#: Python key could become several stored ones.
+#: Exact types a dict key, and each element of a tuple or frozenset key, may
+#: have: keys equal in Python must encode to the same bytes in every process.
+#: Floats and bools are refused because they compare equal to ints
+#: (``(1,) == (1.0,) == (True,)``) yet encode differently; so are aware
+#: datetimes (equal instants in other zones); naive ones are stored with
+#: ``fold=0``, which equality ignores.
 KEY_TYPES = (str, bytes, int, type(None), tuple, frozenset, dt.date, dt.datetime)
 SCALAR_TYPES = (type(None), bool, int, float, str, bytes, tuple, set, frozenset, dt.date, dt.datetime)
 
@@ -45,7 +48,9 @@ def _default(obj: Any) -> Any:
     if kind is set:
         return msgpack.ExtType(EXT_SET, _pack(list(obj)))
     if kind is frozenset:
-        return msgpack.ExtType(EXT_FROZENSET, _pack(list(obj)))
+        # Elements in the order of their bytes, not of their hashes (which
+        # depend on the process's hash seed): equal frozensets, equal bytes.
+        return msgpack.ExtType(EXT_FROZENSET, _array(sorted(_pack(element) for element in obj)))
     if kind is dt.datetime:
         zone = obj.tzinfo.key if isinstance(obj.tzinfo, ZoneInfo) else None
         return msgpack.ExtType(EXT_DATETIME, _pack([obj.isoformat(), zone, obj.fold]))
@@ -68,6 +73,16 @@ def _pack(value: Any) -> bytes:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise UnsupportedValue(f"cannot store this {type(value).__name__}: {exc}") from exc
+
+
+def _array(packed: list[bytes]) -> bytes:
+    """A msgpack array of already packed elements."""
+    n = len(packed)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    else:
+        head = b"\xdc" + n.to_bytes(2, "big") if n < 2**16 else b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(packed)
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -131,18 +146,28 @@ def decode(data: bytes) -> Any:
         raise ValueError(f"undecodable value: {exc}") from exc
 
 
-def _check_key(key: Any) -> None:
-    if type(key) not in KEY_TYPES:
+def _canonical_key(key: Any) -> Any:
+    """``key`` as it is stored (see :data:`KEY_TYPES`): O(size of the key); UnsupportedValue if it cannot be one."""
+    kind = type(key)
+    if kind not in KEY_TYPES:
         raise UnsupportedValue(
-            f"cannot use a key of type {type(key).__qualname__}; dict keys must be "
-            "str, bytes, int, None, tuple, frozenset, date or datetime"
+            f"cannot use a key holding a {kind.__qualname__}; dict keys (and the elements of tuple and "
+            "frozenset keys) must be str, bytes, int, None, tuple, frozenset, date or naive datetime"
         )
+    if kind is dt.datetime:
+        if key.tzinfo is not None:
+            raise UnsupportedValue("cannot use an aware datetime as a dict key: equal instants in other zones differ")
+        return key.replace(fold=0) if key.fold else key
+    if kind is tuple or kind is frozenset:
+        elements = [_canonical_key(element) for element in key]
+        if any(new is not old for new, old in zip(elements, key, strict=True)):
+            return kind(elements)
+    return key
 
 
 def encode_key(key: Any) -> bytes:
-    """Encode a dict key; raise UnsupportedValue for types that cannot be keys."""
-    _check_key(key)
-    return encode(key)
+    """Encode a dict key, the same bytes for keys equal in Python; UnsupportedValue for what cannot be a key."""
+    return encode(_canonical_key(key))
 
 
 def encode_whole(value: dict[Any, Any]) -> bytes:
@@ -152,8 +177,9 @@ def encode_whole(value: dict[Any, Any]) -> bytes:
     decoding gives back an equal dict in the same order.
     """
     for key in value:
-        if type(key) not in KEY_TYPES:
-            _check_key(key)
+        if type(key) is not str and _canonical_key(key) is not key:
+            value = {_canonical_key(k): v for k, v in value.items()}
+            break
     packer = getattr(_local, "whole_packer", None)
     if packer is None:
         packer = _local.whole_packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True)

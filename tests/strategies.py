@@ -7,7 +7,18 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-keys = st.one_of(st.text(max_size=3), st.integers(-3, 3), st.tuples(st.integers(0, 2)))
+_DAY = dt.datetime(2024, 11, 3)
+#: Dict keys of every supported type, drawn from small pools so that keys repeat.
+keys = st.one_of(
+    st.text(max_size=3),
+    st.integers(-3, 3),
+    st.sampled_from([2**64, -(2**70), None, b"k"]),
+    st.tuples(st.integers(0, 2)),
+    st.tuples(st.sampled_from(["a", "b"]), st.frozensets(st.integers(0, 2), max_size=2)),
+    st.frozensets(st.sampled_from(["read", "write", "admin", 8, 16]), max_size=4),
+    st.dates(min_value=_DAY.date(), max_value=_DAY.date() + dt.timedelta(days=2)),
+    st.builds(lambda hour, fold: _DAY.replace(hour=hour, fold=fold), st.integers(0, 2), st.integers(0, 1)),
+)
 
 scalars = st.one_of(
     st.none(),

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
-from strategies import same, scalars
+from strategies import keys, same, scalars
 
 from redis_memory import UnsupportedValue, codec
 
@@ -65,3 +65,30 @@ def test_tuples_holding_mutable_containers_are_refused(value: Any) -> None:
     """A tuple holding a list, dict or set, at any depth, cannot be encoded."""
     with pytest.raises(UnsupportedValue):
         codec.encode(value)
+
+
+def test_equal_frozensets_encode_alike_whatever_their_iteration_order() -> None:
+    """Equal frozensets give the same bytes, as keys and as values, though they iterate differently."""
+    first, second = frozenset([8, 16, "a", (1, "b")]), frozenset([16, 8, (1, "b"), "a"])
+    assert list(first) != list(second) and first == second
+    assert codec.encode_key(first) == codec.encode_key(second)
+    assert codec.encode(first) == codec.encode(second)
+    assert codec.encode((first, 1)) == codec.encode((second, 1))
+    assert codec.decode(codec.encode_key(first)) == first
+
+
+@pytest.mark.parametrize(
+    "key", [(1.0,), (True,), frozenset({0.5}), (1, (2, False)), dt.datetime(2024, 1, 1, tzinfo=dt.UTC)]
+)
+def test_keys_with_floats_bools_or_aware_datetimes_are_refused(key: Any) -> None:
+    """Keys that equal others with another encoding ((1.0,) == (1,) == (True,)) cannot be encoded."""
+    with pytest.raises(UnsupportedValue):
+        codec.encode_key(key)
+
+
+@given(keys)
+def test_keys_round_trip_to_an_equal_key_with_the_same_bytes(key: Any) -> None:
+    """A decoded key equals the key, and encodes to the same bytes (fold and element order aside)."""
+    data = codec.encode_key(key)
+    back = codec.decode_key(data)
+    assert back == key and type(back) is type(key) and codec.encode_key(back) == data
