@@ -9,6 +9,7 @@ keeps each of them as a node of its own (see :mod:`redis_memory.ops`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -23,6 +24,11 @@ EXT_FROZENSET = 3
 EXT_DATETIME = 4
 EXT_DATE = 5
 EXT_BIGINT = 6
+
+#: How many containers (lists, dicts, tuples, sets, frozensets) a stored value
+#: may nest, counted from the attribute: deeper ones are refused when stored,
+#: and stored data nested deeper (only corruption makes it) is CorruptData.
+MAX_DEPTH = 100
 
 #: Exact types a dict key, and each element of a tuple or frozenset key, may
 #: have: keys equal in Python must encode to the same bytes in every process.
@@ -85,15 +91,18 @@ def _array(packed: list[bytes]) -> bytes:
     return head + b"".join(packed)
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == EXT_TUPLE:
-        return tuple(_unpack(data))
-    if code == EXT_SET:
-        return set(_unpack(data))
-    if code == EXT_FROZENSET:
-        return frozenset(_unpack(data))
+def _ext_hook(code: int, data: bytes, depth: int) -> Any:
+    if code in _COLLECTIONS:
+        # Each level is a nested unpackb call: counted, so that corrupt data
+        # cannot exhaust the stack (which crashes the interpreter).
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"containers nested more than {MAX_DEPTH} deep")
+        elements = _unpack(data, depth + 1)
+        if type(elements) is not list or any(type(e) is list or type(e) is dict for e in elements):
+            raise ValueError("a tuple, set or frozenset must be an array of scalars")
+        return _COLLECTIONS[code](elements)
     if code == EXT_DATETIME:
-        iso, zone, fold = _unpack(data)
+        iso, zone, fold = msgpack.unpackb(data, raw=False)  # no hook: nothing nested to decode
         value = dt.datetime.fromisoformat(iso)
         if zone is not None:
             value = value.replace(tzinfo=ZoneInfo(zone))
@@ -105,8 +114,30 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise ValueError(f"unknown extension type {code}")
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True)
+_COLLECTIONS: dict[int, type] = {EXT_TUPLE: tuple, EXT_SET: set, EXT_FROZENSET: frozenset}
+#: The extension hook for each depth of nested tuples, sets and frozensets.
+_HOOKS = [functools.partial(_ext_hook, depth=depth) for depth in range(MAX_DEPTH + 1)]
+
+
+def _unpack(data: bytes, depth: int = 0) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_HOOKS[depth], use_list=True)
+
+
+_NESTED = (list, dict, tuple, set, frozenset)
+
+
+def nesting(value: Any) -> int:
+    """How many containers deep ``value`` nests (a scalar: 0), counted up to MAX_DEPTH + 1: O(size)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, _NESTED):
+            if level > deepest:
+                deepest = level
+                if level > MAX_DEPTH:
+                    break  # deep enough to refuse (or a container that holds itself)
+            stack.extend((element, level + 1) for element in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 #: Immutable types whose decoded form is an equal object of the same type,
@@ -130,6 +161,8 @@ def encode(value: Any) -> bytes:
         return packed
     if kind not in SCALAR_TYPES:
         _default(value)  # raises with the type's name
+    if nesting(value) > MAX_DEPTH:
+        raise UnsupportedValue(f"cannot store a value nested more than {MAX_DEPTH} containers deep")
     return _pack(value)
 
 
@@ -141,12 +174,16 @@ def detached(value: Any) -> Any:
 def decode(data: bytes) -> Any:
     """Decode what :func:`encode` produced; any failure is a ValueError."""
     try:
-        return _unpack(data)
+        value = _unpack(data)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ValueError(f"undecodable value: {exc}") from exc
+    if type(value) is list or type(value) is dict:
+        # encode() makes none: it would be a list or dict whose changes nobody sees.
+        raise ValueError("a stored scalar is a msgpack array or map")
+    return value
 
 
-def _canonical_key(key: Any) -> Any:
+def _canonical_key(key: Any, depth: int = 0) -> Any:
     """``key`` as it is stored (see :data:`KEY_TYPES`): O(size of the key); UnsupportedValue if it cannot be one."""
     kind = type(key)
     if kind not in KEY_TYPES:
@@ -159,7 +196,9 @@ def _canonical_key(key: Any) -> Any:
             raise UnsupportedValue("cannot use an aware datetime as a dict key: equal instants in other zones differ")
         return key.replace(fold=0) if key.fold else key
     if kind is tuple or kind is frozenset:
-        elements = [_canonical_key(element) for element in key]
+        if depth >= MAX_DEPTH:
+            raise UnsupportedValue(f"cannot use a key nested more than {MAX_DEPTH} containers deep")
+        elements = [_canonical_key(element, depth + 1) for element in key]
         if any(new is not old for new, old in zip(elements, key, strict=True)):
             return kind(elements)
     return key
@@ -192,6 +231,20 @@ def encode_whole(value: dict[Any, Any]) -> bytes:
         _local.whole_packer = None
         raise UnsupportedValue(f"cannot store this dict: {exc}") from exc
     return packed
+
+
+def decode_whole(data: bytes) -> dict[Any, Any]:
+    """Decode what :func:`encode_whole` produced; any failure is a ValueError."""
+    try:
+        value = _unpack(data)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ValueError(f"undecodable value: {exc}") from exc
+    if type(value) is not dict:
+        raise ValueError("a dict stored whole must be a map")
+    for element in value.values():  # a loop: twice as fast as any() here
+        if type(element) is list or type(element) is dict:
+            raise ValueError("a dict stored whole must hold scalars only")
+    return value
 
 
 def decode_key(data: bytes) -> Any:

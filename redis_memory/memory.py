@@ -223,6 +223,8 @@ class MemoryCore:
                 op = build()
                 if op is None:
                     return NO_OP
+                if op.depth:
+                    ops.check_depth(replica.depth(proxy) + op.depth)
                 # A list item's dict stored whole gets fields of its own first
                 # (one more operation, once); then the loop builds the change.
                 promotion = replica.promotion(proxy)

@@ -37,7 +37,7 @@ def plain(value: Any) -> Any:
 class ObservedList(list):  # type: ignore[type-arg]
     """A list node of a memory. O(1) at both ends; whole-list methods are O(n)."""
 
-    __slots__ = ("_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid")
+    __slots__ = ("_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid", "_rm_parent")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
@@ -46,6 +46,8 @@ class ObservedList(list):  # type: ignore[type-arg]
         self._rm_lo = 0
         self._rm_mod = 0
         self._rm_live = True
+        #: The container holding this one in the replica (None for the root).
+        self._rm_parent: ObservedList | ObservedDict | None = None
 
     def _rm_submit(self, build: Callable[[], ops.Op | None]) -> Any:
         return self._rm_core.submit(self, build)
@@ -168,7 +170,7 @@ class ObservedList(list):  # type: ignore[type-arg]
 class ObservedDict(dict):  # type: ignore[type-arg]
     """A dict node of a memory. Setting, deleting and reading one key are O(1)."""
 
-    __slots__ = ("_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid", "_rm_up")
+    __slots__ = ("_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid", "_rm_parent", "_rm_up")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
@@ -177,6 +179,8 @@ class ObservedDict(dict):  # type: ignore[type-arg]
         self._rm_next = 1
         self._rm_mod = 0
         self._rm_live = True
+        #: The container holding this one in the replica (None for the root).
+        self._rm_parent: ObservedList | ObservedDict | None = None
         #: The list holding this dict while it is stored whole (see ops.py), else None.
         self._rm_up: ObservedList | None = None
 

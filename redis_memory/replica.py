@@ -88,6 +88,12 @@ class Replica:
                     raise self._corrupt(field, exc) from None
             if node is None:
                 raise Resync(field)
+            if node._rm_parent is not parent:
+                # Only a node new in this delta may be placed; a reference to
+                # a node held elsewhere, or to an ancestor, is corrupt data.
+                if node._rm_parent is not None or node is self.root or self._holds(node, parent):
+                    raise Resync(field)
+                node._rm_parent = parent
             return node
         try:
             return codec.decode(payload)
@@ -96,23 +102,42 @@ class Replica:
 
     def _whole(self, nid: bytes, blob: bytes, parent: Node, reuse: dict[bytes, Node]) -> ObservedDict:
         """The proxy of a list item's dict stored whole (see ops.py); ValueError if undecodable."""
-        value = codec.decode(blob)
-        if type(value) is not dict or not isinstance(parent, ObservedList):
-            raise ValueError("a dict stored whole must be a map in a list")
+        value = codec.decode_whole(blob)
+        if not isinstance(parent, ObservedList):
+            raise ValueError("a dict stored whole must be in a list")
         node = cast(ObservedDict, self._proxy(nid, "d", reuse))
         if len(node):
             dict.clear(node)
         dict.update(node, value)
-        node._rm_next, node._rm_mod, node._rm_up = len(value) + 1, 0, parent
+        node._rm_next, node._rm_mod, node._rm_up, node._rm_parent = len(value) + 1, 0, parent, parent
         return node
 
+    def depth(self, node: Node) -> int:
+        """How many containers hold ``node`` up to the root (the root: 0): O(depth)."""
+        depth = 0
+        while node._rm_parent is not None:
+            node, depth = node._rm_parent, depth + 1
+        return depth
+
+    @staticmethod
+    def _holds(node: Node, inner: Node) -> bool:
+        """True if ``inner`` is ``node`` or lies under it: O(depth)."""
+        up: Node | None = inner
+        while up is not None:
+            if up is node:
+                return True
+            up = up._rm_parent
+        return False
+
     def _kill(self, value: Any) -> None:
-        """Forget a node removed from the tree, and everything under it."""
-        if isinstance(value, (ObservedList, ObservedDict)) and self.nodes.get(value._rm_nid) is value:
-            del self.nodes[value._rm_nid]
-            value._rm_live = False
-            for child in value.values() if isinstance(value, ObservedDict) else value:
-                self._kill(child)
+        """Forget a node removed from the tree, and everything under it: O(size)."""
+        doomed = [value]
+        while doomed:
+            value = doomed.pop()
+            if isinstance(value, (ObservedList, ObservedDict)) and self.nodes.get(value._rm_nid) is value:
+                del self.nodes[value._rm_nid]
+                value._rm_live = False
+                doomed.extend(value.values() if isinstance(value, ObservedDict) else value)
 
     def _proxy(self, nid: bytes, kind: str, reuse: dict[bytes, Node]) -> Node:
         old = reuse.pop(nid, None)
@@ -145,7 +170,7 @@ class Replica:
         # Node ids restart in a new incarnation: only the root may be reused then.
         reuse: dict[bytes, Node] = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
-        _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), root=True)
+        _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), None, 0)
         self.version = int(fields.get(b"v", 0))
         self.incarnation = incarnation
         self.speculative = False
@@ -180,6 +205,9 @@ class Replica:
             for nid, h in headers.items():
                 if h is None and nid in self.nodes:
                     self._kill(self.nodes[nid])
+            for nid in created:
+                if self.depth(self.nodes[nid]) > codec.MAX_DEPTH:
+                    raise Resync(nid)  # the full load says what is corrupt
         except (ValueError, CorruptData) as exc:
             raise Resync(str(exc)) from exc
         self.version = version
@@ -286,7 +314,10 @@ class Replica:
         nid, whole, blob = payload[1:].partition(b"=")
         node = self.nodes.get(nid)
         if node is None and whole:
-            return self._decode(blob, b"e" + op.nid, self.nodes[op.nid])
+            try:
+                return codec.decode_whole(blob)
+            except ValueError as exc:
+                raise self._corrupt(b"e" + op.nid, exc) from None
         return plain(node)
 
     def value_at(self, op: ops.Op) -> Any:
@@ -316,7 +347,7 @@ class Replica:
             if isinstance(op, ops.DictSet):
                 # Build every new value before changing anything: a value may
                 # be this very dict, and the server stored it as it was.
-                built = [self._materialize(encoded, nids, None) for encoded in op.values]
+                built = [self._materialize(encoded, nids, node) for encoded in op.values]
                 for key, value in zip((k for k, _ in op.items), built, strict=True):
                     old = dict.get(node, key)
                     if key not in node:
@@ -378,27 +409,29 @@ class Replica:
                 node._rm_nid = real
                 self.nodes[real] = node
 
-    def _materialize(self, encoded: ops.Encoded, nids: Iterator[bytes], parent: ObservedList | None) -> Any:
+    def _materialize(self, encoded: ops.Encoded, nids: Iterator[bytes], parent: Node) -> Any:
         """The local value for what ``encoded`` sent, with the nids the server gave.
 
         Walks the value in the order it was tokenized, which is the order the
-        script allocated node ids in; ``parent`` is the list it is an item of.
+        script allocated node ids in; ``parent`` is the container it goes in.
         """
         if encoded.reuse is not None:
             return self.nodes[encoded.reuse]
         return self._build(encoded.value, nids, parent)
 
-    def _build(self, value: Any, nids: Iterator[bytes], parent: ObservedList | None) -> Any:
+    def _build(self, value: Any, nids: Iterator[bytes], parent: Node) -> Any:
         if isinstance(value, list):
             lst = cast(ObservedList, self._proxy(next(nids), "l", {}))
+            lst._rm_parent = parent
             list.extend(lst, [self._build(v, nids, lst) for v in value])
             return lst
         if isinstance(value, dict):
             dct = cast(ObservedDict, self._proxy(next(nids), "d", {}))
+            dct._rm_parent = parent
             for key, v in value.items():
-                dict.__setitem__(dct, key, self._build(v, nids, None))
+                dict.__setitem__(dct, key, self._build(v, nids, dct))
             dct._rm_next = len(value) + 1
-            if parent is not None and ops.whole(value):
+            if isinstance(parent, ObservedList) and ops.whole(value):
                 dct._rm_up = parent
             return dct
         return codec.detached(value)
@@ -430,8 +463,12 @@ class _Loader:
         # ("role", "content") and are immutable, so one decode serves all.
         self.keys: dict[bytes, Any] = {}
 
-    def value(self, payload: bytes, nid: bytes, slot: bytes | int, parent: Node) -> Any:
+    def value(self, payload: bytes, nid: bytes, slot: bytes | int, parent: Node, depth: int) -> Any:
+        """The value of entry ``slot`` of node ``nid`` (``parent``, ``depth`` containers deep)."""
         if payload[:1] == _REF_BYTE:
+            if depth >= codec.MAX_DEPTH:
+                # Only corruption nests this deep (a reference to an ancestor, say).
+                raise self.corrupt(nid, slot, f"containers nested more than {codec.MAX_DEPTH} deep")
             child, whole, blob = payload[1:].partition(b"=")
             if whole:
                 try:
@@ -441,7 +478,7 @@ class _Loader:
             header = self.headers.get(child)
             if header is None:
                 raise self.corrupt(nid, slot, f"reference to missing node {child!r}")
-            return self.fill(child, header)
+            return self.fill(child, header, parent, depth + 1)
         try:
             return codec.decode(payload)
         except ValueError as exc:
@@ -451,13 +488,16 @@ class _Loader:
         name = slot if isinstance(slot, bytes) else b"%d" % slot
         return self.replica._corrupt(b"e" + nid + b":" + name, why)
 
-    def fill(self, nid: bytes, header: bytes, root: bool = False) -> Node:
+    def fill(self, nid: bytes, header: bytes, parent: Node | None, depth: int) -> Node:
+        """Build node ``nid`` and everything under it; ``parent`` is None for the root."""
         try:
             kind, a, b, c = parse_header(header)
         except ValueError as exc:
             raise self.replica._corrupt(b"h" + nid, exc) from None
         node = self.replica._proxy(nid, kind, self.reuse)
         node._rm_mod = c
+        node._rm_parent = parent
+        root = parent is None
         entries = self.entries.get(nid, ())
         if isinstance(node, ObservedList):
             slots = {}
@@ -471,7 +511,7 @@ class _Loader:
                 found = slots.get(s)
                 if found is None:
                     raise self.corrupt(nid, s, "missing list element")
-                items.append(self.value(found, nid, s, node))
+                items.append(self.value(found, nid, s, node, depth))
             list.__setitem__(node, slice(None), items)
             node._rm_lo = a
             return node
@@ -497,11 +537,11 @@ class _Loader:
         for _, k, payload, key in ordered:
             if root:
                 try:
-                    dict.__setitem__(node, k, self.value(payload, nid, key, node))
+                    dict.__setitem__(node, k, self.value(payload, nid, key, node, depth))
                 except CorruptData as exc:
                     dict.__setitem__(node, k, Corrupt(exc))
             else:
-                dict.__setitem__(node, k, self.value(payload, nid, key, node))
+                dict.__setitem__(node, k, self.value(payload, nid, key, node, depth))
         node._rm_next = b
         return node
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from redis_memory import codec
+
 _DAY = dt.datetime(2024, 11, 3)
 #: Dict keys of every supported type, drawn from small pools so that keys repeat.
 keys = st.one_of(
@@ -39,6 +41,30 @@ values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
     max_leaves=8,
+)
+
+
+_WRAP = {
+    "tuple": lambda v: (v, 0),
+    "frozenset": lambda v: frozenset({v, "s"}),
+    "list": lambda v: [1, v],
+    "dict": lambda v: {"k": v, "n": None},
+}
+
+
+def _nest(kinds: list[str], leaf: Any) -> tuple[Any, int]:
+    # Tuples and frozensets go inside: they may not hold lists or dicts.
+    value = leaf
+    for kind in sorted(kinds, key=lambda k: k in ("list", "dict")):
+        value = _WRAP[kind](value)
+    return value, len(kinds)
+
+
+#: A value and how many containers deep it nests, from two below to two past codec.MAX_DEPTH.
+near_depth_limit = st.builds(
+    _nest,
+    st.lists(st.sampled_from(sorted(_WRAP)), min_size=codec.MAX_DEPTH - 2, max_size=codec.MAX_DEPTH + 2),
+    st.integers() | st.text(max_size=3),
 )
 
 
