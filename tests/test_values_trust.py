@@ -82,6 +82,18 @@ def test_equal_frozenset_keys_from_processes_with_other_hash_seeds_are_one_entry
     assert Memory("acl", url=real_url).perms == {}
 
 
+def test_storing_an_equal_frozenset_again_writes_nothing(client: redis.Redis) -> None:
+    """Assigning a frozenset equal to the stored one, built in another order, changes nothing on the server."""
+    first, second = frozenset([8, 16, "a"]), frozenset([16, 8, "a"])
+    assert list(first) != list(second)
+    mem = Memory("m", client=client)
+    mem.f = first
+    version = client.hget(mem.key, "v")
+    mem.f = second
+    assert client.hget(mem.key, "v") == version
+    assert Memory("m", client=client).f == first
+
+
 @pytest.mark.parametrize(
     "key",
     [(1.0,), (True,), ("a", (2, 1.5)), frozenset({1.5}), frozenset({False}), dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
