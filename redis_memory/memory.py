@@ -238,7 +238,8 @@ class MemoryCore:
                 plan = replica.removal_plan(op)
                 seq = self._next_seq()
                 if not online:
-                    result = self._enqueue(op, plan, seq)
+                    # An incomplete plan is made again from the server's data on replay.
+                    result = self._enqueue(op, plan or {}, seq)
                     if promotion is None:
                         return result
                     continue
@@ -248,13 +249,16 @@ class MemoryCore:
                 expected = ANY_INCARNATION if op.nid == b"0" else replica.incarnation
                 header = [self.writer, tag, self.writer + b"." + tag, expected, op.name, op.nid, self.ttl, self.author]
                 try:
+                    if plan is None:
+                        # It removes an attribute this replica could not decode (O(size)).
+                        plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args()))
                     reply = self.store.apply(header, plan, op.args())
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     # The server may have applied it before the link broke: queue
                     # this very operation, with its id, so the replay cannot repeat
                     # it; even past max_pending, since it may already be stored.
-                    result = self._enqueue(op, plan, seq, may_be_applied=True)
+                    result = self._enqueue(op, plan or {}, seq, may_be_applied=True)
                     if promotion is None:
                         return result
                     continue

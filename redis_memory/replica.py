@@ -276,8 +276,12 @@ class Replica:
 
     # -- this process's own operations --------------------------------------
 
-    def removal_plan(self, op: ops.Op) -> dict[bytes, list[bytes]]:
-        """The keys of every dict node ``op`` may remove, for the server to check."""
+    def removal_plan(self, op: ops.Op) -> dict[bytes, list[bytes]] | None:
+        """The keys of every dict node ``op`` may remove, for the server to check.
+
+        None if it removes an attribute this replica could not decode: then
+        only the server's data can list them.
+        """
         node = self.nodes[op.nid]
         doomed: list[Any] = []
         if isinstance(op, (ops.DictSet, ops.DictDelete)):
@@ -297,6 +301,8 @@ class Replica:
         stack = doomed
         while stack:
             value = stack.pop()
+            if isinstance(value, Corrupt):
+                return None
             if isinstance(value, ObservedDict) and value._rm_up is None:  # one stored whole has no fields to list
                 plan[value._rm_nid] = [codec.encode_key(k) for k in value]
                 stack.extend(value.values())

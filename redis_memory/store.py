@@ -761,11 +761,13 @@ def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list
         kept = {bytes((REF,)) + k for k in args[2 : 2 + int(args[1])]}
         doomed = [raw for raw in own.values() if raw not in kept]
     plan: dict[bytes, list[bytes]] = {}
+    seen: set[bytes] = set()  # corrupt data may reference a node twice, or an ancestor
     while doomed:
         raw = doomed.pop()
         child, whole, _ = raw[1:].partition(b"=")
-        if raw[:1] != bytes((REF,)) or whole:
+        if raw[:1] != bytes((REF,)) or whole or child in seen:
             continue
+        seen.add(child)
         children = entries.get(child, {})
         if fields.get(b"h" + child, b"")[:1] == b"d":
             plan[child] = list(children)

@@ -286,6 +286,42 @@ def test_a_stored_chain_deeper_than_the_limit_can_be_deleted(client: redis.Redis
     assert not any(f.startswith(b"h9") for f in client.hkeys(mem.key))
 
 
+def plant_dicts(client: redis.Redis, mem: Memory, name: str, length: int, last: bytes) -> bytes:
+    """Make attribute ``name`` a chain of ``length`` one-key dicts whose last value is the raw ``last``."""
+    key = codec.encode_key("k")
+    nids = [b"%d" % (9000 + i) for i in range(length)]
+    for nid, below in zip(nids, [*nids[1:], None], strict=True):
+        value = REF + below if below else last
+        client.hset(mem.key, mapping={b"h" + nid: b"d 1 2 0", b"e" + nid + b":" + key: b"1:" + value})
+    return plant(client, mem, name, REF + nids[0])
+
+
+@pytest.mark.parametrize(
+    ("length", "last"),
+    [(codec.MAX_DEPTH + 1, b"\x01"), (3, b"\xc7\x01\x63\x00"), (3, REF + b"404")],
+    ids=["too-deep", "undecodable", "dangling"],
+)
+@pytest.mark.parametrize("change", ["overwrite", "delete"])
+def test_a_corrupt_attribute_holding_dicts_can_be_overwritten_or_deleted(
+    client: redis.Redis, length: int, last: bytes, change: str
+) -> None:
+    """Dicts under a corrupt attribute are listed from the server's data, so replacing or deleting it removes them."""
+    mem = corruptible(client)
+    plant_dicts(client, mem, "bad", length, last)
+    fresh = Memory("m", client=client)
+    with pytest.raises(CorruptData):
+        _ = fresh.bad
+    if change == "overwrite":
+        fresh.bad = "repaired"
+    else:
+        del fresh.bad
+    expected: dict[str, Any] = {"ok": "fine", "messages": [{"role": "user", "content": "hi"}]}
+    if change == "overwrite":
+        expected["bad"] = "repaired"
+    assert Memory("m", client=client).to_dict() == expected
+    assert not any(f.startswith((b"h9", b"e9")) for f in client.hkeys(mem.key))
+
+
 @pytest.mark.parametrize("target", ["itself", "its parent"])
 def test_a_stored_self_reference_is_corrupt_data(client: redis.Redis, target: str) -> None:
     """A list whose entry references itself or its parent raises CorruptData for that attribute only."""
