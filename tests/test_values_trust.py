@@ -260,11 +260,12 @@ def assert_only_this_attribute_is_corrupt(client: redis.Redis, mem: Memory, name
 
 
 def corruptible(client: redis.Redis) -> Memory:
+    """A memory with good attributes and one, ``bad``, to damage; loaded before the damage."""
     mem = Memory("m", client=client)
     mem.ok = "fine"
     mem.messages = [{"role": "user", "content": "hi"}]
     mem.bad = [[1]]
-    assert mem.to_dict()  # loaded before the damage
+    assert mem.to_dict()
     return mem
 
 
