@@ -39,6 +39,8 @@ from .window import fit_messages
 #: How often an operation is rebuilt and resent after the server found this
 #: replica's view stale (another writer changed the same container meanwhile).
 MAX_ATTEMPTS = 20
+#: After this many stale answers, the script reads what an operation removes itself.
+SERVER_PLAN_AFTER = 3
 _MISSING: Any = object()
 _live_cores: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
 log = logging.getLogger("redis_memory")
@@ -218,6 +220,7 @@ class MemoryCore:
         with self.lock:
             replica = self.replica
             fresh = False  # whether this call has checked the server's version
+            stale = 0  # how often the server found what the op removes changed
             for _ in range(MAX_ATTEMPTS):
                 # Replaying a queue reloads the replica, and a speculative one
                 # (a forked child's, or one whose reload failed) must be reloaded
@@ -247,6 +250,8 @@ class MemoryCore:
                         fresh = True
                         continue
                     return NO_OP
+                if op.depth:
+                    ops.check_depth(replica.depth(proxy) + op.depth)
                 # A list item's dict stored whole gets fields of its own first
                 # (one more operation, once); then the loop builds the change.
                 promotion = replica.promotion(proxy)
@@ -258,11 +263,10 @@ class MemoryCore:
                     # Queue the promotion only if the change after it fits too.
                     self.outbox.check_room(self.store.key, needed=2)
                 plan = replica.removal_plan(op)
-                if plan is None:
-                    plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args())) if online else {}
                 seq = self._next_seq()
                 if not online:
-                    result = self._enqueue(op, plan, seq)
+                    # An incomplete plan is made again from the server's data on replay.
+                    result = self._enqueue(op, plan or {}, seq)
                     if promotion is None:
                         return result
                     continue
@@ -273,16 +277,26 @@ class MemoryCore:
                 birth = replica.nodes[op.nid]._rm_birth
                 header = [self.writer, b"%d" % seq, token, expected, op.name, op.nid, self.ttl, self.author, birth]
                 try:
-                    reply = self.store.apply(header, plan, op.args())
+                    if plan is None:
+                        # It removes an attribute this replica could not decode (O(size)).
+                        plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args()))
+                    sent_plan: ops.Plan | None = plan
+                    if stale >= SERVER_PLAN_AFTER and not isinstance(op, (ops.DictDelete, ops.ListDelete)):
+                        # Others keep changing what this op removes faster than this
+                        # replica catches up: let the script list it (O(size), never
+                        # stale). Not for a delete, which returns this replica's copy.
+                        sent_plan = None
+                    reply = self.store.apply(header, sent_plan, op.args())
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     # The server may have applied it before the link broke: queue
                     # this very operation, with its id, so the replay cannot repeat
                     # it; even past max_pending, since it may already be stored.
-                    result = self._enqueue(op, plan, seq, may_be_applied=True)
+                    result = self._enqueue(op, plan or {}, seq, may_be_applied=True)
                     if promotion is None:
                         return result
                     continue
+                stale += reply.status == "stale"
                 try:
                     result = self._settle(proxy, op, reply, token)
                 except ConnectionFailed as exc:
@@ -445,7 +459,7 @@ class MemoryCore:
         token = op_token(entry.writer, entry.seq)
         birth = outbox.births.get(sent.nid, entry.birth)
         header = [entry.writer, b"%d" % entry.seq, token, expected, sent.name, sent.nid, self.ttl, entry.author, birth]
-        plan = sent.plan
+        plan: ops.Plan | None = sent.plan
         for _ in range(MAX_ATTEMPTS):
             reply = self.store.apply(header, plan, ops.from_tokens(args))
             if reply.status != "stale":
@@ -454,11 +468,10 @@ class MemoryCore:
             # plan again from the server's data, as the online path builds again
             # from a fresh view; a whole-list rewrite is made again from the list
             # the server holds (sort what is there, clear what is there).
-            fields = self.store.read_all()
             if sent.name != b"lreplace":
-                plan = removal_plan(fields, sent.name, sent.nid, args)
+                plan = None  # the script lists what is there now: never stale
                 continue
-            again = self._rewrite_again(entry, sent.nid, fields)
+            again = self._rewrite_again(entry, sent.nid, self.store.read_all())
             if again is None:
                 break
             args, plan = again

@@ -56,6 +56,7 @@ class Encoded:
     args: Args
     value: Any
     reuse: bytes | None = None  # the nid of an existing node kept in place
+    depth: int = 0  # how many containers deep the value nests
 
 
 def whole(value: Any) -> bool:
@@ -77,34 +78,53 @@ def encode_value(value: Any, keep: dict[int, bytes] | None = None, in_list: bool
         nid = keep.pop(id(value))
         return Encoded((_R + item(nid), 2), value, nid)
     out: list[bytes] = []
-    _tokenize(value, out, set(), in_list)
-    return Encoded((b"".join(out), len(out)), value)
+    depth = _tokenize(value, out, set(), in_list, 0)
+    return Encoded((b"".join(out), len(out)), value, depth=depth)
 
 
-def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool) -> None:
+def check_depth(depth: int) -> None:
+    """Refuse a value that would nest more than :data:`codec.MAX_DEPTH` containers deep in its attribute."""
+    if depth > codec.MAX_DEPTH:
+        raise UnsupportedValue(f"cannot store a value nested more than {codec.MAX_DEPTH} containers deep")
+
+
+def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool, level: int) -> int:
+    """Add the tokens of ``value``, held by ``level`` containers; return how deep it nests."""
     if isinstance(value, set):
+        depth = 1 + max((codec.nesting(e) for e in value if type(e) not in codec.SIMPLE_TYPES), default=0)
+        check_depth(level + depth)
         out += (_T, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(e)) for e in value])
-        return
+        return depth
     if not isinstance(value, (list, dict)):
+        depth = 0 if type(value) in codec.SIMPLE_TYPES else codec.nesting(value)
+        check_depth(level + depth)
         out += (_S, item(codec.encode(value)))
-        return
+        return depth
     if in_list and isinstance(value, dict) and whole(value):
+        depth = 1
+        for element in value.values():
+            if type(element) not in codec.SIMPLE_TYPES:
+                depth = max(depth, 1 + codec.nesting(element))
+        check_depth(level + depth)
         out += (_F, item(codec.encode_whole(value)))
-        return
+        return depth
     if id(value) in path:
         raise UnsupportedValue("cannot store a container that contains itself")
+    check_depth(level + 1)
     path.add(id(value))
+    depth = 0
     if isinstance(value, list):
         out += (_L, item(b"%d" % len(value)))
         for element in value:
-            _tokenize(element, out, path, True)
+            depth = max(depth, _tokenize(element, out, path, True, level + 1))
     else:
         out += (_D, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(k)) for k in value])
         for element in value.values():
-            _tokenize(element, out, path, False)
+            depth = max(depth, _tokenize(element, out, path, False, level + 1))
     path.discard(id(value))
+    return depth + 1
 
 
 def _args(plain: list[bytes], values: tuple[Encoded, ...] | list[Encoded] = ()) -> Args:
@@ -138,6 +158,8 @@ class Op:
 
     nid: bytes
     name: bytes = field(init=False, default=b"")
+    #: How many containers deep the values it adds nest (see :func:`check_depth`).
+    depth: int = field(init=False, default=0)
 
     def args(self) -> Args:
         """The op's own arguments for the apply script."""
@@ -156,6 +178,7 @@ class DictSet(Op):
         self.name = b"dset"
         self.keys = [codec.encode_key(k) for k, _ in self.items]
         self.values = [encode_value(v) for _, v in self.items]
+        self.depth = max((v.depth for v in self.values), default=0)
 
     def args(self) -> Args:
         return _args([b"%d" % len(self.keys), *self.keys], self.values)
@@ -212,6 +235,7 @@ class ListAppend(Op):
     def __post_init__(self) -> None:
         self.name = b"lappend"
         self.values = [encode_value(v, in_list=True) for v in self.value_list]
+        self.depth = max((v.depth for v in self.values), default=0)
 
     def bounded(self, keep: int) -> None:
         """Make this append keep only the newest ``keep`` items (values are not encoded again)."""
@@ -238,6 +262,7 @@ class _SlotValue(Op):
 
     def __post_init__(self) -> None:
         self.encoded = encode_value(self.value, in_list=True)
+        self.depth = self.encoded.depth
 
     def args(self) -> Args:
         return _args([b"%d" % self.slot], [self.encoded])
@@ -304,6 +329,7 @@ class ListReplace(Op):
         self.name = b"lreplace"
         keep = dict(self.children)
         self.values = [encode_value(v, keep, in_list=True) for v in self.value_list]
+        self.depth = max((v.depth for v in self.values), default=0)
         self.kept = [nid for key, nid in self.children.items() if key not in keep]
 
     def args(self) -> Args:

@@ -41,7 +41,7 @@ def plain(value: Any) -> Any:
 class ObservedList(list):  # type: ignore[type-arg]
     """A list node of a memory. O(1) at both ends; whole-list methods are O(n)."""
 
-    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid", "_rm_parent")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
@@ -51,6 +51,8 @@ class ObservedList(list):  # type: ignore[type-arg]
         self._rm_lo = 0
         self._rm_mod = 0
         self._rm_live = True
+        #: The container holding this one in the replica (None for the root).
+        self._rm_parent: ObservedList | ObservedDict | ObservedSet | None = None
 
     def _rm_submit(self, build: Callable[[], ops.Op | None]) -> Any:
         return self._rm_core.submit(self, build)
@@ -184,7 +186,7 @@ class ObservedList(list):  # type: ignore[type-arg]
 class ObservedDict(dict):  # type: ignore[type-arg]
     """A dict node of a memory. Setting, deleting and reading one key are O(1)."""
 
-    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid", "_rm_up")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid", "_rm_parent", "_rm_up")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
@@ -194,6 +196,8 @@ class ObservedDict(dict):  # type: ignore[type-arg]
         self._rm_next = 1
         self._rm_mod = 0
         self._rm_live = True
+        #: The container holding this one in the replica (None for the root).
+        self._rm_parent: ObservedList | ObservedDict | ObservedSet | None = None
         #: The list holding this dict while it is stored whole (see ops.py), else None.
         self._rm_up: ObservedList | None = None
 
@@ -275,13 +279,14 @@ class ObservedSet(set):  # type: ignore[type-arg]
     return a new set (``|``, ``&``, ``copy()``) give plain sets.
     """
 
-    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_nid")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_nid", "_rm_parent")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
         self._rm_core = core
         self._rm_nid = nid
         self._rm_birth = b""
+        self._rm_parent: ObservedList | ObservedDict | ObservedSet | None = None
         self._rm_mod = 0
         self._rm_live = True
 

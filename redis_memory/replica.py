@@ -100,6 +100,12 @@ class Replica:
                     raise self._corrupt(field, exc) from None
             if node is None:
                 raise Resync(field)
+            if node._rm_parent is not parent:
+                # Only a node new in this delta may be placed; a reference to
+                # a node held elsewhere, or to an ancestor, is corrupt data.
+                if node._rm_parent is not None or node is self.root or self._holds(node, parent):
+                    raise Resync(field)
+                node._rm_parent = parent
             return node
         try:
             return codec.decode(payload)
@@ -108,9 +114,9 @@ class Replica:
 
     def _whole(self, nid: bytes, blob: bytes, parent: Node, reuse: dict[bytes, Node]) -> ObservedDict:
         """The proxy of a list item's dict stored whole (see ops.py); ValueError if undecodable."""
-        value = codec.decode(blob)
-        if type(value) is not dict or not isinstance(parent, ObservedList):
-            raise ValueError("a dict stored whole must be a map in a list")
+        value = codec.decode_whole(blob)
+        if not isinstance(parent, ObservedList):
+            raise ValueError("a dict stored whole must be in a list")
         old = reuse.get(nid)
         if isinstance(old, ObservedDict) and old._rm_up is not None and not dict.__eq__(old, value):
             # A dict stored whole never changes: other contents under the same
@@ -120,17 +126,36 @@ class Replica:
         if len(node):
             dict.clear(node)
         dict.update(node, value)
-        node._rm_next, node._rm_mod, node._rm_up = len(value) + 1, 0, parent
+        node._rm_next, node._rm_mod, node._rm_up, node._rm_parent = len(value) + 1, 0, parent, parent
         return node
 
+    def depth(self, node: Node) -> int:
+        """How many containers hold ``node`` up to the root (the root: 0): O(depth)."""
+        depth = 0
+        while node._rm_parent is not None:
+            node, depth = node._rm_parent, depth + 1
+        return depth
+
+    @staticmethod
+    def _holds(node: Node, inner: Node) -> bool:
+        """True if ``inner`` is ``node`` or lies under it: O(depth)."""
+        up: Node | None = inner
+        while up is not None:
+            if up is node:
+                return True
+            up = up._rm_parent
+        return False
+
     def _kill(self, value: Any) -> None:
-        """Forget a node removed from the tree, and everything under it."""
-        if isinstance(value, (ObservedList, ObservedDict, ObservedSet)) and self.nodes.get(value._rm_nid) is value:
-            del self.nodes[value._rm_nid]
-            value._rm_live = False
-            if not isinstance(value, ObservedSet):  # a set's elements are never nodes
-                for child in value.values() if isinstance(value, ObservedDict) else value:
-                    self._kill(child)
+        """Forget a node removed from the tree, and everything under it: O(size)."""
+        doomed = [value]
+        while doomed:
+            value = doomed.pop()
+            if isinstance(value, (ObservedList, ObservedDict, ObservedSet)) and self.nodes.get(value._rm_nid) is value:
+                del self.nodes[value._rm_nid]
+                value._rm_live = False
+                if not isinstance(value, ObservedSet):  # a set's elements are never nodes
+                    doomed.extend(value.values() if isinstance(value, ObservedDict) else value)
 
     def _proxy(self, nid: bytes, kind: str, reuse: dict[bytes, Node], birth: bytes) -> Node:
         """The proxy of node ``nid``: the one in ``reuse`` if it is that very node (same kind and birth)."""
@@ -173,7 +198,7 @@ class Replica:
         # Node ids restart in a new incarnation: only the root may be reused then.
         reuse: dict[bytes, Node] = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
-        _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), root=True)
+        _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), None, 0)
         self.stamped(fields.get(b"v", b""))
         self.incarnation = incarnation
         self.speculative = False
@@ -209,6 +234,9 @@ class Replica:
             for nid, h in headers.items():
                 if h is None and nid in self.nodes:
                     self._kill(self.nodes[nid])
+            for nid in created:
+                if self.depth(self.nodes[nid]) > codec.MAX_DEPTH:
+                    raise Resync(nid)  # the full load says what is corrupt
         except (ValueError, CorruptData) as exc:
             raise Resync(str(exc)) from exc
         self.stamped(stamp)
@@ -306,8 +334,8 @@ class Replica:
     def removal_plan(self, op: ops.Op) -> ops.Plan | None:
         """Every container ``op`` may remove, as this replica sees it, for the server to check.
 
-        None if it removes an attribute whose stored data is corrupt: only
-        the server's data can tell what that holds.
+        None if it removes an attribute this replica could not decode: then
+        only the server's data can tell what that holds.
         """
         node = self.nodes[op.nid]
         doomed: list[Any] = []
@@ -350,7 +378,10 @@ class Replica:
         nid, whole, blob = payload[1:].partition(b"=")
         node = self.nodes.get(nid)
         if node is None and whole:
-            return self._decode(blob, b"e" + op.nid, self.nodes[op.nid])
+            try:
+                return codec.decode_whole(blob)
+            except ValueError as exc:
+                raise self._corrupt(b"e" + op.nid, exc) from None
         return plain(node)
 
     def value_at(self, op: ops.Op) -> Any:
@@ -386,7 +417,7 @@ class Replica:
             if isinstance(op, ops.DictSet):
                 # Build every new value before changing anything: a value may
                 # be this very dict, and the server stored it as it was.
-                built = [self._materialize(encoded, nids, None, birth) for encoded in op.values]
+                built = [self._materialize(encoded, nids, node, birth) for encoded in op.values]
                 for key, value in zip((k for k, _ in op.items), built, strict=True):
                     old = dict.get(node, key)
                     if key not in node:
@@ -453,33 +484,34 @@ class Replica:
                 node._rm_nid = real
                 self.nodes[real] = node
 
-    def _materialize(
-        self, encoded: ops.Encoded, nids: Iterator[bytes], parent: ObservedList | None, birth: bytes
-    ) -> Any:
+    def _materialize(self, encoded: ops.Encoded, nids: Iterator[bytes], parent: Node, birth: bytes) -> Any:
         """The local value for what ``encoded`` sent, with the nids the server gave.
 
         Walks the value in the order it was tokenized, which is the order the
-        script allocated node ids in; ``parent`` is the list it is an item of.
+        script allocated node ids in; ``parent`` is the container it goes in.
         """
         if encoded.reuse is not None:
             return self.nodes[encoded.reuse]
         return self._build(encoded.value, nids, parent, birth)
 
-    def _build(self, value: Any, nids: Iterator[bytes], parent: ObservedList | None, birth: bytes) -> Any:
+    def _build(self, value: Any, nids: Iterator[bytes], parent: Node, birth: bytes) -> Any:
         if isinstance(value, set):
             elements = cast(ObservedSet, self._proxy(next(nids), "s", {}, birth))
+            elements._rm_parent = parent
             set.update(elements, (codec.detached(e) for e in value))
             return elements
         if isinstance(value, list):
             lst = cast(ObservedList, self._proxy(next(nids), "l", {}, birth))
+            lst._rm_parent = parent
             list.extend(lst, [self._build(v, nids, lst, birth) for v in value])
             return lst
         if isinstance(value, dict):
             dct = cast(ObservedDict, self._proxy(next(nids), "d", {}, birth))
+            dct._rm_parent = parent
             for key, v in value.items():
-                dict.__setitem__(dct, key, self._build(v, nids, None, birth))
+                dict.__setitem__(dct, key, self._build(v, nids, dct, birth))
             dct._rm_next = len(value) + 1
-            if parent is not None and ops.whole(value):
+            if isinstance(parent, ObservedList) and ops.whole(value):
                 dct._rm_up, dct._rm_birth = parent, b""  # no header, so no birth
             return dct
         return codec.detached(value)
@@ -511,8 +543,12 @@ class _Loader:
         # ("role", "content") and are immutable, so one decode serves all.
         self.keys: dict[bytes, Any] = {}
 
-    def value(self, payload: bytes, nid: bytes, slot: bytes | int, parent: Node) -> Any:
+    def value(self, payload: bytes, nid: bytes, slot: bytes | int, parent: Node, depth: int) -> Any:
+        """The value of entry ``slot`` of node ``nid`` (``parent``, ``depth`` containers deep)."""
         if payload[:1] == _REF_BYTE:
+            if depth >= codec.MAX_DEPTH:
+                # Only corruption nests this deep (a reference to an ancestor, say).
+                raise self.corrupt(nid, slot, f"containers nested more than {codec.MAX_DEPTH} deep")
             child, whole, blob = payload[1:].partition(b"=")
             if whole:
                 try:
@@ -522,7 +558,7 @@ class _Loader:
             header = self.headers.get(child)
             if header is None:
                 raise self.corrupt(nid, slot, f"reference to missing node {child!r}")
-            return self.fill(child, header)
+            return self.fill(child, header, parent, depth + 1)
         try:
             return codec.decode(payload)
         except ValueError as exc:
@@ -532,13 +568,16 @@ class _Loader:
         name = slot if isinstance(slot, bytes) else b"%d" % slot
         return self.replica._corrupt(b"e" + nid + b":" + name, why)
 
-    def fill(self, nid: bytes, header: bytes, root: bool = False) -> Node:
+    def fill(self, nid: bytes, header: bytes, parent: Node | None, depth: int) -> Node:
+        """Build node ``nid`` and everything under it; ``parent`` is None for the root."""
         try:
             kind, a, b, c, birth = parse_header(header)
         except ValueError as exc:
             raise self.replica._corrupt(b"h" + nid, exc) from None
         node = self.replica._proxy(nid, kind, self.reuse, birth)
         node._rm_mod = c
+        node._rm_parent = parent
+        root = parent is None
         entries = self.entries.get(nid, ())
         if isinstance(node, ObservedSet):
             try:
@@ -562,7 +601,7 @@ class _Loader:
                 found = slots.get(s)
                 if found is None:
                     raise self.corrupt(nid, s, "missing list element")
-                items.append(self.value(found, nid, s, node))
+                items.append(self.value(found, nid, s, node, depth))
             list.__setitem__(node, slice(None), items)
             node._rm_lo = a
             return node
@@ -588,11 +627,11 @@ class _Loader:
         for _, k, payload, key in ordered:
             if root:
                 try:
-                    dict.__setitem__(node, k, self.value(payload, nid, key, node))
+                    dict.__setitem__(node, k, self.value(payload, nid, key, node, depth))
                 except CorruptData as exc:
                     dict.__setitem__(node, k, Corrupt(exc))
             else:
-                dict.__setitem__(node, k, self.value(payload, nid, key, node))
+                dict.__setitem__(node, k, self.value(payload, nid, key, node, depth))
         node._rm_next = b
         return node
 
