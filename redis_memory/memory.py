@@ -329,12 +329,15 @@ class MemoryCore:
         replica = self.replica
         if not may_be_applied:
             self.outbox.check_room(self.store.key)
+        # The ids of the nodes it creates go into the record before it is
+        # written: a spool read by the next process must map them on replay.
+        created = queue.provisional_ids(self.writer, self.provisional, op.nodes())
         entry = queue.Pending(
-            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), author=self.author
+            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created, self.author
         )
         removed = replica.value_at(op)
         self.outbox.push(self.writer, entry)
-        replica.apply_local(op, queue.provisional_ids(self.writer, self.provisional, entry.created))
+        replica.apply_local(op, iter(created))
         replica.speculative = True
         self.link.wait_for(self)
         return removed

@@ -51,6 +51,7 @@ class Encoded:
     args: Args
     value: Any
     reuse: bytes | None = None  # the nid of an existing node kept in place
+    nodes: int = 0  # nodes the server creates for it: one per list or dict sent ("l", "d", "f")
 
 
 def whole(value: Any) -> bool:
@@ -72,30 +73,33 @@ def encode_value(value: Any, keep: dict[int, bytes] | None = None, in_list: bool
         nid = keep.pop(id(value))
         return Encoded((_R + item(nid), 2), value, nid)
     out: list[bytes] = []
-    _tokenize(value, out, set(), in_list)
-    return Encoded((b"".join(out), len(out)), value)
+    nodes = _tokenize(value, out, set(), in_list)
+    return Encoded((b"".join(out), len(out)), value, nodes=nodes)
 
 
-def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool) -> None:
+def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool) -> int:
+    """Append ``value``'s tokens to ``out``; return how many nodes they create."""
     if not isinstance(value, (list, dict)):
         out += (_S, item(codec.encode(value)))
-        return
+        return 0
     if in_list and isinstance(value, dict) and whole(value):
         out += (_F, item(codec.encode_whole(value)))
-        return
+        return 1
     if id(value) in path:
         raise UnsupportedValue("cannot store a container that contains itself")
     path.add(id(value))
+    nodes = 1
     if isinstance(value, list):
         out += (_L, item(b"%d" % len(value)))
         for element in value:
-            _tokenize(element, out, path, True)
+            nodes += _tokenize(element, out, path, True)
     else:
         out += (_D, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(k)) for k in value])
         for element in value.values():
-            _tokenize(element, out, path, False)
+            nodes += _tokenize(element, out, path, False)
     path.discard(id(value))
+    return nodes
 
 
 def _args(plain: list[bytes], values: tuple[Encoded, ...] | list[Encoded] = ()) -> Args:
@@ -134,6 +138,10 @@ class Op:
         """The op's own arguments for the apply script."""
         raise NotImplementedError
 
+    def nodes(self) -> int:
+        """How many nodes the server creates when it applies this operation."""
+        return 0
+
 
 @dataclass
 class DictSet(Op):
@@ -150,6 +158,9 @@ class DictSet(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % len(self.keys), *self.keys], self.values)
+
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
 
 
 @dataclass
@@ -213,6 +224,9 @@ class ListAppend(Op):
     def args(self) -> Args:
         return _args([b"%d" % len(self.values), b"%d" % self.keep], self.values)
 
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
+
 
 def trimmed(length: int, added: int, keep: int) -> int:
     """How many items a bounded append drops from the front of a list of ``length`` (as the script computes it)."""
@@ -232,6 +246,9 @@ class _SlotValue(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % self.slot], [self.encoded])
+
+    def nodes(self) -> int:
+        return self.encoded.nodes
 
 
 @dataclass
@@ -288,6 +305,9 @@ class ListReplace(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)], self.values)
+
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
 
 
 @dataclass

@@ -108,12 +108,9 @@ class Pending:
         )
 
 
-def provisional_ids(writer: bytes, counter: Iterator[int], created: list[bytes]) -> Iterator[bytes]:
-    """Ids for nodes made offline, each also recorded in ``created``."""
-    for n in counter:
-        nid = b"~%s.%d" % (writer, n)
-        created.append(nid)
-        yield nid
+def provisional_ids(writer: bytes, counter: Iterator[int], count: int) -> list[bytes]:
+    """Ids for ``count`` nodes made offline, in the order the server will allocate its own."""
+    return [b"~%s.%d" % (writer, next(counter)) for _ in range(count)]
 
 
 class Spool:

@@ -16,7 +16,14 @@ import pytest
 import redis
 from netproxy import TcpProxy
 from servers import RedisServer, durable_redis
-from workers import append_while_down, open_spool_and_flush, spool_and_hang, stream_appends
+from workers import (
+    append_while_down,
+    open_containers_spool_and_flush,
+    open_spool_and_flush,
+    spool_and_hang,
+    spool_new_containers_and_hang,
+    stream_appends,
+)
 
 from redis_memory import ConversationMemory, Memory
 
@@ -183,3 +190,24 @@ def test_spooled_queue_survives_sigkill_of_its_process(durable: RedisServer, tmp
     assert heir.exitcode == 0
     assert ConversationMemory("spooled", url=durable.url).messages == list(range(50))
     assert all(f.stat().st_size == 0 for f in Path(spool).rglob("*.spool"))
+
+
+def test_spooled_changes_inside_containers_made_offline_survive_sigkill(durable: RedisServer, tmp_path: Path) -> None:
+    """A list and a dict created offline, then changed inside, by a process SIGKILLed: the heir replays all of it."""
+    spool = str(tmp_path / "spool")
+    loaded, down, written = spawn.Event(), spawn.Event(), spawn.Event()
+    doomed = spawn.Process(target=spool_new_containers_and_hang, args=(durable.url, spool, loaded, down, written))
+    doomed.start()
+    assert loaded.wait(60)
+    durable.kill()
+    down.set()
+    assert written.wait(60)
+    assert doomed.pid is not None
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.join(10)
+    durable.start()
+    heir = spawn.Process(target=open_containers_spool_and_flush, args=(durable.url, spool))
+    heir.start()
+    heir.join(120)
+    assert heir.exitcode == 0
+    assert Memory("containers", url=durable.url).to_dict() == {"todo": ["x"], "box": {"items": list(range(20))}}
