@@ -363,10 +363,14 @@ class Link:
             self._start()
 
     def probe(self) -> bool:
-        """One PING now; True (and online) if Redis answered."""
+        """One PING now; True (and online) if Redis answered it.
+
+        An error reply (BUSY, NOPERM, NOAUTH, ...) counts as still offline:
+        the server cannot take the queue yet either.
+        """
         try:
             self.channel.call(b"PING")
-        except ConnectionFailed as exc:
+        except Exception as exc:
             with self.lock:
                 self.last_error = exc
             return False
@@ -379,7 +383,7 @@ class Link:
     def _start(self) -> None:
         if self.pid != os.getpid():  # forked: the thread stayed in the parent
             self.pid, self.thread = os.getpid(), None
-        if self.thread is None:
+        if self.thread is None or not self.thread.is_alive():
             self.thread = threading.Thread(target=self._run, name="redis_memory-reconnect", daemon=True)
             self.thread.start()
 

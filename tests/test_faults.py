@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from netproxy import TcpProxy
-from servers import RedisServer, durable_redis
+from servers import RedisServer, debian_redis, durable_redis
 from workers import (
     append_while_down,
     open_containers_spool_and_flush,
@@ -211,3 +211,37 @@ def test_spooled_changes_inside_containers_made_offline_survive_sigkill(durable:
     heir.join(120)
     assert heir.exitcode == 0
     assert Memory("containers", url=durable.url).to_dict() == {"todo": ["x"], "box": {"items": list(range(20))}}
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone, free to be reconfigured."""
+    server = debian_redis(tmp_path / "own")
+    yield server
+    server.stop()
+
+
+def test_reconnect_survives_error_replies_to_its_probe(own_server: RedisServer) -> None:
+    """The server refuses the reconnect probe (NOPERM) for a while: once it accepts again the queue replays."""
+    proxy = TcpProxy(own_server.port)
+    admin = redis.Redis(port=own_server.port)
+    try:
+        mem = Memory("probed", client=redis.Redis.from_url(proxy.url))
+        mem.items = []
+        proxy.cut()
+        mem.items.append("queued")
+        admin.execute_command("ACL", "SETUSER", "default", "-ping")
+        proxy.restore()
+        deadline = time.monotonic() + 5
+        while "NOPERM" not in str(mem.status().last_error) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        refused = mem.status().last_error
+        admin.execute_command("ACL", "SETUSER", "default", "+ping")
+        deadline = time.monotonic() + 5
+        while mem.status().pending and time.monotonic() < deadline:  # no flush(): the background thread alone
+            time.sleep(0.02)
+        assert mem.status().pending == 0, mem.status()
+        assert "NOPERM" in str(refused)
+        assert Memory("probed", url=own_server.url).items == ["queued"]
+    finally:
+        proxy.close()
