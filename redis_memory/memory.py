@@ -671,12 +671,17 @@ class Memory:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if core.outbox and not core.link.online:
-                core.link.probe()  # outside the lock: it may wait the connect timeout
+                with connection.deadline(None if deadline is None else deadline - time.monotonic()):
+                    core.link.probe()  # outside the lock: it may wait the connect timeout
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if core.lock.acquire(timeout=-1 if remaining is None else remaining):
                 try:
-                    if not core.outbox or (core.link.online and core.drain()):
+                    if not core.outbox:
                         return True
+                    if core.link.online:
+                        with connection.deadline(None if deadline is None else deadline - time.monotonic()):
+                            if core.drain():
+                                return True
                 finally:
                     core.lock.release()
             if deadline is not None and time.monotonic() >= deadline:
@@ -755,8 +760,13 @@ class Memory:
         return catalog.count() if catalog else 0
 
     def _rm_server_call(self, call: Callable[[Store], Any]) -> Any:
+        """``call`` on the store; offline, only after one probe (at most the connect timeout) found Redis back."""
         core = self._rm
         with core.lock:
+            link = core.link
+            if not link.online and not link.probe():
+                error = link.last_error
+                raise ConnectionFailed(f"Redis is unreachable: {error}", key=core.store.key) from error
             try:
                 return call(core.store)
             except ConnectionFailed as exc:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import codec
-from .connection import Channel
+from .connection import Channel, deadline
 from .errors import ConnectionFailed, OfflineQueueFull
 from .store import escape_id
 
@@ -363,13 +363,14 @@ class Link:
             self._start()
 
     def probe(self) -> bool:
-        """One PING now; True (and online) if Redis answered it.
+        """One PING now, waiting at most the connect timeout; True (and online) if Redis answered it.
 
         An error reply (BUSY, NOPERM, NOAUTH, ...) counts as still offline:
         the server cannot take the queue yet either.
         """
         try:
-            self.channel.call(b"PING")
+            with deadline(self.channel.connect_timeout()):
+                self.channel.call(b"PING")
         except Exception as exc:
             with self.lock:
                 self.last_error = exc
