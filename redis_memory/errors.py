@@ -62,6 +62,10 @@ class MissingKey(RedisMemoryError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MemoryClosed(RedisMemoryError, ValueError):
+    """The memory was closed (``close()`` or the end of its ``with`` block): open a new one to use it."""
+
+
 class PrivateMemory(RedisMemoryError, PermissionError):
     """A session opened for one agent was asked for another agent's private memory."""
 
