@@ -27,6 +27,8 @@ from typing import Any, BinaryIO, cast
 from urllib.parse import quote, unquote, urlparse
 
 import redis
+import redis.backoff
+import redis.retry
 
 from .errors import ConnectionFailed, EmbeddedServerError
 
@@ -103,6 +105,9 @@ class Channel:
         # is always an AbstractConnection (redis-py annotates the interface).
         pool = self.client.connection_pool
         conn = cast(redis.connection.AbstractConnection, pool.connection_class(**pool.connection_kwargs))
+        # One attempt: redis-py's own retries (ten by default for redis.Redis())
+        # would multiply every bound below; this channel decides what is retried.
+        conn.retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
         timeout, connect_timeout = conn.socket_timeout, conn.socket_connect_timeout
         # Connecting and the handshake after it fit the caller's deadline too.
         conn.socket_timeout, conn.socket_connect_timeout = _least(timeout, bound), _least(connect_timeout, bound)

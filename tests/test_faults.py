@@ -320,3 +320,16 @@ def test_a_change_whose_reply_timed_out_is_never_reported_refused(own_server: Re
     expected = list(range(count))[::-1]
     assert Memory("rewrite", client=admin).big == expected
     assert mem.big == expected
+
+
+def test_nothing_listening_fails_the_first_read_within_the_connect_timeout() -> None:
+    """With a plain redis.Redis() (which itself retries connecting ten times), one attempt: the connect timeout."""
+    from servers import free_port
+
+    mem = Memory("nowhere", client=redis.Redis(port=free_port(), socket_connect_timeout=0.2))
+    start = time.monotonic()
+    with pytest.raises(ConnectionFailed):
+        mem.to_dict()
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0, f"the first read took {elapsed:.1f} s; the connect timeout is 0.2 s"
+    mem.close()
