@@ -125,12 +125,16 @@ class Channel:
             self.conn.disconnect()  # type: ignore[no-untyped-call]
         self.conn = self.reader = None
 
-    def close(self) -> None:
-        """Close the connection (the next command opens a new one)."""
-        with self.lock:
+    def close(self, blocking: bool = True) -> None:
+        """Close the connection (the next command opens a new one); not blocking: unless a command is using it."""
+        if not self.lock.acquire(blocking):
+            return
+        try:
             if self.pid == os.getpid():
                 self._close()
             self.conn = self.reader = None
+        finally:
+            self.lock.release()
 
     def call(self, *args: bytes | str | int) -> object:
         return self.call_packed(resp_command(args))

@@ -139,7 +139,10 @@ class MemoryCore:
         if self.closed:
             return
         if self.outbox and self.link.online:
-            self.flush(timeout)
+            try:
+                self.flush(timeout)
+            except RedisMemoryError as exc:  # the server refused the replay: what is left is reported below
+                log.error("%s: the queue could not be replayed before closing: %s", self.store.key, queue.kept(exc))
         with self.lock:
             if self.closed:
                 return

@@ -394,7 +394,8 @@ class Link:
             idle = not self.users and not self.waiting
         if idle:
             self.wake.set()
-            self.channel.close()
+            # Not waiting for a probe in progress: the thread closes it then.
+            self.channel.close(blocking=False)
 
     def failed(self, error: ConnectionFailed) -> None:
         """A command did not reach Redis: go offline (once) and start reconnecting."""
@@ -454,7 +455,8 @@ class Link:
             with self.lock:
                 if not self._needed():
                     self.thread = None
-                    return
+                    unused = not self.users
+                    break
             if not self.online:
                 self._pause(delay)
                 if not self.probe():
@@ -473,6 +475,8 @@ class Link:
                     log.error("replaying the queue of %s failed: %s", core.store.key, self.last_error)
                     self._pause(delay)
                     delay = min(delay * 2, MAX_DELAY)
+        if unused:
+            self.channel.close()
 
     def after_fork(self) -> None:
         self.lock = threading.Lock()

@@ -103,7 +103,7 @@ def test_close_flushes_a_queue_when_redis_is_back(switch: Switch, client: redis.
     switch.cut()
     mem.x = 1
     switch.restore()
-    mem._rm.link.online = True  # back, as the next probe will find: close() must not wait for it
+    assert mem._rm.link.probe()  # found back, the replay not yet done: close() must not return before it is
     mem.close()
     assert Memory("flushed", client=client).x == 1
 
