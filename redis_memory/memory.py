@@ -587,7 +587,8 @@ class Memory:
     * *closed*: after :meth:`close` (or the end of a ``with`` block) its
       connection, reconnect thread and spool file are released: changes
       still queued were flushed (if Redis was reachable, within a bound),
-      left in the spool, or reported lost. Any use raises
+      left in the spool, or reported lost. Reads and writes through it, and
+      changes through its proxies, raise
       :class:`~redis_memory.errors.MemoryClosed`; closing again does nothing.
       A memory let go of without closing releases its claim on the thread
       once nothing of it is queued.
