@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast, overload
+from typing import Any, Self, cast, overload
 
 import redis
 
@@ -25,6 +25,7 @@ from .errors import (
     ConnectionFailed,
     ContainerDeleted,
     CorruptData,
+    MemoryClosed,
     MissingAttribute,
     MissingKey,
     RedisMemoryError,
@@ -41,6 +42,8 @@ from .window import fit_messages
 MAX_ATTEMPTS = 20
 #: After this many stale answers, the script reads what an operation removes itself.
 SERVER_PLAN_AFTER = 3
+#: How long close() may wait for queued changes to reach Redis, by default.
+CLOSE_TIMEOUT = 5.0
 _MISSING: Any = object()
 _live_cores: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
 log = logging.getLogger("redis_memory")
@@ -93,7 +96,9 @@ class MemoryCore:
         self.replica = Replica(self)
         self.link = queue.link(store.channel)
         self.outbox = queue.Outbox(max_pending, queue.Spool(spool, store.key) if spool is not None else None)
+        self.closed = False
         _live_cores.add(self)
+        self.link.attach(self)
         if self.outbox.spool is not None:
             adopted = self.outbox.spool.adopt(self.writer)
             if adopted:
@@ -114,6 +119,61 @@ class MemoryCore:
         if self.outbox:
             self.replica.speculative = True
         self.outbox.after_fork()
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise MemoryClosed(f"{self.store.key} was closed here; open a new memory to use it", key=self.store.key)
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait for the queue to reach Redis, up to ``timeout`` seconds (None: as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.outbox and not self.link.online:
+                with connection.deadline(None if deadline is None else deadline - time.monotonic()):
+                    self.link.probe()  # outside the lock: it may wait the connect timeout
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self.lock.acquire(timeout=-1 if remaining is None else remaining):
+                try:
+                    if not self.outbox:
+                        return True
+                    if self.link.online:
+                        with connection.deadline(None if deadline is None else deadline - time.monotonic()):
+                            if self.drain():
+                                return True
+                finally:
+                    self.lock.release()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def close(self, timeout: float) -> None:
+        """Release the link, the connection and the spool; see :meth:`Memory.close` for the queue."""
+        if self.closed:
+            return
+        if self.outbox and self.link.online:
+            try:
+                self.flush(timeout)
+            except RedisMemoryError as exc:  # the server refused the replay: what is left is reported below
+                log.error("%s: the queue could not be replayed before closing: %s", self.store.key, queue.kept(exc))
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            _live_cores.discard(self)
+            outbox, key = self.outbox, self.store.key
+            if outbox and outbox.spool is not None:
+                log.info("%s: %d queued operations stay in the spool for the next memory on it", key, len(outbox))
+            elif outbox:
+                log.error(
+                    "%s: closed with %d queued operations, which never reached Redis and are lost "
+                    "(a memory opened with spool= keeps them for the next one)",
+                    key,
+                    len(outbox),
+                )
+            if outbox.spool is not None:
+                outbox.spool.close(keep=bool(outbox))
+            outbox.entries.clear()
+            self.link.detach(self)
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -139,7 +199,9 @@ class MemoryCore:
         try:
             if not self.reachable():
                 error = self.link.last_error
-                raise error if isinstance(error, ConnectionFailed) else ConnectionFailed("Redis is unreachable")
+                if not isinstance(error, ConnectionFailed):
+                    error = ConnectionFailed("Redis is unreachable")
+                raise queue.kept(error)  # a copy: the kept one, raised, would get a traceback holding this memory
             if replica.loaded and not replica.speculative:
                 stamp, incarnation = self.store.version()
                 if stamp == replica.stamp and incarnation == replica.incarnation:
@@ -172,6 +234,7 @@ class MemoryCore:
         """The value stored under ``name``, fresh: O(1) when nothing changed."""
         _check_name(name)
         with self.lock:
+            self.check_open()
             self.refresh()
             value = dict.get(self.replica.root, name, _MISSING)
         if value is _MISSING:
@@ -182,11 +245,13 @@ class MemoryCore:
 
     def names(self) -> list[str]:
         with self.lock:
+            self.check_open()
             self.refresh()
             return list(self.replica.root)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
+            self.check_open()
             self.refresh()
             for value in self.replica.root.values():
                 if isinstance(value, Corrupt):
@@ -197,11 +262,13 @@ class MemoryCore:
 
     def write(self, name: str, value: Any) -> None:
         _check_name(name)
+        self.check_open()
         self.replica.root[name] = value
 
     def remove(self, name: str, missing: type[RedisMemoryError]) -> None:
         _check_name(name)
         with self.lock:
+            self.check_open()
             self.refresh()
             try:
                 self.replica.root.pop(name)
@@ -218,6 +285,7 @@ class MemoryCore:
         nothing to do. Raises ContainerDeleted if ``proxy``'s node is gone.
         """
         with self.lock:
+            self.check_open()
             replica = self.replica
             fresh = False  # whether this call has checked the server's version
             stale = 0  # how often the server found what the op removes changed
@@ -327,7 +395,7 @@ class MemoryCore:
                 self.catalog.touch(self.name)
                 self.indexed_at = now
             except RedisMemoryError as exc:  # the index may lag; listing checks real activity
-                log.info("%s: index not updated: %s", self.store.key, exc)
+                log.info("%s: index not updated: %s", self.store.key, queue.kept(exc))
 
     def _bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op) -> ops.Op:
         """``op``, made to keep a bounded attribute (``max_messages``) at its newest items, however it grows it."""
@@ -410,17 +478,18 @@ class MemoryCore:
         replica = self.replica
         if not may_be_applied:
             self.outbox.check_room(self.store.key)
-        birth = replica.nodes[op.nid]._rm_birth
+        # The ids of the nodes it creates go into the record before it is
+        # written: a spool read by the next process must map them on replay.
+        created = queue.provisional_ids(self.writer, self.provisional, op.nodes())
         entry = queue.Pending(
-            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), author=self.author,
-            birth=birth,
+            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created, self.author,
+            replica.nodes[op.nid]._rm_birth,
         )  # fmt: skip
         if isinstance(op, ops.ListReplace):
             entry.intent, entry.recompute = op.intent, op.compute
         removed = replica.value_at(op)
         self.outbox.push(self.writer, entry)
-        token = op_token(self.writer, seq)
-        replica.apply_local(op, queue.provisional_ids(self.writer, self.provisional, entry.created), token)
+        replica.apply_local(op, iter(created), op_token(self.writer, seq))
         replica.speculative = True
         self.link.wait_for(self)
         return removed
@@ -633,6 +702,14 @@ class Memory:
       :meth:`status`. Then *online* again.
     * *deleted*: after :meth:`delete` the memory's keys are gone; the next
       write starts a new memory under the same name.
+    * *closed*: after :meth:`close` (or the end of a ``with`` block) its
+      connection, reconnect thread and spool file are released: changes
+      still queued were flushed (if Redis was reachable, within a bound),
+      left in the spool, or reported lost. Reads and writes through it, and
+      changes through its proxies, raise
+      :class:`~redis_memory.errors.MemoryClosed`; closing again does nothing.
+      A memory let go of without closing releases its claim on the thread
+      once nothing of it is queued.
 
     With ``spool=<directory>`` queued operations are also appended to a file
     there, so that a process that dies while offline loses nothing: the
@@ -640,6 +717,7 @@ class Memory:
     """
 
     _rm: MemoryCore
+    _rm_feeds: weakref.WeakSet[Feed | Subscription]
     _rm_kind = "memory"
 
     def __init__(
@@ -661,6 +739,7 @@ class Memory:
         core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds(), author)
         core.catalog = self._rm_catalog(redis_client, prefix)
         object.__setattr__(self, "_rm", core)
+        object.__setattr__(self, "_rm_feeds", weakref.WeakSet())
 
     @classmethod
     def _rm_key(cls, prefix: str, name: str) -> str:
@@ -712,7 +791,8 @@ class Memory:
         while True:
             found = cls.list_ids(idle_for=idle_for, limit=batch, client=redis_client, prefix=prefix)
             for name in found:
-                cls._rm_open(name, redis_client, prefix).delete()
+                with cls._rm_open(name, redis_client, prefix) as opened:
+                    opened.delete()
             deleted += len(found)
             if len(found) < batch:
                 return deleted
@@ -784,21 +864,28 @@ class Memory:
         changes queued offline it retries the server and replays the queue,
         for up to ``timeout`` seconds (None: as long as it takes).
         """
-        core = self._rm
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if core.outbox and not core.link.online:
-                core.link.probe()  # outside the lock: it may wait the connect timeout
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if core.lock.acquire(timeout=-1 if remaining is None else remaining):
-                try:
-                    if not core.outbox or (core.link.online and core.drain()):
-                        return True
-                finally:
-                    core.lock.release()
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic())))
+        self._rm.check_open()
+        return self._rm.flush(timeout)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Release the memory's connection, threads and spool file; using it afterwards raises MemoryClosed.
+
+        Changes still queued (Redis was unreachable) are flushed first if
+        Redis is reachable, waiting at most ``timeout`` seconds; what is
+        left then stays in the spool for the next memory opened on it, or,
+        without a spool, is logged as an error: lost. Feeds and
+        subscriptions made by :meth:`subscribe` are closed too. Closing
+        twice does nothing.
+        """
+        for feed in list(self._rm_feeds):
+            feed.close()
+        self._rm.close(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def status(self) -> queue.Status:
         """Online or offline, operations queued, operations dropped on replay, the last error."""
@@ -855,11 +942,12 @@ class Memory:
         With one: a :class:`~redis_memory.feed.Subscription` that calls it
         with each event from a background thread. Close either to stop.
         """
-        if callback is None:
-            return Feed(self._rm.shadow())
-        if not callable(callback):
+        self._rm.check_open()
+        if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        return Subscription(self._rm.shadow(), callback)
+        made = Feed(self._rm.shadow()) if callback is None else Subscription(self._rm.shadow(), callback)
+        self._rm_feeds.add(made)
+        return made
 
     def health_check(self) -> connection.Health:
         """Round trip, server version and mode of this memory's server."""
@@ -872,8 +960,14 @@ class Memory:
         return catalog.count() if catalog else 0
 
     def _rm_server_call(self, call: Callable[[Store], Any]) -> Any:
+        """``call`` on the store; offline, only after one probe (at most the connect timeout) found Redis back."""
         core = self._rm
         with core.lock:
+            core.check_open()
+            link = core.link
+            if not link.online and not link.probe():
+                error = link.last_error
+                raise ConnectionFailed(f"Redis is unreachable: {error}", key=core.store.key) from error
             try:
                 return call(core.store)
             except ConnectionFailed as exc:

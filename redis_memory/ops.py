@@ -57,6 +57,7 @@ class Encoded:
     value: Any
     reuse: bytes | None = None  # the nid of an existing node kept in place
     depth: int = 0  # how many containers deep the value nests
+    nodes: int = 0  # nodes the server creates for it: one per list, dict or set sent ("l", "d", "f", "t")
 
 
 def whole(value: Any) -> bool:
@@ -78,8 +79,9 @@ def encode_value(value: Any, keep: dict[int, bytes] | None = None, in_list: bool
         nid = keep.pop(id(value))
         return Encoded((_R + item(nid), 2), value, nid)
     out: list[bytes] = []
-    depth = _tokenize(value, out, set(), in_list, 0)
-    return Encoded((b"".join(out), len(out)), value, depth=depth)
+    made = [0]
+    depth = _tokenize(value, out, set(), in_list, 0, made)
+    return Encoded((b"".join(out), len(out)), value, depth=depth, nodes=made[0])
 
 
 def check_depth(depth: int) -> None:
@@ -88,13 +90,17 @@ def check_depth(depth: int) -> None:
         raise UnsupportedValue(f"cannot store a value nested more than {codec.MAX_DEPTH} containers deep")
 
 
-def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool, level: int) -> int:
-    """Add the tokens of ``value``, held by ``level`` containers; return how deep it nests."""
+def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool, level: int, made: list[int]) -> int:
+    """Add the tokens of ``value``, held by ``level`` containers; return how deep it nests.
+
+    ``made[0]`` counts the nodes the tokens create.
+    """
     if isinstance(value, set):
         depth = 1 + max((codec.nesting(e) for e in value if type(e) not in codec.SIMPLE_TYPES), default=0)
         check_depth(level + depth)
         out += (_T, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(e)) for e in value])
+        made[0] += 1
         return depth
     if not isinstance(value, (list, dict)):
         depth = 0 if type(value) in codec.SIMPLE_TYPES else codec.nesting(value)
@@ -108,21 +114,23 @@ def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool, level
                 depth = max(depth, 1 + codec.nesting(element))
         check_depth(level + depth)
         out += (_F, item(codec.encode_whole(value)))
+        made[0] += 1
         return depth
     if id(value) in path:
         raise UnsupportedValue("cannot store a container that contains itself")
     check_depth(level + 1)
     path.add(id(value))
+    made[0] += 1
     depth = 0
     if isinstance(value, list):
         out += (_L, item(b"%d" % len(value)))
         for element in value:
-            depth = max(depth, _tokenize(element, out, path, True, level + 1))
+            depth = max(depth, _tokenize(element, out, path, True, level + 1, made))
     else:
         out += (_D, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(k)) for k in value])
         for element in value.values():
-            depth = max(depth, _tokenize(element, out, path, False, level + 1))
+            depth = max(depth, _tokenize(element, out, path, False, level + 1, made))
     path.discard(id(value))
     return depth + 1
 
@@ -165,6 +173,10 @@ class Op:
         """The op's own arguments for the apply script."""
         raise NotImplementedError
 
+    def nodes(self) -> int:
+        """How many nodes the server creates when it applies this operation."""
+        return 0
+
 
 @dataclass
 class DictSet(Op):
@@ -182,6 +194,9 @@ class DictSet(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % len(self.keys), *self.keys], self.values)
+
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
 
 
 @dataclass
@@ -246,6 +261,9 @@ class ListAppend(Op):
     def args(self) -> Args:
         return _args([b"%d" % len(self.values), b"%d" % self.keep], self.values)
 
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
+
 
 def trimmed(length: int, added: int, keep: int) -> int:
     """How many items a bounded append drops from the front of a list of ``length`` (as the script computes it)."""
@@ -266,6 +284,9 @@ class _SlotValue(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % self.slot], [self.encoded])
+
+    def nodes(self) -> int:
+        return self.encoded.nodes
 
 
 @dataclass
@@ -334,6 +355,9 @@ class ListReplace(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)], self.values)
+
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
 
 
 #: Whole-list rewrites that a name says in full (see :class:`ListReplace`).
