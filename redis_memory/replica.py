@@ -123,9 +123,7 @@ class Replica:
             # id are another dict (a rolled-back server reused the id).
             del reuse[nid]
         node = cast(ObservedDict, self._proxy(nid, "d", reuse, b""))
-        if len(node):
-            dict.clear(node)
-        dict.update(node, value)
+        _refill(node, list(value.items()))
         node._rm_next, node._rm_mod, node._rm_up, node._rm_parent = len(value) + 1, 0, parent, parent
         return node
 
@@ -586,7 +584,8 @@ class _Loader:
                 raise self.replica._corrupt(b"h" + nid, f"undecodable set element: {exc}") from None
             if len(elements) != a:
                 raise self.replica._corrupt(b"h" + nid, f"a set of {a} elements has {len(elements)}")
-            set.clear(node)
+            # By difference: an element that stays is never missing to a reader.
+            set.difference_update(node, set(node) - elements)
             set.update(node, elements)
             return node
         if isinstance(node, ObservedList):
@@ -622,16 +621,16 @@ class _Loader:
                 raise self.corrupt(nid, key, exc) from None
         if len(ordered) > 1:
             ordered.sort(key=_first)
-        if len(node):
-            dict.clear(node)
+        pairs: list[tuple[Any, Any]] = []
         for _, k, payload, key in ordered:
             if root:
                 try:
-                    dict.__setitem__(node, k, self.value(payload, nid, key, node, depth))
+                    pairs.append((k, self.value(payload, nid, key, node, depth)))
                 except CorruptData as exc:
-                    dict.__setitem__(node, k, Corrupt(exc))
+                    pairs.append((k, Corrupt(exc)))
             else:
-                dict.__setitem__(node, k, self.value(payload, nid, key, node, depth))
+                pairs.append((k, self.value(payload, nid, key, node, depth)))
+        _refill(node, pairs)
         node._rm_next = b
         return node
 
@@ -643,3 +642,53 @@ _KINDS: dict[str, type[Node]] = {"l": ObservedList, "d": ObservedDict, "s": Obse
 
 def _first(item: tuple[int, Any, bytes, bytes]) -> int:
     return item[0]
+
+
+def _refill(node: ObservedDict, items: list[tuple[Any, Any]]) -> None:
+    """Make ``node`` hold ``items``, in their order, by difference: O(n log n).
+
+    Other threads read proxies without the memory's lock, so a key that
+    stays where it was is never missing while this runs, not even for a
+    moment. Only keys out of order are taken out and put back at the end
+    (others deleted and set them again since this replica looked).
+    """
+    new = dict(items)
+    for key in [k for k in node if k not in new]:
+        dict.pop(node, key, None)
+    position = {key: i for i, (key, _) in enumerate(items)}
+    current = list(dict.keys(node))
+    for key in _out_of_order([position[k] for k in current], current):
+        dict.pop(node, key, None)
+    for key, value in items:
+        if dict.get(node, key, _MISSING) is not value:
+            dict.__setitem__(node, key, value)
+    order, wanted = list(dict.keys(node)), list(new)
+    if order != wanted:  # keys that belong before others: put back from the first one out of place
+        start = next(i for i, (a, b) in enumerate(zip(order, wanted, strict=True)) if a != b)
+        for key in wanted[start:]:
+            dict.__setitem__(node, key, dict.pop(node, key))
+
+
+def _out_of_order(positions: list[int], keys: list[Any]) -> list[Any]:
+    """The keys outside a longest run of ``positions`` that increases (patience sorting)."""
+    tails: list[int] = []  # index in positions of the smallest tail of each run length
+    back = [-1] * len(positions)
+    for i, p in enumerate(positions):
+        lo, hi = 0, len(tails)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if positions[tails[mid]] < p:
+                lo = mid + 1
+            else:
+                hi = mid
+        back[i] = tails[lo - 1] if lo else -1
+        if lo == len(tails):
+            tails.append(i)
+        else:
+            tails[lo] = i
+    keep = set()
+    i = tails[-1] if tails else -1
+    while i >= 0:
+        keep.add(i)
+        i = back[i]
+    return [key for i, key in enumerate(keys) if i not in keep]

@@ -374,3 +374,43 @@ def test_max_messages_holds_when_the_history_is_assigned_whole(client: redis.Red
     chat = ConversationMemory("bounded", client=client, max_messages=3)
     chat.messages = list(range(5))
     assert ConversationMemory("bounded", client=client).messages == [2, 3, 4]
+
+
+# -- a full reload never tears a held proxy (item 11) ----------------------------
+
+
+def test_a_full_reload_never_hides_a_key_that_did_not_change(client: redis.Redis, other_client: redis.Redis) -> None:
+    """While the replica reloads in full, another thread reading a held dict, set and list never misses an item."""
+    mem = Memory("t", client=client)
+    mem.d = {"stable": 1, "busy": 0}
+    mem.s = {"stable"}
+    mem.rows = [{"stable": 1}, {"n": 0}]
+    d, s, rows = mem.d, mem.s, mem.rows
+    theirs = Memory("t", client=other_client)
+    misses: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            if d.get("stable") != 1:
+                misses.append("dict")
+            if "stable" not in s:
+                misses.append("set")
+            if rows[0].get("stable") != 1:
+                misses.append("message")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for round_ in range(4):
+            for i in range(140):  # more than the journal holds: the next read reloads in full
+                theirs.d["busy"] = i
+            theirs.d[f"new{round_}"] = round_
+            theirs.s.add(f"new{round_}")
+            theirs.rows.append({"n": round_})
+            assert mem.to_dict() == theirs.to_dict()
+    finally:
+        stop.set()
+        reader.join(10)
+    assert misses == []
+    assert mem.d is d and mem.s is s and mem.rows is rows
