@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -382,8 +383,8 @@ def test_max_messages_holds_when_the_history_is_assigned_whole(client: redis.Red
 def test_a_full_reload_never_hides_a_key_that_did_not_change(client: redis.Redis, other_client: redis.Redis) -> None:
     """While the replica reloads in full, another thread reading a held dict, set and list never misses an item."""
     mem = Memory("t", client=client)
-    mem.d = {"stable": 1, "busy": 0}
-    mem.s = {"stable"}
+    mem.d = {**{f"filler{i}": i for i in range(500)}, "busy": 0, "stable": 1}  # refilled last, if refilled
+    mem.s = {"stable", *(f"filler{i}" for i in range(500))}
     mem.rows = [{"stable": 1}, {"n": 0}]
     d, s, rows = mem.d, mem.s, mem.rows
     theirs = Memory("t", client=other_client)
@@ -400,6 +401,8 @@ def test_a_full_reload_never_hides_a_key_that_did_not_change(client: redis.Redis
                 misses.append("message")
 
     reader = threading.Thread(target=read)
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns often, as on a busy machine
     reader.start()
     try:
         for round_ in range(4):
@@ -412,5 +415,6 @@ def test_a_full_reload_never_hides_a_key_that_did_not_change(client: redis.Redis
     finally:
         stop.set()
         reader.join(10)
+        sys.setswitchinterval(switching)
     assert misses == []
     assert mem.d is d and mem.s is s and mem.rows is rows
