@@ -441,7 +441,7 @@ class MemoryCore:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
         replica = self.replica
         if reply.status == "ok":
-            self._index(created=version_number(reply.stamp) == 1)  # version 1: this write created the memory
+            self._index(created=reply.stamp[:2] == b"1 ")  # version 1: this write created the memory
             removed = replica.removed_value(op, reply.extra)
             created = replica.incarnation == b"" and replica.version == 0
             if reply.before == replica.stamp and (reply.incarnation == replica.incarnation or created):

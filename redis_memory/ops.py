@@ -97,14 +97,16 @@ def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool, level
     """
     if isinstance(value, set):
         depth = 1 + max((codec.nesting(e) for e in value if type(e) not in codec.SIMPLE_TYPES), default=0)
-        check_depth(level + depth)
+        if level + depth > codec.MAX_DEPTH:
+            check_depth(level + depth)
         out += (_T, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(e)) for e in value])
         made[0] += 1
         return depth
     if not isinstance(value, (list, dict)):
         depth = 0 if type(value) in codec.SIMPLE_TYPES else codec.nesting(value)
-        check_depth(level + depth)
+        if level + depth > codec.MAX_DEPTH:
+            check_depth(level + depth)
         out += (_S, item(codec.encode(value)))
         return depth
     if in_list and isinstance(value, dict) and whole(value):
@@ -112,7 +114,8 @@ def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool, level
         for element in value.values():
             if type(element) not in codec.SIMPLE_TYPES:
                 depth = max(depth, 1 + codec.nesting(element))
-        check_depth(level + depth)
+        if level + depth > codec.MAX_DEPTH:
+            check_depth(level + depth)
         out += (_F, item(codec.encode_whole(value)))
         made[0] += 1
         return depth

@@ -117,13 +117,17 @@ class Replica:
         value = codec.decode_whole(blob)
         if not isinstance(parent, ObservedList):
             raise ValueError("a dict stored whole must be in a list")
-        old = reuse.get(nid)
-        if isinstance(old, ObservedDict) and old._rm_up is not None and not dict.__eq__(old, value):
-            # A dict stored whole never changes: other contents under the same
-            # id are another dict (a rolled-back server reused the id).
-            del reuse[nid]
-        node = cast(ObservedDict, self._proxy(nid, "d", reuse, b""))
-        _refill(node, list(value.items()))
+        old = reuse.pop(nid, None) if reuse else None
+        # A dict stored whole never changes, so the proxy held for it stays as
+        # it is; other contents under the same id are another dict (a
+        # rolled-back server handed the id out again): a new proxy.
+        if type(old) is ObservedDict and old._rm_up is not None and dict.__eq__(old, value):
+            node = old
+        else:
+            node = ObservedDict(self.core, nid)
+            dict.update(node, value)
+        node._rm_live = True
+        self.nodes[nid] = node
         node._rm_next, node._rm_mod, node._rm_up, node._rm_parent = len(value) + 1, 0, parent, parent
         return node
 
@@ -652,6 +656,9 @@ def _refill(node: ObservedDict, items: list[tuple[Any, Any]]) -> None:
     moment. Only keys out of order are taken out and put back at the end
     (others deleted and set them again since this replica looked).
     """
+    if not len(node):  # a new proxy (a first load): nobody can be reading it yet
+        dict.update(node, items)
+        return
     new = dict(items)
     for key in [k for k in node if k not in new]:
         dict.pop(node, key, None)

@@ -162,17 +162,20 @@ class MemoryMachine(RuleBasedStateMachine):
             self.model[name] = copy.deepcopy(value)
 
     @precondition(lambda self: self.seeded and self.before_cut is None)
-    @rule(data=st.data(), key=keys, value=values)
-    def dict_set_from_a_process_with_another_hash_seed(self, data: st.DataObject, key: Any, value: Any) -> None:
+    @rule(data=st.data(), name=st.sampled_from(NAMES), key=keys, value=values)
+    def dict_set_from_a_process_with_another_hash_seed(
+        self, data: st.DataObject, name: str, key: Any, value: Any
+    ) -> None:
         paths = [p for p in container_paths(self.model, []) if isinstance(walk(self.model, p), dict)]
-        if not paths:
-            return
-        path = data.draw(st.sampled_from(paths))
+        path = data.draw(st.sampled_from(paths)) if paths else []  # none: a new dict attribute
         worker = data.draw(st.sampled_from(self.seeded))
-        worker.send((path, key, value))
+        worker.send((path, name, key, value))
         assert worker.poll(30), "the seeded writer did not answer"
         assert worker.recv() == "ok"
-        walk(self.model, path)[key] = copy.deepcopy(value)
+        if paths:
+            walk(self.model, path)[key] = copy.deepcopy(value)
+        else:
+            self.model[name] = {key: copy.deepcopy(value)}
         MemoryMachine.hits["seeded"] = MemoryMachine.hits.get("seeded", 0) + 1
 
     @rule(data=st.data(), name=st.sampled_from(NAMES), value=values)
@@ -335,16 +338,19 @@ class MemoryMachine(RuleBasedStateMachine):
 
 
 def seeded_writer(url: str, requests: Connection) -> None:
-    """In a process of its own: set ``walk(mem, path)[key] = value`` for each request, answer "ok" or the error."""
+    """In a process of its own: set ``walk(mem, path)[key] = value`` (no path: ``mem[name] = {key: value}``)."""
     mem = Memory("sm", url=url)
     while True:
         request = requests.recv()
         if request is None:
             mem.close()
             return
-        path, key, value = request
+        path, name, key, value = request
         try:
-            walk(mem, path)[key] = value
+            if path:
+                walk(mem, path)[key] = value
+            else:
+                mem[name] = {key: value}
             requests.send("ok")
         except Exception as exc:  # reported to the test, which fails on it
             requests.send(repr(exc))
