@@ -125,6 +125,23 @@ def detached(value: Any) -> Any:
 
 def decode(data: bytes) -> Any:
     """Decode what :func:`encode` produced; any failure is a ValueError."""
+    value = _decode_any(data)
+    # encode() never writes a list or a dict (they are nodes): one found here
+    # is corrupt data, and a plain copy of it would silently drop changes.
+    if type(value) in (list, dict):
+        raise ValueError(f"a msgpack {'array' if type(value) is list else 'map'} where a scalar is stored")
+    return value
+
+
+def decode_whole(data: bytes) -> dict[Any, Any]:
+    """Decode what :func:`encode_whole` produced; ValueError if it is not a map."""
+    value = _decode_any(data)
+    if type(value) is not dict:
+        raise ValueError("a dict stored whole must be a msgpack map")
+    return value
+
+
+def _decode_any(data: bytes) -> Any:
     try:
         return _unpack(data)
     except Exception as exc:  # msgpack raises several unrelated types on bad input

@@ -108,9 +108,9 @@ class Replica:
 
     def _whole(self, nid: bytes, blob: bytes, parent: Node, reuse: dict[bytes, Node]) -> ObservedDict:
         """The proxy of a list item's dict stored whole (see ops.py); ValueError if undecodable."""
-        value = codec.decode(blob)
-        if type(value) is not dict or not isinstance(parent, ObservedList):
-            raise ValueError("a dict stored whole must be a map in a list")
+        value = codec.decode_whole(blob)
+        if not isinstance(parent, ObservedList):
+            raise ValueError("a dict stored whole must be in a list")
         old = reuse.get(nid)
         if isinstance(old, ObservedDict) and old._rm_up is not None and not dict.__eq__(old, value):
             # A dict stored whole never changes: other contents under the same
