@@ -754,7 +754,8 @@ class Memory:
         Read from Redis (one HMGET), outside the attribute namespace.
         """
         created, active = self._rm_server_call(lambda store: store.activity())
-        self._rm.names()  # refreshes the replica
+        with self._rm.lock:
+            self._rm.refresh()  # for the message count
         return Metadata(_datetime(created), _datetime(active), self._rm_message_count())
 
     def _rm_message_count(self) -> int | None:

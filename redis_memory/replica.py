@@ -154,6 +154,15 @@ class Replica:
 
     def load(self, fields: dict[bytes, bytes]) -> None:
         """Rebuild from every field of the hash (an HGETALL): O(size)."""
+        # Checked before anything changes: a replica never claims a version
+        # it could not load. Every write that creates a memory sets 'i' and 'v'.
+        if fields and not fields.get(b"i"):
+            raise self._corrupt(b"i", "a memory with fields but no incarnation")
+        if fields:
+            try:
+                version_number(fields.get(b"v") or b"?")
+            except ValueError as exc:
+                raise self._corrupt(b"v", exc) from None
         headers: dict[bytes, bytes] = {}
         entries: dict[bytes, list[tuple[bytes, bytes]]] = {}
         for field, value in fields.items():

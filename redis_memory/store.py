@@ -585,13 +585,18 @@ return reply('ok', result, unpack(extra))
 # ARGV[2] to now: the current values of every field the journal says changed
 # since, or 'full' when the journal no longer covers the gap or does not hold
 # that version (the server was rolled back): then the caller reads it all.
-# A journal entry is '<count> <token> ' then the fields, or '*' for too many.
+# A journal entry is '<count> <token> ' then the fields, or '*' for too many;
+# one that does not parse is answered 'full' too.
 _SYNC = (_PRELUDE + """
 local meta = redis.call('HMGET', K, 'v', 'i')
-local v, inc = meta[1], meta[2]
-if not inc then return {'0', '', 'empty'} end
+local v, inc = meta[1] or '', meta[2]
+if not inc then
+  -- Fields without an incarnation: the caller's full read reports them.
+  if redis.call('EXISTS', K) == 1 then return {v, '', 'full'} end
+  return {'0', '', 'empty'}
+end
 local known = tonumber(string.match(ARGV[1], '^%%d+') or '')
-local current = tonumber(string.match(v or '', '^%%d+') or '')
+local current = tonumber(string.match(v, '^%%d+') or '')
 if inc ~= ARGV[2] or not known or not current or current < known or current - known >= JOURNAL_SIZE then
   return {v, inc, 'full'}
 end
@@ -608,8 +613,10 @@ for n = known + 1, current do
   local p = #num + #tok + 3
   if string.sub(e, p) == '*' then return {v, inc, 'full'} end
   while p <= #e do
-    local c = string.find(e, ':', p, true)
-    local f = string.sub(e, c + 1, c + tonumber(string.sub(e, p, c - 1)))
+    local len = string.match(e, '^%%d+', p)
+    local c = len and p + #len
+    if not c or string.sub(e, c, c) ~= ':' or c + tonumber(len) > #e then return {v, inc, 'full'} end
+    local f = string.sub(e, c + 1, c + tonumber(len))
     if not seen[f] then seen[f] = true; fields[#fields + 1] = f end
     p = c + #f + 1
   end
@@ -648,8 +655,14 @@ return deleted
 
 
 def version_number(stamp: bytes) -> int:
-    """The change count of a version stamp (``<count> <token>``, see the apply script); 0 for none."""
-    return int(stamp.partition(b" ")[0] or b"0")
+    """The change count of a version stamp (``<count> <token>``, see the apply script); 0 for none.
+
+    ValueError if ``stamp`` is not one (``int`` alone would take ``-3``, ``+3`` or ``1_0``).
+    """
+    count = stamp.partition(b" ")[0]
+    if stamp and not count.isdigit():
+        raise ValueError(f"not a version stamp: {stamp[:40]!r}")
+    return int(count or b"0")
 
 
 def send(link: Channel, key: str, packed: bytes) -> Any:
@@ -790,7 +803,15 @@ class Store:
     def activity(self) -> tuple[int | None, int | None]:
         """HMGET of the creation and last-change times (ms since the epoch): O(1)."""
         created, active = self._call("HMGET", self.key, "tc", "ta")
-        return (int(created) if created else None), (int(active) if active else None)
+        return self._time(b"tc", created), self._time(b"ta", active)
+
+    def _time(self, field: bytes, raw: bytes | None) -> int | None:
+        if raw is None:
+            return None
+        if not raw.isdigit():
+            message = f"corrupt data in {self.key} field {field!r}: not a time: {raw[:40]!r}"
+            raise CorruptData(message, key=self.key, field=field)
+        return int(raw)
 
     def size(self) -> tuple[int, int]:
         """MEMORY USAGE of the memory's keys (else their stored bytes), and HLEN: O(size) at most."""
