@@ -181,11 +181,15 @@ class MemoryCore:
     def names(self) -> list[str]:
         with self.lock:
             self.refresh()
+            if self.replica.unnamed:
+                raise self.replica.unnamed[0]
             return list(self.replica.root)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             self.refresh()
+            if self.replica.unnamed:
+                raise self.replica.unnamed[0]
             for value in self.replica.root.values():
                 if isinstance(value, Corrupt):
                     raise value.error
@@ -347,6 +351,11 @@ class MemoryCore:
             removed = replica.value_at(op)
             self.catch_up()
             return removed
+        if reply.status == "corrupt":
+            # The script met malformed stored data and wrote nothing.
+            key, field, why = (part.decode(errors="replace") for part in reply.extra[:3])
+            message = f"corrupt data in {key} field {reply.extra[1]!r}: {why}" if field else f"{key} {why}"
+            raise CorruptData(message, key=key, field=reply.extra[1] or None)
         self.catch_up()
         if reply.status == "gone":
             proxy._rm_live = False

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from . import codec, ops
 from .errors import CorruptData
 from .proxies import ObservedDict, ObservedList, ObservedSet, plain
-from .store import REF, version_number
+from .store import HEADER, REF, version_number
 
 if TYPE_CHECKING:
     from .memory import MemoryCore
@@ -55,11 +55,11 @@ class Header(NamedTuple):
 
 
 def parse_header(raw: bytes) -> Header:
-    """The parts of a header field; ValueError if it is not one."""
-    parts = raw.split(b" ")
-    if len(parts) not in (4, 5) or parts[0] not in (b"l", b"d", b"s"):
+    """The parts of a header field; ValueError if it is not one (by the apply script's rule)."""
+    found = HEADER.fullmatch(raw)
+    if found is None:
         raise ValueError(f"bad node header {raw[:40]!r}")
-    return Header(parts[0].decode(), int(parts[1]), int(parts[2]), int(parts[3]), parts[4] if len(parts) == 5 else b"")
+    return Header(found[1].decode(), int(found[2]), int(found[3]), int(found[4]), found[5] or b"")
 
 
 class Replica:
@@ -76,6 +76,9 @@ class Replica:
         self.speculative = False
         self.root = ObservedDict(core, b"0")
         self.nodes: dict[bytes, Node] = {b"0": self.root}
+        #: Root entries whose names cannot be decoded: no name reaches them,
+        #: so listing the names (dir, to_dict) raises the first of these.
+        self.unnamed: list[CorruptData] = []
 
     @property
     def loaded(self) -> bool:
@@ -182,6 +185,7 @@ class Replica:
         # Node ids restart in a new incarnation: only the root may be reused then.
         reuse: dict[bytes, Node] = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
+        self.unnamed = []
         _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), root=True)
         self.stamped(fields.get(b"v", b""))
         self.incarnation = incarnation
@@ -576,32 +580,44 @@ class _Loader:
             node._rm_lo = a
             return node
         node._rm_up = None
-        ordered = []
+        ordered: list[tuple[int, Any, bytes | CorruptData, bytes]] = []
         keys = self.keys
         for key, raw in entries:
-            seq, _sep, payload = raw.partition(b":")
-            try:
-                decoded = keys.get(key, _MISSING)
-                if decoded is _MISSING:
+            seq, sep, payload = raw.partition(b":")
+            decoded = keys.get(key, _MISSING)
+            if decoded is _MISSING:
+                try:
                     decoded = keys[key] = codec.decode_key(key)
-                ordered.append((int(seq), decoded, payload, key))
-            except ValueError as exc:
-                if root:
-                    # A root entry whose own name is undecodable cannot be addressed; skip it.
+                except ValueError as exc:
+                    if not root:
+                        raise self.corrupt(nid, key, exc) from None
+                    # No name reaches this entry: listing the names raises.
+                    self.replica.unnamed.append(self.corrupt(nid, key, exc))
                     continue
-                raise self.corrupt(nid, key, exc) from None
+            if not (sep and seq.isdigit()):
+                # Kept under its name (last), so it reads as corrupt, not as missing.
+                bad = self.corrupt(nid, key, "an entry without its '<n>:' prefix")
+                if not root:
+                    raise bad
+                ordered.append((_LAST, decoded, bad, key))
+                continue
+            ordered.append((int(seq), decoded, payload, key))
+        if not root and len(ordered) != a:
+            raise self.replica._corrupt(b"h" + nid, f"a dict of {a} entries has {len(ordered)}")
         if len(ordered) > 1:
             ordered.sort(key=_first)
         if len(node):
             dict.clear(node)
-        for _, k, payload, key in ordered:
+        for _, k, held, key in ordered:
             if root:
                 try:
-                    dict.__setitem__(node, k, self.value(payload, nid, key, node))
+                    if isinstance(held, CorruptData):
+                        raise held
+                    dict.__setitem__(node, k, self.value(held, nid, key, node))
                 except CorruptData as exc:
                     dict.__setitem__(node, k, Corrupt(exc))
             else:
-                dict.__setitem__(node, k, self.value(payload, nid, key, node))
+                dict.__setitem__(node, k, self.value(cast(bytes, held), nid, key, node))
         node._rm_next = b
         return node
 
@@ -611,5 +627,8 @@ _MISSING: Any = object()
 _KINDS: dict[str, type[Node]] = {"l": ObservedList, "d": ObservedDict, "s": ObservedSet}
 
 
-def _first(item: tuple[int, Any, bytes, bytes]) -> int:
+_LAST = 1 << 62  # the order of a root entry whose sequence number is lost
+
+
+def _first(item: tuple[int, Any, bytes | CorruptData, bytes]) -> int:
     return item[0]

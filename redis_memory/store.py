@@ -37,6 +37,7 @@ insertion order of Python dicts survives.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -47,6 +48,8 @@ from .errors import ConnectionFailed, CorruptData, ServerRefused
 from .ops import Args, Plan, trimmed
 
 REF = 0xC1
+#: A node header (see above); the apply script's read_header follows the same rule.
+HEADER = re.compile(rb"([lds]) (-?[0-9]+) (-?[0-9]+) (-?[0-9]+)(?: (\S*))?")
 JOURNAL_SIZE = 128
 TOUCH_LIMIT = 1000
 #: Seconds an operation id is remembered after its writer's last write: the
@@ -97,12 +100,15 @@ local function hget(f)
   return v or nil
 end
 -- Writes that change nothing are skipped, so an operation that changes
--- nothing leaves the version (and every replica) alone.
+-- nothing leaves the version (and every replica) alone. The others are
+-- sent at the end, with the deletions: a script is not rolled back, so
+-- corrupt data met midway must find nothing written yet.
+local setlist, setting = {}, {}
 local function hset(f, v)
   if hget(f) ~= v then
-    redis.call('HSET', K, f, v)
     cache[f] = v
     doomed[f] = nil
+    if not setting[f] then setting[f] = true; setlist[#setlist + 1] = f end
     touch(f)
   end
 end
@@ -162,10 +168,15 @@ local stamp_now = before
 local function reply(status, result, ...)
   return {status, stamp_now, incarnation or '', result or '', before, ...}
 end
+-- Malformed stored data is answered with the key and field, for the
+-- client to raise CorruptData; never met by a Lua error.
+local function corrupt(field, why, key)
+  return reply('corrupt', '', key or K, field, why)
+end
 
 local stamp = 0
 if incarnation and meta[4] then
-  local lseq, lstamp, lres = string.match(meta[4], '^(%%d+) (%%d+) (.*)$')
+  local lseq, lstamp, lres = string.match(meta[4], '^(%%d+) (%%d+) (%%d*)$')
   if lseq and tonumber(lseq) >= seq then return reply('dup', lres) end
   stamp = tonumber(lstamp or '0')
 end
@@ -174,18 +185,40 @@ if ARGV[4] ~= '*' and ARGV[4] ~= (incarnation or '') then return reply('gone') e
 -- write, never before everything is checked.
 local creating = not incarnation
 if creating then
+  -- Fields without an incarnation are a damaged memory, not a new one:
+  -- creating over them would mix old nodes with new ones.
+  if redis.call('EXISTS', K) == 1 then return corrupt('i', 'a memory with fields but no incarnation') end
   incarnation = token
   version, counter = 0, 0
 end
+if not counter then return corrupt('c', 'not a node counter') end
+-- The writer index is touched once a minute per writer (below); a key of
+-- another type there is found now, before anything is written.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1])
+local index_due = now - stamp >= %(index_every)d
+if index_due then
+  local kind = redis.call('TYPE', KEYS[2])
+  kind = type(kind) == 'table' and kind.ok or kind
+  if kind ~= 'zset' and kind ~= 'none' then
+    return corrupt('', 'holds another kind of Redis value than redis_memory keeps there', KEYS[2])
+  end
+end
 
+-- The header of node n, or nil if there is none; nil and true if it is
+-- corrupt (the same rule as store.HEADER).
 local function read_header(n)
   local h = hget(hfield(n))
   if not h and creating and n == '0' then h = 'd 0 1 0' end
   if not h then return nil end
   -- A node's birth is the token of the operation that created it: after a
   -- rollback the same id may name another node, of another birth.
-  local kind, a, b, c, birth = string.match(h, '^(%%a) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+) ?(%%S*)$')
-  if not kind then return nil end
+  local kind, a, b, c = string.match(h, '^([lds]) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+)$')
+  local birth = ''
+  if not kind then
+    kind, a, b, c, birth = string.match(h, '^([lds]) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+) (%%S*)$')
+  end
+  if not kind then return nil, true end
   return {kind = kind, a = tonumber(a), b = tonumber(b), c = tonumber(c), birth = birth}
 end
 local function write_header(n, h)
@@ -197,7 +230,11 @@ local function is_ref(p) return string.byte(p, 1) == REF end
 -- has no fields of its own, so dropping it is dropping the field holding it.
 local function is_whole(p) return string.find(p, '=', 2, true) ~= nil end
 local function ref_nid(p) return string.match(p, '^.([^=]*)') end
-local function dict_payload(raw) return string.sub(raw, (string.find(raw, ':', 1, true) or 0) + 1) end
+-- What follows the '<seq>:' of a dict entry; '' for a corrupt one without it.
+local function dict_payload(raw)
+  local colon = string.find(raw, ':', 1, true)
+  return colon and string.sub(raw, colon + 1) or ''
+end
 
 local ttl = tonumber(ARGV[7])
 -- Sliding expiry: every write, even one that changes nothing, restarts the
@@ -235,14 +272,34 @@ local function arg()
   return ARGV[pos - 1]
 end
 
+-- A node whose header is corrupt (unparseable, or a count that is not
+-- its dict's or set's number of entries) is removed as the client read it
+-- from the server: change count -1 and the names of all its entry fields.
+local function broken(n, h, bad)
+  if known_mod[n] ~= -1 then return false end
+  return bad or (h.kind ~= 'l' and #known[n] ~= h.a)
+end
+local function child_of(n, raw)
+  if string.sub(hget(hfield(n)), 1, 1) == 'l' then return raw end
+  return dict_payload(raw)
+end
+
 -- True when every dict node under payload p is fully listed in 'known',
 -- so that drop(p) removes every field the subtree has.
 local function can_drop(p)
   if not is_ref(p) or is_whole(p) then return true end
   local n = string.sub(p, 2)
-  local h = read_header(n)
-  if not h then return true end
+  local h, bad = read_header(n)
+  if not h and not bad then return true end
   local keys = known[n]
+  if broken(n, h, bad) then
+    for _, k in ipairs(keys) do
+      local raw = hget(efield(n, k))
+      if not raw or not can_drop(child_of(n, raw)) then return false end
+    end
+    return true
+  end
+  if bad then return false end
   if not keys or known_mod[n] ~= h.c then return false end
   if h.kind == 'l' then
     for s = h.a, h.b - 1 do
@@ -261,9 +318,14 @@ end
 local function drop(p)
   if not is_ref(p) or is_whole(p) then return end
   local n = string.sub(p, 2)
-  local h = read_header(n)
-  if not h then return end
-  if h.kind == 'l' then
+  local h, bad = read_header(n)
+  if not h and not bad then return end
+  if broken(n, h, bad) then
+    for _, k in ipairs(known[n]) do
+      local f = efield(n, k)
+      drop(child_of(n, hget(f))); hdel(f)
+    end
+  elseif h.kind == 'l' then
     for s = h.a, h.b - 1 do
       local f = efield(n, fmt(s))
       local raw = hget(f)
@@ -308,11 +370,16 @@ local function build()
   end
   return string.char(REF) .. n
 end
+-- A slot a move reads that is not there is answered (after the op) as corrupt.
+local missing_slot = nil
 local function move(n, from, to)
-  hset(efield(n, fmt(to)), hget(efield(n, fmt(from))))
+  local v = hget(efield(n, fmt(from)))
+  if not v then missing_slot = missing_slot or efield(n, fmt(from)); return end
+  hset(efield(n, fmt(to)), v)
 end
 
-local h = read_header(nid)
+local h, bad = read_header(nid)
+if bad then return corrupt(hfield(nid), 'not a node header') end
 if not h or (nid ~= '0' and h.birth ~= ARGV[9]) then return reply('gone') end
 local want = string.sub(op, 1, 1)
 if want ~= 'd' and want ~= 's' then want = 'l' end
@@ -341,7 +408,9 @@ if op == 'dset' or op == 'dsetdefault' then
     local raw = hget(f)
     local s
     if raw then
+      -- A corrupt entry without its sequence number goes last.
       s = string.match(raw, '^(%%d+):')
+      if not s then s = fmt(h.b); h.b = h.b + 1 end
       drop(dict_payload(raw))
     else
       s = fmt(h.b); h.b = h.b + 1; h.a = h.a + 1
@@ -502,6 +571,7 @@ elseif op == 'promote' then
 else
   return redis.error_reply('redis_memory: unknown operation ' .. op)
 end
+if missing_slot then return corrupt(missing_slot, 'missing list element') end
 
 if ntouched == 0 then refresh_ttl(); return reply('same') end
 -- A promotion changes how an item is stored, not what the list holds:
@@ -530,8 +600,6 @@ writes[#writes + 1] = 'j' .. fmt(version %% JOURNAL_SIZE)
 writes[#writes + 1] = entry
 -- The writer index is touched once a minute per writer; each time, a few
 -- writers silent for longer than the retention are forgotten.
-local clock = redis.call('TIME')
-local now = tonumber(clock[1])
 -- Activity times, in ms: of this write, and of the one that created the memory.
 local now_ms = fmt(now * 1000 + math.floor(tonumber(clock[2]) / 1000))
 writes[#writes + 1] = 'ta'
@@ -540,7 +608,7 @@ if creating then
   writes[#writes + 1] = 'tc'
   writes[#writes + 1] = now_ms
 end
-if now - stamp >= %(index_every)d then
+if index_due then
   stamp = now
   local W = KEYS[2]
   redis.call('ZADD', W, now, writer)
@@ -558,6 +626,9 @@ end
 if creating then
   writes[#writes + 1] = 'i'
   writes[#writes + 1] = incarnation
+end
+for _, f in ipairs(setlist) do
+  if cache[f] then writes[#writes + 1] = f; writes[#writes + 1] = cache[f] end
 end
 flush_deletes()
 for start = 1, #writes, 1000 do
@@ -872,14 +943,23 @@ def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list
         child, whole, _ = raw[1:].partition(b"=")
         if raw[:1] != bytes((REF,)) or whole:
             continue
-        header = fields.get(b"h" + child, b"").split(b" ")
-        if len(header) < 4:
+        header = fields.get(b"h" + child)
+        if header is None:
             continue  # a missing node: nothing to remove
         children = entries.get(child, {})
-        if header[0] in (b"d", b"s"):  # a set's elements hold empty values: no children
-            plan[child] = (int(header[3]), list(children))
+        found = HEADER.fullmatch(header)
+        if found is None or (found[1] != b"l" and int(found[2]) != len(children)):
+            # A corrupt header: the script removes the node's fields listed
+            # here, marked by the change count -1 (see the apply script).
+            plan[child] = (-1, list(children))
+            if header[:1] == b"l":
+                doomed += list(children.values())
+            else:
+                doomed += [value.partition(b":")[2] for value in children.values()]
+        elif found[1] in (b"d", b"s"):  # a set's elements hold empty values: no children
+            plan[child] = (int(found[4]), list(children))
             doomed += [value.partition(b":")[2] for value in children.values()]
         else:
-            plan[child] = (int(header[3]), [])
+            plan[child] = (int(found[4]), [])
             doomed += list(children.values())
     return plan
