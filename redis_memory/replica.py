@@ -34,10 +34,12 @@ Node = ObservedList | ObservedDict | ObservedSet
 class Corrupt:
     """Stands in the root for an attribute whose stored data cannot be decoded."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "unordered")
 
-    def __init__(self, error: CorruptData) -> None:
+    def __init__(self, error: CorruptData, unordered: bool = False) -> None:
         self.error = error
+        #: Its entry lost its '<seq>:': the script gives the value set over it the next one.
+        self.unordered = unordered
 
 
 class Resync(Exception):
@@ -402,7 +404,8 @@ class Replica:
                 built = [self._materialize(encoded, nids, None, birth) for encoded in op.values]
                 for key, value in zip((k for k, _ in op.items), built, strict=True):
                     old = dict.get(node, key)
-                    if key not in node:
+                    if key not in node or (isinstance(old, Corrupt) and old.unordered):
+                        dict.pop(node, key, None)  # the script placed it last, as a new key
                         node._rm_next += 1
                     self._kill(old)
                     dict.__setitem__(node, key, value)
@@ -610,9 +613,10 @@ class _Loader:
             dict.clear(node)
         for _, k, held, key in ordered:
             if root:
+                if isinstance(held, CorruptData):
+                    dict.__setitem__(node, k, Corrupt(held, unordered=True))
+                    continue
                 try:
-                    if isinstance(held, CorruptData):
-                        raise held
                     dict.__setitem__(node, k, self.value(held, nid, key, node))
                 except CorruptData as exc:
                     dict.__setitem__(node, k, Corrupt(exc))

@@ -51,14 +51,16 @@ def test_a_root_entry_without_its_sequence_is_corrupt_and_replaceable(client: re
         hasattr(fresh, "x")
     assert_corrupt(info, mem.key, entry(client, mem, "x"))
     assert fresh.y == 2
-    fresh.x = "again"
+    fresh.z = 3
+    fresh.x = "again"  # placed last, as a new key: here as in a fresh load
+    assert list(fresh.to_dict()) == list(Memory("seq", client=client).to_dict()) == ["y", "z", "x"]
     assert Memory("seq", client=client).x == "again"
     client.hset(mem.key, entry(client, mem, "x"), bad)
     force_reload(client, mem)
     again = Memory("seq", client=client)
     del again.x
     assert not hasattr(Memory("seq", client=client), "x")
-    assert Memory("seq", client=client).to_dict() == {"y": 2}
+    assert Memory("seq", client=client).to_dict() == {"y": 2, "z": 3}
 
 
 # -- 2. a list or map in a scalar slot ------------------------------------------
