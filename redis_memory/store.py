@@ -33,6 +33,13 @@ until a ``promote`` gives it some; see :mod:`redis_memory.ops`).
 List slots run from ``lo`` to ``hi - 1``; an append writes slot ``hi``, an
 insert at the front slot ``lo - 1``, so both ends are O(1). Dict entries carry an insertion sequence number so the
 insertion order of Python dicts survives.
+
+Corrupt data (a field that does not follow this layout) is reported as
+:class:`~redis_memory.errors.CorruptData` naming the key and field, by a
+read and by the apply script, which then writes nothing. A hash with fields
+but no ``i`` is corrupt, never created over. A node whose header is corrupt
+(unparseable, or a dict's or set's count that is not its number of entries)
+is removed whole with the attribute holding it.
 """
 
 from __future__ import annotations
@@ -148,8 +155,14 @@ local function efield(n, s) return 'e' .. n .. ':' .. s end
 # expected incarnation ('*' for any, or none), op name, nid, expiry in ms
 # (0: none), author (may be empty), the birth of node nid as the client
 # knows it (checked unless nid is the root); the number
-# of arguments that follow for the keys of every dict node the op may remove
-# (per node: nid, key count, keys); then the op's own arguments (see ops.py).
+# of arguments that follow for every node the op may remove (per node: nid,
+# change count, key count, keys; change count -1 for a node whose header is
+# corrupt, with all its entry fields, as read from the server); then the
+# op's own arguments (see ops.py).
+# Replies: status, version stamp after, incarnation, result (the first new
+# node id), stamp before, then what a delete removed. Malformed stored data
+# is answered 'corrupt' with the key, the field (empty for a key of another
+# type) and why: the client raises CorruptData.
 # An applied change is published on the memory's change channel (see
 # feed.py for the message).
 # Every check runs before the first write: a script is not rolled back.
