@@ -264,6 +264,8 @@ class MemoryCore:
                 plan = replica.removal_plan(op)
                 if plan is None:
                     plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args())) if online else {}
+                    # This replica cannot mirror the removal of what it could not decode: reload after it.
+                    replica.speculative = True
                 seq = self._next_seq()
                 if not online:
                     result = self._enqueue(op, plan, seq)

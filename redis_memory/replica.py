@@ -32,7 +32,11 @@ Node = ObservedList | ObservedDict | ObservedSet
 
 
 class Corrupt:
-    """Stands in the root for an attribute whose stored data cannot be decoded."""
+    """Stands for a value whose stored data cannot be decoded: in the root, and in the containers above it.
+
+    Reading the attribute raises its error; a container a user still holds
+    keeps its other items. An operation removing it plans from the server's data.
+    """
 
     __slots__ = ("error", "unordered")
 
@@ -81,6 +85,9 @@ class Replica:
         #: Root entries whose names cannot be decoded: no name reaches them,
         #: so listing the names (dir, to_dict) raises the first of these.
         self.unnamed: list[CorruptData] = []
+        #: Nodes with corrupt data in them or under them (since the last
+        #: load): this replica cannot describe what removing them removes.
+        self.damaged: set[bytes] = set()
 
     @property
     def loaded(self) -> bool:
@@ -188,6 +195,7 @@ class Replica:
         reuse: dict[bytes, Node] = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
         self.unnamed = []
+        self.damaged = set()
         _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), root=True)
         self.stamped(fields.get(b"v", b""))
         self.incarnation = incarnation
@@ -321,8 +329,8 @@ class Replica:
     def removal_plan(self, op: ops.Op) -> ops.Plan | None:
         """Every container ``op`` may remove, as this replica sees it, for the server to check.
 
-        None if it removes an attribute whose stored data is corrupt: only
-        the server's data can tell what that holds.
+        None if it removes a value whose stored data is corrupt: only the
+        server's data can tell what that holds.
         """
         node = self.nodes[op.nid]
         doomed: list[Any] = []
@@ -343,7 +351,7 @@ class Replica:
         stack = doomed
         while stack:
             value = stack.pop()
-            if isinstance(value, Corrupt):
+            if isinstance(value, Corrupt) or (self.damaged and getattr(value, "_rm_nid", None) in self.damaged):
                 return None
             if isinstance(value, ObservedDict) and value._rm_up is None:  # one stored whole has no fields to list
                 plan[value._rm_nid] = (value._rm_mod, [codec.encode_key(k) for k in value])
@@ -538,7 +546,11 @@ class _Loader:
             header = self.headers.get(child)
             if header is None:
                 raise self.corrupt(nid, slot, f"reference to missing node {child!r}")
-            return self.fill(child, header)
+            try:
+                return self.fill(child, header)
+            except CorruptData:
+                self.replica.damaged.add(child)
+                raise
         try:
             return codec.decode(payload)
         except ValueError as exc:
@@ -567,23 +579,35 @@ class _Loader:
             set.update(node, elements)
             return node
         if isinstance(node, ObservedList):
+            # A corrupt item becomes a placeholder, and the list is filled
+            # before its first error is raised: a user may hold this list.
+            error = None
             slots = {}
             for slot, payload in entries:
                 try:
                     slots[int(slot)] = payload
                 except ValueError:
-                    raise self.corrupt(nid, slot, "bad slot") from None
+                    error = error or self.corrupt(nid, slot, "bad slot")
             items = []
             for s in range(a, b):
                 found = slots.get(s)
-                if found is None:
-                    raise self.corrupt(nid, s, "missing list element")
-                items.append(self.value(found, nid, s, node))
+                try:
+                    if found is None:
+                        raise self.corrupt(nid, s, "missing list element")
+                    items.append(self.value(found, nid, s, node))
+                except CorruptData as exc:
+                    error = error or exc
+                    items.append(Corrupt(exc))
             list.__setitem__(node, slice(None), items)
             node._rm_lo = a
+            if error is not None:
+                raise error
             return node
         node._rm_up = None
         ordered: list[tuple[int, Any, bytes | CorruptData, bytes]] = []
+        # As for a list: the root keeps each corrupt attribute as a
+        # placeholder; a nested dict is filled, then raises its first error.
+        error = None
         keys = self.keys
         for key, raw in entries:
             seq, sep, payload = raw.partition(b":")
@@ -592,37 +616,36 @@ class _Loader:
                 try:
                     decoded = keys[key] = codec.decode_key(key)
                 except ValueError as exc:
-                    if not root:
-                        raise self.corrupt(nid, key, exc) from None
-                    # No name reaches this entry: listing the names raises.
-                    self.replica.unnamed.append(self.corrupt(nid, key, exc))
+                    # No name reaches this entry: in the root, listing the names raises.
+                    bad = self.corrupt(nid, key, exc)
+                    if root:
+                        self.replica.unnamed.append(bad)
+                    error = error or bad
                     continue
             if not (sep and seq.isdigit()):
                 # Kept under its name (last), so it reads as corrupt, not as missing.
-                bad = self.corrupt(nid, key, "an entry without its '<n>:' prefix")
-                if not root:
-                    raise bad
-                ordered.append((_LAST, decoded, bad, key))
+                ordered.append((_LAST, decoded, self.corrupt(nid, key, "an entry without its '<n>:' prefix"), key))
                 continue
             ordered.append((int(seq), decoded, payload, key))
-        if not root and len(ordered) != a:
-            raise self.replica._corrupt(b"h" + nid, f"a dict of {a} entries has {len(ordered)}")
+        if not root and len(entries) != a:
+            error = error or self.replica._corrupt(b"h" + nid, f"a dict of {a} entries has {len(ordered)}")
         if len(ordered) > 1:
             ordered.sort(key=_first)
         if len(node):
             dict.clear(node)
         for _, k, held, key in ordered:
-            if root:
-                if isinstance(held, CorruptData):
-                    dict.__setitem__(node, k, Corrupt(held, unordered=True))
-                    continue
-                try:
-                    dict.__setitem__(node, k, self.value(held, nid, key, node))
-                except CorruptData as exc:
-                    dict.__setitem__(node, k, Corrupt(exc))
-            else:
-                dict.__setitem__(node, k, self.value(cast(bytes, held), nid, key, node))
+            if isinstance(held, CorruptData):
+                error = error or held
+                dict.__setitem__(node, k, Corrupt(held, unordered=True))
+                continue
+            try:
+                dict.__setitem__(node, k, self.value(held, nid, key, node))
+            except CorruptData as exc:
+                error = error or exc
+                dict.__setitem__(node, k, Corrupt(exc))
         node._rm_next = b
+        if error is not None and not root:
+            raise error
         return node
 
 

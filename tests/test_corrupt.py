@@ -277,3 +277,22 @@ def test_a_missing_list_slot_found_mid_delete_writes_nothing(client: redis.Redis
         del held[3]
     assert_corrupt(info, mem.key, target)
     assert stored(client, mem) == before
+
+
+@pytest.mark.parametrize("action", ["replace", "delete"])
+def test_a_held_dict_over_a_nested_node_found_corrupt_sets_and_deletes(client: redis.Redis, action: str) -> None:
+    """d[k] = v and del d[k] on a held dict whose child's header was corrupted since both work."""
+    mem = nested(client)
+    held = mem.d
+    inner = stored(client, mem)[b"e" + child(client, mem, "d") + b":" + msgpack.packb("inner")].partition(b":")[2][1:]
+    client.hset(mem.key, b"h" + inner, b"d 9 3 0 x")
+    force_reload(client, mem)
+    if action == "replace":
+        held["inner"] = "new"
+        expected = {"inner": "new", "b": 2}
+    else:
+        del held["inner"]
+        expected = {"b": 2}
+    assert Memory("nested", client=client).d == expected
+    assert mem.d == expected and held == expected
+    assert not [f for f in stored(client, mem) if f.startswith((b"h" + inner, b"e" + inner + b":"))]
