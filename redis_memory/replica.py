@@ -628,7 +628,7 @@ class _Loader:
                 continue
             ordered.append((int(seq), decoded, payload, key))
         if not root and len(entries) != a:
-            error = error or self.replica._corrupt(b"h" + nid, f"a dict of {a} entries has {len(ordered)}")
+            error = error or self.replica._corrupt(b"h" + nid, f"a dict of {a} entries has {len(entries)}")
         if len(ordered) > 1:
             ordered.sort(key=_first)
         if len(node):
@@ -654,7 +654,7 @@ _MISSING: Any = object()
 _KINDS: dict[str, type[Node]] = {"l": ObservedList, "d": ObservedDict, "s": ObservedSet}
 
 
-_LAST = 1 << 62  # the order of a root entry whose sequence number is lost
+_LAST = 1 << 62  # the order of an entry whose sequence number is lost
 
 
 def _first(item: tuple[int, Any, bytes | CorruptData, bytes]) -> int:
