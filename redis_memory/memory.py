@@ -207,9 +207,6 @@ class MemoryCore:
             self.refresh()
             try:
                 self.replica.root.pop(name)
-            except CorruptData:
-                # Deleted on the server; only the old value was undecodable.
-                self.catch_up()
             except MissingKey:
                 raise missing(f"{name!r} is not stored in {self.store.key}", key=self.store.key, field=name) from None
 

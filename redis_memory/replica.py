@@ -364,16 +364,23 @@ class Replica:
         return plan
 
     def removed_value(self, op: ops.Op, payloads: list[bytes]) -> Any:
-        """What a delete returned: the server's scalar, or our copy of a container."""
+        """What a delete returned: the server's scalar, or our copy of a container.
+
+        None for a value that cannot be decoded: it is deleted all the same,
+        and a deletion never fails on the data it removes.
+        """
         if not payloads:
             return None
         payload = payloads[0]
-        if payload[:1] != _REF_BYTE:
-            return self._decode(payload, b"e" + op.nid, self.nodes[op.nid])
-        nid, whole, blob = payload[1:].partition(b"=")
-        node = self.nodes.get(nid)
-        if node is None and whole:
-            return self._decode(blob, b"e" + op.nid, self.nodes[op.nid])
+        try:
+            if payload[:1] != _REF_BYTE:
+                return codec.decode(payload)
+            nid, whole, blob = payload[1:].partition(b"=")
+            node = self.nodes.get(nid)
+            if node is None and whole:
+                return codec.decode_whole(blob)
+        except ValueError:
+            return None
         return plain(node)
 
     def value_at(self, op: ops.Op) -> Any:

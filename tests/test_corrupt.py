@@ -297,3 +297,26 @@ def test_a_held_dict_over_a_nested_node_found_corrupt_sets_and_deletes(client: r
     assert Memory("nested", client=client).d == expected
     assert mem.d == expected and held == expected
     assert not [f for f in stored(client, mem) if f.startswith((b"h" + inner, b"e" + inner + b":"))]
+
+
+def test_deleting_refused_for_corrupt_data_says_so(client: redis.Redis) -> None:
+    """del of an attribute refused because the memory's counter is corrupt raises CorruptData; nothing is deleted."""
+    mem = Memory("refused", client=client)
+    mem.x = 1
+    client.hset(mem.key, "c", b"many")
+    with pytest.raises(CorruptData) as info:
+        del Memory("refused", client=client).x
+    assert_corrupt(info, mem.key, b"c")
+    assert Memory("refused", client=client).x == 1
+
+
+def test_a_corrupt_item_of_a_held_dict_is_deleted_quietly(client: redis.Redis) -> None:
+    """del d[k] on a held dict whose item was corrupted since deletes it; pop() of it returns None (it is gone)."""
+    mem = Memory("quiet", client=client)
+    mem.d = {"a": 1, "b": 2, "c": 3}
+    held = mem.d
+    for key in ("a", "b"):
+        client.hset(mem.key, b"e" + child(client, mem, "d") + b":" + msgpack.packb(key), b"1:\xc7\x01\x63\x00")
+    del held["a"]
+    assert held.pop("b") is None
+    assert Memory("quiet", client=client).d == {"c": 3} == held
