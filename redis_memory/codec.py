@@ -9,6 +9,7 @@ keeps each of them as a node of its own (see :mod:`redis_memory.ops`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -24,9 +25,17 @@ EXT_DATETIME = 4
 EXT_DATE = 5
 EXT_BIGINT = 6
 
-#: Exact types a dict key may have. Floats and bools are refused because they
-#: compare equal to ints (``1 == 1.0 == True``) yet encode differently, so one
-#: Python key could become several stored ones.
+#: How many containers (lists, dicts, tuples, sets, frozensets) a stored value
+#: may nest, counted from the attribute: deeper ones are refused when stored,
+#: and stored data nested deeper (only corruption makes it) is CorruptData.
+MAX_DEPTH = 100
+
+#: Exact types a dict key, and each element of a tuple or frozenset key, may
+#: have: keys equal in Python must encode to the same bytes in every process.
+#: Floats and bools are refused because they compare equal to ints
+#: (``(1,) == (1.0,) == (True,)``) yet encode differently; so are aware
+#: datetimes (equal instants in other zones); naive ones are stored with
+#: ``fold=0``, which equality ignores.
 KEY_TYPES = (str, bytes, int, type(None), tuple, frozenset, dt.date, dt.datetime)
 #: Types stored as one encoded value. Lists, dicts and sets are nodes instead (see ops.py).
 SCALAR_TYPES = (type(None), bool, int, float, str, bytes, tuple, frozenset, dt.date, dt.datetime)
@@ -35,11 +44,20 @@ SCALAR_TYPES = (type(None), bool, int, float, str, bytes, tuple, frozenset, dt.d
 def _default(obj: Any) -> Any:
     kind = type(obj)
     if kind is tuple:
+        for element in obj:
+            # Changes to a list, dict or set inside a tuple could not be
+            # observed: this process's copy would drift from the server's.
+            if isinstance(element, (list, dict, set)):
+                raise UnsupportedValue(
+                    f"cannot store a tuple holding a {type(element).__name__}; use a list, or a tuple of scalars"
+                )
         return msgpack.ExtType(EXT_TUPLE, _pack(list(obj)))
     if kind is set:
         return msgpack.ExtType(EXT_SET, _pack(list(obj)))
     if kind is frozenset:
-        return msgpack.ExtType(EXT_FROZENSET, _pack(list(obj)))
+        # Elements in the order of their bytes, not of their hashes (which
+        # depend on the process's hash seed): equal frozensets, equal bytes.
+        return msgpack.ExtType(EXT_FROZENSET, _array(sorted(_pack(element) for element in obj)))
     if kind is dt.datetime:
         zone = obj.tzinfo.key if isinstance(obj.tzinfo, ZoneInfo) else None
         return msgpack.ExtType(EXT_DATETIME, _pack([obj.isoformat(), zone, obj.fold]))
@@ -47,12 +65,6 @@ def _default(obj: Any) -> Any:
         return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
     if kind is int:
         return msgpack.ExtType(EXT_BIGINT, obj.to_bytes(obj.bit_length() // 8 + 1, "big", signed=True))
-    # Proxies and other list/dict subclasses inside a tuple or set are stored
-    # as the plain containers they are.
-    if isinstance(obj, list):
-        return list(obj)
-    if isinstance(obj, dict):
-        return dict(obj)
     raise UnsupportedValue(
         f"cannot store a value of type {kind.__module__}.{kind.__qualname__}; "
         "supported: None, bool, int, float, str, bytes, list, dict, tuple, set, "
@@ -70,15 +82,28 @@ def _pack(value: Any) -> bytes:
         raise UnsupportedValue(f"cannot store this {type(value).__name__}: {exc}") from exc
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == EXT_TUPLE:
-        return tuple(_unpack(data))
-    if code == EXT_SET:
-        return set(_unpack(data))
-    if code == EXT_FROZENSET:
-        return frozenset(_unpack(data))
+def _array(packed: list[bytes]) -> bytes:
+    """A msgpack array of already packed elements."""
+    n = len(packed)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    else:
+        head = b"\xdc" + n.to_bytes(2, "big") if n < 2**16 else b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(packed)
+
+
+def _ext_hook(code: int, data: bytes, depth: int) -> Any:
+    if code in _COLLECTIONS:
+        # Each level is a nested unpackb call: counted, so that corrupt data
+        # cannot exhaust the stack (which crashes the interpreter).
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"containers nested more than {MAX_DEPTH} deep")
+        elements = _unpack(data, depth + 1)
+        if type(elements) is not list or any(type(e) is list or type(e) is dict for e in elements):
+            raise ValueError("a tuple, set or frozenset must be an array of scalars")
+        return _COLLECTIONS[code](elements)
     if code == EXT_DATETIME:
-        iso, zone, fold = _unpack(data)
+        iso, zone, fold = msgpack.unpackb(data, raw=False)  # no hook: nothing nested to decode
         value = dt.datetime.fromisoformat(iso)
         if zone is not None:
             value = value.replace(tzinfo=ZoneInfo(zone))
@@ -90,8 +115,30 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise ValueError(f"unknown extension type {code}")
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True)
+_COLLECTIONS: dict[int, type] = {EXT_TUPLE: tuple, EXT_SET: set, EXT_FROZENSET: frozenset}
+#: The extension hook for each depth of nested tuples, sets and frozensets.
+_HOOKS = [functools.partial(_ext_hook, depth=depth) for depth in range(MAX_DEPTH + 1)]
+
+
+def _unpack(data: bytes, depth: int = 0) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_HOOKS[depth], use_list=True)
+
+
+_NESTED = (list, dict, tuple, set, frozenset)
+
+
+def nesting(value: Any) -> int:
+    """How many containers deep ``value`` nests (a scalar: 0), counted up to MAX_DEPTH + 1: O(size)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, _NESTED):
+            if level > deepest:
+                deepest = level
+                if level > MAX_DEPTH:
+                    break  # deep enough to refuse (or a container that holds itself)
+            stack.extend((element, level + 1) for element in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 #: Immutable types whose decoded form is an equal object of the same type,
@@ -115,6 +162,8 @@ def encode(value: Any) -> bytes:
         return packed
     if kind not in SCALAR_TYPES:
         _default(value)  # raises with the type's name
+    if nesting(value) > MAX_DEPTH:
+        raise UnsupportedValue(f"cannot store a value nested more than {MAX_DEPTH} containers deep")
     return _pack(value)
 
 
@@ -125,41 +174,40 @@ def detached(value: Any) -> Any:
 
 def decode(data: bytes) -> Any:
     """Decode what :func:`encode` produced; any failure is a ValueError."""
-    value = _decode_any(data)
-    # encode() never writes a list or a dict (they are nodes): one found here
-    # is corrupt data, and a plain copy of it would silently drop changes.
-    if type(value) in (list, dict):
-        raise ValueError(f"a msgpack {'array' if type(value) is list else 'map'} where a scalar is stored")
-    return value
-
-
-def decode_whole(data: bytes) -> dict[Any, Any]:
-    """Decode what :func:`encode_whole` produced; ValueError if it is not a map."""
-    value = _decode_any(data)
-    if type(value) is not dict:
-        raise ValueError("a dict stored whole must be a msgpack map")
-    return value
-
-
-def _decode_any(data: bytes) -> Any:
     try:
-        return _unpack(data)
+        value = _unpack(data)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ValueError(f"undecodable value: {exc}") from exc
+    if type(value) is list or type(value) is dict:
+        # encode() makes none: it would be a list or dict whose changes nobody sees.
+        raise ValueError("a stored scalar is a msgpack array or map")
+    return value
 
 
-def _check_key(key: Any) -> None:
-    if type(key) not in KEY_TYPES:
+def _canonical_key(key: Any, depth: int = 0) -> Any:
+    """``key`` as it is stored (see :data:`KEY_TYPES`): O(size of the key); UnsupportedValue if it cannot be one."""
+    kind = type(key)
+    if kind not in KEY_TYPES:
         raise UnsupportedValue(
-            f"cannot use a key of type {type(key).__qualname__}; dict keys must be "
-            "str, bytes, int, None, tuple, frozenset, date or datetime"
+            f"cannot use a key holding a {kind.__qualname__}; dict keys (and the elements of tuple and "
+            "frozenset keys) must be str, bytes, int, None, tuple, frozenset, date or naive datetime"
         )
+    if kind is dt.datetime:
+        if key.tzinfo is not None:
+            raise UnsupportedValue("cannot use an aware datetime as a dict key: equal instants in other zones differ")
+        return key.replace(fold=0) if key.fold else key
+    if kind is tuple or kind is frozenset:
+        if depth >= MAX_DEPTH:
+            raise UnsupportedValue(f"cannot use a key nested more than {MAX_DEPTH} containers deep")
+        elements = [_canonical_key(element, depth + 1) for element in key]
+        if any(new is not old for new, old in zip(elements, key, strict=True)):
+            return kind(elements)
+    return key
 
 
 def encode_key(key: Any) -> bytes:
-    """Encode a dict key; raise UnsupportedValue for types that cannot be keys."""
-    _check_key(key)
-    return encode(key)
+    """Encode a dict key, the same bytes for keys equal in Python; UnsupportedValue for what cannot be a key."""
+    return encode(_canonical_key(key))
 
 
 def encode_whole(value: dict[Any, Any]) -> bytes:
@@ -169,8 +217,9 @@ def encode_whole(value: dict[Any, Any]) -> bytes:
     decoding gives back an equal dict in the same order.
     """
     for key in value:
-        if type(key) not in KEY_TYPES:
-            _check_key(key)
+        if type(key) is not str and _canonical_key(key) is not key:
+            value = {_canonical_key(k): v for k, v in value.items()}
+            break
     packer = getattr(_local, "whole_packer", None)
     if packer is None:
         packer = _local.whole_packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True)
@@ -183,6 +232,20 @@ def encode_whole(value: dict[Any, Any]) -> bytes:
         _local.whole_packer = None
         raise UnsupportedValue(f"cannot store this dict: {exc}") from exc
     return packed
+
+
+def decode_whole(data: bytes) -> dict[Any, Any]:
+    """Decode what :func:`encode_whole` produced; any failure is a ValueError."""
+    try:
+        value = _unpack(data)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ValueError(f"undecodable value: {exc}") from exc
+    if type(value) is not dict:
+        raise ValueError("a dict stored whole must be a map")
+    for element in value.values():  # a loop: twice as fast as any() here
+        if type(element) is list or type(element) is dict:
+            raise ValueError("a dict stored whole must hold scalars only")
+    return value
 
 
 def decode_key(data: bytes) -> Any:

@@ -12,6 +12,7 @@ with its data kept there across restarts (append-only file).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import os
 import socket
@@ -19,21 +20,50 @@ import subprocess
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote, unquote, urlparse
 
 import redis
+import redis.backoff
+import redis.retry
 
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
 
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 10.0
 _clients: dict[str, redis.Redis] = {}
-#: Error replies that mean "not now" rather than "not this command".
-_UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
+#: Error replies that mean "not now" rather than "not this command". BUSY: a
+#: script is running, perhaps the very command whose reply did not arrive, so
+#: whether that one was applied is not known.
+_UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "BUSY ")
 _clients_lock = threading.Lock()
+#: When this thread's commands must give up (time.monotonic()), if they must.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("redis_memory_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Within the block, this thread's commands give up after ``seconds`` in all, as if the link had broken."""
+    if seconds is None:
+        yield
+        return
+    end = time.monotonic() + seconds
+    outer = _deadline.get()
+    token = _deadline.set(end if outer is None else min(outer, end))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _least(configured: float | None, bound: float | None) -> float | None:
+    """The shorter of two timeouts, None being no limit."""
+    if bound is None:
+        return configured
+    return bound if configured is None else min(configured, bound)
 
 
 class Channel:
@@ -45,9 +75,16 @@ class Channel:
     the client's pool settings (address, TLS, credentials, protocol,
     database, timeouts all carry over), and speaks RESP on its socket
     directly. Connections that are not sockets (fakeredis) go through
-    redis-py. Calls are serialized by a lock. A broken connection is replaced
-    and the command sent once more: safe, since every write carries an
-    operation id and the server applies an id once.
+    redis-py. Calls are serialized by a lock.
+
+    A connection found closed (reset, or closed by the server: it had gone
+    stale) is replaced and the command sent once more: safe, since every
+    write carries an operation id and the server applies an id once. A
+    command whose reply did not come within the command timeout is not sent
+    again: the server may still be running it, and waiting twice would
+    double the time a caller is blocked. Whether it was applied is then
+    unknown, and the caller is told so (ConnectionFailed), never that it
+    was refused: an error reply to a resend is reported the same way.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -57,13 +94,25 @@ class Channel:
         self.conn: redis.connection.AbstractConnection | None = None
         self.reader: BinaryIO | None = None
 
-    def _open(self) -> redis.connection.AbstractConnection:
+    def connect_timeout(self) -> float:
+        """How long connecting may take: the client's connect timeout, else :data:`CONNECT_TIMEOUT`."""
+        configured = self.client.connection_pool.connection_kwargs.get("socket_connect_timeout")
+        return float(configured) if configured else CONNECT_TIMEOUT
+
+    def _open(self, bound: float | None) -> redis.connection.AbstractConnection:
         # Built from the pool's settings but not counted by it: reconnects must
         # not use up the pool's max_connections. The pool's connection_class
         # is always an AbstractConnection (redis-py annotates the interface).
         pool = self.client.connection_pool
         conn = cast(redis.connection.AbstractConnection, pool.connection_class(**pool.connection_kwargs))
+        # One attempt: redis-py's own retries (ten by default for redis.Redis())
+        # would multiply every bound below; this channel decides what is retried.
+        conn.retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+        timeout, connect_timeout = conn.socket_timeout, conn.socket_connect_timeout
+        # Connecting and the handshake after it fit the caller's deadline too.
+        conn.socket_timeout, conn.socket_connect_timeout = _least(timeout, bound), _least(connect_timeout, bound)
         conn.connect()  # type: ignore[no-untyped-call]
+        conn.socket_timeout, conn.socket_connect_timeout = timeout, connect_timeout
         sock = getattr(conn, "_sock", None)
         self.reader = sock.makefile("rb") if isinstance(sock, socket.socket) else None
         self.conn = conn
@@ -76,50 +125,85 @@ class Channel:
             self.conn.disconnect()  # type: ignore[no-untyped-call]
         self.conn = self.reader = None
 
+    def close(self, blocking: bool = True) -> None:
+        """Close the connection (the next command opens a new one); not blocking: unless a command is using it."""
+        if not self.lock.acquire(blocking):
+            return
+        try:
+            if self.pid == os.getpid():
+                self._close()
+            self.conn = self.reader = None
+        finally:
+            self.lock.release()
+
     def call(self, *args: bytes | str | int) -> object:
         return self.call_packed(resp_command(args))
 
     def call_packed(self, packed: bytes) -> object:
-        """Send a command already in RESP form and return its reply."""
-        with self.lock:
-            if self.pid != os.getpid():
-                # Forked: the socket belongs to the parent; leave it untouched.
-                self.conn = self.reader = None
-                self.pid = os.getpid()
-            for attempt in (1, 2):
-                fresh = self.conn is None
-                try:
-                    conn = self.conn or self._open()
-                    if self.reader is None:
-                        conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
-                        return conn.read_response()
-                    conn._sock.sendall(packed)  # type: ignore[attr-defined]
+        """Send a command already in RESP form and return its reply (within the thread's :func:`deadline`)."""
+        end = _deadline.get()
+        if not self.lock.acquire(timeout=-1 if end is None else max(0.0, end - time.monotonic())):
+            raise ConnectionFailed("Redis did not answer in time: another thread's command is still waiting")
+        try:
+            return self._call_locked(packed, end)
+        finally:
+            self.lock.release()
+
+    def _call_locked(self, packed: bytes, end: float | None) -> object:
+        if self.pid != os.getpid():
+            # Forked: the socket belongs to the parent; leave it untouched.
+            self.conn = self.reader = None
+            self.pid = os.getpid()
+        for attempt in (1, 2):
+            fresh = self.conn is None
+            bound = None if end is None else end - time.monotonic()
+            if bound is not None and bound <= 0:
+                raise ConnectionFailed("Redis did not answer in time")
+            try:
+                conn = self.conn or self._open(bound)
+                if self.reader is None:
+                    conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
+                    reply = conn.read_response()
+                else:
+                    sock = cast(socket.socket, conn._sock)
+                    if bound is not None:
+                        sock.settimeout(_least(conn.socket_timeout, bound))
+                    sock.sendall(packed)
                     reply = read_reply(self.reader)
-                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                    if bound is not None:
+                        sock.settimeout(conn.socket_timeout)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                self._close()
+                # A connection that had served before may just have gone
+                # stale: try a new one, once. Not after a timeout (the server
+                # may be running the command yet), nor when a new one failed
+                # (the server is unreachable): waiting again would only double
+                # the time a caller is blocked.
+                timed_out = isinstance(exc, (redis.TimeoutError, TimeoutError))
+                if attempt == 2 or fresh or timed_out:
+                    raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
+                continue
+            except BaseException:
+                # Interrupted mid-command (a signal, KeyboardInterrupt): the
+                # reply may still be on its way, so this connection is out of
+                # step and must not serve another command.
+                self._close()
+                raise
+            if isinstance(reply, redis.ResponseError):
+                if str(reply).startswith(_UNAVAILABLE):
+                    # Loading its data, or a replica during a failover: for
+                    # now this server cannot take the command; a later
+                    # connection may reach one that can.
                     self._close()
-                    # A connection that had served before may just have gone
-                    # stale: try a new one, once. A new one that failed means
-                    # the server is unreachable: waiting again would only
-                    # double the time a caller is blocked.
-                    if attempt == 2 or fresh:
-                        raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
-                    continue
-                except BaseException:
-                    # Interrupted mid-command (a signal, KeyboardInterrupt): the
-                    # reply may still be on its way, so this connection is out of
-                    # step and must not serve another command.
-                    self._close()
-                    raise
-                if isinstance(reply, redis.ResponseError):
-                    if str(reply).startswith(_UNAVAILABLE):
-                        # Loading its data, or a replica during a failover: for
-                        # now this server cannot take the command; a later
-                        # connection may reach one that can.
-                        self._close()
-                        raise ConnectionFailed(f"Redis unavailable: {reply}") from reply
-                    raise reply
-                return reply
-            raise AssertionError("unreachable")
+                    raise ConnectionFailed(f"Redis unavailable: {reply}") from reply
+                if attempt == 2 and not isinstance(reply, redis.exceptions.NoScriptError):
+                    # The first copy may have been applied before its link
+                    # broke: this refusal says nothing about it.
+                    message = f"Redis refused a resent command, whose first copy may be applied: {reply}"
+                    raise ConnectionFailed(message) from reply
+                raise reply
+            return reply
+        raise AssertionError("unreachable")
 
 
 def resp_command(

@@ -19,7 +19,12 @@ class RedisMemoryError(Exception):
 
 
 class ConnectionFailed(RedisMemoryError, ConnectionError):
-    """Redis could not be reached or the connection broke during a command."""
+    """Redis could not be reached or the connection broke during a command.
+
+    Whether a command that got this was applied is not known. A memory's
+    change never raises it for that reason: it is queued with its operation
+    id and replayed, applied once whichever it was.
+    """
 
 
 class OfflineQueueFull(ConnectionFailed):
@@ -61,6 +66,10 @@ class MissingKey(RedisMemoryError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MemoryClosed(RedisMemoryError, ValueError):
+    """The memory was closed (``close()`` or the end of its ``with`` block): open a new one to use it."""
+
+
 class PrivateMemory(RedisMemoryError, PermissionError):
     """A session opened for one agent was asked for another agent's private memory."""
 
@@ -68,7 +77,9 @@ class PrivateMemory(RedisMemoryError, PermissionError):
 class ServerRefused(RedisMemoryError, RuntimeError):
     """Redis refused a command: out of memory (OOM), no permission (NOPERM), and the like.
 
-    ``cause`` (``__cause__``) is redis-py's ``ResponseError``. Nothing was changed.
+    ``cause`` (``__cause__``) is redis-py's ``ResponseError``. Nothing was
+    changed: raised only for a command known not to have been applied (not
+    for a resend, nor for BUSY, whose outcome is unknown: see ConnectionFailed).
     """
 
 

@@ -366,6 +366,7 @@ class Feed:
                 self._drop_pubsub()
             finally:
                 self._io.release()
+        self._core.close(timeout=0)  # a reader's core: nothing of it is ever queued
 
     def __enter__(self) -> Feed:
         return self

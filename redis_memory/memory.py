@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast, overload
+from typing import Any, Self, cast, overload
 
 import redis
 
@@ -25,13 +25,14 @@ from .errors import (
     ConnectionFailed,
     ContainerDeleted,
     CorruptData,
+    MemoryClosed,
     MissingAttribute,
     MissingKey,
     RedisMemoryError,
     ReservedName,
 )
 from .feed import Event, Feed, Subscription
-from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, plain
+from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
 from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, removal_plan, version_number
 from .window import fit_messages
@@ -39,6 +40,10 @@ from .window import fit_messages
 #: How often an operation is rebuilt and resent after the server found this
 #: replica's view stale (another writer changed the same container meanwhile).
 MAX_ATTEMPTS = 20
+#: After this many stale answers, the script reads what an operation removes itself.
+SERVER_PLAN_AFTER = 3
+#: How long close() may wait for queued changes to reach Redis, by default.
+CLOSE_TIMEOUT = 5.0
 _MISSING: Any = object()
 _live_cores: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
 log = logging.getLogger("redis_memory")
@@ -91,7 +96,9 @@ class MemoryCore:
         self.replica = Replica(self)
         self.link = queue.link(store.channel)
         self.outbox = queue.Outbox(max_pending, queue.Spool(spool, store.key) if spool is not None else None)
+        self.closed = False
         _live_cores.add(self)
+        self.link.attach(self)
         if self.outbox.spool is not None:
             adopted = self.outbox.spool.adopt(self.writer)
             if adopted:
@@ -112,6 +119,61 @@ class MemoryCore:
         if self.outbox:
             self.replica.speculative = True
         self.outbox.after_fork()
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise MemoryClosed(f"{self.store.key} was closed here; open a new memory to use it", key=self.store.key)
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait for the queue to reach Redis, up to ``timeout`` seconds (None: as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.outbox and not self.link.online:
+                with connection.deadline(None if deadline is None else deadline - time.monotonic()):
+                    self.link.probe()  # outside the lock: it may wait the connect timeout
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self.lock.acquire(timeout=-1 if remaining is None else remaining):
+                try:
+                    if not self.outbox:
+                        return True
+                    if self.link.online:
+                        with connection.deadline(None if deadline is None else deadline - time.monotonic()):
+                            if self.drain():
+                                return True
+                finally:
+                    self.lock.release()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def close(self, timeout: float) -> None:
+        """Release the link, the connection and the spool; see :meth:`Memory.close` for the queue."""
+        if self.closed:
+            return
+        if self.outbox and self.link.online:
+            try:
+                self.flush(timeout)
+            except RedisMemoryError as exc:  # the server refused the replay: what is left is reported below
+                log.error("%s: the queue could not be replayed before closing: %s", self.store.key, queue.kept(exc))
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            _live_cores.discard(self)
+            outbox, key = self.outbox, self.store.key
+            if outbox and outbox.spool is not None:
+                log.info("%s: %d queued operations stay in the spool for the next memory on it", key, len(outbox))
+            elif outbox:
+                log.error(
+                    "%s: closed with %d queued operations, which never reached Redis and are lost "
+                    "(a memory opened with spool= keeps them for the next one)",
+                    key,
+                    len(outbox),
+                )
+            if outbox.spool is not None:
+                outbox.spool.close(keep=bool(outbox))
+            outbox.entries.clear()
+            self.link.detach(self)
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -137,7 +199,9 @@ class MemoryCore:
         try:
             if not self.reachable():
                 error = self.link.last_error
-                raise error if isinstance(error, ConnectionFailed) else ConnectionFailed("Redis is unreachable")
+                if not isinstance(error, ConnectionFailed):
+                    error = ConnectionFailed("Redis is unreachable")
+                raise queue.kept(error)  # a copy: the kept one, raised, would get a traceback holding this memory
             if replica.loaded and not replica.speculative:
                 stamp, incarnation = self.store.version()
                 if stamp == replica.stamp and incarnation == replica.incarnation:
@@ -170,6 +234,7 @@ class MemoryCore:
         """The value stored under ``name``, fresh: O(1) when nothing changed."""
         _check_name(name)
         with self.lock:
+            self.check_open()
             self.refresh()
             value = dict.get(self.replica.root, name, _MISSING)
         if value is _MISSING:
@@ -180,6 +245,7 @@ class MemoryCore:
 
     def names(self) -> list[str]:
         with self.lock:
+            self.check_open()
             self.refresh()
             if self.replica.unnamed:
                 raise self.replica.unnamed[0]
@@ -187,6 +253,7 @@ class MemoryCore:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
+            self.check_open()
             self.refresh()
             if self.replica.unnamed:
                 raise self.replica.unnamed[0]
@@ -199,11 +266,13 @@ class MemoryCore:
 
     def write(self, name: str, value: Any) -> None:
         _check_name(name)
+        self.check_open()
         self.replica.root[name] = value
 
     def remove(self, name: str, missing: type[RedisMemoryError]) -> None:
         _check_name(name)
         with self.lock:
+            self.check_open()
             self.refresh()
             try:
                 self.replica.root.pop(name)
@@ -217,8 +286,10 @@ class MemoryCore:
         nothing to do. Raises ContainerDeleted if ``proxy``'s node is gone.
         """
         with self.lock:
+            self.check_open()
             replica = self.replica
             fresh = False  # whether this call has checked the server's version
+            stale = 0  # how often the server found what the op removes changed
             for _ in range(MAX_ATTEMPTS):
                 # Replaying a queue reloads the replica, and a speculative one
                 # (a forked child's, or one whose reload failed) must be reloaded
@@ -248,24 +319,23 @@ class MemoryCore:
                         fresh = True
                         continue
                     return NO_OP
+                if op.depth:
+                    ops.check_depth(replica.depth(proxy) + op.depth)
                 # A list item's dict stored whole gets fields of its own first
                 # (one more operation, once); then the loop builds the change.
                 promotion = replica.promotion(proxy)
                 if promotion is not None:
                     op = promotion
-                if self.bounds and isinstance(op, ops.ListAppend):
-                    self._bound(proxy, op)
+                if self.bounds:
+                    op = self._bound(proxy, op)
                 if promotion is not None and not online:
                     # Queue the promotion only if the change after it fits too.
                     self.outbox.check_room(self.store.key, needed=2)
                 plan = replica.removal_plan(op)
-                if plan is None:
-                    plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args())) if online else {}
-                    # This replica cannot mirror the removal of what it could not decode: reload after it.
-                    replica.speculative = True
                 seq = self._next_seq()
                 if not online:
-                    result = self._enqueue(op, plan, seq)
+                    # An incomplete plan is made again from the server's data on replay.
+                    result = self._enqueue(op, plan or {}, seq)
                     if promotion is None:
                         return result
                     continue
@@ -276,16 +346,28 @@ class MemoryCore:
                 birth = replica.nodes[op.nid]._rm_birth
                 header = [self.writer, b"%d" % seq, token, expected, op.name, op.nid, self.ttl, self.author, birth]
                 try:
-                    reply = self.store.apply(header, plan, op.args())
+                    if plan is None:
+                        # It removes a value this replica could not decode (O(size));
+                        # the replica cannot mirror that removal: it reloads after it.
+                        plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args()))
+                        replica.speculative = True
+                    sent_plan: ops.Plan | None = plan
+                    if stale >= SERVER_PLAN_AFTER and not isinstance(op, (ops.DictDelete, ops.ListDelete)):
+                        # Others keep changing what this op removes faster than this
+                        # replica catches up: let the script list it (O(size), never
+                        # stale). Not for a delete, which returns this replica's copy.
+                        sent_plan = None
+                    reply = self.store.apply(header, sent_plan, op.args())
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     # The server may have applied it before the link broke: queue
                     # this very operation, with its id, so the replay cannot repeat
                     # it; even past max_pending, since it may already be stored.
-                    result = self._enqueue(op, plan, seq, may_be_applied=True)
+                    result = self._enqueue(op, plan or {}, seq, may_be_applied=True)
                     if promotion is None:
                         return result
                     continue
+                stale += reply.status == "stale"
                 try:
                     result = self._settle(proxy, op, reply, token)
                 except ConnectionFailed as exc:
@@ -316,13 +398,47 @@ class MemoryCore:
                 self.catalog.touch(self.name)
                 self.indexed_at = now
             except RedisMemoryError as exc:  # the index may lag; listing checks real activity
-                log.info("%s: index not updated: %s", self.store.key, exc)
+                log.info("%s: index not updated: %s", self.store.key, queue.kept(exc))
 
-    def _bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.ListAppend) -> None:
-        """An append to a bounded attribute (``max_messages``) also trims it."""
-        for name, keep in self.bounds.items():
-            if dict.get(self.replica.root, name) is proxy:
-                op.bounded(keep)
+    def _bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op) -> ops.Op:
+        """``op``, made to keep a bounded attribute (``max_messages``) at its newest items, however it grows it."""
+        root = self.replica.root
+        if isinstance(op, ops.DictSet) and proxy is root:
+            items, trimmed = [], False
+            for name, value in op.items:
+                keep = self.bounds.get(name, 0)
+                if keep and isinstance(value, list) and len(value) > keep:
+                    value, trimmed = value[-keep:], True
+                items.append((name, value))
+            return ops.DictSet(op.nid, items) if trimmed else op
+        keep = next((keep for name, keep in self.bounds.items() if dict.get(root, name) is proxy), 0)
+        if not keep or not isinstance(proxy, ObservedList):
+            return op
+        if isinstance(op, ops.ListAppend):
+            op.bounded(keep)
+        elif isinstance(op, ops.ListInsert) and op.end == b"back":
+            op = ops.ListAppend(op.nid, [op.value])
+            op.bounded(keep)
+        elif isinstance(op, ops.ListInsert) and len(proxy) >= keep:
+            # Inserting before the end of a full history drops its oldest: a
+            # rewrite of the (bounded, so short) list, made again if it changed.
+            index = 0 if op.end == b"front" else op.slot - proxy._rm_lo
+            value = op.value
+
+            def insert(current: list[Any]) -> list[Any]:
+                current.insert(index, value)
+                return current[-keep:]
+
+            children = {id(v): v._rm_nid for v in proxy if isinstance(v, Proxy)}
+            op = ops.ListReplace(op.nid, proxy._rm_mod, insert(list(proxy)), children, insert)
+        elif isinstance(op, ops.ListReplace) and len(op.value_list) > keep:
+            compute = op.compute
+
+            def bounded(current: list[Any]) -> list[Any]:
+                return (compute(current) if compute else current)[-keep:]
+
+            op = ops.ListReplace(op.nid, op.mod, op.value_list[-keep:], op.children, bounded)
+        return op
 
     def _settle(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op, reply: Reply, token: bytes) -> Any:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
@@ -370,15 +486,18 @@ class MemoryCore:
         replica = self.replica
         if not may_be_applied:
             self.outbox.check_room(self.store.key)
-        birth = replica.nodes[op.nid]._rm_birth
+        # The ids of the nodes it creates go into the record before it is
+        # written: a spool read by the next process must map them on replay.
+        created = queue.provisional_ids(self.writer, self.provisional, op.nodes())
         entry = queue.Pending(
-            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), author=self.author,
-            birth=birth,
+            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created, self.author,
+            replica.nodes[op.nid]._rm_birth,
         )  # fmt: skip
+        if isinstance(op, ops.ListReplace):
+            entry.intent, entry.recompute = op.intent, op.compute
         removed = replica.value_at(op)
         self.outbox.push(self.writer, entry)
-        token = op_token(self.writer, seq)
-        replica.apply_local(op, queue.provisional_ids(self.writer, self.provisional, entry.created), token)
+        replica.apply_local(op, iter(created), op_token(self.writer, seq))
         replica.speculative = True
         self.link.wait_for(self)
         return removed
@@ -417,12 +536,22 @@ class MemoryCore:
         token = op_token(entry.writer, entry.seq)
         birth = outbox.births.get(sent.nid, entry.birth)
         header = [entry.writer, b"%d" % entry.seq, token, expected, sent.name, sent.nid, self.ttl, entry.author, birth]
-        plan = sent.plan
-        reply = self.store.apply(header, plan, ops.from_tokens(args))
-        if reply.status == "stale":
-            # Others changed what this operation removes: plan again from the server's data.
-            plan = removal_plan(self.store.read_all(), sent.name, sent.nid, args)
+        plan: ops.Plan | None = sent.plan
+        for _ in range(MAX_ATTEMPTS):
             reply = self.store.apply(header, plan, ops.from_tokens(args))
+            if reply.status != "stale":
+                break
+            # Others changed what this operation depends on since it was queued:
+            # plan again from the server's data, as the online path builds again
+            # from a fresh view; a whole-list rewrite is made again from the list
+            # the server holds (sort what is there, clear what is there).
+            if sent.name != b"lreplace":
+                plan = None  # the script lists what is there now: never stale
+                continue
+            again = self._rewrite_again(entry, sent.nid, self.store.read_all())
+            if again is None:
+                break
+            args, plan = again
         status = reply.status
         if status in ("ok", "dup"):
             self._index(created=status == "dup" or version_number(reply.stamp) == 1)
@@ -455,6 +584,22 @@ class MemoryCore:
         outbox.dropped += 1
         outbox.last_error = error
         log.warning("%s", error)
+
+    def _rewrite_again(
+        self, entry: queue.Pending, nid: bytes, fields: dict[bytes, bytes]
+    ) -> tuple[list[bytes], ops.Plan] | None:
+        """A queued whole-list rewrite made again from list ``nid`` in ``fields`` (an HGETALL); None if it cannot be."""
+        compute = entry.recompute or ops.INTENTS.get(entry.intent)
+        if compute is None:
+            return None  # a rewrite by a function this process does not have (adopted from a spool)
+        scratch = Replica(self)
+        scratch.load(fields)
+        node = scratch.nodes.get(nid)
+        if not isinstance(node, ObservedList):
+            return None
+        children = {id(v): v._rm_nid for v in node if isinstance(v, Proxy)}
+        op = ops.ListReplace(nid, node._rm_mod, compute(list(node)), children)
+        return ops.tokens(op.args()), scratch.removal_plan(op) or {}
 
     def _map(self, provisional: list[bytes], real: list[bytes], births: dict[bytes, bytes] | None = None) -> None:
         """Nodes made offline now have the server's ids (and, when joined to nodes made by others, their births)."""
@@ -565,6 +710,14 @@ class Memory:
       :meth:`status`. Then *online* again.
     * *deleted*: after :meth:`delete` the memory's keys are gone; the next
       write starts a new memory under the same name.
+    * *closed*: after :meth:`close` (or the end of a ``with`` block) its
+      connection, reconnect thread and spool file are released: changes
+      still queued were flushed (if Redis was reachable, within a bound),
+      left in the spool, or reported lost. Reads and writes through it, and
+      changes through its proxies, raise
+      :class:`~redis_memory.errors.MemoryClosed`; closing again does nothing.
+      A memory let go of without closing releases its claim on the thread
+      once nothing of it is queued.
 
     With ``spool=<directory>`` queued operations are also appended to a file
     there, so that a process that dies while offline loses nothing: the
@@ -572,6 +725,7 @@ class Memory:
     """
 
     _rm: MemoryCore
+    _rm_feeds: weakref.WeakSet[Feed | Subscription]
     _rm_kind = "memory"
 
     def __init__(
@@ -593,6 +747,7 @@ class Memory:
         core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds(), author)
         core.catalog = self._rm_catalog(redis_client, prefix)
         object.__setattr__(self, "_rm", core)
+        object.__setattr__(self, "_rm_feeds", weakref.WeakSet())
 
     @classmethod
     def _rm_key(cls, prefix: str, name: str) -> str:
@@ -644,7 +799,8 @@ class Memory:
         while True:
             found = cls.list_ids(idle_for=idle_for, limit=batch, client=redis_client, prefix=prefix)
             for name in found:
-                cls._rm_open(name, redis_client, prefix).delete()
+                with cls._rm_open(name, redis_client, prefix) as opened:
+                    opened.delete()
             deleted += len(found)
             if len(found) < batch:
                 return deleted
@@ -716,21 +872,28 @@ class Memory:
         changes queued offline it retries the server and replays the queue,
         for up to ``timeout`` seconds (None: as long as it takes).
         """
-        core = self._rm
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if core.outbox and not core.link.online:
-                core.link.probe()  # outside the lock: it may wait the connect timeout
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if core.lock.acquire(timeout=-1 if remaining is None else remaining):
-                try:
-                    if not core.outbox or (core.link.online and core.drain()):
-                        return True
-                finally:
-                    core.lock.release()
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05 if deadline is None else min(0.05, max(0.0, deadline - time.monotonic())))
+        self._rm.check_open()
+        return self._rm.flush(timeout)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Release the memory's connection, threads and spool file; using it afterwards raises MemoryClosed.
+
+        Changes still queued (Redis was unreachable) are flushed first if
+        Redis is reachable, waiting at most ``timeout`` seconds; what is
+        left then stays in the spool for the next memory opened on it, or,
+        without a spool, is logged as an error: lost. Feeds and
+        subscriptions made by :meth:`subscribe` are closed too. Closing
+        twice does nothing.
+        """
+        for feed in list(self._rm_feeds):
+            feed.close()
+        self._rm.close(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def status(self) -> queue.Status:
         """Online or offline, operations queued, operations dropped on replay, the last error."""
@@ -788,11 +951,12 @@ class Memory:
         With one: a :class:`~redis_memory.feed.Subscription` that calls it
         with each event from a background thread. Close either to stop.
         """
-        if callback is None:
-            return Feed(self._rm.shadow())
-        if not callable(callback):
+        self._rm.check_open()
+        if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        return Subscription(self._rm.shadow(), callback)
+        made = Feed(self._rm.shadow()) if callback is None else Subscription(self._rm.shadow(), callback)
+        self._rm_feeds.add(made)
+        return made
 
     def health_check(self) -> connection.Health:
         """Round trip, server version and mode of this memory's server."""
@@ -805,8 +969,14 @@ class Memory:
         return catalog.count() if catalog else 0
 
     def _rm_server_call(self, call: Callable[[Store], Any]) -> Any:
+        """``call`` on the store; offline, only after one probe (at most the connect timeout) found Redis back."""
         core = self._rm
         with core.lock:
+            core.check_open()
+            link = core.link
+            if not link.online and not link.probe():
+                error = link.last_error
+                raise ConnectionFailed(f"Redis is unreachable: {error}", key=core.store.key) from error
             try:
                 return call(core.store)
             except ConnectionFailed as exc:

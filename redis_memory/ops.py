@@ -25,6 +25,7 @@ its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,8 @@ class Encoded:
     args: Args
     value: Any
     reuse: bytes | None = None  # the nid of an existing node kept in place
+    depth: int = 0  # how many containers deep the value nests
+    nodes: int = 0  # nodes the server creates for it: one per list, dict or set sent ("l", "d", "f", "t")
 
 
 def whole(value: Any) -> bool:
@@ -76,34 +79,60 @@ def encode_value(value: Any, keep: dict[int, bytes] | None = None, in_list: bool
         nid = keep.pop(id(value))
         return Encoded((_R + item(nid), 2), value, nid)
     out: list[bytes] = []
-    _tokenize(value, out, set(), in_list)
-    return Encoded((b"".join(out), len(out)), value)
+    made = [0]
+    depth = _tokenize(value, out, set(), in_list, 0, made)
+    return Encoded((b"".join(out), len(out)), value, depth=depth, nodes=made[0])
 
 
-def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool) -> None:
+def check_depth(depth: int) -> None:
+    """Refuse a value that would nest more than :data:`codec.MAX_DEPTH` containers deep in its attribute."""
+    if depth > codec.MAX_DEPTH:
+        raise UnsupportedValue(f"cannot store a value nested more than {codec.MAX_DEPTH} containers deep")
+
+
+def _tokenize(value: Any, out: list[bytes], path: set[int], in_list: bool, level: int, made: list[int]) -> int:
+    """Add the tokens of ``value``, held by ``level`` containers; return how deep it nests.
+
+    ``made[0]`` counts the nodes the tokens create.
+    """
     if isinstance(value, set):
+        depth = 1 + max((codec.nesting(e) for e in value if type(e) not in codec.SIMPLE_TYPES), default=0)
+        check_depth(level + depth)
         out += (_T, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(e)) for e in value])
-        return
+        made[0] += 1
+        return depth
     if not isinstance(value, (list, dict)):
+        depth = 0 if type(value) in codec.SIMPLE_TYPES else codec.nesting(value)
+        check_depth(level + depth)
         out += (_S, item(codec.encode(value)))
-        return
+        return depth
     if in_list and isinstance(value, dict) and whole(value):
+        depth = 1
+        for element in value.values():
+            if type(element) not in codec.SIMPLE_TYPES:
+                depth = max(depth, 1 + codec.nesting(element))
+        check_depth(level + depth)
         out += (_F, item(codec.encode_whole(value)))
-        return
+        made[0] += 1
+        return depth
     if id(value) in path:
         raise UnsupportedValue("cannot store a container that contains itself")
+    check_depth(level + 1)
     path.add(id(value))
+    made[0] += 1
+    depth = 0
     if isinstance(value, list):
         out += (_L, item(b"%d" % len(value)))
         for element in value:
-            _tokenize(element, out, path, True)
+            depth = max(depth, _tokenize(element, out, path, True, level + 1, made))
     else:
         out += (_D, item(b"%d" % len(value)))
         out.extend([item(codec.encode_key(k)) for k in value])
         for element in value.values():
-            _tokenize(element, out, path, False)
+            depth = max(depth, _tokenize(element, out, path, False, level + 1, made))
     path.discard(id(value))
+    return depth + 1
 
 
 def _args(plain: list[bytes], values: tuple[Encoded, ...] | list[Encoded] = ()) -> Args:
@@ -137,10 +166,16 @@ class Op:
 
     nid: bytes
     name: bytes = field(init=False, default=b"")
+    #: How many containers deep the values it adds nest (see :func:`check_depth`).
+    depth: int = field(init=False, default=0)
 
     def args(self) -> Args:
         """The op's own arguments for the apply script."""
         raise NotImplementedError
+
+    def nodes(self) -> int:
+        """How many nodes the server creates when it applies this operation."""
+        return 0
 
 
 @dataclass
@@ -155,9 +190,13 @@ class DictSet(Op):
         self.name = b"dset"
         self.keys = [codec.encode_key(k) for k, _ in self.items]
         self.values = [encode_value(v) for _, v in self.items]
+        self.depth = max((v.depth for v in self.values), default=0)
 
     def args(self) -> Args:
         return _args([b"%d" % len(self.keys), *self.keys], self.values)
+
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
 
 
 @dataclass
@@ -211,6 +250,7 @@ class ListAppend(Op):
     def __post_init__(self) -> None:
         self.name = b"lappend"
         self.values = [encode_value(v, in_list=True) for v in self.value_list]
+        self.depth = max((v.depth for v in self.values), default=0)
 
     def bounded(self, keep: int) -> None:
         """Make this append keep only the newest ``keep`` items (values are not encoded again)."""
@@ -220,6 +260,9 @@ class ListAppend(Op):
 
     def args(self) -> Args:
         return _args([b"%d" % len(self.values), b"%d" % self.keep], self.values)
+
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
 
 
 def trimmed(length: int, added: int, keep: int) -> int:
@@ -237,9 +280,13 @@ class _SlotValue(Op):
 
     def __post_init__(self) -> None:
         self.encoded = encode_value(self.value, in_list=True)
+        self.depth = self.encoded.depth
 
     def args(self) -> Args:
         return _args([b"%d" % self.slot], [self.encoded])
+
+    def nodes(self) -> int:
+        return self.encoded.nodes
 
 
 @dataclass
@@ -285,11 +332,17 @@ class ListReplace(Op):
     Applied only if the list is unchanged on the server since this replica
     saw it (``mod``); otherwise the replica refreshes and the caller recomputes.
     Child containers that stay in the list keep their nodes (and identity).
+    ``compute`` makes the new list from the current one, so that a rewrite
+    queued offline is made again from what the server holds when it is
+    replayed; ``intent`` names it when it is one of :data:`INTENTS` (which a
+    spool file can keep, where a function cannot go).
     """
 
     mod: int = 0
     value_list: list[Any] = field(default_factory=list)
     children: dict[int, bytes] = field(default_factory=dict)
+    compute: Callable[[list[Any]], list[Any]] | None = field(default=None, compare=False, repr=False)
+    intent: bytes = b""
     kept: list[bytes] = field(init=False)
     values: list[Encoded] = field(init=False)
 
@@ -297,10 +350,23 @@ class ListReplace(Op):
         self.name = b"lreplace"
         keep = dict(self.children)
         self.values = [encode_value(v, keep, in_list=True) for v in self.value_list]
+        self.depth = max((v.depth for v in self.values), default=0)
         self.kept = [nid for key, nid in self.children.items() if key not in keep]
 
     def args(self) -> Args:
         return _args([b"%d" % self.mod, b"%d" % len(self.kept), *self.kept, b"%d" % len(self.values)], self.values)
+
+    def nodes(self) -> int:
+        return sum(v.nodes for v in self.values)
+
+
+#: Whole-list rewrites that a name says in full (see :class:`ListReplace`).
+INTENTS: dict[bytes, Callable[[list[Any]], list[Any]]] = {
+    b"clear": lambda current: [],
+    b"reverse": lambda current: current[::-1],
+    b"sort": sorted,
+    b"sort-reverse": lambda current: sorted(current, reverse=True),
+}
 
 
 @dataclass

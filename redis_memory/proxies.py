@@ -41,7 +41,7 @@ def plain(value: Any) -> Any:
 class ObservedList(list):  # type: ignore[type-arg]
     """A list node of a memory. O(1) at both ends; whole-list methods are O(n)."""
 
-    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_lo", "_rm_mod", "_rm_nid", "_rm_parent")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
@@ -51,6 +51,8 @@ class ObservedList(list):  # type: ignore[type-arg]
         self._rm_lo = 0
         self._rm_mod = 0
         self._rm_live = True
+        #: The container holding this one in the replica (None for the root).
+        self._rm_parent: ObservedList | ObservedDict | ObservedSet | None = None
 
     def _rm_submit(self, build: Callable[[], ops.Op | None]) -> Any:
         return self._rm_core.submit(self, build)
@@ -64,13 +66,13 @@ class ObservedList(list):  # type: ignore[type-arg]
             raise IndexError("list index out of range")
         return self._rm_lo + i
 
-    def _rm_replace(self, compute: Callable[[list[Any]], list[Any]]) -> None:
+    def _rm_replace(self, compute: Callable[[list[Any]], list[Any]], intent: bytes = b"") -> None:
         def build() -> ops.Op | None:
             new = compute(list(self))
             if len(new) == len(self) and all(a is b for a, b in zip(new, self, strict=True)):
                 return None
             children = {id(v): v._rm_nid for v in self if isinstance(v, Proxy)}
-            return ops.ListReplace(self._rm_nid, self._rm_mod, new, children)
+            return ops.ListReplace(self._rm_nid, self._rm_mod, new, children, compute, intent)
 
         self._rm_submit(build)
 
@@ -147,15 +149,19 @@ class ObservedList(list):  # type: ignore[type-arg]
 
     def clear(self) -> None:
         """Remove every item: O(n)."""
-        self._rm_replace(lambda current: [])
+        self._rm_replace(ops.INTENTS[b"clear"], b"clear")
 
     def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
         """Sort in place: O(n log n) here, O(n) fields rewritten."""
-        self._rm_replace(lambda current: sorted(current, key=key, reverse=reverse))
+        if key is None:
+            intent = b"sort-reverse" if reverse else b"sort"
+            self._rm_replace(ops.INTENTS[intent], intent)
+        else:
+            self._rm_replace(lambda current: sorted(current, key=key, reverse=reverse))
 
     def reverse(self) -> None:
         """Reverse in place: O(n)."""
-        self._rm_replace(lambda current: current[::-1])
+        self._rm_replace(ops.INTENTS[b"reverse"], b"reverse")
 
     def __imul__(self, times: SupportsIndex) -> ObservedList:
         # Repeated containers become separate copies: a memory is a tree.
@@ -180,7 +186,7 @@ class ObservedList(list):  # type: ignore[type-arg]
 class ObservedDict(dict):  # type: ignore[type-arg]
     """A dict node of a memory. Setting, deleting and reading one key are O(1)."""
 
-    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid", "_rm_up")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_next", "_rm_nid", "_rm_parent", "_rm_up")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
@@ -190,6 +196,8 @@ class ObservedDict(dict):  # type: ignore[type-arg]
         self._rm_next = 1
         self._rm_mod = 0
         self._rm_live = True
+        #: The container holding this one in the replica (None for the root).
+        self._rm_parent: ObservedList | ObservedDict | ObservedSet | None = None
         #: The list holding this dict while it is stored whole (see ops.py), else None.
         self._rm_up: ObservedList | None = None
 
@@ -271,13 +279,14 @@ class ObservedSet(set):  # type: ignore[type-arg]
     return a new set (``|``, ``&``, ``copy()``) give plain sets.
     """
 
-    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_nid")
+    __slots__ = ("_rm_birth", "_rm_core", "_rm_live", "_rm_mod", "_rm_nid", "_rm_parent")
 
     def __init__(self, core: MemoryCore, nid: bytes) -> None:
         super().__init__()
         self._rm_core = core
         self._rm_nid = nid
         self._rm_birth = b""
+        self._rm_parent: ObservedList | ObservedDict | ObservedSet | None = None
         self._rm_mod = 0
         self._rm_live = True
 

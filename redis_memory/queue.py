@@ -20,10 +20,16 @@ The states of a connection (:class:`Link`):
 * back *online*: the probe succeeded. Every memory with queued operations
   replays them (in the background, or on its own next read or write,
   whichever comes first), then reloads its replica from the server.
+
+The thread runs only while it is needed: while some memory has operations
+queued, or while offline with some memory open on the link. It ends once
+no memory needs it (the last one closed, or let go with nothing queued),
+and the connection is closed with the last memory.
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import logging
 import os
@@ -33,13 +39,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import codec, ops
-from .connection import Channel
+from .connection import Channel, deadline
 from .errors import ConnectionFailed, OfflineQueueFull
 from .store import escape_id
 
@@ -74,19 +80,22 @@ class Pending:
     created: list[bytes] = field(default_factory=list)  # provisional ids, in the server's allocation order
     author: bytes = b""  # the author= of the memory that made it, for its change event
     birth: bytes = b""  # the birth of node ``nid`` when the operation was made (see store.py)
+    intent: bytes = b""  # a whole-list rewrite's name (ops.INTENTS), to make it again on replay
+    #: The function that makes a whole-list rewrite again from the server's list; not spooled.
+    recompute: Callable[[list[Any]], list[Any]] | None = field(default=None, compare=False, repr=False)
 
     def record(self) -> list[Any]:
         plan = [[nid, mod, keys] for nid, (mod, keys) in self.plan.items()]
         return [
             b"op", self.writer, self.seq, self.incarnation, self.name, self.nid, plan, self.args, self.created,
-            self.author, self.birth,
+            self.author, self.birth, self.intent,
         ]  # fmt: skip
 
     @classmethod
     def from_record(cls, record: list[Any]) -> Pending:
-        _, writer, seq, incarnation, name, nid, plan, args, created, author, birth = record
+        _, writer, seq, incarnation, name, nid, plan, args, created, author, birth, intent = record
         plan_map = {n: (m, list(k)) for n, m, k in plan}
-        return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), author, birth)
+        return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), author, birth, intent)
 
     def renamed(self, renames: dict[bytes, bytes]) -> Pending:
         """This operation with provisional node ids replaced by the server's."""
@@ -107,15 +116,30 @@ class Pending:
             self.created,
             self.author,
             self.birth,
+            self.intent,
+            self.recompute,
         )
 
 
-def provisional_ids(writer: bytes, counter: Iterator[int], created: list[bytes]) -> Iterator[bytes]:
-    """Ids for nodes made offline, each also recorded in ``created``."""
-    for n in counter:
-        nid = b"~%s.%d" % (writer, n)
-        created.append(nid)
-        yield nid
+def kept(error: Exception) -> Exception:
+    """A copy of ``error`` to keep as a last error: without its traceback and causes.
+
+    A traceback holds every frame the error passed through, and each frame
+    its callers' frames: kept, it would keep memories alive that their users
+    have let go of (and with them the reconnect thread).
+    """
+    try:
+        found = copy.copy(error)
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        found = ConnectionFailed(str(error))
+    found.__traceback__ = None
+    found.__cause__ = found.__context__ = None
+    return found
+
+
+def provisional_ids(writer: bytes, counter: Iterator[int], count: int) -> list[bytes]:
+    """Ids for ``count`` nodes made offline, in the order the server will allocate its own."""
+    return [b"~%s.%d" % (writer, next(counter)) for _ in range(count)]
 
 
 class Spool:
@@ -180,6 +204,14 @@ class Spool:
         """The queue is empty: nothing in the file is needed any more."""
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
+
+    def close(self, keep: bool) -> None:
+        """Release the file: kept for the next memory opened on this spool if ``keep``, else removed."""
+        if self.fd is not None:
+            if not keep and self.path is not None:
+                self.path.unlink(missing_ok=True)  # while locked: no adopter reads it half gone
+            os.close(self.fd)
+        self.fd = self.path = None
 
     def forget(self) -> None:
         """In a forked child: the file stays the parent's; closing this copy leaves the lock to the parent alone."""
@@ -362,16 +394,36 @@ class Link:
         # Strong references: a memory with queued operations is kept alive
         # until they are replayed, even if its user has let go of it.
         self.waiting: set[MemoryCore] = set()
+        # The open memories on this link; weak, so that one let go of ends
+        # its claim on the thread and the connection.
+        self.users: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
         self.thread: threading.Thread | None = None
+        self.wake = threading.Event()
         self.pid = os.getpid()
+
+    def attach(self, core: MemoryCore) -> None:
+        """``core`` is open on this link."""
+        with self.lock:
+            self.users.add(core)
+
+    def detach(self, core: MemoryCore) -> None:
+        """``core`` was closed: forget it; with no memory left, close the connection and let the thread end."""
+        with self.lock:
+            self.users.discard(core)
+            self.waiting.discard(core)
+            idle = not self.users and not self.waiting
+        if idle:
+            self.wake.set()
+            # Not waiting for a probe in progress: the thread closes it then.
+            self.channel.close(blocking=False)
 
     def failed(self, error: ConnectionFailed) -> None:
         """A command did not reach Redis: go offline (once) and start reconnecting."""
         with self.lock:
-            self.last_error = error
+            self.last_error = kept(error)
             if self.online:
                 self.online = False
-                log.warning("Redis unreachable (%s); changes are queued until it is back", error)
+                log.warning("Redis unreachable (%s); changes are queued until it is back", self.last_error)
             self._start()
 
     def wait_for(self, core: MemoryCore) -> None:
@@ -381,12 +433,17 @@ class Link:
             self._start()
 
     def probe(self) -> bool:
-        """One PING now; True (and online) if Redis answered."""
+        """One PING now, waiting at most the connect timeout; True (and online) if Redis answered it.
+
+        An error reply (BUSY, NOPERM, NOAUTH, ...) counts as still offline:
+        the server cannot take the queue yet either.
+        """
         try:
-            self.channel.call(b"PING")
-        except ConnectionFailed as exc:
+            with deadline(self.channel.connect_timeout()):
+                self.channel.call(b"PING")
+        except Exception as exc:
             with self.lock:
-                self.last_error = exc
+                self.last_error = kept(exc)
             return False
         with self.lock:
             if not self.online:
@@ -397,15 +454,31 @@ class Link:
     def _start(self) -> None:
         if self.pid != os.getpid():  # forked: the thread stayed in the parent
             self.pid, self.thread = os.getpid(), None
-        if self.thread is None:
+        if self.thread is None or not self.thread.is_alive():
             self.thread = threading.Thread(target=self._run, name="redis_memory-reconnect", daemon=True)
             self.thread.start()
+
+    def _needed(self) -> bool:
+        """Whether the thread has work: queued operations, or an open memory waiting for Redis (with the lock)."""
+        # A queue emptied otherwise (delete(), close()) waits no more.
+        self.waiting = {core for core in self.waiting if core.outbox}
+        return bool(self.waiting) or (not self.online and bool(self.users))
+
+    def _pause(self, delay: float) -> None:
+        """Sleep about ``delay`` (jittered); the last memory closing cuts it short."""
+        self.wake.wait(delay * _jitter.uniform(0.5, 1.0))
+        self.wake.clear()
 
     def _run(self) -> None:
         delay = FIRST_DELAY
         while True:
+            with self.lock:
+                if not self._needed():
+                    self.thread = None
+                    unused = not self.users
+                    break
             if not self.online:
-                time.sleep(delay * _jitter.uniform(0.5, 1.0))
+                self._pause(delay)
                 if not self.probe():
                     delay = min(delay * 2, MAX_DELAY)
                     continue
@@ -418,17 +491,16 @@ class Link:
                         with self.lock:
                             self.waiting.discard(core)
                 except Exception as exc:  # a server error reply: report it, try again later
-                    log.error("replaying the queue of %s failed: %s", core.store.key, exc)
-                    self.last_error = exc
-                    time.sleep(delay * _jitter.uniform(0.5, 1.0))
+                    self.last_error = kept(exc)
+                    log.error("replaying the queue of %s failed: %s", core.store.key, self.last_error)
+                    self._pause(delay)
                     delay = min(delay * 2, MAX_DELAY)
-            with self.lock:
-                if self.online and not self.waiting:
-                    self.thread = None
-                    return
+        if unused:
+            self.channel.close()
 
     def after_fork(self) -> None:
         self.lock = threading.Lock()
+        self.wake = threading.Event()
         self.thread = None
         self.pid = os.getpid()
         self.waiting = set()

@@ -112,6 +112,12 @@ class Replica:
                     raise self._corrupt(field, exc) from None
             if node is None:
                 raise Resync(field)
+            if node._rm_parent is not parent:
+                # Only a node new in this delta may be placed; a reference to
+                # a node held elsewhere, or to an ancestor, is corrupt data.
+                if node._rm_parent is not None or node is self.root or self._holds(node, parent):
+                    raise Resync(field)
+                node._rm_parent = parent
             return node
         try:
             return codec.decode(payload)
@@ -129,20 +135,37 @@ class Replica:
             # id are another dict (a rolled-back server reused the id).
             del reuse[nid]
         node = cast(ObservedDict, self._proxy(nid, "d", reuse, b""))
-        if len(node):
-            dict.clear(node)
-        dict.update(node, value)
-        node._rm_next, node._rm_mod, node._rm_up = len(value) + 1, 0, parent
+        _refill(node, list(value.items()))
+        node._rm_next, node._rm_mod, node._rm_up, node._rm_parent = len(value) + 1, 0, parent, parent
         return node
 
+    def depth(self, node: Node) -> int:
+        """How many containers hold ``node`` up to the root (the root: 0): O(depth)."""
+        depth = 0
+        while node._rm_parent is not None:
+            node, depth = node._rm_parent, depth + 1
+        return depth
+
+    @staticmethod
+    def _holds(node: Node, inner: Node) -> bool:
+        """True if ``inner`` is ``node`` or lies under it: O(depth)."""
+        up: Node | None = inner
+        while up is not None:
+            if up is node:
+                return True
+            up = up._rm_parent
+        return False
+
     def _kill(self, value: Any) -> None:
-        """Forget a node removed from the tree, and everything under it."""
-        if isinstance(value, (ObservedList, ObservedDict, ObservedSet)) and self.nodes.get(value._rm_nid) is value:
-            del self.nodes[value._rm_nid]
-            value._rm_live = False
-            if not isinstance(value, ObservedSet):  # a set's elements are never nodes
-                for child in value.values() if isinstance(value, ObservedDict) else value:
-                    self._kill(child)
+        """Forget a node removed from the tree, and everything under it: O(size)."""
+        doomed = [value]
+        while doomed:
+            value = doomed.pop()
+            if isinstance(value, (ObservedList, ObservedDict, ObservedSet)) and self.nodes.get(value._rm_nid) is value:
+                del self.nodes[value._rm_nid]
+                value._rm_live = False
+                if not isinstance(value, ObservedSet):  # a set's elements are never nodes
+                    doomed.extend(value.values() if isinstance(value, ObservedDict) else value)
 
     def _proxy(self, nid: bytes, kind: str, reuse: dict[bytes, Node], birth: bytes) -> Node:
         """The proxy of node ``nid``: the one in ``reuse`` if it is that very node (same kind and birth)."""
@@ -196,7 +219,7 @@ class Replica:
         self.nodes = {}
         self.unnamed = []
         self.damaged = set()
-        _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), root=True)
+        _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), None, 0)
         self.stamped(fields.get(b"v", b""))
         self.incarnation = incarnation
         self.speculative = False
@@ -232,6 +255,9 @@ class Replica:
             for nid, h in headers.items():
                 if h is None and nid in self.nodes:
                     self._kill(self.nodes[nid])
+            for nid in created:
+                if self.depth(self.nodes[nid]) > codec.MAX_DEPTH:
+                    raise Resync(nid)  # the full load says what is corrupt
         except (ValueError, CorruptData) as exc:
             raise Resync(str(exc)) from exc
         self.stamped(stamp)
@@ -416,7 +442,7 @@ class Replica:
             if isinstance(op, ops.DictSet):
                 # Build every new value before changing anything: a value may
                 # be this very dict, and the server stored it as it was.
-                built = [self._materialize(encoded, nids, None, birth) for encoded in op.values]
+                built = [self._materialize(encoded, nids, node, birth) for encoded in op.values]
                 for key, value in zip((k for k, _ in op.items), built, strict=True):
                     old = dict.get(node, key)
                     if key not in node or (isinstance(old, Corrupt) and old.unordered):
@@ -484,33 +510,34 @@ class Replica:
                 node._rm_nid = real
                 self.nodes[real] = node
 
-    def _materialize(
-        self, encoded: ops.Encoded, nids: Iterator[bytes], parent: ObservedList | None, birth: bytes
-    ) -> Any:
+    def _materialize(self, encoded: ops.Encoded, nids: Iterator[bytes], parent: Node, birth: bytes) -> Any:
         """The local value for what ``encoded`` sent, with the nids the server gave.
 
         Walks the value in the order it was tokenized, which is the order the
-        script allocated node ids in; ``parent`` is the list it is an item of.
+        script allocated node ids in; ``parent`` is the container it goes in.
         """
         if encoded.reuse is not None:
             return self.nodes[encoded.reuse]
         return self._build(encoded.value, nids, parent, birth)
 
-    def _build(self, value: Any, nids: Iterator[bytes], parent: ObservedList | None, birth: bytes) -> Any:
+    def _build(self, value: Any, nids: Iterator[bytes], parent: Node, birth: bytes) -> Any:
         if isinstance(value, set):
             elements = cast(ObservedSet, self._proxy(next(nids), "s", {}, birth))
+            elements._rm_parent = parent
             set.update(elements, (codec.detached(e) for e in value))
             return elements
         if isinstance(value, list):
             lst = cast(ObservedList, self._proxy(next(nids), "l", {}, birth))
+            lst._rm_parent = parent
             list.extend(lst, [self._build(v, nids, lst, birth) for v in value])
             return lst
         if isinstance(value, dict):
             dct = cast(ObservedDict, self._proxy(next(nids), "d", {}, birth))
+            dct._rm_parent = parent
             for key, v in value.items():
-                dict.__setitem__(dct, key, self._build(v, nids, None, birth))
+                dict.__setitem__(dct, key, self._build(v, nids, dct, birth))
             dct._rm_next = len(value) + 1
-            if parent is not None and ops.whole(value):
+            if isinstance(parent, ObservedList) and ops.whole(value):
                 dct._rm_up, dct._rm_birth = parent, b""  # no header, so no birth
             return dct
         return codec.detached(value)
@@ -542,8 +569,12 @@ class _Loader:
         # ("role", "content") and are immutable, so one decode serves all.
         self.keys: dict[bytes, Any] = {}
 
-    def value(self, payload: bytes, nid: bytes, slot: bytes | int, parent: Node) -> Any:
+    def value(self, payload: bytes, nid: bytes, slot: bytes | int, parent: Node, depth: int) -> Any:
+        """The value of entry ``slot`` of node ``nid`` (``parent``, ``depth`` containers deep)."""
         if payload[:1] == _REF_BYTE:
+            if depth >= codec.MAX_DEPTH:
+                # Only corruption nests this deep (a reference to an ancestor, say).
+                raise self.corrupt(nid, slot, f"containers nested more than {codec.MAX_DEPTH} deep")
             child, whole, blob = payload[1:].partition(b"=")
             if whole:
                 try:
@@ -554,7 +585,7 @@ class _Loader:
             if header is None:
                 raise self.corrupt(nid, slot, f"reference to missing node {child!r}")
             try:
-                return self.fill(child, header)
+                return self.fill(child, header, parent, depth + 1)
             except CorruptData:
                 self.replica.damaged.add(child)
                 raise
@@ -567,13 +598,16 @@ class _Loader:
         name = slot if isinstance(slot, bytes) else b"%d" % slot
         return self.replica._corrupt(b"e" + nid + b":" + name, why)
 
-    def fill(self, nid: bytes, header: bytes, root: bool = False) -> Node:
+    def fill(self, nid: bytes, header: bytes, parent: Node | None, depth: int) -> Node:
+        """Build node ``nid`` and everything under it; ``parent`` is None for the root."""
         try:
             kind, a, b, c, birth = parse_header(header)
         except ValueError as exc:
             raise self.replica._corrupt(b"h" + nid, exc) from None
         node = self.replica._proxy(nid, kind, self.reuse, birth)
         node._rm_mod = c
+        node._rm_parent = parent
+        root = parent is None
         entries = self.entries.get(nid, ())
         if isinstance(node, ObservedSet):
             try:
@@ -582,7 +616,8 @@ class _Loader:
                 raise self.replica._corrupt(b"h" + nid, f"undecodable set element: {exc}") from None
             if len(elements) != a:
                 raise self.replica._corrupt(b"h" + nid, f"a set of {a} elements has {len(elements)}")
-            set.clear(node)
+            # By difference: an element that stays is never missing to a reader.
+            set.difference_update(node, set(node) - elements)
             set.update(node, elements)
             return node
         if isinstance(node, ObservedList):
@@ -601,7 +636,7 @@ class _Loader:
                 try:
                     if found is None:
                         raise self.corrupt(nid, s, "missing list element")
-                    items.append(self.value(found, nid, s, node))
+                    items.append(self.value(found, nid, s, node, depth))
                 except CorruptData as exc:
                     error = error or exc
                     items.append(Corrupt(exc))
@@ -638,18 +673,18 @@ class _Loader:
             error = error or self.replica._corrupt(b"h" + nid, f"a dict of {a} entries has {len(entries)}")
         if len(ordered) > 1:
             ordered.sort(key=_first)
-        if len(node):
-            dict.clear(node)
+        pairs: list[tuple[Any, Any]] = []
         for _, k, held, key in ordered:
             if isinstance(held, CorruptData):
                 error = error or held
-                dict.__setitem__(node, k, Corrupt(held, unordered=True))
+                pairs.append((k, Corrupt(held, unordered=True)))
                 continue
             try:
-                dict.__setitem__(node, k, self.value(held, nid, key, node))
+                pairs.append((k, self.value(held, nid, key, node, depth)))
             except CorruptData as exc:
                 error = error or exc
-                dict.__setitem__(node, k, Corrupt(exc))
+                pairs.append((k, Corrupt(exc)))
+        _refill(node, pairs)
         node._rm_next = b
         if error is not None and not root:
             raise error
@@ -666,3 +701,53 @@ _LAST = 1 << 62  # the order of an entry whose sequence number is lost
 
 def _first(item: tuple[int, Any, bytes | CorruptData, bytes]) -> int:
     return item[0]
+
+
+def _refill(node: ObservedDict, items: list[tuple[Any, Any]]) -> None:
+    """Make ``node`` hold ``items``, in their order, by difference: O(n log n).
+
+    Other threads read proxies without the memory's lock, so a key that
+    stays where it was is never missing while this runs, not even for a
+    moment. Only keys out of order are taken out and put back at the end
+    (others deleted and set them again since this replica looked).
+    """
+    new = dict(items)
+    for key in [k for k in node if k not in new]:
+        dict.pop(node, key, None)
+    position = {key: i for i, (key, _) in enumerate(items)}
+    current = list(dict.keys(node))
+    for key in _out_of_order([position[k] for k in current], current):
+        dict.pop(node, key, None)
+    for key, value in items:
+        if dict.get(node, key, _MISSING) is not value:
+            dict.__setitem__(node, key, value)
+    order, wanted = list(dict.keys(node)), list(new)
+    if order != wanted:  # keys that belong before others: put back from the first one out of place
+        start = next(i for i, (a, b) in enumerate(zip(order, wanted, strict=True)) if a != b)
+        for key in wanted[start:]:
+            dict.__setitem__(node, key, dict.pop(node, key))
+
+
+def _out_of_order(positions: list[int], keys: list[Any]) -> list[Any]:
+    """The keys outside a longest run of ``positions`` that increases (patience sorting)."""
+    tails: list[int] = []  # index in positions of the smallest tail of each run length
+    back = [-1] * len(positions)
+    for i, p in enumerate(positions):
+        lo, hi = 0, len(tails)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if positions[tails[mid]] < p:
+                lo = mid + 1
+            else:
+                hi = mid
+        back[i] = tails[lo - 1] if lo else -1
+        if lo == len(tails):
+            tails.append(i)
+        else:
+            tails[lo] = i
+    keep = set()
+    i = tails[-1] if tails else -1
+    while i >= 0:
+        keep.add(i)
+        i = back[i]
+    return [key for i, key in enumerate(keys) if i not in keep]

@@ -143,8 +143,8 @@ class Session:
     A's memory, and asking for another agent's raises :class:`PrivateMemory`;
     A's writes carry ``author="A"`` in the change feed.
     Opened without, it is an orchestrator's view and reaches every agent.
-    ``with Session(..., delete_on_exit=True) as s:`` deletes the whole
-    session when the block ends. Other options (``ttl``, ``spool``,
+    ``with Session(...) as s:`` closes its memories when the block ends;
+    with ``delete_on_exit=True`` it deletes the whole session first. Other options (``ttl``, ``spool``,
     ``max_pending``, ``author``) apply to every memory of the session; with
     ``ttl`` the participant set expires with them.
     """
@@ -208,7 +208,8 @@ class Session:
     def delete(self) -> None:
         """Delete the shared memory, every agent's memory and the participant set (SMEMBERS, then DELs): O(size)."""
         for name in self.agents():
-            AgentMemory(self.session_id, name, **self._options).delete()
+            with AgentMemory(self.session_id, name, **self._options) as found:
+                found.delete()
         self.shared.delete()
         command(self._channel, self._agents_key, "DEL", self._agents_key)
 
@@ -222,14 +223,22 @@ class Session:
         """Delete every session idle for ``idle_for`` seconds, with all its agents' memories."""
         return SessionMemory.delete_idle(idle_for, **options)
 
+    def close(self) -> None:
+        """Close the shared memory and every agent's memory opened here (see :meth:`Memory.close`)."""
+        for opened in [self.shared, *self._opened.values()]:
+            opened.close()
+
     def __enter__(self) -> Session:
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        if self.delete_on_exit:
-            self.delete()
+        try:
+            if self.delete_on_exit:
+                self.delete()
+        finally:
+            self.close()
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id!r} at {self.shared.key}>"

@@ -157,8 +157,8 @@ local function efield(n, s) return 'e' .. n .. ':' .. s end
 # knows it (checked unless nid is the root); the number
 # of arguments that follow for every node the op may remove (per node: nid,
 # change count, key count, keys; change count -1 for a node whose header is
-# corrupt, with all its entry fields, as read from the server); then the
-# op's own arguments (see ops.py).
+# corrupt, with all its entry fields, as read from the server), or -1 for
+# the script to read them from the hash; then the op's own arguments (see ops.py).
 # Replies: status, version stamp after, incarnation, result (the first new
 # node id), stamp before, then what a delete removed. Malformed stored data
 # is answered 'corrupt' with the key, the field (empty for a key of another
@@ -269,10 +269,42 @@ end
 -- The removal plan: for each container the op may remove, the change
 -- count this client saw it at and (for a dict) its keys. A container
 -- changed since is not removed: the client's copy of it, which a pop
--- returns, would be stale.
+-- returns, would be stale. A count of -1 asks the script to read the plan
+-- from the hash itself (HGETALL, O(size)): for a client whose view keeps
+-- losing the race against busy writers, or cannot decode what it removes.
 local known, known_mod = {}, {}
 local pos = 11
-local drops_end = pos + tonumber(ARGV[10])
+local nplan = tonumber(ARGV[10])
+local drops_end = pos + math.max(nplan, 0)
+if nplan < 0 then
+  local all = redis.call('HGETALL', K)
+  for i = 1, #all, 2 do
+    local f, v = all[i], all[i + 1]
+    cache[f] = v
+    local tag = string.sub(f, 1, 1)
+    if tag == 'h' then
+      local n = string.sub(f, 2)
+      known[n] = known[n] or {}
+    elseif tag == 'e' then
+      local c = string.find(f, ':', 2, true)
+      if c then
+        local n = string.sub(f, 2, c - 1)
+        known[n] = known[n] or {}
+        table.insert(known[n], string.sub(f, c + 1))
+      end
+    end
+  end
+  for n, keys in pairs(known) do
+    if not cache['h' .. n] then
+      known[n] = nil  -- entries of no node: nothing to drop
+    else
+      -- A header that does not parse or does not count its entries is
+      -- corrupt: the node is removed as listed (see broken below).
+      local h, bad = read_header(n)
+      if bad or (h.kind ~= 'l' and #keys ~= h.a) then known_mod[n] = -1 else known_mod[n] = h.c end
+    end
+  end
+end
 while pos < drops_end do
   local dn, mod, cnt = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
   local keys = {}
@@ -299,9 +331,15 @@ end
 
 -- True when every dict node under payload p is fully listed in 'known',
 -- so that drop(p) removes every field the subtree has.
-local function can_drop(p)
+-- Each node is checked and dropped once, and neither the root nor the node
+-- being changed is ever followed into: only corrupt data references a node
+-- twice or an ancestor, and it must stay removable.
+local checked, dropped = {}, {}
+local function can_drop(p, own)
   if not is_ref(p) or is_whole(p) then return true end
   local n = string.sub(p, 2)
+  if checked[n] or (not own and (n == '0' or n == nid)) then return true end
+  checked[n] = true
   local h, bad = read_header(n)
   if not h and not bad then return true end
   local keys = known[n]
@@ -331,6 +369,8 @@ end
 local function drop(p)
   if not is_ref(p) or is_whole(p) then return end
   local n = string.sub(p, 2)
+  if dropped[n] or n == '0' or n == nid then return end
+  dropped[n] = true
   local h, bad = read_header(n)
   if not h and not bad then return end
   if broken(n, h, bad) then
@@ -450,7 +490,7 @@ elseif op == 'ddel' then
     drop(p); hdel(f); h.a = h.a - 1
   end
 elseif op == 'dclear' then
-  if not can_drop(string.char(REF) .. nid) then return reply('stale') end
+  if not can_drop(string.char(REF) .. nid, true) then return reply('stale') end
   for _, k in ipairs(known[nid]) do
     local f = efield(nid, k)
     drop(dict_payload(hget(f))); hdel(f)
@@ -830,18 +870,20 @@ class Store:
             self._call("SCRIPT", "LOAD", source)
             return self._call_packed(packed)
 
-    def apply(self, header: list[bytes], drops: Plan, op_args: Args) -> Reply:
+    def apply(self, header: list[bytes], drops: Plan | None, op_args: Args) -> Reply:
         """EVALSHA of the apply script: O(1) fields for item operations.
 
         ``drops`` gives, for every container the operation may remove, the
         change count it was seen at and its keys (for a dict), so the script
         can delete whole subtrees without scanning the hash, and refuses to
-        remove one changed since.
+        remove one changed since. None lets the script read them from the
+        hash itself: O(size of the memory), and never stale.
         """
         plan: list[bytes] = []
-        for nid, (mod, keys) in drops.items():
+        for nid, (mod, keys) in (drops or {}).items():
             plan += [nid, b"%d" % mod, b"%d" % len(keys), *keys]
-        raw = self._script(_APPLY, self.keys + self.companions, [*header, b"%d" % len(plan), *plan], op_args)
+        count = b"-1" if drops is None else b"%d" % len(plan)
+        raw = self._script(_APPLY, self.keys + self.companions, [*header, count, *plan], op_args)
         return Reply(raw[0].decode(), raw[1], raw[2], int(raw[3]) if raw[3] else None, raw[4], list(raw[5:]))
 
     def version(self) -> tuple[bytes, bytes]:
@@ -951,11 +993,13 @@ def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list
         kept = {bytes((REF,)) + k for k in args[2 : 2 + int(args[1])]}
         doomed = [raw for raw in own.values() if raw not in kept]
     plan: Plan = {}
+    seen: set[bytes] = set()  # corrupt data may reference a node twice, or an ancestor
     while doomed:
         raw = doomed.pop()
         child, whole, _ = raw[1:].partition(b"=")
-        if raw[:1] != bytes((REF,)) or whole:
+        if raw[:1] != bytes((REF,)) or whole or child in seen:
             continue
+        seen.add(child)
         header = fields.get(b"h" + child)
         if header is None:
             continue  # a missing node: nothing to remove

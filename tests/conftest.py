@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,25 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 BACKENDS = ["fakeredis", "redis7", "valkey"]
 REAL_BACKENDS = ["redis7", "valkey"]
+#: How long a library thread may take to end after its test.
+THREAD_GRACE = 3.0
+
+
+@pytest.fixture(autouse=True)
+def no_library_thread_outlives_its_test() -> Iterator[None]:
+    """Fails a test that leaves a library thread (its name starts with "redis_memory") running after it ends."""
+    before = set(threading.enumerate())
+
+    def left() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("redis_memory") and t not in before]
+
+    yield
+    deadline = time.monotonic() + THREAD_GRACE
+    while left() and time.monotonic() < deadline:
+        gc.collect()  # memories let go of, in reference cycles
+        time.sleep(0.02)
+    if left():
+        pytest.fail(f"library threads outlived the test: {left()}")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,20 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-keys = st.one_of(st.text(max_size=3), st.integers(-3, 3), st.tuples(st.integers(0, 2)))
+from redis_memory import codec
+
+_DAY = dt.datetime(2024, 11, 3)
+#: Dict keys of every supported type, drawn from small pools so that keys repeat.
+keys = st.one_of(
+    st.text(max_size=3),
+    st.integers(-3, 3),
+    st.sampled_from([2**64, -(2**70), None, b"k"]),
+    st.tuples(st.integers(0, 2)),
+    st.tuples(st.sampled_from(["a", "b"]), st.frozensets(st.integers(0, 2), max_size=2)),
+    st.frozensets(st.sampled_from(["read", "write", "admin", 8, 16]), max_size=4),
+    st.dates(min_value=_DAY.date(), max_value=_DAY.date() + dt.timedelta(days=2)),
+    st.builds(lambda hour, fold: _DAY.replace(hour=hour, fold=fold), st.integers(0, 2), st.integers(0, 1)),
+)
 
 scalars = st.one_of(
     st.none(),
@@ -28,6 +41,30 @@ values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
     max_leaves=8,
+)
+
+
+_WRAP = {
+    "tuple": lambda v: (v, 0),
+    "frozenset": lambda v: frozenset({v, "s"}),
+    "list": lambda v: [1, v],
+    "dict": lambda v: {"k": v, "n": None},
+}
+
+
+def _nest(kinds: list[str], leaf: Any) -> tuple[Any, int]:
+    # Tuples and frozensets go inside: they may not hold lists or dicts.
+    value = leaf
+    for kind in sorted(kinds, key=lambda k: k in ("list", "dict")):
+        value = _WRAP[kind](value)
+    return value, len(kinds)
+
+
+#: A value and how many containers deep it nests, from two below to two past codec.MAX_DEPTH.
+near_depth_limit = st.builds(
+    _nest,
+    st.lists(st.sampled_from(sorted(_WRAP)), min_size=codec.MAX_DEPTH - 2, max_size=codec.MAX_DEPTH + 2),
+    st.integers() | st.text(max_size=3),
 )
 
 

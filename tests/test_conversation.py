@@ -93,11 +93,11 @@ def test_max_messages_under_concurrent_writers(client: redis.Redis, other_client
     assert ConversationMemory("bounded2", client=client).messages == [8, 9, 10, 11]
 
 
-def test_max_messages_trims_an_assigned_list_on_the_next_append(client: redis.Redis) -> None:
-    """Assigning a longer list stores it as given; the next append brings it to N."""
+def test_max_messages_trims_an_assigned_list_at_once(client: redis.Redis) -> None:
+    """Assigning a longer list stores only its newest N; appends keep it at N."""
     mem = ConversationMemory("bounded3", client=client, max_messages=2)
     mem.messages = [1, 2, 3, 4]
-    assert mem.messages == [1, 2, 3, 4]
+    assert mem.messages == [3, 4] == ConversationMemory("bounded3", client=client).messages
     mem.messages.append(5)
     assert mem.messages == [4, 5] == ConversationMemory("bounded3", client=client).messages
     with pytest.raises(ValueError):

@@ -15,10 +15,17 @@ from typing import Any
 import pytest
 import redis
 from netproxy import TcpProxy
-from servers import RedisServer, durable_redis
-from workers import append_while_down, open_spool_and_flush, spool_and_hang, stream_appends
+from servers import RedisServer, debian_redis, durable_redis
+from workers import (
+    append_while_down,
+    open_containers_spool_and_flush,
+    open_spool_and_flush,
+    spool_and_hang,
+    spool_new_containers_and_hang,
+    stream_appends,
+)
 
-from redis_memory import ConversationMemory, Memory
+from redis_memory import ConnectionFailed, ConversationMemory, Memory
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -183,3 +190,146 @@ def test_spooled_queue_survives_sigkill_of_its_process(durable: RedisServer, tmp
     assert heir.exitcode == 0
     assert ConversationMemory("spooled", url=durable.url).messages == list(range(50))
     assert all(f.stat().st_size == 0 for f in Path(spool).rglob("*.spool"))
+
+
+def test_spooled_changes_inside_containers_made_offline_survive_sigkill(durable: RedisServer, tmp_path: Path) -> None:
+    """A list and a dict created offline, then changed inside, by a process SIGKILLed: the heir replays all of it."""
+    spool = str(tmp_path / "spool")
+    loaded, down, written = spawn.Event(), spawn.Event(), spawn.Event()
+    doomed = spawn.Process(target=spool_new_containers_and_hang, args=(durable.url, spool, loaded, down, written))
+    doomed.start()
+    assert loaded.wait(60)
+    durable.kill()
+    down.set()
+    assert written.wait(60)
+    assert doomed.pid is not None
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.join(10)
+    durable.start()
+    heir = spawn.Process(target=open_containers_spool_and_flush, args=(durable.url, spool))
+    heir.start()
+    heir.join(120)
+    assert heir.exitcode == 0
+    assert Memory("containers", url=durable.url).to_dict() == {"todo": ["x"], "box": {"items": list(range(20))}}
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone, free to be reconfigured."""
+    server = debian_redis(tmp_path / "own")
+    yield server
+    server.stop()
+
+
+def test_reconnect_survives_error_replies_to_its_probe(own_server: RedisServer) -> None:
+    """The server refuses the reconnect probe (NOPERM) for a while: once it accepts again the queue replays."""
+    proxy = TcpProxy(own_server.port)
+    admin = redis.Redis(port=own_server.port)
+    try:
+        mem = Memory("probed", client=redis.Redis.from_url(proxy.url))
+        mem.items = []
+        proxy.cut()
+        mem.items.append("queued")
+        admin.execute_command("ACL", "SETUSER", "default", "-ping")
+        proxy.restore()
+        deadline = time.monotonic() + 5
+        while "NOPERM" not in str(mem.status().last_error) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        refused = mem.status().last_error
+        admin.execute_command("ACL", "SETUSER", "default", "+ping")
+        deadline = time.monotonic() + 5
+        while mem.status().pending and time.monotonic() < deadline:  # no flush(): the background thread alone
+            time.sleep(0.02)
+        assert mem.status().pending == 0, mem.status()
+        assert "NOPERM" in str(refused)
+        assert Memory("probed", url=own_server.url).items == ["queued"]
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def link(servers: dict[str, Any]) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the flushed Redis 7 server, able to go silent."""
+    redis.Redis.from_url(servers["redis7"].url).flushall()
+    proxy = TcpProxy(servers["redis7"].port)
+    yield proxy
+    proxy.close()
+
+
+def test_first_command_on_a_silent_link_waits_one_command_timeout(link: TcpProxy) -> None:
+    """The server stops answering without closing anything: the first write gives up after one command timeout."""
+    mem = Memory("silent", client=redis.Redis.from_url(link.url, socket_timeout=1.0, socket_connect_timeout=1.0))
+    mem.items = []
+    link.silence()
+    start = time.monotonic()
+    mem.items.append("a")
+    first = time.monotonic() - start
+    start = time.monotonic()
+    mem.items.append("b")
+    second = time.monotonic() - start
+    assert first < 1.5, f"the first write blocked {first:.1f} s; the command timeout is 1 s"
+    assert second < 0.1 and mem.status().pending == 2
+    link.silence(False)
+    assert mem.flush(timeout=10), mem.status()
+    assert Memory("silent", client=redis.Redis(port=link.target)).items == ["a", "b"]  # type: ignore[arg-type]
+
+
+def test_flush_on_a_silent_link_returns_within_its_timeout(link: TcpProxy) -> None:
+    """Changes are queued and the server accepts connections but never answers: flush(0.5) says False in time."""
+    mem = Memory("silent", client=redis.Redis.from_url(link.url, socket_timeout=3, socket_connect_timeout=3))
+    mem.items = []
+    link.cut()
+    mem.items.append("a")  # the link is cut: offline at once
+    link.restore()
+    link.silence()
+    start = time.monotonic()
+    assert not mem.flush(timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0, f"flush(timeout=0.5) took {elapsed:.1f} s"
+    link.silence(False)
+    assert mem.flush(timeout=15), mem.status()
+
+
+def test_calls_that_need_redis_do_not_wait_again_once_offline(link: TcpProxy) -> None:
+    """ttl() on a silent link waits one command timeout; while offline, later calls wait at most the connect timeout."""
+    mem = Memory("silent", client=redis.Redis.from_url(link.url, socket_timeout=2, socket_connect_timeout=0.3))
+    mem.x = 1
+    link.silence()
+    times = []
+    for _ in range(2):
+        start = time.monotonic()
+        with pytest.raises(ConnectionFailed):
+            mem.ttl()
+        times.append(time.monotonic() - start)
+    assert times[0] < 3.0, f"the first ttl() blocked {times[0]:.1f} s; the command timeout is 2 s"
+    assert times[1] < 1.0, f"ttl() while offline blocked {times[1]:.1f} s; the connect timeout is 0.3 s"
+    link.silence(False)
+    assert mem.flush(timeout=15) and mem.ttl() is None
+
+
+def test_a_change_whose_reply_timed_out_is_never_reported_refused(own_server: RedisServer) -> None:
+    """A list rewrite outlasts the command timeout and the server answers BUSY meanwhile: no error, applied once."""
+    admin = redis.Redis(port=own_server.port)
+    admin.config_set("busy-reply-threshold", 50)  # milliseconds; 5 s by default
+    count = 40_000
+    Memory("rewrite", client=admin).big = list(range(count))
+    mem = Memory("rewrite", client=redis.Redis(port=own_server.port, socket_timeout=0.2))
+    big = mem.big
+    big.reverse()  # about 0.7 s on the server
+    assert mem.flush(timeout=20), mem.status()
+    expected = list(range(count))[::-1]
+    assert Memory("rewrite", client=admin).big == expected
+    assert mem.big == expected
+
+
+def test_nothing_listening_fails_the_first_read_within_the_connect_timeout() -> None:
+    """With a plain redis.Redis() (which itself retries connecting ten times), one attempt: the connect timeout."""
+    from servers import free_port
+
+    mem = Memory("nowhere", client=redis.Redis(port=free_port(), socket_connect_timeout=0.2))
+    start = time.monotonic()
+    with pytest.raises(ConnectionFailed):
+        mem.to_dict()
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0, f"the first read took {elapsed:.1f} s; the connect timeout is 0.2 s"
+    mem.close()

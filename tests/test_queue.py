@@ -440,3 +440,25 @@ def test_a_spooled_operation_keeps_its_author(switch: Switch, client: redis.Redi
         assert heir.flush(timeout=10)
         event = feed.get(timeout=10)
     assert event is not None and (event.op, event.path, event.author) == ("append", ("log", 0), "alice")
+
+
+def test_spool_keeps_changes_inside_a_container_made_offline(
+    switch: Switch, client: redis.Redis, tmp_path: Path
+) -> None:
+    """A list made offline and appended to, then the process dies: the heir replays the list and the append."""
+    mem = Memory("q", client=switch.client(), spool=tmp_path)
+    mem.seed = 0
+    switch.cut()
+    mem.todo = []
+    mem.todo.append("x")
+    mem.box = {"items": []}
+    mem.box["items"].append(1)
+    spool = mem._rm.outbox.spool
+    assert spool is not None and spool.fd is not None
+    os.close(spool.fd)  # the process dies: its lock goes with it
+    spool.fd = None
+    mem._rm.outbox.entries.clear()
+    switch.restore()
+    heir = Memory("q", client=client, spool=tmp_path)
+    assert heir.flush(timeout=10) and heir.status().dropped == 0
+    assert Memory("q", client=client).to_dict() == {"seed": 0, "todo": ["x"], "box": {"items": [1]}}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import os
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -12,10 +15,12 @@ from conftest import Switch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from strategies import keys, same, values
+from strategies import keys, near_depth_limit, same, values
 
-from redis_memory import Memory, ObservedDict, ObservedList, ObservedSet
+from redis_memory import Memory, ObservedDict, ObservedList, ObservedSet, UnsupportedValue, codec
 from redis_memory.replica import Replica
+
+spawn = multiprocessing.get_context("spawn")
 
 NAMES = ["a", "b", "c"]
 
@@ -69,7 +74,11 @@ class MemoryMachine(RuleBasedStateMachine):
 
     client: redis.Redis
     switch: Switch
+    #: Writers in processes of their own, each with another PYTHONHASHSEED (real servers only).
+    seeded: list[Connection] = []
     runs = 0
+    #: How often the rarer rules ran, so the test can tell they were exercised.
+    hits: dict[str, int] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,6 +87,7 @@ class MemoryMachine(RuleBasedStateMachine):
         self.mems = [Memory("sm", client=self.switch.client())] + [Memory("sm", client=self.client) for _ in range(2)]
         self.model: dict[str, Any] = {}
         self.before_cut: dict[str, Any] | None = None
+        self.snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def writer(self, data: st.DataObject) -> Memory:
         return self.mems[0] if self.before_cut is not None else data.draw(st.sampled_from(self.mems))
@@ -112,6 +122,58 @@ class MemoryMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.switch.restore()
         assert self.mems[0].flush(timeout=20)
+        for mem in self.mems:
+            mem.close()
+
+    @precondition(lambda self: self.before_cut is None and self.snapshot is None)
+    @rule()
+    def take_a_snapshot(self) -> None:
+        """What a server restarted from an older snapshot would come back with."""
+        key = self.mems[0].key
+        saved = {key: self.client.hgetall(key), key + ":w": self.client.zrange(key + ":w", 0, -1, withscores=True)}
+        self.snapshot = (saved, copy.deepcopy(self.model))
+
+    @precondition(lambda self: self.before_cut is None and self.snapshot is not None)
+    @rule()
+    def restart_the_server_from_the_snapshot(self) -> None:
+        """The server loses every write since the snapshot; writes made after it must never pass for lost ones."""
+        assert self.snapshot is not None
+        saved, model = self.snapshot
+        for key, content in saved.items():
+            self.client.delete(key)
+            if content and isinstance(content, dict):
+                self.client.hset(key, mapping=content)
+            elif content:
+                self.client.zadd(key, dict(content))
+        self.model, self.snapshot = model, None
+        MemoryMachine.hits["rollback"] = MemoryMachine.hits.get("rollback", 0) + 1
+
+    @rule(data=st.data(), name=st.sampled_from(NAMES), drawn=near_depth_limit)
+    def set_a_value_near_the_depth_limit(self, data: st.DataObject, name: str, drawn: tuple[Any, int]) -> None:
+        value, depth = drawn
+        mem = self.writer(data)
+        if depth > codec.MAX_DEPTH:
+            before = mem.status().pending
+            with pytest.raises(UnsupportedValue):
+                setattr(mem, name, value)
+            assert mem.status().pending == before
+        else:
+            setattr(mem, name, value)
+            self.model[name] = copy.deepcopy(value)
+
+    @precondition(lambda self: self.seeded and self.before_cut is None)
+    @rule(data=st.data(), key=keys, value=values)
+    def dict_set_from_a_process_with_another_hash_seed(self, data: st.DataObject, key: Any, value: Any) -> None:
+        paths = [p for p in container_paths(self.model, []) if isinstance(walk(self.model, p), dict)]
+        if not paths:
+            return
+        path = data.draw(st.sampled_from(paths))
+        worker = data.draw(st.sampled_from(self.seeded))
+        worker.send((path, key, value))
+        assert worker.poll(30), "the seeded writer did not answer"
+        assert worker.recv() == "ok"
+        walk(self.model, path)[key] = copy.deepcopy(value)
+        MemoryMachine.hits["seeded"] = MemoryMachine.hits.get("seeded", 0) + 1
 
     @rule(data=st.data(), name=st.sampled_from(NAMES), value=values)
     def set_attribute(self, data: st.DataObject, name: str, value: Any) -> None:
@@ -272,14 +334,71 @@ class MemoryMachine(RuleBasedStateMachine):
             assert same(self.mems[0].to_dict(), self.model)
 
 
+def seeded_writer(url: str, requests: Connection) -> None:
+    """In a process of its own: set ``walk(mem, path)[key] = value`` for each request, answer "ok" or the error."""
+    mem = Memory("sm", url=url)
+    while True:
+        request = requests.recv()
+        if request is None:
+            mem.close()
+            return
+        path, key, value = request
+        try:
+            walk(mem, path)[key] = value
+            requests.send("ok")
+        except Exception as exc:  # reported to the test, which fails on it
+            requests.send(repr(exc))
+
+
+def start_seeded_writers(url: str, seeds: list[int]) -> tuple[list[Connection], list[Any]]:
+    connections, processes = [], []
+    for seed in seeds:
+        mine, theirs = spawn.Pipe()
+        old = os.environ.get("PYTHONHASHSEED")
+        os.environ["PYTHONHASHSEED"] = str(seed)  # read by the child's interpreter as it starts
+        try:
+            process = spawn.Process(target=seeded_writer, args=(url, theirs), daemon=True)
+            process.start()
+        finally:
+            if old is None:
+                del os.environ["PYTHONHASHSEED"]
+            else:
+                os.environ["PYTHONHASHSEED"] = old
+        connections.append(mine)
+        processes.append(process)
+    return connections, processes
+
+
 @pytest.mark.parametrize("backend", ["fakeredis", "redis7", "valkey"], indirect=True)
-def test_random_mutations_match_a_plain_model(client: redis.Redis, switch: Switch) -> None:
+def test_random_mutations_match_a_plain_model(
+    client: redis.Redis, switch: Switch, servers: dict[str, Any], backend: str
+) -> None:
     """Three memories on one id, driven through random mutations at random
     depths, always equal a plain Python model, and their replicas equal a
-    fresh load down to node ids and counters. The first memory goes offline
-    and comes back at random; its queued changes replay to the same state."""
+    fresh load down to node ids, births and counters. The first memory goes
+    offline and comes back at random; its queued changes replay to the same
+    state. Sets, tuples, frozensets, values near the depth limit and keys of
+    every type are drawn; on real servers, processes with other hash seeds
+    set dict keys too; and the server comes back from an older snapshot."""
     MemoryMachine.client = client
     MemoryMachine.switch = switch
     MemoryMachine.runs = 0
-    MemoryMachine.TestCase().runTest()
+    MemoryMachine.hits = {}
+    processes: list[Any] = []
+    MemoryMachine.seeded = []
+    if backend != "fakeredis":
+        MemoryMachine.seeded, processes = start_seeded_writers(servers[backend].url, [1, 2])
+    try:
+        MemoryMachine.TestCase().runTest()
+    finally:
+        for connection in MemoryMachine.seeded:
+            connection.send(None)
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+        MemoryMachine.seeded = []
     assert MemoryMachine.runs >= settings.default.max_examples
+    assert MemoryMachine.hits.get("rollback", 0) > 0
+    if backend != "fakeredis":
+        assert MemoryMachine.hits.get("seeded", 0) > 0

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from typing import Any
 
 import pytest
 import redis
+from conftest import Switch
 
 from redis_memory import ContainerDeleted, Memory, MissingKey, ObservedSet
 
@@ -270,3 +274,147 @@ def test_a_rollback_to_the_same_version_number_is_detected(client: redis.Redis, 
     theirs.x = 1
     theirs.y = 2
     assert mine.to_dict() == {"a": 1, "x": 1, "y": 2}
+
+
+# -- queued changes replay like online ones (item 7) ----------------------------
+
+WHOLE_LIST_CHANGES: dict[str, tuple[list[Any], Any, list[Any]]] = {
+    # the list, what the offline writer does to it, what it is after another writer appended 2
+    "clear": ([3, 1], lambda xs: xs.clear(), []),
+    "sort": ([3, 1], lambda xs: xs.sort(), [1, 2, 3]),
+    "sort_reverse": ([1, 3], lambda xs: xs.sort(reverse=True), [3, 2, 1]),
+    "sort_key": ([1, 3], lambda xs: xs.sort(key=lambda x: -x), [3, 2, 1]),
+    "reverse": ([3, 1], lambda xs: xs.reverse(), [2, 1, 3]),
+    "slice_set": ([3, 1], lambda xs: xs.__setitem__(slice(0, 1), ["x"]), ["x", 1, 2]),
+    "slice_del": ([3, 1], lambda xs: xs.__delitem__(slice(0, 1)), [1, 2]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_LIST_CHANGES))
+def test_a_queued_whole_list_change_applies_to_what_the_server_holds(
+    switch: Switch, client: redis.Redis, name: str
+) -> None:
+    """clear, sort, reverse and slice changes queued offline apply on replay to the list as others left it."""
+    start, change, expected = WHOLE_LIST_CHANGES[name]
+    mem = Memory("t", client=switch.client())
+    mem.items = start
+    other = Memory("t", client=client)
+    switch.cut()
+    change(mem.items)
+    other.items.append(2)
+    switch.restore()
+    assert mem.flush(timeout=20)
+    assert mem.status().dropped == 0
+    assert Memory("t", client=client).items == expected
+    assert mem.items == expected
+
+
+def test_a_queued_dict_change_survives_a_busy_container(switch: Switch, client: redis.Redis) -> None:
+    """A queued d[k] = v replacing a nested dict that another process keeps changing lands on replay."""
+    mem = Memory("t", client=switch.client())
+    mem.d = {"k": {"n": 0}}
+    other = Memory("t", client=client)
+    inner = other.d["k"]
+    switch.cut()
+    mem.d["k"] = "mine"
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                inner[f"x{n % 50}"] = n
+            except ContainerDeleted:
+                return
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        time.sleep(0.2)
+        switch.restore()
+        assert mem.flush(timeout=30)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert mem.status().dropped == 0
+    assert Memory("t", client=client).d == {"k": "mine"}
+
+
+# -- max_messages holds for every way a list grows (item 17) ---------------------
+
+
+@pytest.mark.parametrize(
+    "grow",
+    [
+        lambda m: m.insert(len(m), {"n": 99}),
+        lambda m: m.insert(0, {"n": 99}),
+        lambda m: m.insert(1, {"n": 99}),
+        lambda m: m.__setitem__(slice(1, 2), [{"n": 97}, {"n": 98}, {"n": 99}]),
+        lambda m: m.__imul__(2),
+    ],
+    ids=["insert_end", "insert_front", "insert_middle", "slice_set", "imul"],
+)
+def test_max_messages_holds_for_inserts_and_slices(client: redis.Redis, grow: Any) -> None:
+    """insert, slice assignment and *= on a bounded history keep only its newest max_messages items."""
+    from redis_memory import ConversationMemory
+
+    chat = ConversationMemory("bounded", client=client, max_messages=3)
+    chat.messages = [{"n": i} for i in range(3)]
+    model = [{"n": i} for i in range(3)]
+    grow(chat.messages)
+    grow(model)
+    stored = ConversationMemory("bounded", client=client).messages
+    assert stored == model[-3:] and chat.messages == stored
+
+
+def test_max_messages_holds_when_the_history_is_assigned_whole(client: redis.Redis) -> None:
+    """Assigning a longer list to a bounded history stores only its newest max_messages items."""
+    from redis_memory import ConversationMemory
+
+    chat = ConversationMemory("bounded", client=client, max_messages=3)
+    chat.messages = list(range(5))
+    assert ConversationMemory("bounded", client=client).messages == [2, 3, 4]
+
+
+# -- a full reload never tears a held proxy (item 11) ----------------------------
+
+
+def test_a_full_reload_never_hides_a_key_that_did_not_change(client: redis.Redis, other_client: redis.Redis) -> None:
+    """While the replica reloads in full, another thread reading a held dict, set and list never misses an item."""
+    mem = Memory("t", client=client)
+    mem.d = {**{f"filler{i}": i for i in range(500)}, "busy": 0, "stable": 1}  # refilled last, if refilled
+    mem.s = {"stable", *(f"filler{i}" for i in range(500))}
+    mem.rows = [{"stable": 1}, {"n": 0}]
+    d, s, rows = mem.d, mem.s, mem.rows
+    theirs = Memory("t", client=other_client)
+    misses: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            if d.get("stable") != 1:
+                misses.append("dict")
+            if "stable" not in s:
+                misses.append("set")
+            if rows[0].get("stable") != 1:
+                misses.append("message")
+
+    reader = threading.Thread(target=read)
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns often, as on a busy machine
+    reader.start()
+    try:
+        for round_ in range(4):
+            for i in range(140):  # more than the journal holds: the next read reloads in full
+                theirs.d["busy"] = i
+            theirs.d[f"new{round_}"] = round_
+            theirs.s.add(f"new{round_}")
+            theirs.rows.append({"n": round_})
+            assert mem.to_dict() == theirs.to_dict()
+    finally:
+        stop.set()
+        reader.join(10)
+        sys.setswitchinterval(switching)
+    assert misses == []
+    assert mem.d is d and mem.s is s and mem.rows is rows

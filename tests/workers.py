@@ -6,7 +6,7 @@ import time
 from multiprocessing.synchronize import Barrier, Event
 from typing import Any
 
-from redis_memory import ConversationMemory
+from redis_memory import ConversationMemory, Memory
 
 
 def append_and_set(url: str, writer: int, count: int, barrier: Barrier) -> None:
@@ -76,3 +76,25 @@ def agent_listens(url: str, session_id: str, subscribed: Event, results: Any) ->
         event = feed.get(timeout=30)
     assert event is not None, "no change event within 30 s"
     results.put((event.op, event.attribute, event.path, event.author, b.shared.plan[event.path[1]]))
+
+
+def spool_new_containers_and_hang(url: str, spool: str, loaded: Event, down: Event, written: Event) -> None:
+    """With a spool, create a list and a dict while the server is down, change what is inside, wait to be killed."""
+    mem = Memory("containers", url=url, spool=spool)
+    mem.to_dict()
+    loaded.set()
+    assert down.wait(30)
+    mem.todo = []
+    mem.todo.append("x")
+    mem.box = {"items": []}
+    for i in range(20):
+        mem.box["items"].append(i)
+    written.set()
+    time.sleep(120)
+
+
+def open_containers_spool_and_flush(url: str, spool: str) -> None:
+    """A new process on the same spool: every change the dead one queued reaches the server, none dropped."""
+    mem = Memory("containers", url=url, spool=spool)
+    assert mem.flush(timeout=60), mem.status()
+    assert mem.status().dropped == 0, mem.status()
