@@ -25,7 +25,7 @@ from workers import (
     stream_appends,
 )
 
-from redis_memory import ConnectionFailed, ConversationMemory, Memory
+from redis_memory import ConnectionFailed, ContainerDeleted, ConversationMemory, Memory
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -333,3 +333,26 @@ def test_nothing_listening_fails_the_first_read_within_the_connect_timeout() -> 
     elapsed = time.monotonic() - start
     assert elapsed < 1.0, f"the first read took {elapsed:.1f} s; the connect timeout is 0.2 s"
     mem.close()
+
+
+def test_a_server_restarted_from_an_older_snapshot_is_never_trusted(own_server: RedisServer) -> None:
+    """Redis restarted from an older RDB snapshot, then written by others: replicas reload, lost nodes raise."""
+    client = redis.Redis.from_url(own_server.url)
+    mine = Memory("rolled", url=own_server.url)
+    mine.profile = {"name": "A"}
+    client.save()  # the snapshot the server will come back with
+    mine.old = {"a": 1}
+    held = mine.old
+    mine.n = 1
+    own_server.kill()  # SIGKILL: what was written since the snapshot is lost
+    own_server.start()
+    theirs = Memory("rolled", client=redis.Redis.from_url(own_server.url))
+    theirs.payroll = {}  # handed the node id the lost dict had
+    for i in range(3):
+        theirs.n = i
+    assert mine.to_dict() == {"profile": {"name": "A"}, "payroll": {}, "n": 2}
+    with pytest.raises(ContainerDeleted):
+        held["salary"] = 100
+    assert Memory("rolled", client=redis.Redis.from_url(own_server.url)).payroll == {}
+    mine.close()
+    theirs.close()
