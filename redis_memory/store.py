@@ -226,10 +226,10 @@ local function read_header(n)
   if not h then return nil end
   -- A node's birth is the token of the operation that created it: after a
   -- rollback the same id may name another node, of another birth.
-  local kind, a, b, c = string.match(h, '^([lds]) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+)$')
-  local birth = ''
+  local kind, a, b, c, birth = string.match(h, '^([lds]) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+) (%%S*)$')
   if not kind then
-    kind, a, b, c, birth = string.match(h, '^([lds]) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+) (%%S*)$')
+    kind, a, b, c = string.match(h, '^([lds]) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+)$')
+    birth = ''  -- the root's header has none
   end
   if not kind then return nil, true end
   return {kind = kind, a = tonumber(a), b = tonumber(b), c = tonumber(c), birth = birth}

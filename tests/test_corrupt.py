@@ -13,18 +13,14 @@ def stored(client: redis.Redis, mem: Memory) -> dict[bytes, bytes]:
     return dict(client.hgetall(mem.key))
 
 
-def field_of(client: redis.Redis, mem: Memory, prefix: bytes) -> bytes:
-    return next(f for f in stored(client, mem) if f.startswith(prefix))
-
-
-def entry(client: redis.Redis, mem: Memory, name: str) -> bytes:
+def entry(name: str) -> bytes:
     """The root entry field of attribute ``name``."""
     return b"e0:" + msgpack.packb(name)
 
 
 def child(client: redis.Redis, mem: Memory, name: str) -> bytes:
     """The node id attribute ``name`` refers to."""
-    return stored(client, mem)[entry(client, mem, name)].partition(b":")[2][1:]
+    return stored(client, mem)[entry(name)].partition(b":")[2][1:]
 
 
 def force_reload(client: redis.Redis, mem: Memory) -> None:
@@ -44,18 +40,18 @@ def test_a_root_entry_without_its_sequence_is_corrupt_and_replaceable(client: re
     """An entry lacking '<n>:' is CorruptData (hasattr raises), can be set again and deleted."""
     mem = Memory("seq", client=client)
     mem.x, mem.y = 1, 2
-    client.hset(mem.key, entry(client, mem, "x"), bad)
+    client.hset(mem.key, entry("x"), bad)
     force_reload(client, mem)
     fresh = Memory("seq", client=client)
     with pytest.raises(CorruptData) as info:
         hasattr(fresh, "x")
-    assert_corrupt(info, mem.key, entry(client, mem, "x"))
+    assert_corrupt(info, mem.key, entry("x"))
     assert fresh.y == 2
     fresh.z = 3
     fresh.x = "again"  # placed last, as a new key: here as in a fresh load
     assert list(fresh.to_dict()) == list(Memory("seq", client=client).to_dict()) == ["y", "z", "x"]
     assert Memory("seq", client=client).x == "again"
-    client.hset(mem.key, entry(client, mem, "x"), bad)
+    client.hset(mem.key, entry("x"), bad)
     force_reload(client, mem)
     again = Memory("seq", client=client)
     del again.x
@@ -71,11 +67,11 @@ def test_a_msgpack_list_or_map_in_a_scalar_slot_is_corrupt(client: redis.Redis, 
     """A list or dict packed into a scalar slot is never returned as a plain (unsaved) value."""
     mem = Memory("slot", client=client)
     mem.x, mem.y = "scalar", 2
-    client.hset(mem.key, entry(client, mem, "x"), b"1:" + msgpack.packb(value))
+    client.hset(mem.key, entry("x"), b"1:" + msgpack.packb(value))
     force_reload(client, mem)
     with pytest.raises(CorruptData) as info:
         _ = Memory("slot", client=client).x
-    assert_corrupt(info, mem.key, entry(client, mem, "x"))
+    assert_corrupt(info, mem.key, entry("x"))
     assert Memory("slot", client=client).y == 2
 
 
