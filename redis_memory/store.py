@@ -204,7 +204,6 @@ if creating then
   incarnation = token
   version, counter = 0, 0
 end
-if not counter then return corrupt('c', 'not a node counter') end
 -- The writer index is touched once a minute per writer (below); a key of
 -- another type there is found now, before anything is written.
 local clock = redis.call('TIME')
@@ -395,6 +394,12 @@ local function drop(p)
 end
 
 local first_nid = nil
+-- Corrupt data met while applying is answered after the op: every write
+-- waits for the end, so nothing is written then.
+local damage, damage_why = nil, nil
+local function damaged(field, why)
+  if not damage then damage, damage_why = field, why end
+end
 -- What each kept child of a list replace held (a dict stored whole keeps its map).
 local kept_raw = {}
 local function build()
@@ -404,6 +409,7 @@ local function build()
     local n = arg()
     return kept_raw[n] or (string.char(REF) .. n)
   end
+  if not counter then damaged('c', 'not a node counter'); counter = 0 end
   counter = counter + 1
   first_nid = first_nid or counter
   local n = fmt(counter)
@@ -423,11 +429,9 @@ local function build()
   end
   return string.char(REF) .. n
 end
--- A slot a move reads that is not there is answered (after the op) as corrupt.
-local missing_slot = nil
 local function move(n, from, to)
   local v = hget(efield(n, fmt(from)))
-  if not v then missing_slot = missing_slot or efield(n, fmt(from)); return end
+  if not v then damaged(efield(n, fmt(from)), 'missing list element'); return end
   hset(efield(n, fmt(to)), v)
 end
 
@@ -624,7 +628,7 @@ elseif op == 'promote' then
 else
   return redis.error_reply('redis_memory: unknown operation ' .. op)
 end
-if missing_slot then return corrupt(missing_slot, 'missing list element') end
+if damage then return corrupt(damage, damage_why) end
 
 if ntouched == 0 then refresh_ttl(); return reply('same') end
 -- A promotion changes how an item is stored, not what the list holds:

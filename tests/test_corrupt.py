@@ -250,6 +250,10 @@ def test_a_corrupt_node_counter_is_found_before_anything_is_written(client: redi
         Memory("partial", client=client).d.update({"a": 10, "b": [2]})
     assert_corrupt(info, mem.key, b"c")
     assert stored(client, mem) == before
+    fresh = Memory("partial", client=client)
+    fresh.d["a"] = 10  # creates no node: the counter is not needed
+    del fresh.d["b"]
+    assert Memory("partial", client=client).d == {"a": 10}
 
 
 def test_an_entry_found_corrupt_mid_update_is_overwritten(client: redis.Redis) -> None:
@@ -296,14 +300,14 @@ def test_a_held_dict_over_a_nested_node_found_corrupt_sets_and_deletes(client: r
 
 
 def test_deleting_refused_for_corrupt_data_says_so(client: redis.Redis) -> None:
-    """del of an attribute refused because the memory's counter is corrupt raises CorruptData; nothing is deleted."""
+    """del of an attribute refused because the root's header is corrupt raises CorruptData; nothing is deleted."""
     mem = Memory("refused", client=client)
     mem.x = 1
-    client.hset(mem.key, "c", b"many")
+    client.hset(mem.key, "h0", b"junk")  # the version stays: mem's replica is not reloaded
     with pytest.raises(CorruptData) as info:
-        del Memory("refused", client=client).x
-    assert_corrupt(info, mem.key, b"c")
-    assert Memory("refused", client=client).x == 1
+        del mem.x
+    assert_corrupt(info, mem.key, b"h0")
+    assert client.hexists(mem.key, entry("x"))
 
 
 def test_a_corrupt_item_of_a_held_dict_is_deleted_quietly(client: redis.Redis) -> None:
