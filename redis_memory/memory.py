@@ -247,12 +247,16 @@ class MemoryCore:
         with self.lock:
             self.check_open()
             self.refresh()
+            if self.replica.unnamed:
+                raise self.replica.unnamed[0]
             return list(self.replica.root)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             self.check_open()
             self.refresh()
+            if self.replica.unnamed:
+                raise self.replica.unnamed[0]
             for value in self.replica.root.values():
                 if isinstance(value, Corrupt):
                     raise value.error
@@ -272,9 +276,6 @@ class MemoryCore:
             self.refresh()
             try:
                 self.replica.root.pop(name)
-            except CorruptData:
-                # Deleted on the server; only the old value was undecodable.
-                self.catch_up()
             except MissingKey:
                 raise missing(f"{name!r} is not stored in {self.store.key}", key=self.store.key, field=name) from None
 
@@ -346,8 +347,10 @@ class MemoryCore:
                 header = [self.writer, b"%d" % seq, token, expected, op.name, op.nid, self.ttl, self.author, birth]
                 try:
                     if plan is None:
-                        # It removes an attribute this replica could not decode (O(size)).
+                        # It removes a value this replica could not decode (O(size));
+                        # the replica cannot mirror that removal: it reloads after it.
                         plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args()))
+                        replica.speculative = True
                     sent_plan: ops.Plan | None = plan
                     if stale >= SERVER_PLAN_AFTER and not isinstance(op, (ops.DictDelete, ops.ListDelete)):
                         # Others keep changing what this op removes faster than this
@@ -463,6 +466,11 @@ class MemoryCore:
             removed = replica.value_at(op)
             self.catch_up()
             return removed
+        if reply.status == "corrupt":
+            # The script met malformed stored data and wrote nothing.
+            key, field, why = (part.decode(errors="replace") for part in reply.extra[:3])
+            message = f"corrupt data in {key} field {reply.extra[1]!r}: {why}" if field else f"{key} {why}"
+            raise CorruptData(message, key=key, field=reply.extra[1] or None)
         self.catch_up()
         if reply.status == "gone":
             proxy._rm_live = False
@@ -917,7 +925,8 @@ class Memory:
         Read from Redis (one HMGET), outside the attribute namespace.
         """
         created, active = self._rm_server_call(lambda store: store.activity())
-        self._rm.names()  # refreshes the replica
+        with self._rm.lock:
+            self._rm.refresh()  # for the message count
         return Metadata(_datetime(created), _datetime(active), self._rm_message_count())
 
     def _rm_message_count(self) -> int | None:

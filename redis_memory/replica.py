@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from . import codec, ops
 from .errors import CorruptData
 from .proxies import ObservedDict, ObservedList, ObservedSet, plain
-from .store import REF, version_number
+from .store import HEADER, REF, version_number
 
 if TYPE_CHECKING:
     from .memory import MemoryCore
@@ -32,12 +32,18 @@ Node = ObservedList | ObservedDict | ObservedSet
 
 
 class Corrupt:
-    """Stands in the root for an attribute whose stored data cannot be decoded."""
+    """Stands for a value whose stored data cannot be decoded: in the root, and in the containers above it.
 
-    __slots__ = ("error",)
+    Reading the attribute raises its error; a container a user still holds
+    keeps its other items. An operation removing it plans from the server's data.
+    """
 
-    def __init__(self, error: CorruptData) -> None:
+    __slots__ = ("error", "unordered")
+
+    def __init__(self, error: CorruptData, unordered: bool = False) -> None:
         self.error = error
+        #: Its entry lost its '<seq>:': the script gives the value set over it the next one.
+        self.unordered = unordered
 
 
 class Resync(Exception):
@@ -55,11 +61,11 @@ class Header(NamedTuple):
 
 
 def parse_header(raw: bytes) -> Header:
-    """The parts of a header field; ValueError if it is not one."""
-    parts = raw.split(b" ")
-    if len(parts) not in (4, 5) or parts[0] not in (b"l", b"d", b"s"):
+    """The parts of a header field; ValueError if it is not one (by the apply script's rule)."""
+    found = HEADER.fullmatch(raw)
+    if found is None:
         raise ValueError(f"bad node header {raw[:40]!r}")
-    return Header(parts[0].decode(), int(parts[1]), int(parts[2]), int(parts[3]), parts[4] if len(parts) == 5 else b"")
+    return Header(found[1].decode(), int(found[2]), int(found[3]), int(found[4]), found[5] or b"")
 
 
 class Replica:
@@ -76,6 +82,12 @@ class Replica:
         self.speculative = False
         self.root = ObservedDict(core, b"0")
         self.nodes: dict[bytes, Node] = {b"0": self.root}
+        #: Root entries whose names cannot be decoded: no name reaches them,
+        #: so listing the names (dir, to_dict) raises the first of these.
+        self.unnamed: list[CorruptData] = []
+        #: Nodes with corrupt data in them or under them (since the last
+        #: load): this replica cannot describe what removing them removes.
+        self.damaged: set[bytes] = set()
 
     @property
     def loaded(self) -> bool:
@@ -181,6 +193,15 @@ class Replica:
 
     def load(self, fields: dict[bytes, bytes]) -> None:
         """Rebuild from every field of the hash (an HGETALL): O(size)."""
+        # Checked before anything changes: a replica never claims a version
+        # it could not load. Every write that creates a memory sets 'i' and 'v'.
+        if fields and not fields.get(b"i"):
+            raise self._corrupt(b"i", "a memory with fields but no incarnation")
+        if fields:
+            try:
+                version_number(fields.get(b"v") or b"?")
+            except ValueError as exc:
+                raise self._corrupt(b"v", exc) from None
         headers: dict[bytes, bytes] = {}
         entries: dict[bytes, list[tuple[bytes, bytes]]] = {}
         for field, value in fields.items():
@@ -200,6 +221,8 @@ class Replica:
         # Node ids restart in a new incarnation: only the root may be reused then.
         reuse: dict[bytes, Node] = dict(self.nodes) if incarnation == self.incarnation else {b"0": self.root}
         self.nodes = {}
+        self.unnamed = []
+        self.damaged = set()
         _Loader(self, headers, entries, reuse).fill(b"0", headers.get(b"0", b"d 0 1 0"), None, 0)
         self.stamped(fields.get(b"v", b""))
         self.incarnation = incarnation
@@ -336,8 +359,8 @@ class Replica:
     def removal_plan(self, op: ops.Op) -> ops.Plan | None:
         """Every container ``op`` may remove, as this replica sees it, for the server to check.
 
-        None if it removes an attribute this replica could not decode: then
-        only the server's data can tell what that holds.
+        None if it removes a value whose stored data is corrupt: only the
+        server's data can tell what that holds.
         """
         node = self.nodes[op.nid]
         doomed: list[Any] = []
@@ -358,7 +381,7 @@ class Replica:
         stack = doomed
         while stack:
             value = stack.pop()
-            if isinstance(value, Corrupt):
+            if isinstance(value, Corrupt) or (self.damaged and getattr(value, "_rm_nid", None) in self.damaged):
                 return None
             if isinstance(value, ObservedDict) and value._rm_up is None:  # one stored whole has no fields to list
                 plan[value._rm_nid] = (value._rm_mod, [codec.encode_key(k) for k in value])
@@ -371,19 +394,23 @@ class Replica:
         return plan
 
     def removed_value(self, op: ops.Op, payloads: list[bytes]) -> Any:
-        """What a delete returned: the server's scalar, or our copy of a container."""
+        """What a delete returned: the server's scalar, or our copy of a container.
+
+        None for a value that cannot be decoded: it is deleted all the same,
+        and a deletion never fails on the data it removes.
+        """
         if not payloads:
             return None
         payload = payloads[0]
-        if payload[:1] != _REF_BYTE:
-            return self._decode(payload, b"e" + op.nid, self.nodes[op.nid])
-        nid, whole, blob = payload[1:].partition(b"=")
-        node = self.nodes.get(nid)
-        if node is None and whole:
-            try:
+        try:
+            if payload[:1] != _REF_BYTE:
+                return codec.decode(payload)
+            nid, whole, blob = payload[1:].partition(b"=")
+            node = self.nodes.get(nid)
+            if node is None and whole:
                 return codec.decode_whole(blob)
-            except ValueError as exc:
-                raise self._corrupt(b"e" + op.nid, exc) from None
+        except ValueError:
+            return None
         return plain(node)
 
     def value_at(self, op: ops.Op) -> Any:
@@ -422,7 +449,8 @@ class Replica:
                 built = [self._materialize(encoded, nids, node, birth) for encoded in op.values]
                 for key, value in zip((k for k, _ in op.items), built, strict=True):
                     old = dict.get(node, key)
-                    if key not in node:
+                    if key not in node or (isinstance(old, Corrupt) and old.unordered):
+                        dict.pop(node, key, None)  # the script placed it last, as a new key
                         node._rm_next += 1
                     self._kill(old)
                     dict.__setitem__(node, key, value)
@@ -560,7 +588,11 @@ class _Loader:
             header = self.headers.get(child)
             if header is None:
                 raise self.corrupt(nid, slot, f"reference to missing node {child!r}")
-            return self.fill(child, header, parent, depth + 1)
+            try:
+                return self.fill(child, header, parent, depth + 1)
+            except CorruptData:
+                self.replica.damaged.add(child)
+                raise
         try:
             return codec.decode(payload)
         except ValueError as exc:
@@ -593,49 +625,73 @@ class _Loader:
             set.update(node, elements)
             return node
         if isinstance(node, ObservedList):
+            # A corrupt item becomes a placeholder, and the list is filled
+            # before its first error is raised: a user may hold this list.
+            error = None
             slots = {}
             for slot, payload in entries:
                 try:
                     slots[int(slot)] = payload
                 except ValueError:
-                    raise self.corrupt(nid, slot, "bad slot") from None
+                    error = error or self.corrupt(nid, slot, "bad slot")
             items = []
             for s in range(a, b):
                 found = slots.get(s)
-                if found is None:
-                    raise self.corrupt(nid, s, "missing list element")
-                items.append(self.value(found, nid, s, node, depth))
+                try:
+                    if found is None:
+                        raise self.corrupt(nid, s, "missing list element")
+                    items.append(self.value(found, nid, s, node, depth))
+                except CorruptData as exc:
+                    error = error or exc
+                    items.append(Corrupt(exc))
             list.__setitem__(node, slice(None), items)
             node._rm_lo = a
+            if error is not None:
+                raise error
             return node
         node._rm_up = None
-        ordered = []
+        ordered: list[tuple[int, Any, bytes | CorruptData, bytes]] = []
+        # As for a list: the root keeps each corrupt attribute as a
+        # placeholder; a nested dict is filled, then raises its first error.
+        error = None
         keys = self.keys
         for key, raw in entries:
-            seq, _sep, payload = raw.partition(b":")
-            try:
-                decoded = keys.get(key, _MISSING)
-                if decoded is _MISSING:
+            seq, sep, payload = raw.partition(b":")
+            decoded = keys.get(key, _MISSING)
+            if decoded is _MISSING:
+                try:
                     decoded = keys[key] = codec.decode_key(key)
-                ordered.append((int(seq), decoded, payload, key))
-            except ValueError as exc:
-                if root:
-                    # A root entry whose own name is undecodable cannot be addressed; skip it.
+                except ValueError as exc:
+                    # No name reaches this entry: in the root, listing the names raises.
+                    bad = self.corrupt(nid, key, exc)
+                    if root:
+                        self.replica.unnamed.append(bad)
+                    error = error or bad
                     continue
-                raise self.corrupt(nid, key, exc) from None
+            if not (sep and seq.isdigit()):
+                # Kept under its name (last), so it reads as corrupt, not as missing.
+                ordered.append((_LAST, decoded, self.corrupt(nid, key, "an entry without its '<n>:' prefix"), key))
+                continue
+            ordered.append((int(seq), decoded, payload, key))
+        if not root and len(entries) != a:
+            error = error or self.replica._corrupt(b"h" + nid, f"a dict of {a} entries has {len(entries)}")
         if len(ordered) > 1:
             ordered.sort(key=_first)
         pairs: list[tuple[Any, Any]] = []
-        for _, k, payload, key in ordered:
-            if root:
-                try:
-                    pairs.append((k, self.value(payload, nid, key, node, depth)))
-                except CorruptData as exc:
-                    pairs.append((k, Corrupt(exc)))
-            else:
-                pairs.append((k, self.value(payload, nid, key, node, depth)))
+        for _, k, held, key in ordered:
+            if isinstance(held, CorruptData):
+                error = error or held
+                pairs.append((k, Corrupt(held, unordered=True)))
+                continue
+            try:
+                pairs.append((k, self.value(held, nid, key, node, depth)))
+            except CorruptData as exc:
+                error = error or exc
+                pairs.append((k, Corrupt(exc)))
         _refill(node, pairs)
         node._rm_next = b
+        if error is not None and not root:
+            raise error
         return node
 
 
@@ -644,7 +700,10 @@ _MISSING: Any = object()
 _KINDS: dict[str, type[Node]] = {"l": ObservedList, "d": ObservedDict, "s": ObservedSet}
 
 
-def _first(item: tuple[int, Any, bytes, bytes]) -> int:
+_LAST = 1 << 62  # the order of an entry whose sequence number is lost
+
+
+def _first(item: tuple[int, Any, bytes | CorruptData, bytes]) -> int:
     return item[0]
 
 

@@ -33,10 +33,18 @@ until a ``promote`` gives it some; see :mod:`redis_memory.ops`).
 List slots run from ``lo`` to ``hi - 1``; an append writes slot ``hi``, an
 insert at the front slot ``lo - 1``, so both ends are O(1). Dict entries carry an insertion sequence number so the
 insertion order of Python dicts survives.
+
+Corrupt data (a field that does not follow this layout) is reported as
+:class:`~redis_memory.errors.CorruptData` naming the key and field, by a
+read and by the apply script, which then writes nothing. A hash with fields
+but no ``i`` is corrupt, never created over. A node whose header is corrupt
+(unparseable, or a dict's or set's count that is not its number of entries)
+is removed whole with the attribute holding it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -47,6 +55,8 @@ from .errors import ConnectionFailed, CorruptData, ServerRefused
 from .ops import Args, Plan, trimmed
 
 REF = 0xC1
+#: A node header (see above); the apply script's read_header follows the same rule.
+HEADER = re.compile(rb"([lds]) (-?[0-9]+) (-?[0-9]+) (-?[0-9]+)(?: (\S*))?")
 JOURNAL_SIZE = 128
 TOUCH_LIMIT = 1000
 #: Seconds an operation id is remembered after its writer's last write: the
@@ -97,12 +107,15 @@ local function hget(f)
   return v or nil
 end
 -- Writes that change nothing are skipped, so an operation that changes
--- nothing leaves the version (and every replica) alone.
+-- nothing leaves the version (and every replica) alone. The others are
+-- sent at the end, with the deletions: a script is not rolled back, so
+-- corrupt data met midway must find nothing written yet.
+local setlist, setting = {}, {}
 local function hset(f, v)
   if hget(f) ~= v then
-    redis.call('HSET', K, f, v)
     cache[f] = v
     doomed[f] = nil
+    if not setting[f] then setting[f] = true; setlist[#setlist + 1] = f end
     touch(f)
   end
 end
@@ -142,8 +155,14 @@ local function efield(n, s) return 'e' .. n .. ':' .. s end
 # expected incarnation ('*' for any, or none), op name, nid, expiry in ms
 # (0: none), author (may be empty), the birth of node nid as the client
 # knows it (checked unless nid is the root); the number
-# of arguments that follow for the keys of every dict node the op may remove
-# (per node: nid, key count, keys); then the op's own arguments (see ops.py).
+# of arguments that follow for every node the op may remove (per node: nid,
+# change count, key count, keys; change count -1 for a node whose header is
+# corrupt, with all its entry fields, as read from the server), or -1 for
+# the script to read them from the hash; then the op's own arguments (see ops.py).
+# Replies: status, version stamp after, incarnation, result (the first new
+# node id), stamp before, then what a delete removed. Malformed stored data
+# is answered 'corrupt' with the key, the field (empty for a key of another
+# type) and why: the client raises CorruptData.
 # An applied change is published on the memory's change channel (see
 # feed.py for the message).
 # Every check runs before the first write: a script is not rolled back.
@@ -162,10 +181,15 @@ local stamp_now = before
 local function reply(status, result, ...)
   return {status, stamp_now, incarnation or '', result or '', before, ...}
 end
+-- Malformed stored data is answered with the key and field, for the
+-- client to raise CorruptData; never met by a Lua error.
+local function corrupt(field, why, key)
+  return reply('corrupt', '', key or K, field, why)
+end
 
 local stamp = 0
 if incarnation and meta[4] then
-  local lseq, lstamp, lres = string.match(meta[4], '^(%%d+) (%%d+) (.*)$')
+  local lseq, lstamp, lres = string.match(meta[4], '^(%%d+) (%%d+) (%%d*)$')
   if lseq and tonumber(lseq) >= seq then return reply('dup', lres) end
   stamp = tonumber(lstamp or '0')
 end
@@ -174,18 +198,39 @@ if ARGV[4] ~= '*' and ARGV[4] ~= (incarnation or '') then return reply('gone') e
 -- write, never before everything is checked.
 local creating = not incarnation
 if creating then
+  -- Fields without an incarnation are a damaged memory, not a new one:
+  -- creating over them would mix old nodes with new ones.
+  if redis.call('EXISTS', K) == 1 then return corrupt('i', 'a memory with fields but no incarnation') end
   incarnation = token
   version, counter = 0, 0
 end
+-- The writer index is touched once a minute per writer (below); a key of
+-- another type there is found now, before anything is written.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1])
+local index_due = now - stamp >= %(index_every)d
+if index_due then
+  local kind = redis.call('TYPE', KEYS[2])
+  kind = type(kind) == 'table' and kind.ok or kind
+  if kind ~= 'zset' and kind ~= 'none' then
+    return corrupt('', 'holds another kind of Redis value than redis_memory keeps there', KEYS[2])
+  end
+end
 
+-- The header of node n, or nil if there is none; nil and true if it is
+-- corrupt (the same rule as store.HEADER).
 local function read_header(n)
   local h = hget(hfield(n))
   if not h and creating and n == '0' then h = 'd 0 1 0' end
   if not h then return nil end
   -- A node's birth is the token of the operation that created it: after a
   -- rollback the same id may name another node, of another birth.
-  local kind, a, b, c, birth = string.match(h, '^(%%a) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+) ?(%%S*)$')
-  if not kind then return nil end
+  local kind, a, b, c, birth = string.match(h, '^([lds]) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+) (%%S*)$')
+  if not kind then
+    kind, a, b, c = string.match(h, '^([lds]) (%%-?%%d+) (%%-?%%d+) (%%-?%%d+)$')
+    birth = ''  -- the root's header has none
+  end
+  if not kind then return nil, true end
   return {kind = kind, a = tonumber(a), b = tonumber(b), c = tonumber(c), birth = birth}
 end
 local function write_header(n, h)
@@ -197,7 +242,11 @@ local function is_ref(p) return string.byte(p, 1) == REF end
 -- has no fields of its own, so dropping it is dropping the field holding it.
 local function is_whole(p) return string.find(p, '=', 2, true) ~= nil end
 local function ref_nid(p) return string.match(p, '^.([^=]*)') end
-local function dict_payload(raw) return string.sub(raw, (string.find(raw, ':', 1, true) or 0) + 1) end
+-- What follows the '<seq>:' of a dict entry; '' for a corrupt one without it.
+local function dict_payload(raw)
+  local colon = string.find(raw, ':', 1, true)
+  return colon and string.sub(raw, colon + 1) or ''
+end
 
 local ttl = tonumber(ARGV[7])
 -- Sliding expiry: every write, even one that changes nothing, restarts the
@@ -235,7 +284,6 @@ if nplan < 0 then
     if tag == 'h' then
       local n = string.sub(f, 2)
       known[n] = known[n] or {}
-      known_mod[n] = tonumber(string.match(v, '^%%a %%-?%%d+ %%-?%%d+ (%%-?%%d+)'))
     elseif tag == 'e' then
       local c = string.find(f, ':', 2, true)
       if c then
@@ -245,8 +293,15 @@ if nplan < 0 then
       end
     end
   end
-  for n in pairs(known) do
-    if not known_mod[n] then known[n] = nil end  -- entries of no node: nothing to drop
+  for n, keys in pairs(known) do
+    if not cache['h' .. n] then
+      known[n] = nil  -- entries of no node: nothing to drop
+    else
+      -- A header that does not parse or does not count its entries is
+      -- corrupt: the node is removed as listed (see broken below).
+      local h, bad = read_header(n)
+      if bad or (h.kind ~= 'l' and #keys ~= h.a) then known_mod[n] = -1 else known_mod[n] = h.c end
+    end
   end
 end
 while pos < drops_end do
@@ -261,6 +316,18 @@ local function arg()
   return ARGV[pos - 1]
 end
 
+-- A node whose header is corrupt (unparseable, or a count that is not
+-- its dict's or set's number of entries) is removed as the client read it
+-- from the server: change count -1 and the names of all its entry fields.
+local function broken(n, h, bad)
+  if known_mod[n] ~= -1 then return false end
+  return bad or (h.kind ~= 'l' and #known[n] ~= h.a)
+end
+local function child_of(n, raw)
+  if string.sub(hget(hfield(n)), 1, 1) == 'l' then return raw end
+  return dict_payload(raw)
+end
+
 -- True when every dict node under payload p is fully listed in 'known',
 -- so that drop(p) removes every field the subtree has.
 -- Each node is checked and dropped once, and neither the root nor the node
@@ -272,9 +339,17 @@ local function can_drop(p, own)
   local n = string.sub(p, 2)
   if checked[n] or (not own and (n == '0' or n == nid)) then return true end
   checked[n] = true
-  local h = read_header(n)
-  if not h then return true end
+  local h, bad = read_header(n)
+  if not h and not bad then return true end
   local keys = known[n]
+  if broken(n, h, bad) then
+    for _, k in ipairs(keys) do
+      local raw = hget(efield(n, k))
+      if not raw or not can_drop(child_of(n, raw)) then return false end
+    end
+    return true
+  end
+  if bad then return false end
   if not keys or known_mod[n] ~= h.c then return false end
   if h.kind == 'l' then
     for s = h.a, h.b - 1 do
@@ -295,9 +370,14 @@ local function drop(p)
   local n = string.sub(p, 2)
   if dropped[n] or n == '0' or n == nid then return end
   dropped[n] = true
-  local h = read_header(n)
-  if not h then return end
-  if h.kind == 'l' then
+  local h, bad = read_header(n)
+  if not h and not bad then return end
+  if broken(n, h, bad) then
+    for _, k in ipairs(known[n]) do
+      local f = efield(n, k)
+      drop(child_of(n, hget(f))); hdel(f)
+    end
+  elseif h.kind == 'l' then
     for s = h.a, h.b - 1 do
       local f = efield(n, fmt(s))
       local raw = hget(f)
@@ -314,6 +394,12 @@ local function drop(p)
 end
 
 local first_nid = nil
+-- Corrupt data met while applying is answered after the op: every write
+-- waits for the end, so nothing is written then.
+local damage, damage_why = nil, nil
+local function damaged(field, why)
+  if not damage then damage, damage_why = field, why end
+end
 -- What each kept child of a list replace held (a dict stored whole keeps its map).
 local kept_raw = {}
 local function build()
@@ -323,6 +409,7 @@ local function build()
     local n = arg()
     return kept_raw[n] or (string.char(REF) .. n)
   end
+  if not counter then damaged('c', 'not a node counter'); counter = 0 end
   counter = counter + 1
   first_nid = first_nid or counter
   local n = fmt(counter)
@@ -343,10 +430,13 @@ local function build()
   return string.char(REF) .. n
 end
 local function move(n, from, to)
-  hset(efield(n, fmt(to)), hget(efield(n, fmt(from))))
+  local v = hget(efield(n, fmt(from)))
+  if not v then damaged(efield(n, fmt(from)), 'missing list element'); return end
+  hset(efield(n, fmt(to)), v)
 end
 
-local h = read_header(nid)
+local h, bad = read_header(nid)
+if bad then return corrupt(hfield(nid), 'not a node header') end
 if not h or (nid ~= '0' and h.birth ~= ARGV[9]) then return reply('gone') end
 local want = string.sub(op, 1, 1)
 if want ~= 'd' and want ~= 's' then want = 'l' end
@@ -375,7 +465,9 @@ if op == 'dset' or op == 'dsetdefault' then
     local raw = hget(f)
     local s
     if raw then
+      -- A corrupt entry without its sequence number goes last.
       s = string.match(raw, '^(%%d+):')
+      if not s then s = fmt(h.b); h.b = h.b + 1 end
       drop(dict_payload(raw))
     else
       s = fmt(h.b); h.b = h.b + 1; h.a = h.a + 1
@@ -536,6 +628,7 @@ elseif op == 'promote' then
 else
   return redis.error_reply('redis_memory: unknown operation ' .. op)
 end
+if damage then return corrupt(damage, damage_why) end
 
 if ntouched == 0 then refresh_ttl(); return reply('same') end
 -- A promotion changes how an item is stored, not what the list holds:
@@ -564,8 +657,6 @@ writes[#writes + 1] = 'j' .. fmt(version %% JOURNAL_SIZE)
 writes[#writes + 1] = entry
 -- The writer index is touched once a minute per writer; each time, a few
 -- writers silent for longer than the retention are forgotten.
-local clock = redis.call('TIME')
-local now = tonumber(clock[1])
 -- Activity times, in ms: of this write, and of the one that created the memory.
 local now_ms = fmt(now * 1000 + math.floor(tonumber(clock[2]) / 1000))
 writes[#writes + 1] = 'ta'
@@ -574,7 +665,7 @@ if creating then
   writes[#writes + 1] = 'tc'
   writes[#writes + 1] = now_ms
 end
-if now - stamp >= %(index_every)d then
+if index_due then
   stamp = now
   local W = KEYS[2]
   redis.call('ZADD', W, now, writer)
@@ -592,6 +683,9 @@ end
 if creating then
   writes[#writes + 1] = 'i'
   writes[#writes + 1] = incarnation
+end
+for _, f in ipairs(setlist) do
+  if cache[f] then writes[#writes + 1] = f; writes[#writes + 1] = cache[f] end
 end
 flush_deletes()
 for start = 1, #writes, 1000 do
@@ -619,13 +713,18 @@ return reply('ok', result, unpack(extra))
 # ARGV[2] to now: the current values of every field the journal says changed
 # since, or 'full' when the journal no longer covers the gap or does not hold
 # that version (the server was rolled back): then the caller reads it all.
-# A journal entry is '<count> <token> ' then the fields, or '*' for too many.
+# A journal entry is '<count> <token> ' then the fields, or '*' for too many;
+# one that does not parse is answered 'full' too.
 _SYNC = (_PRELUDE + """
 local meta = redis.call('HMGET', K, 'v', 'i')
-local v, inc = meta[1], meta[2]
-if not inc then return {'0', '', 'empty'} end
+local v, inc = meta[1] or '', meta[2]
+if not inc then
+  -- Fields without an incarnation: the caller's full read reports them.
+  if redis.call('EXISTS', K) == 1 then return {v, '', 'full'} end
+  return {'0', '', 'empty'}
+end
 local known = tonumber(string.match(ARGV[1], '^%%d+') or '')
-local current = tonumber(string.match(v or '', '^%%d+') or '')
+local current = tonumber(string.match(v, '^%%d+') or '')
 if inc ~= ARGV[2] or not known or not current or current < known or current - known >= JOURNAL_SIZE then
   return {v, inc, 'full'}
 end
@@ -642,8 +741,10 @@ for n = known + 1, current do
   local p = #num + #tok + 3
   if string.sub(e, p) == '*' then return {v, inc, 'full'} end
   while p <= #e do
-    local c = string.find(e, ':', p, true)
-    local f = string.sub(e, c + 1, c + tonumber(string.sub(e, p, c - 1)))
+    local len = string.match(e, '^%%d+', p)
+    local c = len and p + #len
+    if not c or string.sub(e, c, c) ~= ':' or c + tonumber(len) > #e then return {v, inc, 'full'} end
+    local f = string.sub(e, c + 1, c + tonumber(len))
     if not seen[f] then seen[f] = true; fields[#fields + 1] = f end
     p = c + #f + 1
   end
@@ -682,8 +783,14 @@ return deleted
 
 
 def version_number(stamp: bytes) -> int:
-    """The change count of a version stamp (``<count> <token>``, see the apply script); 0 for none."""
-    return int(stamp.partition(b" ")[0] or b"0")
+    """The change count of a version stamp (``<count> <token>``, see the apply script); 0 for none.
+
+    ValueError if ``stamp`` is not one (``int`` alone would take ``-3``, ``+3`` or ``1_0``).
+    """
+    count = stamp.partition(b" ")[0]
+    if stamp and not count.isdigit():
+        raise ValueError(f"not a version stamp: {stamp[:40]!r}")
+    return int(count or b"0")
 
 
 def send(link: Channel, key: str, packed: bytes) -> Any:
@@ -826,7 +933,15 @@ class Store:
     def activity(self) -> tuple[int | None, int | None]:
         """HMGET of the creation and last-change times (ms since the epoch): O(1)."""
         created, active = self._call("HMGET", self.key, "tc", "ta")
-        return (int(created) if created else None), (int(active) if active else None)
+        return self._time(b"tc", created), self._time(b"ta", active)
+
+    def _time(self, field: bytes, raw: bytes | None) -> int | None:
+        if raw is None:
+            return None
+        if not raw.isdigit():
+            message = f"corrupt data in {self.key} field {field!r}: not a time: {raw[:40]!r}"
+            raise CorruptData(message, key=self.key, field=field)
+        return int(raw)
 
     def size(self) -> tuple[int, int]:
         """MEMORY USAGE of the memory's keys (else their stored bytes), and HLEN: O(size) at most."""
@@ -889,14 +1004,23 @@ def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list
         if raw[:1] != bytes((REF,)) or whole or child in seen:
             continue
         seen.add(child)
-        header = fields.get(b"h" + child, b"").split(b" ")
-        if len(header) < 4:
+        header = fields.get(b"h" + child)
+        if header is None:
             continue  # a missing node: nothing to remove
         children = entries.get(child, {})
-        if header[0] in (b"d", b"s"):  # a set's elements hold empty values: no children
-            plan[child] = (int(header[3]), list(children))
+        found = HEADER.fullmatch(header)
+        if found is None or (found[1] != b"l" and int(found[2]) != len(children)):
+            # A corrupt header: the script removes the node's fields listed
+            # here, marked by the change count -1 (see the apply script).
+            plan[child] = (-1, list(children))
+            if header[:1] == b"l":
+                doomed += list(children.values())
+            else:
+                doomed += [value.partition(b":")[2] for value in children.values()]
+        elif found[1] in (b"d", b"s"):  # a set's elements hold empty values: no children
+            plan[child] = (int(found[4]), list(children))
             doomed += [value.partition(b":")[2] for value in children.values()]
         else:
-            plan[child] = (int(header[3]), [])
+            plan[child] = (int(found[4]), [])
             doomed += list(children.values())
     return plan
