@@ -1,0 +1,171 @@
+"""8 processes x 500 mixed nested operations through real outages: nothing lost, nothing twice, order kept."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from netproxy import TcpProxy
+from servers import EmbeddedServer, RedisServer, durable_redis
+from stress_workers import NAME, stress_writer
+
+from redis_memory import Memory
+
+spawn = multiprocessing.get_context("spawn")
+
+WRITERS = 8
+OPERATIONS = 500
+#: Writers 0-3 reach the server through proxies (two writers a proxy); 4-7 directly.
+PROXIED = 4
+
+
+@pytest.fixture
+def durable(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone, fsyncing every write, so that SIGKILL loses nothing."""
+    server = durable_redis(tmp_path / "server")
+    yield server
+    server.stop()
+
+
+def check_writer(fresh: dict[str, Any], writer: int, model: dict[str, Any]) -> None:
+    """What ``writer`` left in the fresh load is exactly its model, in its order."""
+    mine = f"{writer}:"
+    assert [t for t in fresh["log"] if t.startswith(mine)] == model["log"], f"writer {writer}: log"
+    assert [t for t in fresh["front"] if t.startswith(mine)] == model["front"][::-1], f"writer {writer}: front"
+    assert {t for t in fresh["tags"] if t.startswith(mine)} == set(model["tags"]), f"writer {writer}: tags"
+    assert {k: v for k, v in fresh["d"].items() if k.startswith(mine)} == model["d"], f"writer {writer}: d"
+    sub = {"items": model["items"], "seen": set(model["seen"])}
+    if model["count"] is not None:
+        sub["count"] = model["count"]
+    assert fresh["d2"][f"w{writer}"] == sub, f"writer {writer}: d2"
+    assert fresh["sorted"][f"w{writer}"] == model["sorted"], f"writer {writer}: sorted"
+
+
+Outage = tuple[str, Callable[[], object], Callable[[], object], float]
+
+
+def cut_and_restore_all(proxies: list[TcpProxy]) -> tuple[Callable[[], None], Callable[[], None]]:
+    def cut() -> None:
+        for proxy in proxies:
+            proxy.cut()
+
+    def restore() -> None:
+        for proxy in proxies:
+            proxy.restore()
+
+    return cut, restore
+
+
+def run_stress(direct_url: str, proxies: list[TcpProxy], outages: list[Outage], tmp_path: Path) -> None:
+    """Run the writers (the first PROXIED through ``proxies``), bring ``outages`` at even steps, check it all.
+
+    Each outage is (what, cut, restore, seconds held); they start when the
+    writers' operations, counted together, pass 1/8, 2/8, ... of the total.
+    """
+    setup = Memory(NAME, url=direct_url)
+    setup.log, setup.front, setup.tags = [], [], set()
+    setup.d, setup.d2, setup.sorted = {}, {}, {}
+    urls = [proxies[w * len(proxies) // PROXIED].url if w < PROXIED else direct_url for w in range(WRITERS)]
+    start, finished = spawn.Barrier(WRITERS + 1), spawn.Barrier(WRITERS)
+    progress: Any = spawn.Array("i", WRITERS)
+    outs = [tmp_path / f"writer{w}.json" for w in range(WRITERS)]
+    procs = [
+        spawn.Process(target=stress_writer, args=(urls[w], w, OPERATIONS, start, finished, progress, str(outs[w])))
+        for w in range(WRITERS)
+    ]
+    total = WRITERS * (OPERATIONS - 2)  # the two setdefaults that make each writer's containers are not counted
+    seen: list[tuple[str, list[int], list[int]]] = []
+
+    def reached(count: int) -> bool:
+        deadline = time.monotonic() + 60
+        while sum(progress) < count:
+            if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
+                return False
+            time.sleep(0.01)
+        return True
+
+    began = time.monotonic()
+    try:
+        for p in procs:
+            p.start()
+        start.wait(120)
+        for step, (what, cut, restore, hold) in enumerate(outages, 1):
+            if not reached(total * step // (len(outages) + 2)):
+                break
+            before = list(progress)
+            cut()
+            time.sleep(hold)
+            during = list(progress)
+            restore()
+            seen.append((what, before, during))
+        for p in procs:
+            p.join(max(1.0, 150 - (time.monotonic() - began)))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    reports: list[dict[str, Any]] = [json.loads(o.read_text()) if o.exists() else {"error": "no report"} for o in outs]
+    errors = {w: r["error"] for w, r in enumerate(reports) if r["error"]}
+    assert not errors, "\n".join(f"writer {w}:\n{e}" for w, e in errors.items())
+    assert [p.exitcode for p in procs] == [0] * WRITERS
+    fresh = Memory(NAME, url=direct_url).to_dict()
+    models = [r["model"] for r in reports]
+    for w, model in enumerate(models):
+        check_writer(fresh, w, model)
+    assert len(fresh["log"]) == sum(len(m["log"]) for m in models), "log: lost or duplicated"
+    assert len(fresh["front"]) == sum(len(m["front"]) for m in models), "front: lost or duplicated"
+    assert fresh["tags"] == {t for m in models for t in m["tags"]}
+    assert fresh["d"] == {k: v for m in models for k, v in m["d"].items()}
+    assert set(fresh["d2"]) == set(fresh["sorted"]) == {f"w{w}" for w in range(WRITERS)}
+    assert setup.to_dict() == fresh, "the parent's replica differs from a fresh load"
+    # Every outage came while the writers were writing, and those cut off wrote through it.
+    assert [what for what, _, _ in seen] == [what for what, _, _, _ in outages], f"outages missed: {seen}"
+    for what, before, during in seen:
+        cut_off = range(WRITERS) if "server" in what else range(PROXIED)
+        assert sum(before) < total, f"{what}: after the writes"
+        assert any(during[w] > before[w] for w in cut_off), f"{what}: nobody wrote during it {before} {during}"
+
+
+def test_eight_processes_mixed_nested_operations_through_outages(durable: RedisServer, tmp_path: Path) -> None:
+    """8 processes x 500 list, dict and set operations (front inserts, pops, sorts, nested), while links are
+    cut and the server is SIGKILLed and restarted: 0 lost, 0 duplicated, each writer's order kept, every
+    replica equal to a fresh load."""
+    proxies = [TcpProxy(durable.port) for _ in range(2)]
+    both = cut_and_restore_all(proxies)
+    try:
+        outages: list[Outage] = [
+            ("proxy 0 cut", proxies[0].cut, proxies[0].restore, 0.4),
+            ("proxy 1 cut", proxies[1].cut, proxies[1].restore, 0.4),
+            ("server SIGKILLed", durable.kill, durable.start, 0.5),
+            ("both proxies cut", *both, 0.4),
+            ("server SIGKILLed again", durable.kill, durable.start, 0.3),
+        ]
+        run_stress(durable.url, proxies, outages, tmp_path)
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
+def test_eight_processes_mixed_nested_operations_through_cut_links(
+    servers: dict[str, Any], real_url: str, tmp_path: Path
+) -> None:
+    """The same 8 x 500 on each real server, half the writers behind links cut three times: the same checks."""
+    server = servers["redis7"] if real_url == servers["redis7"].url else servers["valkey"]
+    proxies = [TcpProxy(server.socket_path if isinstance(server, EmbeddedServer) else server.port) for _ in range(2)]
+    both = cut_and_restore_all(proxies)
+    try:
+        outages: list[Outage] = [
+            ("proxy 0 cut", proxies[0].cut, proxies[0].restore, 0.4),
+            ("both proxies cut", *both, 0.4),
+            ("proxy 1 cut", proxies[1].cut, proxies[1].restore, 0.4),
+        ]
+        run_stress(real_url, proxies, outages, tmp_path)
+    finally:
+        for proxy in proxies:
+            proxy.close()
