@@ -19,12 +19,16 @@ from typing import Any
 from redis_memory import Memory
 
 NAME = "stress"
-KINDS = ["log", "front", "tag", "untag", "set", "pop", "setdefault", "nested", "nested_set", "sorted", "sort", "lpop"]
-WEIGHTS = [14, 8, 10, 5, 10, 6, 5, 12, 6, 12, 3, 9]
+KINDS = ["log", "front", "tag", "untag", "set", "pop", "setdefault", "nested", "nested_set", "node", "node_append"]
+KINDS += ["sorted", "sort", "lpop", "lpop_front", "linsert_front"]
+WEIGHTS = [14, 8, 10, 5, 10, 6, 5, 12, 6, 3, 6, 12, 3, 6, 3, 3]
 
 
 def empty_model() -> dict[str, Any]:
-    return {"log": [], "front": [], "tags": set(), "d": {}, "items": [], "seen": set(), "count": None, "sorted": []}
+    return {
+        "log": [], "front": [], "tags": set(), "d": {}, "items": [], "seen": set(), "count": None, "nodes": {},
+        "sorted": [],
+    }  # fmt: skip
 
 
 def run_ops(mem: Memory, writer: int, count: int, progress: SynchronizedArray[int], hold: bool) -> dict[str, Any]:
@@ -89,7 +93,26 @@ def run_ops(mem: Memory, writer: int, count: int, progress: SynchronizedArray[in
             else:
                 node["seen"].add(element)
                 model["seen"].add(element)
-        elif kind == "sorted" or (kind == "lpop" and not model["sorted"]):
+        elif kind == "node" or (kind == "node_append" and not model["nodes"]):
+            # A new nested container replaces the old one (made offline during an outage).
+            key = f"n{rng.randrange(3)}"
+            (mem.d2[me] if not hold else sub)[key] = {"l": [i], "s": {tag}}
+            model["nodes"][key] = {"l": [i], "s": {tag}}
+        elif kind == "node_append":
+            key = rng.choice(sorted(model["nodes"]))
+            node = (mem.d2[me] if not hold else sub)[key]
+            node["l"].append(i)
+            node["s"].add(tag)
+            model["nodes"][key]["l"].append(i)
+            model["nodes"][key]["s"].add(tag)
+        elif kind == "linsert_front":
+            value = rng.randrange(100)
+            (own if hold else mem.sorted[me]).insert(0, value)
+            model["sorted"].insert(0, value)
+        elif kind == "lpop_front" and model["sorted"]:
+            got = (own if hold else mem.sorted[me]).pop(0)
+            assert got == model["sorted"].pop(0), got
+        elif kind == "sorted" or (kind in ("lpop", "lpop_front") and not model["sorted"]):
             value = rng.randrange(100)
             (own if hold else mem.sorted[me]).append(value)
             model["sorted"].append(value)
@@ -123,6 +146,7 @@ def stress_writer(
         if mine != fresh:
             diff = {k: (mine.get(k), fresh.get(k)) for k in set(mine) | set(fresh) if mine.get(k) != fresh.get(k)}
             raise AssertionError(f"writer {writer}: its replica differs from a fresh load (mine, fresh): {diff!r}")
+        model["nodes"] = {k: {"l": v["l"], "s": sorted(v["s"])} for k, v in model["nodes"].items()}
         report["model"] = {k: sorted(v) if isinstance(v, set) else v for k, v in model.items()}
     except BaseException:
         report["error"] = traceback.format_exc()

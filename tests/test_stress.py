@@ -42,6 +42,7 @@ def check_writer(fresh: dict[str, Any], writer: int, model: dict[str, Any]) -> N
     sub = {"items": model["items"], "seen": set(model["seen"])}
     if model["count"] is not None:
         sub["count"] = model["count"]
+    sub.update({k: {"l": v["l"], "s": set(v["s"])} for k, v in model["nodes"].items()})
     assert fresh["d2"][f"w{writer}"] == sub, f"writer {writer}: d2"
     assert fresh["sorted"][f"w{writer}"] == model["sorted"], f"writer {writer}: sorted"
 
@@ -59,6 +60,11 @@ def cut_and_restore_all(proxies: list[TcpProxy]) -> tuple[Callable[[], None], Ca
             proxy.restore()
 
     return cut, restore
+
+
+def lose_replies(proxies: list[TcpProxy], count: int) -> None:
+    for proxy in proxies:
+        proxy.lose_next_replies(count)
 
 
 def run_stress(direct_url: str, proxies: list[TcpProxy], outages: list[Outage], tmp_path: Path) -> None:
@@ -145,8 +151,11 @@ def test_eight_processes_mixed_nested_operations_through_outages(durable: RedisS
             ("server SIGKILLed", durable.kill, durable.start, 0.5),
             ("both proxies cut", *both, 0.4),
             ("server SIGKILLed again", durable.kill, durable.start, 0.3),
+            ("replies lost", lambda: lose_replies(proxies, 4), lambda: None, 0.3),
         ]
         run_stress(durable.url, proxies, outages, tmp_path)
+        # Commands the server applied whose replies never came: each applied once all the same.
+        assert all(p.replies_lost for p in proxies), [p.replies_lost for p in proxies]
     finally:
         for proxy in proxies:
             proxy.close()
