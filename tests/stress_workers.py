@@ -31,8 +31,10 @@ def empty_model() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_ops(mem: Memory, writer: int, count: int, progress: SynchronizedArray[int], hold: bool) -> dict[str, Any]:
-    """``count`` mixed operations of ``writer``; the model of what it leaves behind.
+def run_ops(
+    mem: Memory, writer: int, count: int, progress: SynchronizedArray[int], hold: bool, pause: float
+) -> dict[str, Any]:
+    """``count`` mixed operations of ``writer``, ``pause`` seconds apart; the model of what it leaves behind.
 
     With ``hold`` the shared containers are read once and their proxies held
     through every outage; else each operation reads its container again.
@@ -123,12 +125,19 @@ def run_ops(mem: Memory, writer: int, count: int, progress: SynchronizedArray[in
             got = (own if hold else mem.sorted[me]).pop()
             assert got == model["sorted"].pop(), got
         progress[writer] += 1
-        time.sleep(0.004)
+        time.sleep(pause)
     return model
 
 
 def stress_writer(
-    url: str, writer: int, count: int, start: Barrier, finished: Barrier, progress: SynchronizedArray[int], out: str
+    url: str,
+    writer: int,
+    count: int,
+    pause: float,
+    start: Barrier,
+    finished: Barrier,
+    progress: SynchronizedArray[int],
+    out: str,
 ) -> None:
     """Write, flush, wait for every writer, then compare this replica with a fresh load; report to ``out``."""
     report: dict[str, Any] = {"error": None}
@@ -136,7 +145,7 @@ def stress_writer(
         mem = Memory(NAME, url=url)
         mem.to_dict()  # loaded before any outage
         start.wait(60)
-        model = run_ops(mem, writer, count, progress, hold=writer % 2 == 1)
+        model = run_ops(mem, writer, count, progress, hold=writer % 2 == 1, pause=pause)
         assert mem.flush(timeout=60), mem.status()
         status = mem.status()
         assert status.pending == 0 and status.dropped == 0, status

@@ -67,7 +67,9 @@ def lose_replies(proxies: list[TcpProxy], count: int) -> None:
         proxy.lose_next_replies(count)
 
 
-def run_stress(direct_url: str, proxies: list[TcpProxy], outages: list[Outage], tmp_path: Path) -> None:
+def run_stress(
+    direct_url: str, proxies: list[TcpProxy], outages: list[Outage], tmp_path: Path, pause: float = 0.004
+) -> None:
     """Run the writers (the first PROXIED through ``proxies``), bring ``outages`` at even steps, check it all.
 
     Each outage is (what, cut, restore, seconds held); they start when the
@@ -80,8 +82,9 @@ def run_stress(direct_url: str, proxies: list[TcpProxy], outages: list[Outage], 
     start, finished = spawn.Barrier(WRITERS + 1), spawn.Barrier(WRITERS)
     progress: Any = spawn.Array("i", WRITERS)
     outs = [tmp_path / f"writer{w}.json" for w in range(WRITERS)]
+    shared = (start, finished, progress)
     procs = [
-        spawn.Process(target=stress_writer, args=(urls[w], w, OPERATIONS, start, finished, progress, str(outs[w])))
+        spawn.Process(target=stress_writer, args=(urls[w], w, OPERATIONS, pause, *shared, str(outs[w])))
         for w in range(WRITERS)
     ]
     total = WRITERS * (OPERATIONS - 2)  # the two setdefaults that make each writer's containers are not counted
