@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from conftest import Switch
 from netproxy import TcpProxy
 from servers import EmbeddedServer, RedisServer, durable_redis
 from stress_workers import NAME, stress_writer
@@ -181,3 +183,78 @@ def test_eight_processes_mixed_nested_operations_through_cut_links(
     finally:
         for proxy in proxies:
             proxy.close()
+
+
+# -- Reproductions of a library bug the stress design steers around ------------------------------
+#
+# ``del l[i]``, ``pop(i)``, ``remove(x)`` and ``l[i] = v`` address an absolute slot of the list,
+# and the script checks only that the slot is inside the list, never that it still holds the item
+# the writer saw. Another process's insert or delete in the middle moves one side of the list, so
+# a held proxy's (or a queued operation's) slot can hold a different item: that item is deleted or
+# overwritten, silently, and dropped stays 0. The stress test therefore removes by position only
+# in lists of one writer.
+
+
+def five_and_a_held_view(client: redis.Redis, other_client: redis.Redis) -> tuple[Memory, list[Any]]:
+    """Another process's memory on ['a', 'b', 'c', 'd', 'e'], and this process's proxy of it, held."""
+    other = Memory("slots", client=other_client)
+    other.items = ["a", "b", "c", "d", "e"]
+    return other, Memory("slots", client=client).items
+
+
+def test_bug_held_list_remove_after_a_middle_insert_elsewhere_removes_the_item_asked_for(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """remove('a') through a held proxy, after another process inserted in the middle: 'a' goes, 'b' stays."""
+    other, held = five_and_a_held_view(client, other_client)
+    other.items.insert(2, "X")  # the script moves 'a' and 'b' one slot towards the front
+    held.remove("a")
+    assert Memory("slots", client=other_client).items == ["b", "X", "c", "d", "e"]
+
+
+def test_bug_held_list_setitem_after_a_middle_insert_elsewhere_replaces_the_item_seen(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """held[0] = 'A' replaces the 'a' this process saw at index 0, not the 'b' moved into its slot."""
+    other, held = five_and_a_held_view(client, other_client)
+    other.items.insert(2, "X")
+    held[0] = "A"
+    assert Memory("slots", client=other_client).items == ["A", "b", "X", "c", "d", "e"]
+
+
+def test_bug_held_list_pop_front_after_a_middle_insert_elsewhere_pops_the_front(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """held.pop(0) returns and removes 'a', the first item both here and on the server."""
+    other, held = five_and_a_held_view(client, other_client)
+    other.items.insert(2, "X")
+    assert held.pop(0) == "a"
+    assert Memory("slots", client=other_client).items == ["b", "X", "c", "d", "e"]
+
+
+def test_bug_held_list_remove_of_an_item_deleted_elsewhere_keeps_its_neighbour(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """remove('b') after another process deleted 'b': ValueError (as on a fresh view), and 'a' is not deleted."""
+    other, held = five_and_a_held_view(client, other_client)
+    del other.items[1]  # the script moves 'a' into the slot 'b' had
+    with pytest.raises(ValueError):
+        held.remove("b")
+    assert Memory("slots", client=other_client).items == ["a", "c", "d", "e"]
+
+
+def test_bug_offline_remove_replayed_after_a_middle_insert_elsewhere_removes_the_item_asked_for(
+    switch: Switch, client: redis.Redis
+) -> None:
+    """remove('b') queued offline while another process inserts in the middle: the replay removes 'b', not 'X'."""
+    other = Memory("slots", client=client)
+    other.items = ["a", "b", "c", "d", "e"]
+    mem = Memory("slots", client=switch.client())
+    assert mem.items == ["a", "b", "c", "d", "e"]
+    switch.cut()
+    mem.items.remove("b")
+    other.items.insert(2, "X")  # online: 'a' and 'b' move one slot towards the front
+    switch.restore()
+    assert mem.flush(timeout=10)
+    assert mem.status().dropped == 0
+    assert Memory("slots", client=client).items == ["a", "X", "c", "d", "e"]
