@@ -131,6 +131,7 @@ def run_ops(
 
 def stress_writer(
     url: str,
+    direct_url: str,
     writer: int,
     count: int,
     pause: float,
@@ -139,7 +140,10 @@ def stress_writer(
     progress: SynchronizedArray[int],
     out: str,
 ) -> None:
-    """Write, flush, wait for every writer, then compare this replica with a fresh load; report to ``out``."""
+    """Write through ``url``, flush, wait for every writer, compare this replica with a fresh load; report to ``out``.
+
+    The fresh load goes to the server directly (``direct_url``), never through a link the test may cut.
+    """
     report: dict[str, Any] = {"error": None}
     try:
         mem = Memory(NAME, url=url)
@@ -151,7 +155,7 @@ def stress_writer(
         assert status.pending == 0 and status.dropped == 0, status
         finished.wait(120)
         mine = mem.to_dict()
-        fresh = Memory(NAME, url=url).to_dict()
+        fresh = Memory(NAME, url=direct_url).to_dict()
         if mine != fresh:
             diff = {k: (mine.get(k), fresh.get(k)) for k in set(mine) | set(fresh) if mine.get(k) != fresh.get(k)}
             raise AssertionError(f"writer {writer}: its replica differs from a fresh load (mine, fresh): {diff!r}")

@@ -65,8 +65,10 @@ def cut_and_restore_all(proxies: list[TcpProxy]) -> tuple[Callable[[], None], Ca
 
 
 def lose_replies(proxies: list[TcpProxy], count: int) -> None:
+    """Each proxy throws the next ``count`` replies away (0: stop throwing replies away)."""
     for proxy in proxies:
-        proxy.lose_next_replies(count)
+        with proxy.lock:
+            proxy.to_lose = count
 
 
 def run_stress(
@@ -86,7 +88,7 @@ def run_stress(
     outs = [tmp_path / f"writer{w}.json" for w in range(WRITERS)]
     shared = (start, finished, progress)
     procs = [
-        spawn.Process(target=stress_writer, args=(urls[w], w, OPERATIONS, pause, *shared, str(outs[w])))
+        spawn.Process(target=stress_writer, args=(urls[w], direct_url, w, OPERATIONS, pause, *shared, str(outs[w])))
         for w in range(WRITERS)
     ]
     total = WRITERS * (OPERATIONS - 2)  # the two setdefaults that make each writer's containers are not counted
@@ -156,7 +158,7 @@ def test_eight_processes_mixed_nested_operations_through_outages(durable: RedisS
             ("server SIGKILLed", durable.kill, durable.start, 0.5),
             ("both proxies cut", *both, 0.4),
             ("server SIGKILLed again", durable.kill, durable.start, 0.3),
-            ("replies lost", lambda: lose_replies(proxies, 4), lambda: None, 0.3),
+            ("replies lost", lambda: lose_replies(proxies, 4), lambda: lose_replies(proxies, 0), 0.3),
         ]
         run_stress(durable.url, proxies, outages, tmp_path)
         # Commands the server applied whose replies never came: each applied once all the same.
