@@ -572,11 +572,12 @@ class MemoryCore:
             self._map(entry.created[:1], [real], {real: reply.extra[1]} if len(reply.extra) > 1 else {})
         if sent.name[:1] == b"l":
             outbox.skip(self.writer, sent.nid)
-        if status in ("same", "exists", "missing"):
+        if status in ("same", "exists") or (status == "missing" and sent.name != b"lset"):
             return  # the server already is as this operation would leave it
         why = {
             "gone": "the container it changes was deleted (or the server lost the memory) while offline",
             "index": "the list position it names no longer exists",
+            "missing": "another writer removed the list item it replaces while offline",
             "stale": "another writer changed the same list while offline",
         }.get(status, status)
         error_type = ContainerDeleted if status == "gone" else ConcurrentModification

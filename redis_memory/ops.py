@@ -39,6 +39,7 @@ def item(data: bytes) -> bytes:
 
 
 _S, _L, _D, _F, _R, _T = item(b"s"), item(b"l"), item(b"d"), item(b"f"), item(b"r"), item(b"t")
+_REF = b"\xc1"  # a reference to a node (see store.py)
 #: The most keys a list item's dict may have to be stored whole.
 WHOLE_MAX_KEYS = 16
 
@@ -58,6 +59,16 @@ class Encoded:
     reuse: bytes | None = None  # the nid of an existing node kept in place
     depth: int = 0  # how many containers deep the value nests
     nodes: int = 0  # nodes the server creates for it: one per list, dict or set sent ("l", "d", "f", "t")
+
+
+def stored_form(item: Any) -> bytes:
+    """The bytes a list slot holds for ``item`` as a replica has it: how an operation names the item it means."""
+    nid: bytes | None = getattr(item, "_rm_nid", None)
+    if nid is None:
+        return codec.encode(item)
+    if getattr(item, "_rm_up", None) is not None:  # a dict stored whole (immutable while so)
+        return _REF + nid + b"=" + codec.encode_whole(dict(item))
+    return _REF + nid
 
 
 def whole(value: Any) -> bool:
@@ -275,10 +286,16 @@ def trimmed(length: int, added: int, keep: int) -> int:
 
 @dataclass
 class _SlotValue(Op):
-    """An operation on one list slot that writes one value."""
+    """An operation on one list slot that writes one value.
+
+    ``seen`` is the stored form of the item the client saw at ``slot``
+    (:func:`stored_form`): the script finds it there, or wherever others'
+    inserts and deletes in the middle have moved it.
+    """
 
     slot: int = 0
     value: Any = None
+    seen: bytes = b""
     encoded: Encoded = field(init=False)
 
     def __post_init__(self) -> None:
@@ -286,7 +303,7 @@ class _SlotValue(Op):
         self.depth = self.encoded.depth
 
     def args(self) -> Args:
-        return _args([b"%d" % self.slot], [self.encoded])
+        return _args([b"%d" % self.slot, self.seen], [self.encoded])
 
     def nodes(self) -> int:
         return self.encoded.nodes
@@ -303,7 +320,7 @@ class ListInsert(_SlotValue):
         self.name = b"linsert"
 
     def args(self) -> Args:
-        return _args([self.end or b"%d" % self.slot], [self.encoded])
+        return _args([self.end or b"%d" % self.slot, self.seen], [self.encoded])
 
 
 @dataclass
@@ -317,15 +334,16 @@ class ListSet(_SlotValue):
 
 @dataclass
 class ListDelete(Op):
-    """``del l[i]`` / ``pop`` / ``remove``: O(1) at either end, else shifts the shorter side."""
+    """``del l[i]`` / ``pop`` / ``remove`` of the item seen at ``slot``: O(1) at the ends, else O(shorter side)."""
 
     slot: int = 0
+    seen: bytes = b""  # the item's stored form (see _SlotValue)
 
     def __post_init__(self) -> None:
         self.name = b"ldel"
 
     def args(self) -> Args:
-        return _args([b"%d" % self.slot])
+        return _args([b"%d" % self.slot, self.seen])
 
 
 @dataclass

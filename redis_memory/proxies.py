@@ -66,6 +66,15 @@ class ObservedList(list):  # type: ignore[type-arg]
             raise IndexError("list index out of range")
         return self._rm_lo + i
 
+    def _rm_item(self, index: SupportsIndex) -> tuple[int, bytes]:
+        """The slot of item ``index`` and its stored form, which name it to the server."""
+        slot = self._rm_slot(index)
+        return slot, ops.stored_form(list.__getitem__(self, slot - self._rm_lo))
+
+    def _rm_place(self, index: SupportsIndex, value: Any) -> tuple[int, Any, bytes]:
+        slot, seen = self._rm_item(index)
+        return slot, value, seen
+
     def _rm_replace(self, compute: Callable[[list[Any]], list[Any]], intent: bytes = b"") -> None:
         def build() -> ops.Op | None:
             new = compute(list(self))
@@ -102,7 +111,8 @@ class ObservedList(list):  # type: ignore[type-arg]
             # At an end of this view is at that end of the list on the server:
             # others may have added there since this replica looked.
             end = b"front" if i == 0 else b"back" if i == n else b""
-            return ops.ListInsert(self._rm_nid, self._rm_lo + i, value, end)
+            seen = b"" if end else ops.stored_form(list.__getitem__(self, i))  # inserted before it
+            return ops.ListInsert(self._rm_nid, self._rm_lo + i, value, seen, end)
 
         self._rm_submit(build)
 
@@ -112,13 +122,13 @@ class ObservedList(list):  # type: ignore[type-arg]
         def build() -> ops.Op:
             if not len(self):
                 raise IndexError("pop from empty list")
-            return ops.ListDelete(self._rm_nid, self._rm_slot(index))
+            return ops.ListDelete(self._rm_nid, *self._rm_item(index))
 
         return self._rm_submit(build)
 
     def remove(self, value: Any) -> None:
         """Remove the first item equal to ``value``: O(n) to find it."""
-        self._rm_submit(lambda: ops.ListDelete(self._rm_nid, self._rm_lo + self.index(value)))
+        self._rm_submit(lambda: ops.ListDelete(self._rm_nid, *self._rm_item(self.index(value))))
 
     def __setitem__(self, index: Any, value: Any) -> None:
         if isinstance(index, slice):
@@ -132,7 +142,7 @@ class ObservedList(list):  # type: ignore[type-arg]
         elif isinstance(value, Proxy) and self[index] is value:
             return  # `l[i] += [x]` assigns the mutated proxy back to where it is
         else:
-            self._rm_submit(lambda: ops.ListSet(self._rm_nid, self._rm_slot(index), value))
+            self._rm_submit(lambda: ops.ListSet(self._rm_nid, *self._rm_place(index, value)))
 
     def __delitem__(self, index: Any) -> None:
         if isinstance(index, slice):
@@ -143,7 +153,7 @@ class ObservedList(list):  # type: ignore[type-arg]
 
             self._rm_replace(compute)
         else:
-            self._rm_submit(lambda: ops.ListDelete(self._rm_nid, self._rm_slot(index)))
+            self._rm_submit(lambda: ops.ListDelete(self._rm_nid, *self._rm_item(index)))
 
     # -- O(n), applied only to the list as this replica saw it --------------
 

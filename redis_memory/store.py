@@ -441,6 +441,18 @@ if not h or (nid ~= '0' and h.birth ~= ARGV[9]) then return reply('gone') end
 local want = string.sub(op, 1, 1)
 if want ~= 'd' and want ~= 's' then want = 'l' end
 if h.kind ~= want then return reply('gone') end
+-- Where the item a client saw at 'slot' (stored as 'seen') is now: there,
+-- or wherever others' inserts and deletes in the middle moved it (O(n),
+-- rare); nil if the list no longer holds it. No 'seen': the slot as named.
+local function locate(slot, seen)
+  local function holds(s) return seen == '' or hget(efield(nid, fmt(s))) == seen end
+  if slot >= h.a and slot < h.b and holds(slot) then return slot end
+  if seen == '' then return nil end
+  for s = h.a, h.b - 1 do
+    if holds(s) then return s end
+  end
+  return nil
+end
 local extra = {}
 -- What the change event says beyond the op: the dict keys it changed, or
 -- the list index (at the time of the change) and the number of items.
@@ -520,8 +532,13 @@ elseif op == 'lappend' then
 elseif op == 'linsert' then
   -- 'front' and 'back' are the list's ends on the server, whatever the
   -- client saw; a number is a slot inside the list.
-  local where = arg()
+  local where, seen = arg(), arg()
   local slot = tonumber(where)
+  if slot and seen ~= '' then
+    -- Before the item the client saw there, wherever it is now; if it is
+    -- gone, at the slot the client named: an insert is never lost.
+    slot = locate(slot, seen) or slot
+  end
   local target
   if where == 'front' or (slot and slot <= h.a) then
     h.a = h.a - 1; target = h.a
@@ -537,8 +554,9 @@ elseif op == 'linsert' then
   event_index, event_count = fmt(target - h.a), '1'
   put(efield(nid, fmt(target)), build())
 elseif op == 'lset' or op == 'ldel' then
-  local slot = tonumber(arg())
-  if slot < h.a or slot >= h.b then return reply('index') end
+  local named, seen = tonumber(arg()), arg()
+  local slot = locate(named, seen)
+  if not slot then return reply(seen == '' and 'index' or 'missing') end
   event_index, event_count = fmt(slot - h.a), '1'
   local f = efield(nid, fmt(slot))
   local old = hget(f) or ''

@@ -203,14 +203,11 @@ def test_eight_processes_mixed_nested_operations_through_cut_links(
             proxy.close()
 
 
-# -- Reproductions of a library bug the stress design steers around ------------------------------
+# -- Positional list writes name the item they mean -----------------------------------------------
 #
-# ``del l[i]``, ``pop(i)``, ``remove(x)`` and ``l[i] = v`` address an absolute slot of the list,
-# and the script checks only that the slot is inside the list, never that it still holds the item
-# the writer saw. Another process's insert or delete in the middle moves one side of the list, so
-# a held proxy's (or a queued operation's) slot can hold a different item: that item is deleted or
-# overwritten, silently, and dropped stays 0. The stress test therefore removes by position only
-# in lists of one writer.
+# ``del l[i]``, ``pop(i)``, ``remove(x)``, ``l[i] = v`` and a middle ``insert`` name the slot this
+# replica saw and the item it saw there; the script finds that item wherever another process's
+# insert or delete in the middle moved it, so the item meant is the one deleted or replaced.
 
 
 def five_and_a_held_view(client: redis.Redis, other_client: redis.Redis) -> tuple[Memory, list[Any]]:
@@ -220,7 +217,7 @@ def five_and_a_held_view(client: redis.Redis, other_client: redis.Redis) -> tupl
     return other, Memory("slots", client=client).items
 
 
-def test_bug_held_list_remove_after_a_middle_insert_elsewhere_removes_the_item_asked_for(
+def test_held_list_remove_after_a_middle_insert_elsewhere_removes_the_item_asked_for(
     client: redis.Redis, other_client: redis.Redis
 ) -> None:
     """remove('a') through a held proxy, after another process inserted in the middle: 'a' goes, 'b' stays."""
@@ -230,7 +227,7 @@ def test_bug_held_list_remove_after_a_middle_insert_elsewhere_removes_the_item_a
     assert Memory("slots", client=other_client).items == ["b", "X", "c", "d", "e"]
 
 
-def test_bug_held_list_setitem_after_a_middle_insert_elsewhere_replaces_the_item_seen(
+def test_held_list_setitem_after_a_middle_insert_elsewhere_replaces_the_item_seen(
     client: redis.Redis, other_client: redis.Redis
 ) -> None:
     """held[0] = 'A' replaces the 'a' this process saw at index 0, not the 'b' moved into its slot."""
@@ -240,7 +237,7 @@ def test_bug_held_list_setitem_after_a_middle_insert_elsewhere_replaces_the_item
     assert Memory("slots", client=other_client).items == ["A", "b", "X", "c", "d", "e"]
 
 
-def test_bug_held_list_pop_front_after_a_middle_insert_elsewhere_pops_the_front(
+def test_held_list_pop_front_after_a_middle_insert_elsewhere_pops_the_front(
     client: redis.Redis, other_client: redis.Redis
 ) -> None:
     """held.pop(0) returns and removes 'a', the first item both here and on the server."""
@@ -250,7 +247,7 @@ def test_bug_held_list_pop_front_after_a_middle_insert_elsewhere_pops_the_front(
     assert Memory("slots", client=other_client).items == ["b", "X", "c", "d", "e"]
 
 
-def test_bug_held_list_remove_of_an_item_deleted_elsewhere_keeps_its_neighbour(
+def test_held_list_remove_of_an_item_deleted_elsewhere_keeps_its_neighbour(
     client: redis.Redis, other_client: redis.Redis
 ) -> None:
     """remove('b') after another process deleted 'b': ValueError (as on a fresh view), and 'a' is not deleted."""
@@ -261,7 +258,7 @@ def test_bug_held_list_remove_of_an_item_deleted_elsewhere_keeps_its_neighbour(
     assert Memory("slots", client=other_client).items == ["a", "c", "d", "e"]
 
 
-def test_bug_offline_remove_replayed_after_a_middle_insert_elsewhere_removes_the_item_asked_for(
+def test_offline_remove_replayed_after_a_middle_insert_elsewhere_removes_the_item_asked_for(
     switch: Switch, client: redis.Redis
 ) -> None:
     """remove('b') queued offline while another process inserts in the middle: the replay removes 'b', not 'X'."""
