@@ -37,3 +37,24 @@ def test_a_queued_sort_that_no_longer_fits_the_servers_list_does_not_brick_the_m
     assert Memory("t", client=client).to_dict().get("after") == "queued behind the sort"
     assert mem.to_dict()["items"] == [3, 1, 2, "a str"]
     mem.close()
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_max_messages_holds_for_an_insert_from_a_stale_view(
+    client: redis.Redis, other_client: redis.Redis, index: int
+) -> None:
+    """max_messages=3: one process holds the history [1, 2] while another appends a third
+    message. An insert (at the front or in the middle) from the first must still leave at most
+    3 messages on the server (the oldest dropped). Today the bound is decided on the stale
+    local length (2 < 3), so the server keeps 4 messages."""
+    from redis_memory import ConversationMemory
+
+    mine = ConversationMemory("c", client=client, max_messages=3)
+    theirs = ConversationMemory("c", client=other_client, max_messages=3)
+    mine.messages = [1, 2]
+    held = mine.messages
+    theirs.messages.append(3)
+    held.insert(index, "new")
+    stored = ConversationMemory("c", client=other_client, max_messages=3).messages
+    assert len(stored) <= 3, stored
+    assert len(mine.messages) <= 3
