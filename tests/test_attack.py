@@ -58,3 +58,40 @@ def test_max_messages_holds_for_an_insert_from_a_stale_view(
     stored = ConversationMemory("c", client=other_client, max_messages=3).messages
     assert len(stored) <= 3, stored
     assert len(mine.messages) <= 3
+
+
+def test_a_corrupt_list_header_does_not_lock_up_the_server(real_url: str) -> None:
+    """A list header whose range claims three million slots (corruption: the list holds two) must
+    not make a removal of that list run for minutes inside Redis: the overwrite should be
+    refused as CorruptData, or done, in a few seconds, and the server must stay usable.
+    Today the apply script walks every claimed slot: the server answers BUSY to every client
+    (all memories, all keys) for minutes, and the write is left queued with an unknown outcome."""
+    import time
+
+    raw = redis.Redis.from_url(real_url)
+    mem = Memory("t", url=real_url)
+    mem.items = [1, 2]
+    mem.other = "kept"
+    field = next(f for f, v in raw.hgetall(mem.key).items() if f.startswith(b"h") and v.startswith(b"l "))
+    kind, lo, _hi, rest = raw.hget(mem.key, field).split(b" ", 3)
+    raw.hset(mem.key, field, b" ".join([kind, lo, b"3000000", rest]))
+    try:
+        started = time.monotonic()
+        writer = Memory("t", url=real_url)
+        try:
+            writer.items = 5
+        except RedisMemoryError:
+            pass
+        elapsed = time.monotonic() - started
+        probe = redis.Redis.from_url(real_url, socket_timeout=5)
+        assert probe.ping()  # not BUSY
+        assert elapsed < 5, elapsed
+    finally:
+        mem.close(timeout=0)
+        writer.close(timeout=0)
+        for _ in range(100):  # leave the shared server usable for the next tests
+            try:
+                redis.Redis.from_url(real_url, socket_timeout=5).script_kill()
+            except redis.ResponseError:
+                break
+            time.sleep(0.1)
