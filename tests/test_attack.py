@@ -95,3 +95,65 @@ def test_a_corrupt_list_header_does_not_lock_up_the_server(real_url: str) -> Non
             except redis.ResponseError:
                 break
             time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    ["element", "header"],
+)
+def test_a_corrupt_set_can_be_deleted_or_overwritten(client: redis.Redis, corrupt: str) -> None:
+    """A set attribute whose stored data is corrupt (an undecodable element field, or a header
+    with a negative length) reads as CorruptData; but deleting or overwriting the attribute
+    must work, so that corrupt data never bricks the memory. Today both `del mem.s` and
+    `mem.s = ...` fail with ConcurrentModification after 20 attempts, and to_dict() stays
+    CorruptData forever."""
+    mem = Memory("t", client=client)
+    mem.s = {1, 2}
+    mem.ok = 1
+    raw = client.hgetall(mem.key)
+    header = next(f for f, v in raw.items() if f.startswith(b"h") and v.startswith(b"s "))
+    nid = header[1:]
+    if corrupt == "element":
+        client.hset(mem.key, b"e" + nid + b":\xc1", b"")
+    else:
+        client.hset(mem.key, header, b"s -5 0 0 x")
+    fresh = Memory("t", client=client)
+    try:
+        del fresh.s
+    except RedisMemoryError as exc:
+        pytest.fail(f"del of a corrupt set failed: {exc!r}")
+    assert Memory("t", client=client).to_dict() == {"ok": 1}
+    fresh.s = {3}
+    assert Memory("t", client=client).to_dict() == {"ok": 1, "s": {3}}
+
+
+def test_a_corrupt_version_field_does_not_brick_the_memory(client: redis.Redis) -> None:
+    """A garbage `v` field (the version stamp) should be survivable: reads fall back to a full
+    load and writes still apply (corrupt data never bricks a memory). Today every read and
+    every write of the memory raises CorruptData, for ever (only delete() gets out)."""
+    mem = Memory("t", client=client)
+    mem.ok = 1
+    client.hset(mem.key, "v", b"zz")
+    fresh = Memory("t", client=client)
+    try:
+        assert fresh.ok == 1
+        fresh.new = 2
+    except RedisMemoryError as exc:
+        pytest.fail(f"a corrupt version field bricks the memory: {exc!r}")
+    assert Memory("t", client=client).to_dict() == {"ok": 1, "new": 2}
+
+
+def test_an_entry_without_its_sequence_prefix_is_not_silently_hidden(client: redis.Redis) -> None:
+    """A root entry whose value lost its `<seq>:` prefix (corruption) must be reported as
+    CorruptData when read, as other corrupt fields are. Today the attribute silently vanishes:
+    to_dict() and dir() omit it and reading it says MissingAttribute, as if never stored."""
+    from redis_memory import CorruptData
+
+    mem = Memory("t", client=client)
+    mem.ok = 1
+    mem.other = 2
+    field = next(f for f in client.hgetall(mem.key) if f.startswith(b"e0:") and f.endswith(b"ok"))
+    client.hset(mem.key, field, b"\x01")
+    fresh = Memory("t", client=client)
+    with pytest.raises(CorruptData):
+        fresh.ok
