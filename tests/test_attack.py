@@ -193,3 +193,21 @@ def test_a_queued_whole_set_change_applies_to_what_the_server_holds(
     else:
         assert Memory("t", client=client).s == expected
     mem.close()
+
+
+@pytest.mark.parametrize("how", ["update", "ior"])
+def test_set_update_from_a_stale_view_adds_every_element(
+    client: redis.Redis, other_client: redis.Redis, how: str
+) -> None:
+    """s.update({1, 3}) must leave both 1 and 3 in the set. A held set {1, 2} whose 1 another
+    process has discarded sends only the elements missing from its stale view (3): the
+    server ends with {2, 3}, and this process too; the 1 the user just added is silently lost."""
+    mine, theirs = Memory("t", client=client), Memory("t", client=other_client)
+    mine.s = {1, 2}
+    held = mine.s
+    theirs.s.discard(1)
+    if how == "update":
+        held.update({1, 3})
+    else:
+        held |= {1, 3}
+    assert Memory("t", client=other_client).s == {1, 2, 3}
