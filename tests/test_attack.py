@@ -211,3 +211,18 @@ def test_set_update_from_a_stale_view_adds_every_element(
     else:
         held |= {1, 3}
     assert Memory("t", client=other_client).s == {1, 2, 3}
+
+
+def test_list_remove_from_a_stale_view_removes_the_value_asked_for(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """l.remove(4) removes an item equal to 4 (it names a value, not a slot). A held list
+    [1, 2, 3, 4, 5] into which another process inserted "m" before the 4 (the insert shifts
+    the back of the list) removes, today, the slot where this process last saw 4: the other
+    process's "m" silently vanishes and 4 stays."""
+    mine, theirs = Memory("t", client=client), Memory("t", client=other_client)
+    mine.items = [1, 2, 3, 4, 5]
+    held = mine.items
+    theirs.items.insert(3, "m")
+    held.remove(4)
+    assert Memory("t", client=other_client).items == [1, 2, 3, "m", 5]
