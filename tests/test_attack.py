@@ -226,3 +226,29 @@ def test_list_remove_from_a_stale_view_removes_the_value_asked_for(
     theirs.items.insert(3, "m")
     held.remove(4)
     assert Memory("t", client=other_client).items == [1, 2, 3, "m", 5]
+
+
+def test_a_corrupt_writer_index_key_leaves_no_half_applied_write(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """The writer index (`<key>:w`, a sorted set) replaced by a string (corruption): a write
+    must either apply whole (version bumped, so every replica sees it) or not at all. Today
+    `mem.y = 2` raises CorruptData, yet the script has already written the entry field for
+    `y` without bumping the version or the root header: a new reader sees y == 2, while a
+    replica loaded before never does (its version check says nothing changed), nor does the
+    writer itself."""
+    mem = Memory("t", client=client)
+    mem.x = 1
+    loaded = Memory("t", client=other_client)
+    assert loaded.to_dict() == {"x": 1}
+    client.delete(mem.key + ":w")
+    client.set(mem.key + ":w", "garbage")
+    writer = Memory("t", client=redis.Redis(connection_pool=client.connection_pool))
+    try:
+        writer.y = 2
+        applied = True
+    except RedisMemoryError:
+        applied = False
+    fresh = Memory("t", client=redis.Redis(connection_pool=other_client.connection_pool)).to_dict()
+    assert fresh == ({"x": 1, "y": 2} if applied else {"x": 1}), fresh
+    assert loaded.to_dict() == fresh
