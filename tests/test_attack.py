@@ -252,3 +252,30 @@ def test_a_corrupt_writer_index_key_leaves_no_half_applied_write(
     fresh = Memory("t", client=redis.Redis(connection_pool=other_client.connection_pool)).to_dict()
     assert fresh == ({"x": 1, "y": 2} if applied else {"x": 1}), fresh
     assert loaded.to_dict() == fresh
+
+
+def test_a_queued_extended_slice_assignment_that_no_longer_fits_does_not_brick_the_memory(
+    switch: Switch, client: redis.Redis
+) -> None:
+    """`l[::2] = ["a", "b"]` made offline on a list of 4 is re-made on replay from the server's
+    list; another process appended a fifth item, so the slice now has 3 places and the
+    assignment cannot be re-made. It should be refused (dropped and counted, or a
+    RedisMemoryError) and the change queued after it should reach Redis. Today flush(), reads
+    and writes raise a bare ValueError for ever, and the later change is lost."""
+    mem = Memory("t", client=switch.client())
+    mem.items = [1, 2, 3, 4]
+    other = Memory("t", client=client)
+    other.to_dict()
+    switch.cut()
+    mem.items[::2] = ["a", "b"]
+    mem.after = "queued behind the slice"
+    other.items.append(5)
+    switch.restore()
+    try:
+        mem.flush(timeout=10)
+    except RedisMemoryError:
+        pass
+    except ValueError as exc:  # the bug
+        pytest.fail(f"replay raised a bare {exc!r}")
+    assert Memory("t", client=client).to_dict().get("after") == "queued behind the slice"
+    mem.close()
