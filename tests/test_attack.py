@@ -283,3 +283,27 @@ def test_a_queued_extended_slice_assignment_that_no_longer_fits_does_not_brick_t
         assert Memory("t", client=client).to_dict().get("after") == "queued behind the slice"
     finally:
         mem.close(timeout=0)
+
+
+@pytest.mark.parametrize("how", ["add", "update"])
+def test_a_set_add_made_offline_survives_a_concurrent_discard(switch: Switch, client: redis.Redis, how: str) -> None:
+    """Offline, s.add(1) on a set that (as last seen) holds 1 decides there is nothing to do and
+    queues nothing; another process discards 1 meanwhile. After the replay the set lacks the
+    1 this process added last. An add is idempotent: it should be queued (or re-decided on
+    the server) so that 1 is in the set once the queue drains."""
+    mem = Memory("t", client=switch.client())
+    mem.s = {1, 2}
+    other = Memory("t", client=client)
+    other.to_dict()
+    switch.cut()
+    try:
+        if how == "add":
+            mem.s.add(1)
+        else:
+            mem.s.update({1, 3})
+        other.s.discard(1)
+        switch.restore()
+        assert mem.flush(timeout=20)
+        assert 1 in Memory("t", client=client).s
+    finally:
+        mem.close(timeout=0)
