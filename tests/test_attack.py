@@ -330,3 +330,61 @@ def test_a_corrupt_journal_entry_does_not_brick_a_loaded_replica(
     except RedisMemoryError as exc:
         pytest.fail(f"a corrupt journal entry bricks the loaded replica: {exc!r}")
     assert Memory("t", client=client).to_dict() == {"x": 1, "y": 2, "z": 3}
+
+
+def _rewrite_spool(directory: str, change: Any) -> None:
+    """Rewrite every record of the spool files under ``directory`` with ``change(record)``."""
+    import pathlib
+    import struct
+
+    from redis_memory import codec
+
+    for path in pathlib.Path(directory).rglob("*.spool"):
+        data, pos, out = path.read_bytes(), 0, b""
+        while pos + 4 <= len(data):
+            (size,) = struct.unpack(">I", data[pos : pos + 4])
+            record = change(codec.decode_record(data[pos + 4 : pos + 4 + size]))
+            packed = codec.encode_record(record)
+            out += struct.pack(">I", len(packed)) + packed
+            pos += 4 + size
+        path.write_bytes(out)
+
+
+@pytest.mark.parametrize("damage", ["bad-args", "short-record"])
+def test_a_corrupt_spool_record_does_not_brick_the_memory(
+    switch: Switch, client: redis.Redis, tmp_path: Any, damage: str
+) -> None:
+    """A spool record that decodes but is malformed (a dset whose arguments are garbage, or an
+    op record missing its fields) must be dropped (logged, counted) when adopted; the memory
+    must stay usable. Today the bad arguments make the apply script fail with a Lua error,
+    the record stays at the head of the queue, and every read, write and flush of the memory
+    raises ServerRefused (and it stays in the spool for the next process); a short record
+    makes opening the memory raise a bare ValueError."""
+    spool = str(tmp_path / "spool")
+    mem = Memory("t", client=switch.client(), spool=spool)
+    mem.ok = 1
+    switch.cut()
+    mem.x = 1
+    mem.close(timeout=0)  # what is queued stays in the spool
+    switch.restore()
+
+    def change(record: list[Any]) -> list[Any]:
+        if record[0] != b"op":
+            return record
+        if damage == "bad-args":
+            return record[:7] + [[b"zz"]] + record[8:]
+        return record[:5]
+
+    _rewrite_spool(spool, change)
+    adopter = None
+    try:
+        adopter = Memory("t", client=client, spool=spool)
+        adopter.flush(timeout=5)
+        assert adopter.to_dict()["ok"] == 1
+        adopter.y = 2
+        assert Memory("t", client=client).to_dict()["y"] == 2
+    except (RedisMemoryError, ValueError) as exc:
+        pytest.fail(f"a corrupt spool record bricks the memory: {exc!r}")
+    finally:
+        if adopter is not None:
+            adopter.close(timeout=0)
