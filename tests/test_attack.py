@@ -388,3 +388,53 @@ def test_a_corrupt_spool_record_does_not_brick_the_memory(
     finally:
         if adopter is not None:
             adopter.close(timeout=0)
+
+
+def test_delete_idle_spares_a_memory_written_after_its_idle_check(
+    client: redis.Redis, other_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """delete_idle() lists idle memories (checking each one's last write), then DELs each one
+    unconditionally. Another process writing to such a memory between the check and the DEL
+    (simulated here right after the listing returns) loses that write silently, together with
+    the whole memory that has just become active. The delete should be conditional on the
+    memory still being idle (checked atomically with the DEL)."""
+    import time
+
+    from redis_memory import catalog
+
+    mem = Memory("t", client=client)
+    mem.history = ["old"]
+    time.sleep(1.2)
+    writer = Memory("t", client=other_client)
+    original = catalog.Catalog.ids
+
+    def ids_then_someone_writes(self: Any, *args: Any, **kwargs: Any) -> list[str]:
+        found = original(self, *args, **kwargs)
+        if "t" in found:
+            writer.history.append("written after the idle check")
+        return found
+
+    monkeypatch.setattr(catalog.Catalog, "ids", ids_then_someone_writes)
+    Memory.delete_idle(1.0, client=client)
+    assert Memory("t", client=client).to_dict().get("history") == ["old", "written after the idle check"]
+
+
+def test_delete_idle_measures_idleness_on_the_servers_clock(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A memory's last write is stamped with the server's TIME, but delete_idle(idle_for) takes
+    its cutoff from this machine's clock. A client whose clock runs 2 minutes ahead of the
+    server's (simulated by shifting time.time) deletes, with delete_idle(60), a memory written
+    a moment ago: a silent loss of live data. Idleness should be judged on one clock."""
+    import time
+
+    from redis_memory import catalog
+
+    mem = Memory("t", client=client)
+    mem.x = "just written"
+    real = time.time
+    monkeypatch.setattr(catalog.time, "time", lambda: real() + 120)
+    deleted = Memory.delete_idle(60, client=client)
+    monkeypatch.undo()
+    assert deleted == 0
+    assert Memory("t", client=client).to_dict() == {"x": "just written"}
