@@ -438,3 +438,22 @@ def test_delete_idle_measures_idleness_on_the_servers_clock(
     monkeypatch.undo()
     assert deleted == 0
     assert Memory("t", client=client).to_dict() == {"x": "just written"}
+
+
+def test_a_lowered_node_counter_never_merges_a_new_value_into_an_existing_one(client: redis.Redis) -> None:
+    """The node-id counter `c` set back to 0 (corruption, or a partial restore of the hash):
+    the next container stored must not take the id of a node that exists. Today the script
+    hands out id 1 again and writes the new dict's entries into the existing node 1: the
+    attribute `a` silently gets the new value's key, and `new` shows `a`'s other key, in
+    every process. It should allocate past existing nodes, or refuse with CorruptData."""
+    mem = Memory("t", client=client)
+    mem.a = {"k": "a's value", "k2": 2}
+    client.hset(mem.key, "c", "0")
+    writer = Memory("t", client=redis.Redis(connection_pool=client.connection_pool))
+    try:
+        writer.new = {"k": "new"}
+    except RedisMemoryError:
+        pass
+    stored = Memory("t", client=redis.Redis(connection_pool=client.connection_pool)).to_dict()
+    assert stored["a"] == {"k": "a's value", "k2": 2}, stored
+    assert stored.get("new", {"k": "new"}) == {"k": "new"}, stored
