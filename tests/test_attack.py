@@ -457,3 +457,20 @@ def test_a_lowered_node_counter_never_merges_a_new_value_into_an_existing_one(cl
     stored = Memory("t", client=redis.Redis(connection_pool=client.connection_pool)).to_dict()
     assert stored["a"] == {"k": "a's value", "k2": 2}, stored
     assert stored.get("new", {"k": "new"}) == {"k": "new"}, stored
+
+
+def test_an_aware_datetime_keeps_its_time_zone(client: redis.Redis) -> None:
+    """Aware datetimes round-trip with their types. A datetime whose tzinfo is a named
+    `datetime.timezone` ("CET", +01:00) comes back, even in the writing process, with an
+    anonymous zone (tzname() "UTC+01:00"): the value changed silently on assignment. It
+    should come back with the same zone, or be refused at assignment."""
+    import datetime as dt
+
+    value = dt.datetime(2020, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=1), "CET"))
+    mem = Memory("t", client=client)
+    try:
+        mem.when = value
+    except TypeError:
+        return  # refused: fine
+    stored = Memory("t", client=client).when
+    assert (stored, stored.tzname()) == (value, "CET")
