@@ -474,3 +474,22 @@ def test_an_aware_datetime_keeps_its_time_zone(client: redis.Redis) -> None:
         return  # refused: fine
     stored = Memory("t", client=client).when
     assert (stored, stored.tzname()) == (value, "CET")
+
+
+def test_a_dict_whose_header_miscounts_its_keys_can_be_deleted(client: redis.Redis) -> None:
+    """A dict node whose header says 99 keys (it holds 1; corruption) reads fine, but deleting
+    or overwriting the attribute fails for ever with ConcurrentModification (20 round trips):
+    the removal plan never matches the header's count. Corrupt data must not make an
+    attribute undeletable."""
+    mem = Memory("t", client=client)
+    mem.a = {"k": 1}
+    mem.ok = 1
+    field = next(f for f, v in client.hgetall(mem.key).items() if f.startswith(b"h") and f != b"h0")
+    _kind, _length, rest = client.hget(mem.key, field).split(b" ", 2)
+    client.hset(mem.key, field, b"d 99 " + rest)
+    fresh = Memory("t", client=client)
+    try:
+        del fresh.a
+    except RedisMemoryError as exc:
+        pytest.fail(f"the attribute cannot be deleted: {exc!r}")
+    assert Memory("t", client=client).to_dict() == {"ok": 1}
