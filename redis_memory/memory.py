@@ -493,7 +493,7 @@ class MemoryCore:
             self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created, self.author,
             replica.nodes[op.nid]._rm_birth,
         )  # fmt: skip
-        if isinstance(op, ops.ListReplace):
+        if isinstance(op, (ops.ListReplace, ops.SetChange)):
             entry.intent, entry.recompute = op.intent, op.compute
         removed = replica.value_at(op)
         self.outbox.push(self.writer, entry)
@@ -545,7 +545,7 @@ class MemoryCore:
             # plan again from the server's data, as the online path builds again
             # from a fresh view; a whole-list rewrite is made again from the list
             # the server holds (sort what is there, clear what is there).
-            if sent.name != b"lreplace":
+            if sent.name not in (b"lreplace", b"schange"):
                 plan = None  # the script lists what is there now: never stale
                 continue
             again = self._rewrite_again(entry, sent.nid, self.store.read_all())
@@ -589,17 +589,32 @@ class MemoryCore:
     def _rewrite_again(
         self, entry: queue.Pending, nid: bytes, fields: dict[bytes, bytes]
     ) -> tuple[list[bytes], ops.Plan] | None:
-        """A queued whole-list rewrite made again from list ``nid`` in ``fields`` (an HGETALL); None if it cannot be."""
-        compute = entry.recompute or ops.INTENTS.get(entry.intent)
+        """A queued whole-list or whole-set change made again from node ``nid`` in ``fields`` (an HGETALL).
+
+        None if it cannot be: its function is not in this process (adopted
+        from a spool), the node is gone, or the function fails on what the
+        server holds now (a sort meeting a value it cannot compare).
+        """
+        named: dict[bytes, Callable[[Any], Any]] = ops.SET_INTENTS if entry.name == b"schange" else ops.INTENTS
+        compute = entry.recompute or named.get(entry.intent)
         if compute is None:
-            return None  # a rewrite by a function this process does not have (adopted from a spool)
+            return None
         scratch = Replica(self)
         scratch.load(fields)
         node = scratch.nodes.get(nid)
-        if not isinstance(node, ObservedList):
+        try:
+            if isinstance(node, ObservedSet) and entry.name == b"schange":
+                adds, removes = compute(set(node))
+                op: ops.Op = ops.SetChange(nid, adds, removes, mod=node._rm_mod)
+            elif isinstance(node, ObservedList) and entry.name == b"lreplace":
+                children = {id(v): v._rm_nid for v in node if isinstance(v, Proxy)}
+                op = ops.ListReplace(nid, node._rm_mod, compute(list(node)), children)
+            else:
+                return None
+        except Exception as exc:  # the user's function, on data others changed: report, never wedge the queue
+            log.warning("%s: a queued %s could not be made again on the server's data: %r", self.store.key,
+                        entry.name.decode(), exc)  # fmt: skip
             return None
-        children = {id(v): v._rm_nid for v in node if isinstance(v, Proxy)}
-        op = ops.ListReplace(nid, node._rm_mod, compute(list(node)), children)
         return ops.tokens(op.args()), scratch.removal_plan(op) or {}
 
     def _map(self, provisional: list[bytes], real: list[bytes], births: dict[bytes, bytes] | None = None) -> None:

@@ -390,6 +390,12 @@ INTENTS: dict[bytes, Callable[[list[Any]], list[Any]]] = {
 }
 
 
+#: Whole-set changes that a name says in full (see :class:`SetChange`).
+SET_INTENTS: dict[bytes, Callable[[set[Any]], tuple[list[Any], list[Any]]]] = {
+    b"clear": lambda current: ([], list(current)),
+}
+
+
 @dataclass
 class SetChange(Op):
     """Add and remove set elements as one atomic change (every set method).
@@ -404,6 +410,10 @@ class SetChange(Op):
     remove: list[Any] = field(default_factory=list)
     strict: bool = False
     mod: int = -1
+    #: For a change guarded by ``mod``: what to add and remove given the set's
+    #: elements, so that a queued one is made again on replay (see ListReplace).
+    compute: Callable[[set[Any]], tuple[list[Any], list[Any]]] | None = field(default=None, compare=False, repr=False)
+    intent: bytes = b""
     added: list[bytes] = field(init=False)
     removed: list[bytes] = field(init=False)
 

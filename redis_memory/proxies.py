@@ -303,17 +303,23 @@ class ObservedSet(set):  # type: ignore[type-arg]
     def _rm_submit(self, build: Callable[[], ops.Op | None]) -> Any:
         return self._rm_core.submit(self, build)
 
-    def _rm_change(self, add: Iterable[Any] = (), remove: Iterable[Any] = (), **options: Any) -> ops.SetChange | None:
+    def _rm_change(
+        self, add: Iterable[Any] = (), remove: Iterable[Any] = (), *, always: bool = False, **options: Any
+    ) -> ops.SetChange | None:
         adds, removes = list(add), list(remove)
-        return ops.SetChange(self._rm_nid, adds, removes, **options) if adds or removes else None
+        return ops.SetChange(self._rm_nid, adds, removes, **options) if adds or removes or always else None
+
+    def _rm_blind(self) -> bool:
+        """True while offline: "nothing to do" cannot be checked against the server, so the change is queued."""
+        return not self._rm_core.link.online
 
     def add(self, element: Any) -> None:
         """Add one element: one EVALSHA, O(1)."""
-        self._rm_submit(lambda: None if element in self else self._rm_change(add=[element]))
+        self._rm_submit(lambda: self._rm_change(add=[element]) if element not in self or self._rm_blind() else None)
 
     def discard(self, element: Any) -> None:
         """Remove one element if present: one EVALSHA, O(1)."""
-        self._rm_submit(lambda: self._rm_change(remove=[element]) if element in self else None)
+        self._rm_submit(lambda: self._rm_change(remove=[element]) if element in self or self._rm_blind() else None)
 
     def remove(self, element: Any) -> None:
         """Remove one element; KeyError if the server does not hold it: O(1)."""
@@ -338,31 +344,41 @@ class ObservedSet(set):  # type: ignore[type-arg]
         self._rm_submit(build)
         return box[0]
 
+    def _rm_whole(self, compute: Callable[[set[Any]], tuple[list[Any], list[Any]]], intent: bytes = b"") -> None:
+        """A change that depends on the whole set: applied only to the set as seen, made again if it changed."""
+
+        def build() -> ops.Op | None:
+            adds, removes = compute(set(self))
+            return self._rm_change(
+                adds, removes, always=self._rm_blind(), mod=self._rm_mod, compute=compute, intent=intent
+            )
+
+        self._rm_submit(build)
+
     def clear(self) -> None:
         """Remove every element the server holds: O(n)."""
-        self._rm_submit(lambda: self._rm_change(remove=set(self), mod=self._rm_mod))
+        self._rm_whole(ops.SET_INTENTS[b"clear"], b"clear")
 
     def update(self, *others: Iterable[Any]) -> None:
         """Add every element of ``others`` as one atomic operation: O(len(others))."""
         new = set().union(*others)
-        self._rm_submit(lambda: self._rm_change(add=new - self))
+        # All of them: one this view holds may be gone from the server.
+        self._rm_submit(lambda: self._rm_change(add=new) if not new <= self or self._rm_blind() else None)
 
     def difference_update(self, *others: Iterable[Any]) -> None:
         """Remove every element of ``others`` the server holds: O(len(others))."""
         gone = set().union(*others)
-        self._rm_submit(lambda: self._rm_change(remove=gone) if not gone.isdisjoint(self) else None)
+        self._rm_submit(lambda: self._rm_change(remove=gone) if not gone.isdisjoint(self) or self._rm_blind() else None)
 
     def intersection_update(self, *others: Iterable[Any]) -> None:
-        """Keep only elements also in every one of ``others``: O(n), applied only to the set as seen here."""
+        """Keep only elements also in every one of ``others``: O(n), on the set as the server holds it."""
         kept = [set(other) for other in others]
-        self._rm_submit(
-            lambda: self._rm_change(remove=[e for e in self if not all(e in k for k in kept)], mod=self._rm_mod)
-        )
+        self._rm_whole(lambda current: ([], [e for e in current if not all(e in k for k in kept)]))
 
     def symmetric_difference_update(self, other: Iterable[Any]) -> None:
-        """Add the elements of ``other`` not here, remove those here: O(len(other)), on the set as seen here."""
+        """Add the elements of ``other`` not in the set, remove those in it: O(len(other)), on the server's set."""
         toggled = set(other)
-        self._rm_submit(lambda: self._rm_change(toggled - self, toggled & self, mod=self._rm_mod))
+        self._rm_whole(lambda current: (list(toggled - current), list(toggled & current)))
 
     def __ior__(self, other: Any) -> ObservedSet:  # type: ignore[misc]
         self.update(other)

@@ -82,7 +82,7 @@ class Pending:
     birth: bytes = b""  # the birth of node ``nid`` when the operation was made (see store.py)
     intent: bytes = b""  # a whole-list rewrite's name (ops.INTENTS), to make it again on replay
     #: The function that makes a whole-list rewrite again from the server's list; not spooled.
-    recompute: Callable[[list[Any]], list[Any]] | None = field(default=None, compare=False, repr=False)
+    recompute: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
 
     def record(self) -> list[Any]:
         plan = [[nid, mod, keys] for nid, (mod, keys) in self.plan.items()]
