@@ -30,6 +30,7 @@ from .errors import (
     MissingKey,
     RedisMemoryError,
     ReservedName,
+    ServerRefused,
 )
 from .feed import Event, Feed, Subscription
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
@@ -419,9 +420,10 @@ class MemoryCore:
         elif isinstance(op, ops.ListInsert) and op.end == b"back":
             op = ops.ListAppend(op.nid, [op.value])
             op.bounded(keep)
-        elif isinstance(op, ops.ListInsert) and len(proxy) >= keep:
-            # Inserting before the end of a full history drops its oldest: a
-            # rewrite of the (bounded, so short) list, made again if it changed.
+        elif isinstance(op, ops.ListInsert):
+            # Inserting before the end of a history may make it overflow (others
+            # may have filled it since this view): a rewrite of the (bounded, so
+            # short) list that keeps its newest, made again if it changed.
             index = 0 if op.end == b"front" else op.slot - proxy._rm_lo
             value = op.value
 
@@ -512,7 +514,14 @@ class MemoryCore:
             try:
                 while outbox:
                     entry = outbox.entries[0]
-                    self._replay(entry)
+                    try:
+                        self._replay(entry)
+                    except ServerRefused as exc:
+                        if not _malformed(exc):
+                            raise  # out of memory, no permission: it may pass later, so it stays queued
+                        # The script failed on the operation itself (a damaged spool
+                        # record): it can never apply, and must not hold up the rest.
+                        self._dropped(entry, exc)
                     outbox.confirmed(self.writer, entry)
                     replayed += 1
                 self.replica.load(self.store.read_all())
@@ -585,6 +594,12 @@ class MemoryCore:
         outbox.dropped += 1
         outbox.last_error = error
         log.warning("%s", error)
+
+    def _dropped(self, entry: queue.Pending, error: Exception) -> None:
+        """Count and report a queued operation that will never apply."""
+        self.outbox.dropped += 1
+        self.outbox.last_error = queue.kept(error)
+        log.warning("%s: a queued %s was dropped: %s", self.store.key, entry.name.decode(), error)
 
     def _rewrite_again(
         self, entry: queue.Pending, nid: bytes, fields: dict[bytes, bytes]
@@ -664,6 +679,12 @@ def _server_ids(first: int | None) -> Iterator[bytes]:
 
 
 _RETRY: Any = object()
+
+
+def _malformed(error: ServerRefused) -> bool:
+    """True if the server refused an operation because the script failed on its arguments."""
+    text = str(error)
+    return "user_script" in text or "Error running script" in text or "unknown operation" in text
 
 
 def _check_name(name: Any) -> None:

@@ -271,7 +271,11 @@ def _read_spool(path: Path) -> list[Pending]:
             break
         pos += 4 + size
         if record[0] == b"op":
-            entry = Pending.from_record(record)
+            try:
+                entry = Pending.from_record(record)
+            except (ValueError, TypeError):
+                log.error("spool %s: a malformed operation record at byte %d is dropped", path, pos)
+                continue
             entries[(entry.writer, entry.seq)] = entry
         elif record[0] == b"ack":
             entries.pop((record[1], record[2]), None)
