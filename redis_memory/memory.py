@@ -835,11 +835,16 @@ class Memory:
         deleted = 0
         while True:
             found = cls.list_ids(idle_for=idle_for, limit=batch, client=redis_client, prefix=prefix)
+            kept = 0
             for name in found:
                 with cls._rm_open(name, redis_client, prefix) as opened:
-                    opened.delete()
-            deleted += len(found)
-            if len(found) < batch:
+                    # Idle again by the server's clock, in the delete itself: a
+                    # write since the listing (or a client clock ahead) keeps it.
+                    if opened._rm_delete(_milliseconds(idle_for) if idle_for > 0 else 0):
+                        deleted += 1
+                    else:
+                        kept += 1
+            if len(found) < batch or kept == len(found):
                 return deleted
 
     @classmethod
@@ -1022,9 +1027,18 @@ class Memory:
 
     def delete(self) -> None:
         """Remove the whole memory from Redis (DEL): O(size). Needs Redis; queued changes are discarded."""
+        self._rm_delete(None)
+
+    def _rm_delete(self, idle_ms: int | None, keys: tuple[str, ...] = (), hashes: int = 1) -> bool:
+        """Delete the memory, and ``keys`` with it, in one step; with ``idle_ms``, only if idle that long.
+
+        Idleness is that of the first ``hashes`` keys (this memory's first),
+        by the server's clock. Whether anything was deleted.
+        """
         core = self._rm
         with core.lock:
-            self._rm_server_call(lambda store: store.delete(core.author))
+            if not self._rm_server_call(lambda store: store.delete(core.author, idle_ms, keys, hashes)):
+                return False
             core.outbox.discard()
             core.replica.load({})
             if core.catalog is not None:
@@ -1033,6 +1047,7 @@ class Memory:
                     core.catalog.forget(core.name)
                 except RedisMemoryError as exc:  # a stale entry goes when a listing meets it
                     log.info("%s: index entry not removed: %s", core.store.key, exc)
+        return True
 
 
 class ConversationMemory(Memory):

@@ -206,12 +206,15 @@ class Session:
         return self.shared.metadata()
 
     def delete(self) -> None:
-        """Delete the shared memory, every agent's memory and the participant set (SMEMBERS, then DELs): O(size)."""
-        for name in self.agents():
-            with AgentMemory(self.session_id, name, **self._options) as found:
-                found.delete()
-        self.shared.delete()
-        command(self._channel, self._agents_key, "DEL", self._agents_key)
+        """Delete the shared memory, every agent's memory and the participant set (SMEMBERS, one script): O(size)."""
+        self._rm_delete(None)
+
+    def _rm_delete(self, idle_ms: int | None) -> bool:
+        """Delete the whole session in one atomic step; with ``idle_ms``, only if none of its memories changed since."""
+        names = self.agents()
+        hashes = tuple(_agent_key(self.shared.key, name) for name in names)
+        keys = (*hashes, *(h + ":w" for h in hashes), self._agents_key)
+        return self.shared._rm_delete(idle_ms, keys, 1 + len(hashes))
 
     @classmethod
     def list_ids(cls, **options: Any) -> list[str]:

@@ -785,10 +785,21 @@ return out
 # 'clear' of the whole memory on its change channel (ARGV: author).
 _DELETE = (
     """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+-- Only if idle: none of the first ARGV[3] keys (memory hashes) changed in
+-- the last ARGV[2] ms, by the server's clock, checked in the same atomic
+-- step as the delete (a write landing after a listing keeps its memory).
+local idle = tonumber(ARGV[2] or '')
+if idle then
+  for i = 1, tonumber(ARGV[3]) do
+    local active = tonumber(redis.call('HGET', KEYS[i], 'ta') or '')
+    if active and now - active < idle then return -1 end
+  end
+end
 local deleted = redis.call('DEL', unpack(KEYS))
 if deleted > 0 then
-  local clock = redis.call('TIME')
-  local now_ms = string.format('%d', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
+  local now_ms = string.format('%d', now)
   local author = string.format('%d', #ARGV[1]) .. ':' .. ARGV[1]
   local event = {'0', now_ms, '', 'dclear', '0', '', '', '', '', author}
   redis.pcall('PUBLISH', KEYS[1] .. '"""
@@ -870,7 +881,9 @@ class Store:
         self.companions = companions
         self.feed = key + FEED_SUFFIX
         self.channel = channel(client)
-        self._heads: dict[str, bytes] = {}
+        #: The start of each script's EVALSHA command, by script and keys.
+        self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        self._shas: dict[str, str] = {}
         self._version_command = resp_command(("HMGET", key, "v", "i"))
 
     def _call(self, *args: Any) -> Any:
@@ -880,10 +893,12 @@ class Store:
         return send(self.channel, self.key, packed)
 
     def _script(self, source: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0)) -> Any:
-        head = self._heads.get(source)
+        head = self._heads.get((source, keys))
         if head is None:
-            sha = self._call("SCRIPT", "LOAD", source).decode()
-            head = self._heads[source] = resp_command(("EVALSHA", sha, len(keys), *keys))[4:]
+            sha = self._shas.get(source) or self._call("SCRIPT", "LOAD", source).decode()
+            self._shas[source] = sha
+            command = resp_command(("EVALSHA", sha, len(keys), *keys))
+            head = self._heads[(source, keys)] = command[command.index(b"\r\n") + 2 :]  # without its count
         packed = resp_command(args, head, 3 + len(keys), *tail)
         try:
             return self._call_packed(packed)
@@ -927,9 +942,16 @@ class Store:
             return dict(zip(it, it, strict=False))
         return cast(dict[bytes, bytes], reply)
 
-    def delete(self, author: bytes = b"") -> None:
-        """DEL of the memory's keys: O(size of the memory); if it existed, a ``clear`` on the change feed."""
-        self._script(_DELETE, self.keys, [author])
+    def delete(
+        self, author: bytes = b"", idle_ms: int | None = None, keys: tuple[str, ...] = (), hashes: int = 1
+    ) -> bool:
+        """DEL of the memory's keys (and ``keys``): O(size); if it existed, a ``clear`` on the change feed.
+
+        With ``idle_ms``, only if none of the first ``hashes`` keys changed in
+        that long (server time); False if one did and nothing was deleted.
+        """
+        idle = b"" if idle_ms is None else b"%d" % idle_ms
+        return int(self._script(_DELETE, (*self.keys[:1], *keys, *self.keys[1:]), [author, idle, b"%d" % hashes])) >= 0
 
     def expire(self, milliseconds: int | None) -> None:
         """PEXPIRE (or PERSIST, for None) of each of the memory's keys: O(1).

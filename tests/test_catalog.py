@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 from conftest import Switch
@@ -100,10 +102,11 @@ def test_a_write_landing_between_a_deletion_and_its_index_removal_keeps_the_memo
     writer.messages = ["first"]
     delete = Store.delete
 
-    def delete_then_another_writes(store: Store, author: bytes = b"") -> None:
-        delete(store, author)
+    def delete_then_another_writes(store: Store, *args: Any, **kwargs: Any) -> bool:
+        deleted = delete(store, *args, **kwargs)
         if store.client is other_client:
             writer.messages = ["written in between"]
+        return deleted
 
     monkeypatch.setattr(Store, "delete", delete_then_another_writes)
     assert ConversationMemory.delete_idle(0, client=other_client) == 1
