@@ -60,7 +60,11 @@ def _default(obj: Any) -> Any:
         return msgpack.ExtType(EXT_FROZENSET, _array(sorted(_pack(element) for element in obj)))
     if kind is dt.datetime:
         zone = obj.tzinfo.key if isinstance(obj.tzinfo, ZoneInfo) else None
-        return msgpack.ExtType(EXT_DATETIME, _pack([obj.isoformat(), zone, obj.fold]))
+        parts = [obj.isoformat(), zone, obj.fold]
+        tz = obj.tzinfo
+        if type(tz) is dt.timezone and tz.tzname(None) != dt.timezone(tz.utcoffset(None)).tzname(None):
+            parts.append(tz.tzname(None))  # a fixed offset with a name of its own ("CET")
+        return msgpack.ExtType(EXT_DATETIME, _pack(parts))
     if kind is dt.date:
         return msgpack.ExtType(EXT_DATE, obj.isoformat().encode())
     if kind is int:
@@ -103,10 +107,12 @@ def _ext_hook(code: int, data: bytes, depth: int) -> Any:
             raise ValueError("a tuple, set or frozenset must be an array of scalars")
         return _COLLECTIONS[code](elements)
     if code == EXT_DATETIME:
-        iso, zone, fold = msgpack.unpackb(data, raw=False)  # no hook: nothing nested to decode
+        iso, zone, fold, *named = msgpack.unpackb(data, raw=False)  # no hook: nothing nested to decode
         value = dt.datetime.fromisoformat(iso)
         if zone is not None:
             value = value.replace(tzinfo=ZoneInfo(zone))
+        elif named and (offset := value.utcoffset()) is not None:
+            value = value.replace(tzinfo=dt.timezone(offset, named[0]))
         return value.replace(fold=fold)
     if code == EXT_DATE:
         return dt.date.fromisoformat(data.decode())

@@ -16,6 +16,7 @@ live; a proxy whose node disappears is marked dead and refuses mutations.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .memory import MemoryCore
 
 Node = ObservedList | ObservedDict | ObservedSet
+log = logging.getLogger("redis_memory")
 
 
 class Corrupt:
@@ -182,26 +184,28 @@ class Replica:
         return node
 
     def stamped(self, stamp: bytes) -> None:
-        """The replica now reflects the server's version ``stamp``; CorruptData if it is no stamp."""
+        """The replica now reflects the server's version ``stamp``.
+
+        A damaged stamp is kept as opaque bytes (count 0): the version check
+        still tells any write apart, since every write stores a good stamp, and
+        the journal is never trusted from it (a full load is). So a damaged
+        version never makes the memory unreadable, and the next write repairs it.
+        """
         try:
             self.version = version_number(stamp)
         except ValueError:
-            raise self._corrupt(b"v", f"not a version: {stamp[:40]!r}") from None
+            log.warning("%s: field 'v' is no version stamp (%r); the next write repairs it", self.key, stamp[:40])
+            self.version = 0
         self.stamp = stamp
 
     # -- full load ----------------------------------------------------------
 
     def load(self, fields: dict[bytes, bytes]) -> None:
         """Rebuild from every field of the hash (an HGETALL): O(size)."""
-        # Checked before anything changes: a replica never claims a version
-        # it could not load. Every write that creates a memory sets 'i' and 'v'.
+        # Checked before anything changes. Every write that creates a memory
+        # sets 'i' (a damaged 'v' is kept opaque: see stamped()).
         if fields and not fields.get(b"i"):
             raise self._corrupt(b"i", "a memory with fields but no incarnation")
-        if fields:
-            try:
-                version_number(fields.get(b"v") or b"?")
-            except ValueError as exc:
-                raise self._corrupt(b"v", exc) from None
         headers: dict[bytes, bytes] = {}
         entries: dict[bytes, list[tuple[bytes, bytes]]] = {}
         for field, value in fields.items():
@@ -627,6 +631,8 @@ class _Loader:
         if isinstance(node, ObservedList):
             # A corrupt item becomes a placeholder, and the list is filled
             # before its first error is raised: a user may hold this list.
+            if b - a > len(entries):  # not walked: a corrupt range may claim millions of slots
+                raise self.replica._corrupt(b"h" + nid, f"a list of {b - a} items has {len(entries)} fields")
             error = None
             slots = {}
             for slot, payload in entries:

@@ -231,7 +231,11 @@ local function read_header(n)
     birth = ''  -- the root's header has none
   end
   if not kind then return nil, true end
-  return {kind = kind, a = tonumber(a), b = tonumber(b), c = tonumber(c), birth = birth}
+  a, b = tonumber(a), tonumber(b)
+  -- A list cannot hold more slots than the hash has fields: a header that
+  -- claims so is corrupt, and walking its range would hold the server up.
+  if kind == 'l' and (b < a or (b - a > 1000 and b - a > redis.call('HLEN', K))) then return nil, true end
+  return {kind = kind, a = a, b = b, c = tonumber(c), birth = birth}
 end
 local function write_header(n, h)
   local birth = (h.birth ~= '' and ' ' .. h.birth) or ''
@@ -413,6 +417,8 @@ local function build()
   counter = counter + 1
   first_nid = first_nid or counter
   local n = fmt(counter)
+  -- An id in use means the counter went back (damaged): never merge into that node.
+  if hget(hfield(n)) then damaged('c', 'node id ' .. n .. ' is in use') end
   if t == 'f' then return string.char(REF) .. n .. '=' .. arg() end
   local count = tonumber(arg())
   if t == 't' then
