@@ -103,7 +103,12 @@ class Pending:
             return self
 
         def rename(value: bytes) -> bytes:
-            return renames.get(value, value) if value[:1] == b"~" else value
+            if value[:1] == b"~":
+                return renames.get(value, value)
+            if value[:2] == b"\xc1~":  # a reference (the item a list write names, see ops.stored_form)
+                nid, sep, blob = value[1:].partition(b"=")
+                return b"\xc1" + renames.get(nid, nid) + sep + blob
+            return value
 
         return Pending(
             self.writer,

@@ -418,3 +418,18 @@ def test_a_full_reload_never_hides_a_key_that_did_not_change(client: redis.Redis
         sys.setswitchinterval(switching)
     assert misses == []
     assert mem.d is d and mem.s is s and mem.rows is rows
+
+
+def test_positional_writes_on_items_made_offline_replay(switch: Switch, client: redis.Redis) -> None:
+    """Items created offline, then deleted or replaced by position offline, replay as made (nothing dropped)."""
+    mem = Memory("t", client=switch.client())
+    mem.to_dict()
+    switch.cut()
+    mem.a = [[], {"role": "user"}, [1]]
+    del mem.a[0]
+    mem.a[0] = "replaced"
+    mem.a.remove([1])
+    switch.restore()
+    assert mem.flush(timeout=20)
+    assert mem.status().dropped == 0
+    assert Memory("t", client=client).a == ["replaced"] == mem.a
