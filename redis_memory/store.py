@@ -232,10 +232,14 @@ local function read_header(n)
   end
   if not kind then return nil, true end
   a, b = tonumber(a), tonumber(b)
-  -- A list cannot hold more slots than the hash has fields: a header that
-  -- claims so is corrupt, and walking its range would hold the server up.
-  if kind == 'l' and (b < a or (b - a > 1000 and b - a > redis.call('HLEN', K))) then return nil, true end
+  if kind == 'l' and b < a then return nil, true end
   return {kind = kind, a = a, b = b, c = tonumber(c), birth = birth}
+end
+-- A list cannot hold more slots than the hash has fields: a header that
+-- claims so is corrupt, and walking its range would hold the server up.
+-- Checked (HLEN, O(1)) only before a walk of a long list.
+local function overlong(h)
+  return h.kind == 'l' and h.b - h.a > 1000 and h.b - h.a > redis.call('HLEN', K)
 end
 local function write_header(n, h)
   local birth = (h.birth ~= '' and ' ' .. h.birth) or ''
@@ -345,6 +349,7 @@ local function can_drop(p, own)
   checked[n] = true
   local h, bad = read_header(n)
   if not h and not bad then return true end
+  if h and overlong(h) then h, bad = nil, true end
   local keys = known[n]
   if broken(n, h, bad) then
     for _, k in ipairs(keys) do
@@ -376,6 +381,7 @@ local function drop(p)
   dropped[n] = true
   local h, bad = read_header(n)
   if not h and not bad then return end
+  if h and overlong(h) then h, bad = nil, true end
   if broken(n, h, bad) then
     for _, k in ipairs(known[n]) do
       local f = efield(n, k)
@@ -453,7 +459,7 @@ if h.kind ~= want then return reply('gone') end
 local function locate(slot, seen)
   local function holds(s) return seen == '' or hget(efield(nid, fmt(s))) == seen end
   if slot >= h.a and slot < h.b and holds(slot) then return slot end
-  if seen == '' then return nil end
+  if seen == '' or overlong(h) then return nil end
   for s = h.a, h.b - 1 do
     if holds(s) then return s end
   end
@@ -579,6 +585,7 @@ elseif op == 'lset' or op == 'ldel' then
     hdel(efield(nid, fmt(h.b - 1))); h.b = h.b - 1
   end
 elseif op == 'lreplace' then
+  if overlong(h) then return corrupt(hfield(nid), 'a list longer than the hash') end
   if tonumber(arg()) ~= h.c then return reply('stale') end
   local nkept = tonumber(arg())
   local kept, seen = {}, {}
@@ -636,6 +643,7 @@ elseif op == 'promote' then
     end
     if slot < h.a or slot >= h.b or not holds(slot) then
       -- Others moved it since this client looked: O(n), and rare.
+      if overlong(h) then return corrupt(hfield(nid), 'a list longer than the hash') end
       slot = nil
       for s = h.a, h.b - 1 do
         if holds(s) then slot = s; break end
