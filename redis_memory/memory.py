@@ -35,7 +35,7 @@ from .errors import (
 from .feed import Event, Feed, Subscription
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, removal_plan, version_number
+from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, version_number
 from .window import fit_messages
 
 #: How often an operation is rebuilt and resent after the server found this
@@ -346,18 +346,18 @@ class MemoryCore:
                 expected = ANY_INCARNATION if op.nid == b"0" else replica.incarnation
                 birth = replica.nodes[op.nid]._rm_birth
                 header = [self.writer, b"%d" % seq, token, expected, op.name, op.nid, self.ttl, self.author, birth]
+                sent_plan: ops.Plan | None = plan
+                if plan is None:
+                    # It removes a value this replica could not decode: the script
+                    # lists what that holds (O(size)), and the replica, which cannot
+                    # mirror the removal, reloads after it.
+                    replica.speculative = True
+                elif stale >= SERVER_PLAN_AFTER and not isinstance(op, (ops.DictDelete, ops.ListDelete)):
+                    # Others keep changing what this op removes faster than this
+                    # replica catches up: let the script list it (O(size), never
+                    # stale). Not for a delete, which returns this replica's copy.
+                    sent_plan = None
                 try:
-                    if plan is None:
-                        # It removes a value this replica could not decode (O(size));
-                        # the replica cannot mirror that removal: it reloads after it.
-                        plan = removal_plan(self.store.read_all(), op.name, op.nid, ops.tokens(op.args()))
-                        replica.speculative = True
-                    sent_plan: ops.Plan | None = plan
-                    if stale >= SERVER_PLAN_AFTER and not isinstance(op, (ops.DictDelete, ops.ListDelete)):
-                        # Others keep changing what this op removes faster than this
-                        # replica catches up: let the script list it (O(size), never
-                        # stale). Not for a delete, which returns this replica's copy.
-                        sent_plan = None
                     reply = self.store.apply(header, sent_plan, op.args())
                 except ConnectionFailed as exc:
                     self.link.failed(exc)

@@ -52,7 +52,7 @@ import redis
 
 from .connection import Channel, channel, resp_command
 from .errors import ConnectionFailed, CorruptData, ServerRefused
-from .ops import Args, Plan, trimmed
+from .ops import Args, Plan
 
 REF = 0xC1
 #: A node header (see above); the apply script's read_header follows the same rule.
@@ -1014,67 +1014,3 @@ class Store:
     def ping(self) -> None:
         """PING: raises ConnectionFailed unless the server answers."""
         self._call("PING")
-
-
-def removal_plan(fields: dict[bytes, bytes], name: bytes, nid: bytes, args: list[bytes]) -> Plan:
-    """What operation ``name`` would remove (see :data:`ops.Plan`), read from a full HGETALL.
-
-    What a replica computes from its own view, computed instead from the
-    server's current data: used when a queued operation is replayed onto a
-    memory that others changed meanwhile.
-    """
-    entries: dict[bytes, dict[bytes, bytes]] = {}
-    for field, value in fields.items():
-        if field[:1] == b"e":
-            node, _, slot = field[1:].partition(b":")
-            entries.setdefault(node, {})[slot] = value
-    kind = fields.get(b"h" + nid, b"?")[:1]
-
-    def payload(raw: bytes) -> bytes:
-        return raw.partition(b":")[2] if kind == b"d" else raw
-
-    doomed: list[bytes] = []
-    own = entries.get(nid, {})
-    if name in (b"dset", b"dsetdefault", b"ddel"):
-        count = int(args[0])
-        doomed = [payload(own[k]) for k in args[1 : 1 + count] if k in own]
-    elif name == b"dclear":
-        doomed = [bytes((REF,)) + nid]
-    elif name in (b"lset", b"ldel") and args[0] in own:
-        doomed = [own[args[0]]]
-    elif name == b"lappend" and int(args[1]) > 0:
-        # A bounded append drops from the front what it adds beyond ``keep``.
-        _, lo, hi, _ = fields.get(b"h" + nid, b"l 0 0 0").split(b" ")[:4]
-        trim = trimmed(int(hi) - int(lo), int(args[0]), int(args[1]))
-        doomed = [own[b"%d" % s] for s in range(int(lo), int(lo) + trim) if b"%d" % s in own]
-    elif name == b"lreplace":
-        kept = {bytes((REF,)) + k for k in args[2 : 2 + int(args[1])]}
-        doomed = [raw for raw in own.values() if raw not in kept]
-    plan: Plan = {}
-    seen: set[bytes] = set()  # corrupt data may reference a node twice, or an ancestor
-    while doomed:
-        raw = doomed.pop()
-        child, whole, _ = raw[1:].partition(b"=")
-        if raw[:1] != bytes((REF,)) or whole or child in seen:
-            continue
-        seen.add(child)
-        header = fields.get(b"h" + child)
-        if header is None:
-            continue  # a missing node: nothing to remove
-        children = entries.get(child, {})
-        found = HEADER.fullmatch(header)
-        if found is None or (found[1] != b"l" and int(found[2]) != len(children)):
-            # A corrupt header: the script removes the node's fields listed
-            # here, marked by the change count -1 (see the apply script).
-            plan[child] = (-1, list(children))
-            if header[:1] == b"l":
-                doomed += list(children.values())
-            else:
-                doomed += [value.partition(b":")[2] for value in children.values()]
-        elif found[1] in (b"d", b"s"):  # a set's elements hold empty values: no children
-            plan[child] = (int(found[4]), list(children))
-            doomed += [value.partition(b":")[2] for value in children.values()]
-        else:
-            plan[child] = (int(found[4]), [])
-            doomed += list(children.values())
-    return plan
