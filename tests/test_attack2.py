@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import pytest
 import redis
 
 from redis_memory import Memory
@@ -34,3 +38,43 @@ def test_a_positional_delete_through_a_stale_view_removes_the_item_seen_not_an_e
     Memory("t", client=other_client).l.insert(2, "z")
     del held[2]
     assert Memory("t", client=other_client).to_dict()["l"] == ["a", "b", "z"]
+
+
+def test_delete_idle_of_a_session_never_leaves_an_agent_that_joined_during_it_orphaned(
+    client: redis.Redis, other_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """delete_idle deletes a session whole, and only if none of its memories changed lately.
+    An agent that joins and writes while the delete runs (after its SMEMBERS of the
+    participants, before its script) should either keep the session alive or be deleted with
+    it. Today the script names only the agents listed before: the shared memory and the
+    participant set are deleted, and the new agent's fresh memory is left behind, in no
+    participant set, never listed or deleted again; its session, active, is gone."""
+    from redis_memory import Session, session as session_module
+
+    with Session("s", client=client) as s:
+        s.shared.topic = "old"
+        s.agent("old").x = 1
+    time.sleep(0.3)
+    real_agents = session_module.Session.agents
+    joined: list[Any] = []
+
+    def agents_then_a_join(self: Any) -> list[str]:
+        found = real_agents(self)
+        if not joined:
+            late = Session("s", client=other_client)
+            late.agent("late").note = "fresh"
+            joined.append(late)
+        return found
+
+    monkeypatch.setattr(session_module.Session, "agents", agents_then_a_join)
+    Session.delete_idle(0.2, client=client)
+    monkeypatch.undo()
+    joined[0].close()
+    fresh = Session("s", client=other_client)
+    try:
+        late_alive = fresh.agent("late").to_dict() == {"note": "fresh"}
+        shared_alive = fresh.shared.to_dict() == {"topic": "old"}
+        # Either the whole session is kept, or the late agent went with it.
+        assert late_alive == shared_alive, (late_alive, shared_alive)
+    finally:
+        fresh.close()
