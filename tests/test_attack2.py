@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
+from conftest import Switch
 
-from redis_memory import Memory
+from redis_memory import Memory, RedisMemoryError
 
 
 def test_a_positional_set_through_a_stale_view_hits_the_item_seen_not_an_equal_one(
@@ -78,3 +81,30 @@ def test_delete_idle_of_a_session_never_leaves_an_agent_that_joined_during_it_or
         assert late_alive == shared_alive, (late_alive, shared_alive)
     finally:
         fresh.close()
+
+
+def test_a_queued_write_refused_for_lack_of_memory_stays_queued(switch: Switch, client: redis.Redis) -> None:
+    """A write queued offline meets a server out of memory (maxmemory reached) on replay. That
+    refusal is transient: the write should stay queued (memory.py says so: "out of memory, no
+    permission: it may pass later, so it stays queued") and reach Redis once memory is freed.
+    Today Redis 7 words a refusal inside a script "... script: <sha>, on @user_script:620.",
+    `_malformed` takes it for a damaged record, and the write is dropped for good."""
+    if isinstance(client, fakeredis.FakeRedis):
+        pytest.skip("fakeredis has no maxmemory")
+    mem = Memory("t", client=switch.client())
+    mem.a = 1
+    switch.cut()
+    mem.b = "queued while offline"
+    client.config_set("maxmemory", 1)
+    try:
+        switch.restore()
+        with contextlib.suppress(RedisMemoryError):
+            mem.flush(timeout=5)
+    finally:
+        client.config_set("maxmemory", 0)
+    try:
+        with contextlib.suppress(RedisMemoryError):
+            mem.flush(timeout=5)
+        assert Memory("t", client=client).to_dict() == {"a": 1, "b": "queued while offline"}
+    finally:
+        mem.close(timeout=0)
