@@ -108,3 +108,23 @@ def test_a_queued_write_refused_for_lack_of_memory_stays_queued(switch: Switch, 
         assert Memory("t", client=client).to_dict() == {"a": 1, "b": "queued while offline"}
     finally:
         mem.close(timeout=0)
+
+
+def test_a_session_with_thousands_of_agents_can_be_deleted(client: redis.Redis) -> None:
+    """Session.delete (and delete_idle, which it serves) deletes the shared memory, every agent's
+    memory and its ":w" key, and the participant set in one script. A session of 4,100 agents
+    (the participant set filled as agent() would, without opening each memory, to keep the test
+    quick) should be deleted whole. Today the script's `DEL unpack(KEYS)` exceeds Lua's unpack
+    limit (~8,000 values): ServerRefused "too many results to unpack", nothing is deleted, and
+    delete_idle stops at that session with an error."""
+    from redis_memory import Session
+
+    s = Session("s", client=client)
+    try:
+        s.shared.topic = "x"
+        s.agent("a0").v = 0
+        client.sadd(s._agents_key, *[f"agent{i}" for i in range(4100)])
+        s.delete()
+    finally:
+        s.close()
+    assert client.dbsize() == 0 or not client.exists(s.shared.key, s._agents_key)
