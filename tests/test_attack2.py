@@ -128,3 +128,44 @@ def test_a_session_with_thousands_of_agents_can_be_deleted(client: redis.Redis) 
     finally:
         s.close()
     assert client.dbsize() == 0 or not client.exists(s.shared.key, s._agents_key)
+
+
+@pytest.mark.parametrize(
+    ("change", "theirs", "expected"),
+    [
+        # del l[1:3] removes 2 and 3; another process put "z" in front: 1 must stay.
+        (lambda l: l.__delitem__(slice(1, 3)), lambda l: l.insert(0, "z"), ["z", 1, 4]),
+        # ... another process deleted 2: 4 must stay.
+        (lambda l: l.__delitem__(slice(1, 3)), lambda l: l.__delitem__(1), [1, 4]),
+        # del l[::2] removes 1 and 3; "z" in front: 2 and 4 must stay.
+        (lambda l: l.__delitem__(slice(None, None, 2)), lambda l: l.insert(0, "z"), ["z", 2, 4]),
+        # l[1:3] = ["x"] replaces 2 and 3; "z" in front: 1 must stay.
+        (lambda l: l.__setitem__(slice(1, 3), ["x"]), lambda l: l.insert(0, "z"), ["z", 1, "x", 4]),
+        # ... another process deleted 2: 4 must stay.
+        (lambda l: l.__setitem__(slice(1, 3), ["x"]), lambda l: l.__delitem__(1), [1, "x", 4]),
+    ],
+    ids=["del-slice/front-insert", "del-slice/middle-delete", "del-step/front-insert",
+         "set-slice/front-insert", "set-slice/middle-delete"],
+)
+def test_a_stale_queued_slice_change_is_not_re_made_on_other_items(
+    switch: Switch, client: redis.Redis, change: Any, theirs: Any, expected: list[Any]
+) -> None:
+    """[1, 2, 3, 4] is held by a process cut off from Redis, which changes a slice of it;
+    meanwhile another process inserts at the front or deletes in the middle. On replay the slice
+    change is re-made from the server's list: it should still remove (or replace) the items the
+    first process removed, and keep the others. Today it is re-made by index on the moved list:
+    items neither process removed are deleted (1, or 4) and removed ones come back (del l[::2]
+    after a front insert keeps exactly 1 and 3, the two it deleted) - silently, in every replica."""
+    mem = Memory("t", client=switch.client())
+    mem.l = [1, 2, 3, 4]
+    other = Memory("t", client=client)
+    switch.cut()
+    change(mem.l)
+    theirs(other.l)
+    switch.restore()
+    try:
+        with contextlib.suppress(RedisMemoryError):
+            mem.flush(timeout=10)
+        assert Memory("t", client=client).to_dict()["l"] == expected
+    finally:
+        mem.close(timeout=0)
