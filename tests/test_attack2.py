@@ -169,3 +169,39 @@ def test_a_stale_queued_slice_change_is_not_re_made_on_other_items(
         assert Memory("t", client=client).to_dict()["l"] == expected
     finally:
         mem.close(timeout=0)
+
+
+@pytest.mark.parametrize("removal", ["del", "pop", "remove"])
+def test_a_queued_removal_of_a_message_another_process_edited_is_not_lost_silently(
+    switch: Switch, client: redis.Redis, removal: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process cut off from Redis removes the first message (`del m[0]`, `m.pop(0)`, or
+    `m.remove(...)`); meanwhile another process adds a field to that message (it is promoted).
+    On replay the message is still there, under another stored form: the removal should either
+    be applied (the message still exists) or, if a changed container is kept by design, be
+    reported as dropped, as a queued `m[0] = v` is in the same case. Today the script answers
+    'missing', replay takes it as "nothing left to do": the message stays on the server, nothing
+    is logged, and `pop(0)` has returned a message the server never removed."""
+    import logging
+
+    mem = Memory("t", client=switch.client())
+    mem.m = [{"r": "u", "c": 1}, {"r": "a", "c": 2}]
+    other = Memory("t", client=client)
+    switch.cut()
+    if removal == "del":
+        del mem.m[0]
+    elif removal == "pop":
+        assert mem.m.pop(0) == {"r": "u", "c": 1}
+    else:
+        mem.m.remove({"r": "u", "c": 1})
+    other.m[0]["seen"] = True
+    caplog.set_level(logging.INFO, logger="redis_memory")
+    switch.restore()
+    try:
+        with contextlib.suppress(RedisMemoryError):
+            mem.flush(timeout=10)
+        stored = Memory("t", client=client).to_dict()["m"]
+        reported = any("dropped" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+        assert stored == [{"r": "a", "c": 2}] or reported, stored
+    finally:
+        mem.close(timeout=0)
