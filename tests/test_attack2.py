@@ -205,3 +205,18 @@ def test_a_queued_removal_of_a_message_another_process_edited_is_not_lost_silent
         assert stored == [{"r": "a", "c": 2}] or reported, stored
     finally:
         mem.close(timeout=0)
+
+
+def test_a_middle_insert_through_a_stale_view_goes_before_the_item_seen_not_an_equal_one(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """One process holds ["a", "b", "a"]; another deletes "b" (the server moves the last "a" back
+    one slot). `held.insert(2, "x")` goes before the last "a", the item seen at index 2:
+    ["a", "x", "a"]. Today locate() misses it at its old slot, scans from the front and
+    inserts before the first "a": ["x", "a", "a"]."""
+    mine = Memory("t", client=client)
+    mine.l = ["a", "b", "a"]
+    held = mine.l
+    del Memory("t", client=other_client).l[1]
+    held.insert(2, "x")
+    assert Memory("t", client=other_client).to_dict()["l"] == ["a", "x", "a"]
