@@ -220,3 +220,33 @@ def test_a_middle_insert_through_a_stale_view_goes_before_the_item_seen_not_an_e
     del Memory("t", client=other_client).l[1]
     held.insert(2, "x")
     assert Memory("t", client=other_client).to_dict()["l"] == ["a", "x", "a"]
+
+
+def test_a_queued_write_refused_for_a_missing_permission_stays_queued(switch: Switch, client: redis.Redis) -> None:
+    """Like the out-of-memory case: the ACL user a memory connects as loses HSET while a write is
+    queued, and gets it back. The write should stay queued and land once the permission is
+    back. Today the refusal, worded "... can't run this command ... script: <sha>, on
+    @user_script:..." by the server, is taken for a damaged record and the write is dropped."""
+    if isinstance(client, fakeredis.FakeRedis):
+        pytest.skip("fakeredis has no ACL users")
+    assert switch.proxy is not None
+    client.execute_command("ACL", "SETUSER", "lim", "on", ">pw", "~*", "&*", "+@all")
+    try:
+        url = switch.proxy.url.replace("redis://", "redis://lim:pw@", 1)
+        mem = Memory("t", client=redis.Redis.from_url(url, socket_connect_timeout=2))
+        try:
+            mem.a = 1
+            switch.cut()
+            mem.b = "queued while offline"
+            client.execute_command("ACL", "SETUSER", "lim", "-hset")
+            switch.restore()
+            with contextlib.suppress(RedisMemoryError):
+                mem.flush(timeout=3)
+            client.execute_command("ACL", "SETUSER", "lim", "+hset")
+            with contextlib.suppress(RedisMemoryError):
+                mem.flush(timeout=5)
+            assert Memory("t", client=client).to_dict() == {"a": 1, "b": "queued while offline"}
+        finally:
+            mem.close(timeout=0)
+    finally:
+        client.execute_command("ACL", "DELUSER", "lim")
