@@ -9,6 +9,7 @@ import datetime as dt
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -682,9 +683,17 @@ _RETRY: Any = object()
 
 
 def _malformed(error: ServerRefused) -> bool:
-    """True if the server refused an operation because the script failed on its arguments."""
-    text = str(error)
-    return "user_script" in text or "Error running script" in text or "unknown operation" in text
+    """True if the script itself failed on the operation's arguments (a Lua error), not a command it ran.
+
+    A command refused inside the script (OOM, NOPERM) names the script too,
+    but starts with its own error code: that refusal may pass later.
+    """
+    text = str(error.__cause__ or error)
+    if "OOM" in text or "NOPERM" in text or "permission" in text or "can't run" in text:
+        return False
+    # A Lua error names its line ("user_script:360: ..."); a refused command
+    # ends with where it was called from ("on @user_script:620.").
+    return bool(re.search(r"user_script:\d+: |<python>\"\]:\d+: |unknown operation", text))
 
 
 def _check_name(name: Any) -> None:
@@ -1029,15 +1038,25 @@ class Memory:
         """Remove the whole memory from Redis (DEL): O(size). Needs Redis; queued changes are discarded."""
         self._rm_delete(None)
 
-    def _rm_delete(self, idle_ms: int | None, keys: tuple[str, ...] = (), hashes: int = 1) -> bool:
+    def _rm_delete(
+        self,
+        idle_ms: int | None,
+        keys: tuple[str, ...] = (),
+        hashes: int = 1,
+        participants: tuple[str, int] | None = None,
+    ) -> bool | None:
         """Delete the memory, and ``keys`` with it, in one step; with ``idle_ms``, only if idle that long.
 
         Idleness is that of the first ``hashes`` keys (this memory's first),
-        by the server's clock. Whether anything was deleted.
+        by the server's clock. Whether anything was deleted; None if the
+        participant set (``participants``: its key and size) has changed.
         """
         core = self._rm
         with core.lock:
-            if not self._rm_server_call(lambda store: store.delete(core.author, idle_ms, keys, hashes)):
+            done = self._rm_server_call(lambda store: store.delete(core.author, idle_ms, keys, hashes, participants))
+            if done == -2:
+                return None
+            if done < 0:
                 return False
             core.outbox.discard()
             core.replica.load({})

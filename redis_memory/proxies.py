@@ -75,13 +75,23 @@ class ObservedList(list):  # type: ignore[type-arg]
         slot, seen = self._rm_item(index)
         return slot, value, seen
 
-    def _rm_replace(self, compute: Callable[[list[Any]], list[Any]], intent: bytes = b"") -> None:
+    def _rm_replace(
+        self,
+        compute: Callable[[list[Any]], list[Any]],
+        intent: bytes = b"",
+        by_items: Callable[[list[Any]], Callable[[list[Any]], list[Any]]] | None = None,
+    ) -> None:
+        """A whole-list rewrite. ``by_items`` makes, from the view it was built on, the
+        rewrite a replay applies to the server's list (a slice names items, not positions)."""
+
         def build() -> ops.Op | None:
-            new = compute(list(self))
-            if len(new) == len(self) and all(a is b for a, b in zip(new, self, strict=True)):
+            view = list(self)
+            new = compute(list(view))
+            if len(new) == len(view) and all(a is b for a, b in zip(new, view, strict=True)):
                 return None
-            children = {id(v): v._rm_nid for v in self if isinstance(v, Proxy)}
-            return ops.ListReplace(self._rm_nid, self._rm_mod, new, children, compute, intent)
+            children = {id(v): v._rm_nid for v in view if isinstance(v, Proxy)}
+            again = by_items(view) if by_items is not None else compute
+            return ops.ListReplace(self._rm_nid, self._rm_mod, new, children, again, intent)
 
         self._rm_submit(build)
 
@@ -138,7 +148,7 @@ class ObservedList(list):  # type: ignore[type-arg]
                 current[index] = values
                 return current
 
-            self._rm_replace(compute)
+            self._rm_replace(compute, by_items=lambda view: _slice_by_items(view, index, values))
         elif isinstance(value, Proxy) and self[index] is value:
             return  # `l[i] += [x]` assigns the mutated proxy back to where it is
         else:
@@ -151,7 +161,7 @@ class ObservedList(list):  # type: ignore[type-arg]
                 del current[index]
                 return current
 
-            self._rm_replace(compute)
+            self._rm_replace(compute, by_items=lambda view: _slice_by_items(view, index, None))
         else:
             self._rm_submit(lambda: ops.ListDelete(self._rm_nid, *self._rm_item(index)))
 
@@ -191,6 +201,39 @@ class ObservedList(list):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         return list.__repr__(self)
+
+
+def _slice_by_items(view: list[Any], index: slice, values: list[Any] | None) -> Callable[[list[Any]], list[Any]]:
+    """``view[index] = values`` (``del view[index]`` for None) as a change of the items it names.
+
+    Made again on another list (the server's, on replay), it removes or
+    replaces those items wherever they are now, and puts new ones where the
+    first of them is (or before the item that followed the slice): O(n).
+    """
+    start, stop, step = index.indices(len(view))
+    named = [ops.stored_form(view[i]) for i in range(start, stop, step)]
+    follower = ops.stored_form(view[stop]) if step == 1 and stop < len(view) else None
+
+    def again(current: list[Any]) -> list[Any]:
+        forms = [ops.stored_form(item) for item in current]
+        hits, cursor = [], 0
+        for form in named:  # the named items, in order
+            found = next((i for i in range(cursor, len(forms)) if forms[i] == form), None)
+            if found is not None:
+                hits.append(found)
+                cursor = found + 1
+        if values is not None and step != 1:  # an extended slice: each item replaced in place
+            result = list(current)
+            for position, value in zip(hits, values, strict=False):
+                result[position] = value
+            return result
+        kept = [item for i, item in enumerate(current) if i not in hits]
+        if values is None:
+            return kept
+        at = hits[0] if hits else next((i for i, form in enumerate(forms) if form == follower), len(current))
+        return kept[:at] + values + kept[at:]
+
+    return again
 
 
 class ObservedDict(dict):  # type: ignore[type-arg]

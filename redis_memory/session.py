@@ -210,11 +210,18 @@ class Session:
         self._rm_delete(None)
 
     def _rm_delete(self, idle_ms: int | None) -> bool:
-        """Delete the whole session in one atomic step; with ``idle_ms``, only if none of its memories changed since."""
-        names = self.agents()
-        hashes = tuple(_agent_key(self.shared.key, name) for name in names)
-        keys = (*hashes, *(h + ":w" for h in hashes), self._agents_key)
-        return self.shared._rm_delete(idle_ms, keys, 1 + len(hashes))
+        """Delete the whole session in one atomic step; with ``idle_ms``, only if none of its memories changed since.
+
+        The agents are listed first (SMEMBERS); if one joins before the delete
+        runs, the delete does nothing and the agents are listed again.
+        """
+        while True:
+            names = self.agents()
+            hashes = tuple(_agent_key(self.shared.key, name) for name in names)
+            keys = (*hashes, *(h + ":w" for h in hashes))
+            done = self.shared._rm_delete(idle_ms, keys, 1 + len(hashes), (self._agents_key, len(names)))
+            if done is not None:
+                return done
 
     @classmethod
     def list_ids(cls, **options: Any) -> list[str]:

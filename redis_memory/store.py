@@ -456,12 +456,21 @@ if h.kind ~= want then return reply('gone') end
 -- Where the item a client saw at 'slot' (stored as 'seen') is now: there,
 -- or wherever others' inserts and deletes in the middle moved it (O(n),
 -- rare); nil if the list no longer holds it. No 'seen': the slot as named.
+-- Among equal items, the one nearest the slot named (others' inserts and
+-- deletes move an item a slot or a few). A message stored whole that
+-- others gave fields of its own since is the same node under its reference.
 local function locate(slot, seen)
-  local function holds(s) return seen == '' or hget(efield(nid, fmt(s))) == seen end
+  local promoted = string.byte(seen, 1) == REF and string.match(seen, '^(.[^=]+)=') or nil
+  local function holds(s)
+    if seen == '' then return true end
+    local v = hget(efield(nid, fmt(s)))
+    return v == seen or (promoted ~= nil and v == promoted)
+  end
   if slot >= h.a and slot < h.b and holds(slot) then return slot end
   if seen == '' or overlong(h) then return nil end
-  for s = h.a, h.b - 1 do
-    if holds(s) then return s end
+  for d = 1, h.b - h.a do
+    if slot - d >= h.a and slot - d < h.b and holds(slot - d) then return slot - d end
+    if slot + d >= h.a and slot + d < h.b and holds(slot + d) then return slot + d end
   end
   return nil
 end
@@ -811,7 +820,13 @@ if idle then
     if active and now - active < idle then return -1 end
   end
 end
-local deleted = redis.call('DEL', unpack(KEYS))
+-- Only if the participants are those the client listed (ARGV[4], when
+-- given): an agent that joined since would be left out of the delete.
+if ARGV[4] and ARGV[4] ~= '' and redis.call('SCARD', KEYS[#KEYS]) ~= tonumber(ARGV[4]) then return -2 end
+local deleted = 0
+for start = 1, #KEYS, 1000 do
+  deleted = deleted + redis.call('DEL', unpack(KEYS, start, math.min(start + 999, #KEYS)))
+end
 if deleted > 0 then
   local now_ms = string.format('%d', now)
   local author = string.format('%d', #ARGV[1]) .. ':' .. ARGV[1]
@@ -957,15 +972,26 @@ class Store:
         return cast(dict[bytes, bytes], reply)
 
     def delete(
-        self, author: bytes = b"", idle_ms: int | None = None, keys: tuple[str, ...] = (), hashes: int = 1
-    ) -> bool:
+        self,
+        author: bytes = b"",
+        idle_ms: int | None = None,
+        keys: tuple[str, ...] = (),
+        hashes: int = 1,
+        participants: tuple[str, int] | None = None,
+    ) -> int:
         """DEL of the memory's keys (and ``keys``): O(size); if it existed, a ``clear`` on the change feed.
 
         With ``idle_ms``, only if none of the first ``hashes`` keys changed in
-        that long (server time); False if one did and nothing was deleted.
+        that long (server time): -1 if one did. With ``participants`` (a set's
+        key and size), only if that set (deleted too) still has that many
+        members: -2 if not. Nothing is deleted then; else the keys deleted.
         """
         idle = b"" if idle_ms is None else b"%d" % idle_ms
-        return int(self._script(_DELETE, (*self.keys[:1], *keys, *self.keys[1:]), [author, idle, b"%d" % hashes])) >= 0
+        all_keys = (*self.keys[:1], *keys, *self.keys[1:])
+        count = b""
+        if participants is not None:
+            all_keys, count = (*all_keys, participants[0]), b"%d" % participants[1]
+        return int(self._script(_DELETE, all_keys, [author, idle, b"%d" % hashes, count]))
 
     def expire(self, milliseconds: int | None) -> None:
         """PEXPIRE (or PERSIST, for None) of each of the memory's keys: O(1).

@@ -52,7 +52,8 @@ def test_delete_idle_of_a_session_never_leaves_an_agent_that_joined_during_it_or
     it. Today the script names only the agents listed before: the shared memory and the
     participant set are deleted, and the new agent's fresh memory is left behind, in no
     participant set, never listed or deleted again; its session, active, is gone."""
-    from redis_memory import Session, session as session_module
+    from redis_memory import Session
+    from redis_memory import session as session_module
 
     with Session("s", client=client) as s:
         s.shared.topic = "old"
@@ -134,15 +135,15 @@ def test_a_session_with_thousands_of_agents_can_be_deleted(client: redis.Redis) 
     ("change", "theirs", "expected"),
     [
         # del l[1:3] removes 2 and 3; another process put "z" in front: 1 must stay.
-        (lambda l: l.__delitem__(slice(1, 3)), lambda l: l.insert(0, "z"), ["z", 1, 4]),
+        (lambda xs: xs.__delitem__(slice(1, 3)), lambda xs: xs.insert(0, "z"), ["z", 1, 4]),
         # ... another process deleted 2: 4 must stay.
-        (lambda l: l.__delitem__(slice(1, 3)), lambda l: l.__delitem__(1), [1, 4]),
+        (lambda xs: xs.__delitem__(slice(1, 3)), lambda xs: xs.__delitem__(1), [1, 4]),
         # del l[::2] removes 1 and 3; "z" in front: 2 and 4 must stay.
-        (lambda l: l.__delitem__(slice(None, None, 2)), lambda l: l.insert(0, "z"), ["z", 2, 4]),
+        (lambda xs: xs.__delitem__(slice(None, None, 2)), lambda xs: xs.insert(0, "z"), ["z", 2, 4]),
         # l[1:3] = ["x"] replaces 2 and 3; "z" in front: 1 must stay.
-        (lambda l: l.__setitem__(slice(1, 3), ["x"]), lambda l: l.insert(0, "z"), ["z", 1, "x", 4]),
+        (lambda xs: xs.__setitem__(slice(1, 3), ["x"]), lambda xs: xs.insert(0, "z"), ["z", 1, "x", 4]),
         # ... another process deleted 2: 4 must stay.
-        (lambda l: l.__setitem__(slice(1, 3), ["x"]), lambda l: l.__delitem__(1), [1, "x", 4]),
+        (lambda xs: xs.__setitem__(slice(1, 3), ["x"]), lambda xs: xs.__delitem__(1), [1, "x", 4]),
     ],
     ids=["del-slice/front-insert", "del-slice/middle-delete", "del-step/front-insert",
          "set-slice/front-insert", "set-slice/middle-delete"],
