@@ -176,6 +176,33 @@ def listing_row(client: redis.Redis) -> tuple[str, float, str]:
     return (f"list 10 idle conversations among 10,010 / among 100 ({ms:.2f} ms)", timings[10_010] / timings[100], "~ 1")
 
 
+def server_time(client: redis.Redis, rounds: int = 9, per_round: int = 200) -> tuple[float, float, float]:
+    """Microseconds the server spends per call (INFO commandstats): a plain append, a scalar set, a raw HSET.
+
+    Medians of interleaved rounds, each on statistics reset just before it.
+    """
+    mem = ConversationMemory("server-time", client=client)
+    mem.messages = []
+    messages = mem.messages
+    payload = msgpack.packb(message(0))
+    counter = iter(range(10**9))
+    samples: dict[str, list[float]] = {"append": [], "set": [], "hset": []}
+    for _ in range(rounds):
+        for kind in samples:
+            client.config_resetstat()
+            for _ in range(per_round):
+                n = next(counter)
+                if kind == "append":
+                    messages.append(message(n))
+                elif kind == "set":
+                    mem.title = f"title {n}"
+                else:
+                    client.hset("raw-server-time", str(n), payload)
+            stats = client.info("commandstats")
+            samples[kind].append(stats["cmdstat_hset" if kind == "hset" else "cmdstat_fcall"]["usec_per_call"])
+    return statistics.median(samples["append"]), statistics.median(samples["set"]), statistics.median(samples["hset"])
+
+
 def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     client = redis.Redis.from_url(url)
     client.flushall()
@@ -240,6 +267,10 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     at_100k = client.memory_usage(bounded.key, samples=0)
     rows.append((f"Redis memory after 100,000 / 10,000 bounded appends ({at_100k:,} B)", at_100k / at_10k, "flat"))
 
+    append_us, set_us, hset_us = server_time(client)
+    rows.append((f"apply function, server time per plain append (an HSET: {hset_us:.1f} us)", append_us, "<= 12 us"))
+    rows.append(("apply function, server time per scalar attribute set", set_us, "<= 12 us"))
+
     rows.append(listing_row(client))
 
     median_ms, p95_ms = event_latency(url)
@@ -282,6 +313,8 @@ def main() -> None:
         for what, value, target in rows:
             if target.endswith(" ms"):
                 shown = f"{value:.1f} ms"
+            elif target.endswith(" us"):
+                shown = f"{value:.1f} us"
             elif target.endswith(" s"):
                 shown = f"{value:.3f} s"
             else:

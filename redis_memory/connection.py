@@ -38,6 +38,8 @@ _clients: dict[str, redis.Redis] = {}
 #: Error replies that mean "not now" rather than "not this command". BUSY: a
 #: script is running, perhaps the very command whose reply did not arrive, so
 #: whether that one was applied is not known.
+#: How a server answers an FCALL of a function it does not have.
+MISSING_FUNCTION = "Function not found"
 _UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "BUSY ")
 _clients_lock = threading.Lock()
 #: When this thread's commands must give up (time.monotonic()), if they must.
@@ -277,7 +279,8 @@ def _parse(line: bytes, reader: BinaryIO) -> object:
         return None
     if kind == b"-":
         message = rest.decode(errors="replace")
-        error = redis.exceptions.NoScriptError if message.startswith("NOSCRIPT") else redis.ResponseError
+        missing = message.startswith(MISSING_FUNCTION) or message[4:].startswith(MISSING_FUNCTION)
+        error = redis.exceptions.NoScriptError if missing else redis.ResponseError
         return error(message)
     if kind == b",":
         return float(rest)

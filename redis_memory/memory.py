@@ -691,9 +691,9 @@ def _malformed(error: ServerRefused) -> bool:
     text = str(error.__cause__ or error)
     if "OOM" in text or "NOPERM" in text or "permission" in text or "can't run" in text:
         return False
-    # A Lua error names its line ("user_script:360: ..."); a refused command
-    # ends with where it was called from ("on @user_script:620.").
-    return bool(re.search(r"user_script:\d+: |<python>\"\]:\d+: |unknown operation", text))
+    # A Lua error names its line ("user_function:360: ..."); a refused command
+    # ends with where it was called from ("on @user_function:620.").
+    return bool(re.search(r"user_function:\d+: |unknown operation", text))
 
 
 def _check_name(name: Any) -> None:

@@ -171,3 +171,35 @@ def test_a_resent_pop_returns_the_removed_value(client: redis.Redis) -> None:
         store.apply = real_apply  # type: ignore[method-assign]
     assert Memory("resent", client=client).items == ["b"]
     assert items == ["b"]
+
+
+def test_the_server_code_is_loaded_again_when_the_server_lost_it(client: redis.Redis) -> None:
+    """A server that lost the functions library (FUNCTION FLUSH, a restart without data) gets it again
+    on the next write, read or delete."""
+    mem = Memory("reload", client=client)
+    mem.log = []
+    for step in range(3):
+        client.function_flush()
+        mem.log.append(step)  # apply
+        client.function_flush()
+        other = Memory("reload", client=client)
+        assert other.log == list(range(step + 1))
+        other.note = step  # another writer's change, so the next read syncs
+        client.function_flush()
+        assert mem.log == list(range(step + 1))  # sync
+    client.function_flush()
+    mem.delete()  # delete
+    assert client.exists(mem.key) == 0
+
+
+def test_the_library_is_named_after_its_source() -> None:
+    """Each command is a function of one library whose name carries a digest of the source, and the
+    library holds every command's code with its includes, once."""
+    from redis_memory import store
+
+    source, names = store.library()
+    digest = source.splitlines()[0].removeprefix("#!lua name=redis_memory_")
+    assert len(digest) == 12 and set(names) == set(store.COMMANDS)
+    assert all(name == f"rm_{digest}_{command}" for command, name in names.items())
+    assert source.count("local function begin(") == 1
+    assert "@include" not in source and "@JOURNAL_SIZE@" not in source
