@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netproxy import TcpProxy
 from servers import EmbeddedServer, debian_redis
 
-from redis_memory import ConversationMemory, Session
+from redis_memory import ConversationMemory, Memory, Session
 
 CONTENT = "The weather in Paris is mild today, with light wind from the west and a chance of rain in the evening. "
 
@@ -65,7 +65,7 @@ def interleaved(raw: Callable[[], object], lib: Callable[[], object], rounds: in
 
 LOAD_SCRIPT = """
 import sys, time, msgpack, redis
-from redis_memory import ConversationMemory, Session
+from redis_memory import ConversationMemory, Memory, Session
 url, key, raw_key, mode = sys.argv[1:5]
 client = redis.Redis.from_url(url)
 client.ping()
@@ -266,6 +266,37 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
         bounded.messages.append(message(0))
     at_100k = client.memory_usage(bounded.key, samples=0)
     rows.append((f"Redis memory after 100,000 / 10,000 bounded appends ({at_100k:,} B)", at_100k / at_10k, "flat"))
+
+    batched = Memory("batch", client=client)
+    batched.seed = 0
+    rounds = iter(range(10**9))
+
+    def raw_pipeline() -> None:
+        pipe = client.pipeline(transaction=False)
+        base = next(rounds) * 1000
+        for k in range(1000):
+            pipe.hset("raw-batch", f"k{k}", base + k)
+        pipe.execute()
+
+    def lib_batch() -> None:
+        base = next(rounds) * 1000
+        with batched.batch():
+            for k in range(1000):
+                batched[f"k{k}"] = base + k
+
+    ratio = interleaved(raw_pipeline, lib_batch, rounds=9, per_round=3)
+    store, trips = batched._rm.store, [0]
+    send = store._call_packed
+
+    def counted(packed: bytes) -> object:
+        trips[0] += 1
+        return send(packed)
+
+    store._call_packed = counted  # type: ignore[method-assign]
+    lib_batch()
+    store._call_packed = send  # type: ignore[method-assign]
+    label = f"a batch of 1,000 attribute sets ({trips[0]} round trips) / a pipeline of 1,000 HSETs"
+    rows.append((label, ratio, "<= 2"))
 
     append_us, set_us, hset_us = server_time(client)
     rows.append((f"apply function, server time per plain append (an HSET: {hset_us:.1f} us)", append_us, "<= 12 us"))

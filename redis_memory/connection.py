@@ -225,6 +225,11 @@ def resp_command(
     return b"".join(parts)
 
 
+def resp_args(args: list[bytes]) -> bytes:
+    """Arguments in RESP form, to send inside a command (see :func:`resp_command`)."""
+    return b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
+
+
 def _read_items(reader: BinaryIO, count: int) -> list[object]:
     """The elements of an aggregate reply; bulk strings (nearly all of them) inline."""
     items: list[object] = []

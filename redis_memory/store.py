@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, cast
 
 import redis
 
-from .connection import MISSING_FUNCTION, Channel, channel, resp_command
+from .connection import MISSING_FUNCTION, Channel, channel, resp_args, resp_command
 from .errors import ConnectionFailed, CorruptData, ServerRefused
 from .ops import Args, Plan
 
@@ -87,6 +87,20 @@ def memory_key(prefix: str, kind: str, identifier: str) -> str:
 #: The server-side commands, each a function of one Redis Functions library
 #: (see :func:`library`): their sources are ``lua/<name>.lua``.
 COMMANDS = ("apply", "sync", "delete")
+#: The functions registered, by name: the command each runs, and its flags.
+#: A sync only reads (so a read-only replica serves it too); a delete runs
+#: on a server out of memory, which it relieves; so does ``apply_oom``, the
+#: apply function for operations that only remove (see :meth:`Store.apply`).
+_REGISTERED = {
+    "apply": ("apply", ()),
+    "apply_oom": ("apply", ("allow-oom",)),
+    "sync": ("sync", ("no-writes",)),
+    "delete": ("delete", ("allow-oom",)),
+}
+#: Operations that only remove: sent again with ``apply_oom`` when the server is out of memory.
+_REMOVALS = frozenset({b"ddel", b"ldel", b"dclear"})
+#: How often a call is sent again after the server answered that it lacks the library.
+_LOAD_ATTEMPTS = 5
 _CONSTANTS = {
     "JOURNAL_SIZE": JOURNAL_SIZE,
     "TOUCH_LIMIT": TOUCH_LIMIT,
@@ -123,9 +137,13 @@ def library() -> tuple[str, dict[str, str]]:
 
     body = "\n".join(expand(_lua_source(f"{name}.lua")) for name in COMMANDS)
     body = re.sub(r"@([A-Z_]+)@", lambda match: str(_CONSTANTS[match.group(1)]), body)
-    digest = hashlib.sha1(body.encode()).hexdigest()[:12]
-    names = {name: f"rm_{digest}_{name}" for name in COMMANDS}
-    registrations = "".join(f"redis.register_function('{names[name]}', {name})\n" for name in COMMANDS)
+    digest = hashlib.sha1((body + repr(_REGISTERED)).encode()).hexdigest()[:12]
+    names = {name: f"rm_{digest}_{name}" for name in _REGISTERED}
+    registrations = "".join(
+        f"redis.register_function{{function_name='{names[name]}', callback={command}, "
+        f"flags={{{', '.join(repr(flag) for flag in flags)}}}}}\n"
+        for name, (command, flags) in _REGISTERED.items()
+    )
     return f"#!lua name=redis_memory_{digest}\n{body}\n{registrations}", names
 
 
@@ -170,8 +188,22 @@ def command(link: Channel, key: str, *args: bytes | str | int) -> Any:
 
 
 @dataclass
+class Step:
+    """One operation of an apply call: its id, the node it changes, the ids of the nodes it creates, its plan."""
+
+    seq: int
+    token: bytes
+    name: bytes
+    nid: bytes
+    birth: bytes
+    created: list[bytes]  # the client's ids for the nodes it creates (provisional ones, in a batch)
+    plan: Plan | None
+    args: Args
+
+
+@dataclass
 class Reply:
-    """What the apply script answered: a status, the version stamps after and before it, and data."""
+    """What the apply function answered: a status, the version stamps after and before it, and data."""
 
     status: str
     stamp: bytes
@@ -179,6 +211,8 @@ class Reply:
     first_nid: int | None
     before: bytes
     extra: list[bytes]
+    failed: int | None = None  # the 1-based number of the step refused
+    results: list[bytes] = field(default_factory=list)  # per step, for a batch: first new node, '-' or 'x'
 
 
 @dataclass
@@ -221,36 +255,64 @@ class Store:
             packed_head = resp_command(("FCALL", FUNCTIONS[command], len(keys), *keys))
             head = self._heads[(command, keys)] = packed_head[packed_head.index(b"\r\n") + 2 :]  # without its count
         packed = resp_command(args, head, 3 + len(keys), *tail)
-        try:
-            return self._call_packed(packed)
-        except redis.exceptions.NoScriptError:
-            # A new server, one restarted without its data, or FUNCTION FLUSH.
-            self.load_library()
-            return self._call_packed(packed)
+        for _ in range(_LOAD_ATTEMPTS):
+            try:
+                return self._call_packed(packed)
+            except redis.exceptions.NoScriptError:
+                # A new server, one restarted without its data, or FUNCTION FLUSH
+                # (perhaps by another process, again and again).
+                self.load_library()
+        message = f"Redis kept losing the server code of redis_memory (FUNCTION FLUSH?) while serving {self.key}"
+        raise ServerRefused(message, key=self.key)
 
     def load_library(self) -> None:
         """FUNCTION LOAD of the library (once per server: it is kept with the data and replicated)."""
         try:
             self._call("FUNCTION", "LOAD", LIBRARY)
         except ServerRefused as exc:
-            if "already exists" not in str(exc):  # loaded meanwhile by another process
-                raise
+            if "already exists" in str(exc):  # loaded meanwhile by another process
+                return
+            if "NOPERM" in str(exc):
+                message = (
+                    f"{exc}; redis_memory loads its server code once per server: allow this user "
+                    "'function|load', or load it as another user with redis_memory.store.LIBRARY"
+                )
+                raise ServerRefused(message, key=self.key) from exc.__cause__
+            raise
 
-    def apply(self, header: list[bytes], drops: Plan | None, op_args: Args) -> Reply:
-        """FCALL of the apply function: O(1) fields for item operations.
+    def apply(self, call: list[bytes], steps: list[Step]) -> Reply:
+        """FCALL of the apply function: the operations of ``steps``, in order, all or none.
 
-        ``drops`` gives, for every container the operation may remove, the
-        change count it was seen at and its keys (for a dict), so the script
-        can delete whole subtrees without scanning the hash, and refuses to
-        remove one changed since. None lets the script read them from the
-        hash itself: O(size of the memory), and never stale.
+        ``call`` is the writer, the expected incarnation, the expiry and the
+        author (see lua/apply.lua). Each step's plan gives, for every
+        container the operation may remove, the change count it was seen at
+        and its keys (for a dict), so the script can delete whole subtrees
+        without scanning the hash, and refuses to remove one changed since.
+        None lets the script read them from the hash itself: O(size of the
+        memory), and never stale. O(1) fields for item operations.
         """
-        plan: list[bytes] = []
-        for nid, (mod, keys) in (drops or {}).items():
-            plan += [nid, b"%d" % mod, b"%d" % len(keys), *keys]
-        count = b"-1" if drops is None else b"%d" % len(plan)
-        raw = self._fcall("apply", self.keys + self.companions, [*header, count, *plan], op_args)
-        return Reply(raw[0].decode(), raw[1], raw[2], int(raw[3]) if raw[3] else None, raw[4], list(raw[5:]))
+        args = [*call, b"%d" % len(steps)]
+        tail, tail_count = [], 0
+        for step in steps:
+            plan: list[bytes] = []
+            for nid, (mod, keys) in (step.plan or {}).items():
+                plan += [nid, b"%d" % mod, b"%d" % len(keys), *keys]
+            count = b"-1" if step.plan is None else b"%d" % len(plan)
+            head = [b"%d" % step.seq, step.token, step.name, step.nid, step.birth, b"%d" % len(step.created)]
+            tail.append(resp_args([*head, *step.created, count, *plan]))
+            tail.append(step.args[0])
+            tail_count += len(head) + len(step.created) + 1 + len(plan) + step.args[1]
+        packed_tail = (b"".join(tail), tail_count)
+        try:
+            raw = self._fcall("apply", self.keys + self.companions, args, packed_tail)
+        except ServerRefused as exc:
+            # A server out of memory refuses writes; one that only removes relieves it.
+            if "OOM" not in str(exc) or any(step.name not in _REMOVALS for step in steps):
+                raise
+            raw = self._fcall("apply_oom", self.keys + self.companions, args, packed_tail)
+        failed = int(raw[5]) if raw[5] else None
+        return Reply(raw[0].decode(), raw[1], raw[2], int(raw[3]) if raw[3] else None, raw[4], list(raw[7:]),
+                     failed, raw[6].split())  # fmt: skip
 
     def version(self) -> tuple[bytes, bytes]:
         """HMGET of the version stamp and incarnation: the O(1) freshness check."""

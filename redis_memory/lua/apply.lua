@@ -1,46 +1,62 @@
 --[[
-apply: applies one operation to a memory, atomically.
+apply: applies operations to a memory, in order and atomically: one or a
+batch of them, all or none (every check runs before the first write; a
+script is not rolled back).
 
 KEYS[1]  the memory's hash
 KEYS[2]  its writer index (a sorted set of writers by last write)
 KEYS[3+] keys that share the memory's expiry (a session's participant set)
 
 ARGV[1]  writer id
-ARGV[2]  seq: the operation's number for this writer (a repeat answers 'dup')
-ARGV[3]  the operation's token, unique to it: the new version's token, the
-         birth of the nodes it creates, the incarnation if it creates the memory
-ARGV[4]  expected incarnation ('*' for any)
-ARGV[5]  op name (see the handlers below and ops.py)
-ARGV[6]  nid: the node it changes ('0' is the root dict)
-ARGV[7]  expiry in ms (0: none)
-ARGV[8]  author (may be empty)
-ARGV[9]  the birth of node nid as the client knows it (checked unless nid is '0')
-ARGV[10] the number of arguments that follow for the removal plan, or -1 for
-         the script to read the plan from the hash itself (O(size)); per node
-         the op may remove: nid, change count, key count, keys (change count -1
-         for a node whose header is corrupt, with all its entry fields)
-then     the op's own arguments (see ops.py)
+ARGV[2]  expected incarnation ('*' for any)
+ARGV[3]  expiry in ms (0: none)
+ARGV[4]  author (may be empty)
+ARGV[5]  the number of operations; then, for each:
+  seq      its number for this writer, one more than the one before (a
+           call whose first seq was applied already answers 'dup')
+  token    unique to it: the birth of the nodes it creates, the version's
+           token if it is the last, the incarnation if it creates the memory
+  name     see the handlers below and ops.py
+  nid      the node it changes ('0' is the root dict)
+  birth    the birth of node nid as the client knows it (checked unless '0')
+  created  a count, then the ids the client gave the nodes it creates, in the
+           order it creates them: later operations of the call may name them
+           (provisional ids, see queue.py), and get the ids the server gave
+  plan     the number of arguments that follow for the removal plan, or -1
+           for the script to read the plan from the hash itself (O(size));
+           per node the op may remove: nid, change count, key count, keys
+           (change count -1 for a node whose header is corrupt, with all its
+           entry fields)
+  args     the op's own arguments (see ops.py)
 
-Replies: {status, version stamp after, incarnation, result (the first new
-node id, or ''), version stamp before, what a delete removed...}. Status:
-ok, same (nothing to change), dup, gone (memory or node replaced), stale
-(what it removes changed), missing, index, exists (setdefault), or corrupt
-with the key, the field ('' for a key of another type) and why: malformed
-stored data, met before anything is written.
+Replies: {status, version stamp after, incarnation, result, version stamp
+before, the number of the operation refused ('' if none), per-operation
+results, what a delete removed...}. Status: ok, same (nothing to change),
+dup, gone (memory or node replaced), stale (what it removes changed),
+missing, index, exists (setdefault), or corrupt with the key, the field (''
+for a key of another type) and why: malformed stored data, met before
+anything is written. Result: the id of the first node the call created ('').
+Per-operation results, for a batch: one word per operation, the id of the
+first node it created, '-' for none, or 'x' for a setdefault that found its
+key (which the rest of the batch goes on without). Only a single operation
+answers what its delete removed.
 
-An applied change is published on the memory's change channel (see
-feed.py for the message). Every check runs before the first write.
+An applied call publishes its changes on the memory's change channel, one
+line per operation (see feed.py for a line).
 ]]
 -- @include fields
 
 local A, pos                           -- ARGV, and the cursor of arg()
-local writer, seq, token, nid, op
+local writer, seq, token, nid, op      -- the call's writer; the operation being applied
 local incarnation, version, counter, creating
 local before, stamp_now
 local h                                -- the header of node nid
 local known, known_mod                 -- the removal plan
 local checked, dropped                 -- nodes can_drop/drop have seen
-local first_nid, damage, damage_why
+local first_nid, op_first, damage, damage_why
+local realid                           -- client's id of a node created in this call -> the server's
+local created_ids, created_pos         -- the ids the client gave the operation's new nodes
+local headers, dirty                   -- parsed headers by nid; the nids whose header changed, in order
 local kept_raw                         -- what each kept child of a list replace held
 local extra                            -- what a delete removed
 -- What the change event says beyond the op: the dict keys it changed, or
@@ -52,14 +68,17 @@ local function arg()
   return A[pos - 1]
 end
 
-local function reply(status, result, ...)
-  return {status, stamp_now, incarnation or '', result or '', before, ...}
+-- The server's id of node n (n itself unless created earlier in this call).
+local function mapped(n) return realid[n] or n end
+
+local function reply(status, result, failed, per_op, ...)
+  return {status, stamp_now, incarnation or '', result or '', before, failed or '', per_op or '', ...}
 end
 
 -- Malformed stored data is answered with the key and field, for the client
 -- to raise CorruptData; never met by a Lua error.
 local function corrupt(field, why, key)
-  return reply('corrupt', '', key or K, field, why)
+  return reply('corrupt', '', '', '', key or K, field, why)
 end
 
 -- Corrupt data met while applying is answered after the op: every write
@@ -76,6 +95,8 @@ local function read_header(n)
   local raw = hget(hfield(n))
   if not raw and creating and n == '0' then raw = 'd 0 1 0' end
   if not raw then return nil end
+  -- Parsed once per call: operations change the table, written back once at the end.
+  if headers[n] then return headers[n] end
   local kind, a, b, c, rest = string.match(raw, '^([lds]) (%-?%d+) (%-?%d+) (%-?%d+)(.*)$')
   local birth = ''
   if kind and rest ~= '' then
@@ -85,12 +106,24 @@ local function read_header(n)
   if not kind then return nil, true end
   a, b = tonumber(a), tonumber(b)
   if kind == 'l' and b < a then return nil, true end
-  return {kind = kind, a = a, b = b, c = tonumber(c), birth = birth}
+  headers[n] = {kind = kind, a = a, b = b, c = tonumber(c), birth = birth}
+  return headers[n]
 end
 
-local function write_header(n, hd)
-  local birth = hd.birth ~= '' and ' ' or ''
-  put(hfield(n), string.format('%s %d %d %d%s%s', hd.kind, hd.a, hd.b, hd.c, birth, hd.birth))
+-- Node n's header (the table read_header gave) changed: written at the end.
+local function header_changed(n)
+  if not dirty[n] then dirty[n] = true; dirty[#dirty + 1] = n end
+end
+
+local function write_headers()
+  for _, n in ipairs(dirty) do
+    local f, hd = hfield(n), headers[n]
+    -- Not for a node a later operation of the call removed.
+    if hget(f) or (creating and n == '0') then
+      local birth = hd.birth ~= '' and ' ' or ''
+      hset(f, string.format('%s %d %d %d', hd.kind, hd.a, hd.b, hd.c) .. birth .. hd.birth)
+    end
+  end
 end
 
 -- A list cannot hold more slots than the hash has fields: a header that
@@ -117,10 +150,11 @@ end
 -- be stale. A count of -1 asks the script to read the plan from the hash
 -- itself (HGETALL, O(size)): for a client whose view keeps losing the race
 -- against busy writers, or cannot decode what it removes.
+local NO_PLAN = {}  -- shared by operations with an empty plan: never written
 local function read_plan()
+  local nplan = tonumber(arg())
+  if nplan == 0 then known, known_mod = NO_PLAN, NO_PLAN; return end
   known, known_mod = {}, {}
-  local nplan = tonumber(A[10])
-  pos = 11
   if nplan < 0 then
     local all = redis.call('HGETALL', K)
     for i = 1, #all, 2 do
@@ -153,7 +187,7 @@ local function read_plan()
   end
   local drops_end = pos + nplan
   while pos < drops_end do
-    local dn, mod, cnt = A[pos], tonumber(A[pos + 1]), tonumber(A[pos + 2])
+    local dn, mod, cnt = mapped(A[pos]), tonumber(A[pos + 1]), tonumber(A[pos + 2])
     local keys = {}
     for j = 1, cnt do keys[j] = A[pos + 2 + j] end
     known[dn], known_mod[dn] = keys, mod
@@ -182,6 +216,7 @@ end
 local function can_drop(p, own)
   if not is_ref(p) or is_whole(p) then return true end
   local n = string.sub(p, 2)
+  checked = checked or {}
   if checked[n] or (not own and (n == '0' or n == nid)) then return true end
   checked[n] = true
   local hd, bad = read_header(n)
@@ -215,6 +250,7 @@ end
 local function drop(p)
   if not is_ref(p) or is_whole(p) then return end
   local n = string.sub(p, 2)
+  dropped = dropped or {}
   if dropped[n] or n == '0' or n == nid then return end
   dropped[n] = true
   local hd, bad = read_header(n)
@@ -247,13 +283,16 @@ local function build()
   local t = arg()
   if t == 's' then return arg() end
   if t == 'r' then
-    local n = arg()
-    return kept_raw[n] or (string.char(REF) .. n)
+    local n = mapped(arg())
+    return (kept_raw and kept_raw[n]) or (string.char(REF) .. n)
   end
   if not counter then damaged('c', 'not a node counter'); counter = 0 end
   counter = counter + 1
   first_nid = first_nid or counter
+  op_first = op_first or counter
   local n = fmt(counter)
+  created_pos = created_pos + 1
+  if created_ids[created_pos] then realid[created_ids[created_pos]] = n end
   -- An id in use means the counter went back (damaged): never merge into that node.
   if hget(hfield(n)) then damaged('c', 'node id ' .. n .. ' is in use') end
   if t == 'f' then return string.char(REF) .. n .. '=' .. arg() end
@@ -286,6 +325,11 @@ end
 -- deletes move an item a slot or a few). A message stored whole that others
 -- gave fields of its own since is the same node under its reference.
 local function locate(slot, seen)
+  -- An item made earlier in this call is named by the client's id.
+  if string.byte(seen, 1) == REF then
+    local n, rest = string.match(seen, '^.([^=]*)(.*)$')
+    if realid[n] then seen = string.char(REF) .. realid[n] .. rest end
+  end
   local promoted = string.byte(seen, 1) == REF and string.match(seen, '^(.[^=]+)=') or nil
   local function holds(s)
     if seen == '' then return true end
@@ -301,6 +345,9 @@ local function locate(slot, seen)
   return nil
 end
 
+-- (Strings that may hold any byte are joined with '..': this Lua's
+-- string.format('%s') stops at a zero byte.)
+
 -- The operations. Each checks what it depends on and returns a reply to
 -- refuse, or nothing once it has made its changes (in the cache).
 local OPS = {}
@@ -315,7 +362,7 @@ local function dict_set(setdefault)
       -- What is there, and its birth if it is a node (for what was queued for the default).
       local p = dict_payload(raw)
       local there = is_ref(p) and read_header(string.sub(p, 2))
-      return reply('exists', '', p, there and there.birth or '')
+      return reply('exists', '', '', '', p, there and there.birth or '')
     end
     if raw and not can_drop(dict_payload(raw)) then return reply('stale') end
   end
@@ -331,10 +378,13 @@ local function dict_set(setdefault)
     else
       s = fmt(h.b); h.b = h.b + 1; h.a = h.a + 1
     end
-    local was = ntouched
+    local was = changes
     hset(f, s .. ':' .. build())
     -- Only keys whose entry changed are named in the change event.
-    if ntouched > was then event_keys[#event_keys + 1] = keys[i] end
+    if changes > was then
+      event_keys = event_keys or {}
+      event_keys[#event_keys + 1] = keys[i]
+    end
   end
 end
 OPS.dset = function() return dict_set(false) end
@@ -353,6 +403,7 @@ OPS.ddel = function()
   for i = 1, count do
     local f = efield(nid, keys[i])
     local p = dict_payload(hget(f))
+    extra = extra or {}
     extra[#extra + 1] = p
     drop(p); hdel(f); h.a = h.a - 1
   end
@@ -383,7 +434,7 @@ OPS.lappend = function()
   end
   h.a = h.a + trim
   event_index, event_count, event_trim = fmt(h.b - h.a), fmt(count), fmt(trim)
-  for _ = 1, count do put(string.format('e%s:%d', nid, h.b), build()); h.b = h.b + 1 end
+  for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
 end
 
 OPS.linsert = function()
@@ -421,7 +472,7 @@ local function list_set_or_delete(deleting)
   local old = hget(f) or ''
   if not can_drop(old) then return reply('stale') end
   drop(old)
-  extra[1] = old
+  extra = {old}
   if not deleting then
     hset(f, build())
   elseif slot - h.a < h.b - 1 - slot then
@@ -440,7 +491,8 @@ OPS.lreplace = function()
   if tonumber(arg()) ~= h.c then return reply('stale') end
   local nkept = tonumber(arg())
   local kept, seen = {}, {}
-  for _ = 1, nkept do kept[arg()] = true end
+  kept_raw = {}
+  for _ = 1, nkept do kept[mapped(arg())] = true end
   local function kept_child(raw) return is_ref(raw) and kept[ref_nid(raw)] and ref_nid(raw) end
   for s = h.a, h.b - 1 do
     local raw = hget(efield(nid, fmt(s))) or ''
@@ -490,7 +542,7 @@ OPS.promote = function()
   -- Nothing to do if it already has them; 'gone' if it is no longer here.
   -- A dict stored whole never changes, so the client names it by its id and
   -- its stored bytes: after a rollback the same id may be another message.
-  local x, slot = arg(), tonumber(arg())
+  local x, slot = mapped(arg()), tonumber(arg())
   local whole = string.char(REF) .. x .. '=' .. arg()
   if read_header(x) then return end
   local function holds(s)
@@ -529,15 +581,58 @@ local function refresh_ttl(keys, ttl)
   end
 end
 
+-- Applies the next operation of the call (its arguments start at pos):
+-- nothing, or a reply refusing it.
+local function apply_one(events)
+  seq, token, op, nid = tonumber(arg()), arg(), arg(), arg()
+  local birth = arg()
+  created_ids, created_pos = {}, 0
+  for i = 1, tonumber(arg()) do created_ids[i] = arg() end
+  nid = mapped(nid)
+  checked, dropped, kept_raw, extra = nil, nil, nil, nil
+  event_keys, event_index, event_count, event_trim = nil, '', '', ''
+  op_first = nil
+  read_plan()
+  local bad
+  h, bad = read_header(nid)
+  if bad then return corrupt(hfield(nid), 'not a node header') end
+  if not h or (nid ~= '0' and h.birth ~= birth) then return reply('gone') end
+  local want = string.sub(op, 1, 1)
+  if want ~= 'd' and want ~= 's' then want = 'l' end
+  if h.kind ~= want then return reply('gone') end
+  local handler = OPS[op]
+  if not handler then return redis.error_reply('redis_memory: unknown operation ' .. op) end
+  local was = changes
+  local refused = handler()
+  if refused then return refused end
+  if changes == was then return end
+  -- A promotion changes how an item is stored, not what the list holds:
+  -- the list's change count (which a list replace checks) stays.
+  if op ~= 'promote' then
+    h.c = h.c + 1
+    header_changed(nid)
+  end
+  local keys = ''
+  if event_keys then
+    local parts = {''}
+    for _, k in ipairs(event_keys) do parts[#parts + 1] = #k .. ':' .. k end
+    keys = table.concat(parts, ' ')
+  end
+  events[#events + 1] = table.concat({writer, op, nid, incarnation, event_index, event_count, event_trim}, ' ')
+  events[#events + 1] = keys
+end
+
 local function apply(KEYS, ARGV)
   begin(KEYS[1])
-  A, pos = ARGV, 11
-  writer, seq, token, op, nid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[5], ARGV[6]
-  checked, dropped, kept_raw, extra = {}, {}, {}, {}
+  A, pos = ARGV, 6
+  writer = ARGV[1]
+  local nops = tonumber(ARGV[5])
+  realid, headers, dirty = {}, {}, {}
   first_nid, damage, damage_why = nil, nil, nil
-  event_keys, event_index, event_count, event_trim = {}, '', '', ''
-  local wfield, hnid = 'w' .. writer, hfield(nid)
-  -- The header of the node changed comes with the memory's own fields.
+  local wfield = 'w' .. writer
+  local first_seq, first_token, first_nid_arg = tonumber(ARGV[6]), ARGV[7], ARGV[9]
+  local hnid = hfield(first_nid_arg)
+  -- The header of the node first changed comes with the memory's own fields.
   local meta = redis.call('HMGET', K, 'i', 'v', 'c', wfield, hnid)
   cache[hnid] = meta[5] or false
   -- The version is '<count> <token of the operation that made it>': a server
@@ -551,18 +646,18 @@ local function apply(KEYS, ARGV)
   local stamp = 0
   if incarnation and meta[4] then
     local lseq, lstamp, lres = string.match(meta[4], '^(%d+) (%d+) (%d*)$')
-    if lseq and tonumber(lseq) >= seq then return reply('dup', lres) end
+    if lseq and tonumber(lseq) >= first_seq then return reply('dup', lres, '', '') end
     stamp = tonumber(lstamp or '0')
   end
-  if ARGV[4] ~= '*' and ARGV[4] ~= (incarnation or '') then return reply('gone') end
-  -- A memory that does not exist yet is created by this operation's final
+  if ARGV[2] ~= '*' and ARGV[2] ~= (incarnation or '') then return reply('gone', '', '1', '') end
+  -- A memory that does not exist yet is created by this call's final
   -- write, never before everything is checked.
   creating = not incarnation
   if creating then
     -- Fields without an incarnation are a damaged memory, not a new one:
     -- creating over them would mix old nodes with new ones.
     if redis.call('EXISTS', K) == 1 then return corrupt('i', 'a memory with fields but no incarnation') end
-    incarnation = token
+    incarnation = first_token
     version, counter = 0, 0
   end
   -- The writer index is touched once a minute per writer (below); a key of
@@ -577,31 +672,31 @@ local function apply(KEYS, ARGV)
       return corrupt('', 'holds another kind of Redis value than redis_memory keeps there', KEYS[2])
     end
   end
-  read_plan()
 
-  local bad
-  h, bad = read_header(nid)
-  if bad then return corrupt(hfield(nid), 'not a node header') end
-  if not h or (nid ~= '0' and h.birth ~= ARGV[9]) then return reply('gone') end
-  local want = string.sub(op, 1, 1)
-  if want ~= 'd' and want ~= 's' then want = 'l' end
-  if h.kind ~= want then return reply('gone') end
-  local handler = OPS[op]
-  if not handler then return redis.error_reply('redis_memory: unknown operation ' .. op) end
-  local refused = handler()
-  if refused then return refused end
+  local events, results, last_token = {}, {}, first_token
+  for i = 1, nops do
+    local refused = apply_one(events)
+    if refused then
+      if nops == 1 or refused[1] ~= 'exists' then
+        refused[6] = fmt(i)
+        return refused
+      end
+      results[i] = 'x'  -- a setdefault that found its key: the rest goes on
+    else
+      results[i] = op_first and fmt(op_first) or '-'
+    end
+    last_token = token
+  end
   if damage then return corrupt(damage, damage_why) end
+  write_headers()
 
-  local ttl = tonumber(ARGV[7])
-  if ntouched == 0 then refresh_ttl(KEYS, ttl); return reply('same') end
-  -- A promotion changes how an item is stored, not what the list holds:
-  -- the list's change count (which a list replace checks) stays.
-  if op ~= 'promote' then
-    h.c = h.c + 1
-    write_header(nid, h)
+  local ttl = tonumber(ARGV[3])
+  if changes == 0 then
+    refresh_ttl(KEYS, ttl)
+    return reply('same', '', '', nops > 1 and table.concat(results, ' ') or '')
   end
   version = version + 1
-  stamp_now = string.format('%d %s', version, token)
+  stamp_now = fmt(version) .. ' ' .. last_token
   -- The journal entry: the stamp, then '<length>:<field>' for each field changed.
   local parts = {stamp_now, ' *'}
   if ntouched <= TOUCH_LIMIT then
@@ -636,15 +731,13 @@ local function apply(KEYS, ARGV)
   if creating then note('i', incarnation) end
   flush()
   refresh_ttl(KEYS, ttl)
-  local author = ARGV[8]
-  local event = string.format('%d %s %s %s %s %s %s %s %s %d:%s', version, now_ms, writer, op, nid, incarnation,
-    event_index, event_count, event_trim, #author, author)
-  if event_keys[1] then
-    local parts = {event}
-    for _, k in ipairs(event_keys) do parts[#parts + 1] = string.format('%d:%s', #k, k) end
-    event = table.concat(parts, ' ')
-  end
+  -- Each line: '<version> <ms> ' then what apply_one wrote, and the author.
+  local author = ARGV[4]
+  local head, tail = fmt(version) .. ' ' .. now_ms .. ' ', ' ' .. #author .. ':' .. author
+  local lines = {}
+  for i = 1, #events, 2 do lines[#lines + 1] = head .. events[i] .. tail .. events[i + 1] end
   -- pcall: a user whose ACL forbids the channel still writes (without events).
-  redis.pcall('PUBLISH', K .. '@FEED_SUFFIX@', event)
-  return reply('ok', result, unpack(extra))
+  redis.pcall('PUBLISH', K .. '@FEED_SUFFIX@', table.concat(lines, '\n'))
+  if nops > 1 then return reply('ok', result, '', table.concat(results, ' ')) end
+  return reply('ok', result, '', '', unpack(extra or {}))
 end

@@ -17,20 +17,25 @@ local TOUCH_LIMIT = @TOUCH_LIMIT@
 
 local K                      -- the memory's hash
 local cache                  -- field -> value, false for absent
-local touched, ntouched      -- the fields this call changed (for the journal)
-local doomed, dellist        -- fields to delete, in order
-local setlist, setting       -- existing fields to overwrite, in order
-local writes                 -- field, value, ... for the final HSET
+local touched, ntouched      -- the fields this call changed, once each (for the journal)
+local touched_set
+local changes                -- every change made, counted (how an operation knows it did something)
+local dellist, deleting      -- fields that may need deleting, in order
+local setlist, setting       -- fields to write, in order
+local writes                 -- bookkeeping: field, value, ... for the final HSET
 
 local function begin(key)
   K = key
-  cache, touched, ntouched = {}, {}, 0
-  doomed, dellist, setlist, setting, writes = {}, {}, {}, {}, {}
+  cache, touched, ntouched, touched_set, changes = {}, {}, 0, {}, 0
+  dellist, deleting, setlist, setting, writes = {}, {}, {}, {}, {}
 end
 
 local function fmt(n) return string.format('%d', n) end
 
 local function touch(f)
+  changes = changes + 1
+  if touched_set[f] then return end
+  touched_set[f] = true
   ntouched = ntouched + 1
   if ntouched <= TOUCH_LIMIT then touched[ntouched] = f end
 end
@@ -44,30 +49,24 @@ local function hget(f)
   return v or nil
 end
 
+-- A field that cannot exist yet (a new node, a new slot) or a header: no
+-- read first.
+local function put(f, v)
+  cache[f] = v
+  if not setting[f] then setting[f] = true; setlist[#setlist + 1] = f end
+  touch(f)
+end
+
 local function hset(f, v)
-  if hget(f) ~= v then
-    cache[f] = v
-    doomed[f] = nil
-    if not setting[f] then setting[f] = true; setlist[#setlist + 1] = f end
-    touch(f)
-  end
+  if hget(f) ~= v then put(f, v) end
 end
 
 local function hdel(f)
   if hget(f) then
     cache[f] = false
-    if not doomed[f] then doomed[f] = true; dellist[#dellist + 1] = f end
+    if not deleting[f] then deleting[f] = true; dellist[#dellist + 1] = f end
     touch(f)
   end
-end
-
--- A field that cannot exist yet (a new node, a new slot) or a header: no
--- read first, written by the final HSET.
-local function put(f, v)
-  writes[#writes + 1] = f
-  writes[#writes + 1] = v
-  cache[f] = v
-  touch(f)
 end
 
 -- Bookkeeping written with the rest, not named in the journal.
@@ -76,11 +75,13 @@ local function note(f, v)
   writes[#writes + 1] = v
 end
 
--- Sends what the call changed: one HDEL of the deletions, then one HSET.
+-- Sends what the call changed, as it stands at the end (a field written
+-- then deleted by a later operation of the same call is deleted): one HDEL,
+-- then one HSET.
 local function flush()
   local dels = {}
   for _, f in ipairs(dellist) do
-    if doomed[f] then dels[#dels + 1] = f end
+    if cache[f] == false then dels[#dels + 1] = f end
   end
   for start = 1, #dels, 1000 do
     redis.call('HDEL', K, unpack(dels, start, math.min(start + 999, #dels)))
