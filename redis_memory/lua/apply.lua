@@ -158,6 +158,7 @@ end
 -- itself (HGETALL, O(size)): for a client whose view keeps losing the race
 -- against busy writers, or cannot decode what it removes.
 local NO_PLAN = {}  -- shared by operations with an empty plan: never written
+local NONE = {}     -- shared, never written: no ids given, no ids mapped (a single operation)
 local function read_plan()
   local nplan = tonumber(arg())
   if nplan == 0 then known, known_mod = NO_PLAN, NO_PLAN; return end
@@ -308,7 +309,10 @@ local function build()
   op_first = op_first or counter
   local n = fmt(counter)
   created_pos = created_pos + 1
-  if created_ids[created_pos] then realid[created_ids[created_pos]] = n end
+  if created_ids[created_pos] then
+    if realid == NONE then realid = {} end
+    realid[created_ids[created_pos]] = n
+  end
   -- An id in use means the counter went back (damaged): never merge into that node.
   if hget(hfield(n)) then damaged('c', 'node id ' .. n .. ' is in use') end
   if t == 'f' then return string.char(REF) .. n .. '=' .. arg() end
@@ -378,7 +382,7 @@ local function dict_set(setdefault)
       -- What is there, and its birth if it is a node (for what was queued for the default).
       local p = dict_payload(raw)
       local there = is_ref(p) and read_header(string.sub(p, 2))
-      if there and created_ids[1] then
+      if there and created_ids[1] and nops > 1 then
         -- The container the client made for the default (the first it
         -- created) is this one for the rest of the call.
         realid[created_ids[1]] = string.sub(p, 2)
@@ -570,7 +574,7 @@ OPS.promote = function()
     -- Another writer promoted it first: the client, which promoted it here,
     -- knows it by this operation's token; later operations of the call on it
     -- mean the node there.
-    known_as[x] = token
+    if nops > 1 then known_as[x] = token end
     return
   end
   local function holds(s)
@@ -660,8 +664,12 @@ end
 local function apply_one(events, applied)
   seq, token, op, nid = tonumber(arg()), arg(), arg(), arg()
   local birth = arg()
-  created_ids, created_pos = {}, 0
-  for i = 1, tonumber(arg()) do created_ids[i] = arg() end
+  local ncreated = tonumber(arg())
+  created_ids, created_pos = NONE, 0
+  if ncreated > 0 then
+    created_ids = {}
+    for i = 1, ncreated do created_ids[i] = arg() end
+  end
   nid = mapped(nid)
   checked, dropped, kept_raw, extra = nil, nil, nil, nil
   event_keys, event_index, event_count, event_trim = nil, '', '', ''
@@ -679,7 +687,10 @@ local function apply(KEYS, ARGV)
   A, pos = ARGV, 6
   writer = ARGV[1]
   nops = tonumber(ARGV[5])
-  realid, known_as, headers, dirty = {}, {}, {}, {}
+  -- A single operation creates nodes under no ids of the client's and
+  -- knows every node by its birth: nothing to map.
+  if nops == 1 then realid, known_as = NONE, NONE else realid, known_as = {}, {} end
+  headers, dirty = {}, {}
   first_nid, damage, damage_why = nil, nil, nil
   local wfield = 'w' .. writer
   local first_seq, first_token, first_nid_arg = tonumber(ARGV[6]), ARGV[7], ARGV[9]
@@ -799,8 +810,9 @@ local function apply(KEYS, ARGV)
   local head, tail = fmt(version) .. ' ' .. now_ms .. ' ', ' ' .. #author .. ':' .. author
   local lines = {}
   for i = 1, #events, 2 do lines[#lines + 1] = head .. events[i] .. tail .. events[i + 1] end
+  if #lines == 1 then lines = lines[1] else lines = table.concat(lines, '\n') end
   -- pcall: a user whose ACL forbids the channel still writes (without events).
-  redis.pcall('PUBLISH', K .. '@FEED_SUFFIX@', table.concat(lines, '\n'))
+  redis.pcall('PUBLISH', K .. '@FEED_SUFFIX@', lines)
   if nops > 1 then return reply('ok', result, '', table.concat(results, ' ')) end
   return reply('ok', result, '', '', unpack(extra or {}))
 end

@@ -27,7 +27,7 @@ local writes                 -- bookkeeping: field, value, ... for the final HSE
 local function begin(key)
   K = key
   cache, touched, ntouched, touched_set, changes = {}, {}, 0, {}, 0
-  dellist, deleting, setlist, setting, writes = {}, {}, {}, {}, {}
+  dellist, deleting, setlist, setting, writes = nil, nil, {}, {}, {}  -- dellist made by the first hdel
 end
 
 local function fmt(n) return string.format('%d', n) end
@@ -64,6 +64,7 @@ end
 local function hdel(f)
   if hget(f) then
     cache[f] = false
+    if not dellist then dellist, deleting = {}, {} end
     if not deleting[f] then deleting[f] = true; dellist[#dellist + 1] = f end
     touch(f)
   end
@@ -79,12 +80,14 @@ end
 -- then deleted by a later operation of the same call is deleted): one HDEL,
 -- then one HSET.
 local function flush()
-  local dels = {}
-  for _, f in ipairs(dellist) do
-    if cache[f] == false then dels[#dels + 1] = f end
-  end
-  for start = 1, #dels, 1000 do
-    redis.call('HDEL', K, unpack(dels, start, math.min(start + 999, #dels)))
+  if dellist then
+    local dels = {}
+    for _, f in ipairs(dellist) do
+      if cache[f] == false then dels[#dels + 1] = f end
+    end
+    for start = 1, #dels, 1000 do
+      redis.call('HDEL', K, unpack(dels, start, math.min(start + 999, #dels)))
+    end
   end
   for _, f in ipairs(setlist) do
     if cache[f] then writes[#writes + 1] = f; writes[#writes + 1] = cache[f] end
