@@ -203,6 +203,50 @@ def server_time(client: redis.Redis, rounds: int = 9, per_round: int = 200) -> t
     return statistics.median(samples["append"]), statistics.median(samples["set"]), statistics.median(samples["hset"])
 
 
+CONTENDED_SCRIPT = """
+import json, sys, time
+import redis
+from redis_memory import ConversationMemory
+url, mode, worker, count, start_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+client = redis.Redis.from_url(url)
+mem = ConversationMemory("contended", client=client)
+mem.messages  # loaded before the clock starts
+while time.time() < start_at:
+    time.sleep(0.001)
+begin = time.perf_counter()
+for i in range(count):
+    item = {"role": "user", "content": f"{worker}:{i}"}
+    if mode == "raw":
+        client.rpush("raw-contended", json.dumps(item))
+    else:
+        mem.messages.append(item)
+print(time.perf_counter() - begin)
+"""
+
+
+def contended(url: str, processes: int = 8, count: int = 300) -> tuple[float, int, int]:
+    """Aggregate appends per second of ``processes`` processes on one conversation, over the same with raw RPUSH.
+
+    Also the appends lost and duplicated (both must be 0).
+    """
+    client = redis.Redis.from_url(url)
+    ConversationMemory("contended", client=client).messages = []
+    rates = {}
+    for mode in ("raw", "lib"):
+        start_at = time.time() + 2.0
+        command = [sys.executable, "-c", CONTENDED_SCRIPT, url, mode]
+        workers = [
+            subprocess.Popen([*command, str(n), str(count), str(start_at)], stdout=subprocess.PIPE, text=True)
+            for n in range(processes)
+        ]
+        seconds = [float(worker.communicate(timeout=300)[0]) for worker in workers]
+        rates[mode] = processes * count / max(seconds)
+    stored = [f"{m['content']}" for m in ConversationMemory("contended", client=client).messages]
+    expected = {f"{n}:{i}" for n in range(processes) for i in range(count)}
+    lost, duplicated = len(expected - set(stored)), len(stored) - len(set(stored))
+    return rates["lib"] / rates["raw"], lost, duplicated
+
+
 def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     client = redis.Redis.from_url(url)
     client.flushall()
@@ -301,6 +345,10 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     append_us, set_us, hset_us = server_time(client)
     rows.append((f"apply function, server time per plain append (an HSET: {hset_us:.1f} us)", append_us, "<= 12 us"))
     rows.append(("apply function, server time per scalar attribute set", set_us, "<= 12 us"))
+
+    ratio, lost, duplicated = contended(url)
+    label = f"8 processes appending to one conversation ({lost} lost, {duplicated} duplicated) / 8 doing RPUSH"
+    rows.append((label, ratio, ">= 0.5"))
 
     rows.append(listing_row(client))
 
