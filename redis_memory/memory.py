@@ -99,6 +99,8 @@ class MemoryCore:
         #: A core shared by memory objects (see :class:`SharedCores`): those open on it.
         self.shared = shared
         self.holders: weakref.WeakSet[Memory] = weakref.WeakSet()
+        self.closing = False  # its last holder is closing it (see SharedCores)
+        self.lost = False  # closed with queued changes it could not send
         _live_cores.add(self)
         self.link.attach(self)
         self.adopt()
@@ -114,9 +116,22 @@ class MemoryCore:
                 self.outbox.entries.extend(adopted)
                 self.link.wait_for(self)
 
+    def reusable(self) -> bool:
+        """Whether a closed core may be opened again: its replica holds nothing Redis may lack, no spool."""
+        return not self.lost and not self.replica.speculative and self.outbox.spool is None
+
+    def held(self) -> bool:
+        """Whether a memory object holds this core (one being collected does not: iterating skips it)."""
+        return any(True for _ in self.holders)
+
+    def let_go(self) -> None:
+        """A memory object holding this core was let go of: with none left, its connection may close."""
+        if not self.held():
+            self.link.release_if_unused()
+
     def in_use(self) -> bool:
         """Open, and (if shared) held by some memory object: it keeps its link's thread and connection."""
-        return not self.closed and (not self.shared or bool(self.holders))
+        return not self.closed and (not self.shared or self.held())
 
     def reopen(self) -> None:
         """A shared core closed by its last memory object is taken again (its replica kept)."""
@@ -193,6 +208,7 @@ class MemoryCore:
                 )
             if outbox.spool is not None:
                 outbox.spool.close(keep=bool(outbox))
+            self.lost = self.lost or bool(outbox)
             outbox.entries.clear()
             self.link.detach(self)
 
@@ -851,8 +867,11 @@ class SharedCores:
     request in a process that served that memory before costs no full load,
     and writer entries grow with processes, not with objects built. Cores
     that no open memory object holds (let go of, or closed) are kept up to
-    :attr:`limit`, then the least recently used is closed and forgotten; a
-    core with changes queued or a spool is never kept closed.
+    :attr:`limit`, then the least recently used is forgotten (a proxy still
+    held on it keeps working through it). A core closed with changes it
+    could not send, or with a spool, is never taken again; nor is one being
+    closed. Taking, holding and letting go happen under one lock, so a core
+    is never closed under a memory object that has just taken it.
     """
 
     def __init__(self, limit: int) -> None:
@@ -860,45 +879,60 @@ class SharedCores:
         self.lock = threading.Lock()
         self.cores: OrderedDict[tuple[Any, ...], MemoryCore] = OrderedDict()
 
-    def take(self, key: tuple[Any, ...], make: Callable[[], MemoryCore]) -> MemoryCore:
-        """The core for ``key`` (made if there is none), marked most recently used."""
+    def take(self, key: tuple[Any, ...], make: Callable[[], MemoryCore], holder: Memory) -> MemoryCore:
+        """The core for ``key`` (made if there is none), held by ``holder``, marked most recently used."""
         with self.lock:
             core = self.cores.pop(key, None)
-            if core is not None and core.closed and (core.outbox or core.outbox.spool is not None):
-                core = None  # closed with what only a fresh core may take up
+            if core is not None and (core.closing or (core.closed and not core.reusable())):
+                core = None  # a fresh core takes up what that one leaves
             if core is None:
                 core = make()
+            core.holders.add(holder)
             self.cores[key] = core
-            evicted = self._trim(keep=core)
+            self._trim()
+        weakref.finalize(holder, core.let_go)
         core.reopen()
         core.adopt()  # a process that ended since this core was made may have left a queue
-        for old in evicted:
-            old.close(0)
         return core
 
-    def _trim(self, keep: MemoryCore | None = None) -> list[MemoryCore]:
-        """Forget the least recently used cores no memory object holds, beyond the limit (with the lock).
+    def release(self, core: MemoryCore, holder: Memory) -> bool:
+        """``holder`` is closed: True if it was the last memory object holding ``core`` (now closing)."""
+        with self.lock:
+            core.holders.discard(holder)
+            if core.holders or core.closing:
+                return False
+            core.closing = True
+            return True
 
-        Never ``keep``, the core being taken (its memory object holds it in a moment).
-        """
-        idle = [(key, core) for key, core in self.cores.items() if not (core is keep or core.holders or core.outbox)]
-        evicted = []
-        for key, core in idle[: max(0, len(idle) - self.limit)]:
+    def closed(self, core: MemoryCore) -> None:
+        """The last holder closed ``core``: it may be taken again (or, closed unfit for it, it is forgotten)."""
+        with self.lock:
+            core.closing = False
+            if not core.reusable():
+                for key, kept in list(self.cores.items()):
+                    if kept is core:
+                        del self.cores[key]
+            self._trim()
+
+    def _trim(self) -> None:
+        """Forget the least recently used cores no memory object holds, beyond the limit (with the lock)."""
+        idle = [key for key, core in self.cores.items() if not (core.holders or core.outbox or core.closing)]
+        for key in idle[: max(0, len(idle) - self.limit)]:
             del self.cores[key]
-            evicted.append(core)
-        return evicted
 
     def resize(self, limit: int) -> None:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise ValueError(f"the number of memories kept for reuse must be an int >= 0, not {limit!r}")
         with self.lock:
             self.limit = limit
-            evicted = self._trim()
-        for old in evicted:
-            old.close(0)
+            self._trim()
 
     def after_fork(self) -> None:
+        """In a forked child: closed cores keep the parent's writer id, so they are not taken again."""
         self.lock = threading.Lock()
+        for key, core in list(self.cores.items()):
+            if core.closed:
+                del self.cores[key]
 
 
 _shared = SharedCores(256)
@@ -953,6 +987,7 @@ class _Closed:
 
     def __init__(self, core: MemoryCore) -> None:
         self.store, self.name = core.store, core.name
+        self.core = core  # for status(), which still answers
 
     def __getattr__(self, attribute: str) -> Any:
         key = self.store.key
@@ -1018,9 +1053,13 @@ class Memory:
     ) -> None:
         if author is not None and not isinstance(author, str):
             raise TypeError(f"author must be a str, not {type(author).__name__}")
+        if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int of at least 1, not {max_pending!r}")
+        ttl_ms = None if ttl is None else _milliseconds(ttl)  # checked before it keys a shared core
         redis_client = connection.connect(client, url)
         key, companions, bounds = self._rm_own_key(prefix, name), self._rm_companions(prefix, name), self._rm_bounds()
-        options = (max_pending, None if spool is None else os.fspath(spool), ttl, tuple(sorted(bounds.items())), author)
+        spool_dir = None if spool is None else os.fspath(spool)
+        options = (max_pending, spool_dir, ttl_ms, tuple(sorted(bounds.items())), author)
 
         def make() -> MemoryCore:
             store = Store(redis_client, key, companions)
@@ -1028,8 +1067,7 @@ class Memory:
             core.catalog = self._rm_catalog(redis_client, prefix)
             return core
 
-        core = _shared.take((connection.channel(redis_client), key, companions, options), make)
-        core.holders.add(self)
+        core = _shared.take((connection.channel(redis_client), key, companions, options), make, self)
         object.__setattr__(self, "_rm", core)
         object.__setattr__(self, "_rm_feeds", weakref.WeakSet())
 
@@ -1191,9 +1229,11 @@ class Memory:
         for feed in list(self._rm_feeds):
             feed.close()
         object.__setattr__(self, "_rm", _Closed(core))
-        core.holders.discard(self)
-        if not core.holders:  # the last memory object open on it
-            core.close(timeout)
+        if _shared.release(core, self):  # the last memory object open on it
+            try:
+                core.close(timeout)
+            finally:
+                _shared.closed(core)
 
     def __enter__(self) -> Self:
         return self
@@ -1203,7 +1243,7 @@ class Memory:
 
     def status(self) -> queue.Status:
         """Online or offline, operations queued, operations dropped on replay, the last error."""
-        core = self._rm
+        core = self._rm.core if isinstance(self._rm, _Closed) else self._rm
         with core.lock:
             outbox = core.outbox
             error = outbox.last_error or core.link.last_error

@@ -443,6 +443,22 @@ class Link:
             # Not waiting for a probe in progress: the thread closes it then.
             self.channel.close(blocking=False)
 
+    def release_if_unused(self) -> None:
+        """No memory object may use this link any more: close its connection (the next command opens one).
+
+        Called when a memory object is collected, perhaps inside this very
+        thread's hold of the lock: so it never waits for the lock, and
+        leaves the connection to the next check if the lock is busy.
+        """
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            idle = not self._used() and not self.waiting
+        finally:
+            self.lock.release()
+        if idle:
+            self.channel.close(blocking=False)
+
     def failed(self, error: ConnectionFailed) -> None:
         """A command did not reach Redis: go offline (once) and start reconnecting."""
         with self.lock:
