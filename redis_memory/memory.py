@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, cast, overload
 
-import redis
-
 from . import connection, ops, queue
 from .catalog import INDEX_REFRESH, Catalog, Listing
+from .connection import Client
 from .errors import (
     ConcurrentModification,
     ConnectionFailed,
@@ -778,7 +777,7 @@ class Memory:
         self,
         name: str,
         *,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         url: str | None = None,
         prefix: str = "rm",
         max_pending: int = queue.DEFAULT_MAX_PENDING,
@@ -807,7 +806,7 @@ class Memory:
         return ()
 
     @classmethod
-    def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
+    def _rm_catalog(cls, client: Client, prefix: str) -> Catalog | None:
         """The index this kind of memory is listed in."""
         return Catalog(client, prefix, cls._rm_kind, lambda name: cls._rm_key(prefix, name))
 
@@ -817,7 +816,7 @@ class Memory:
         *,
         idle_for: float | None = None,
         limit: int | None = None,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         url: str | None = None,
         prefix: str = "rm",
     ) -> list[str]:
@@ -835,7 +834,7 @@ class Memory:
         idle_for: float,
         *,
         batch: int = 100,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         url: str | None = None,
         prefix: str = "rm",
     ) -> int:
@@ -857,7 +856,7 @@ class Memory:
                 return deleted
 
     @classmethod
-    def _rm_open(cls, name: str, client: redis.Redis, prefix: str) -> Any:
+    def _rm_open(cls, name: str, client: Client, prefix: str) -> Any:
         """The object that owns the stored memory ``name`` (for deleting it whole)."""
         return cls(name, client=client, prefix=prefix)
 
@@ -1014,7 +1013,7 @@ class Memory:
         return connection.health_check(self._rm.store.client)
 
     @classmethod
-    def count(cls, *, client: redis.Redis | None = None, url: str | None = None, prefix: str = "rm") -> int:
+    def count(cls, *, client: Client | None = None, url: str | None = None, prefix: str = "rm") -> int:
         """How many memories of this kind the index lists (ZCARD): O(1). Expired ones leave when listed."""
         catalog = cls._rm_catalog(connection.connect(client, url), prefix)
         return catalog.count() if catalog else 0

@@ -50,7 +50,7 @@ from typing import Any, cast
 
 import redis
 
-from .connection import Channel, channel, resp_command
+from .connection import Channel, Client, channel, resp_command
 from .errors import ConnectionFailed, CorruptData, ServerRefused
 from .ops import Args, Plan
 
@@ -858,7 +858,7 @@ def send(link: Channel, key: str, packed: bytes) -> Any:
     any other refusal: ServerRefused. Each names ``key``.
     """
     try:
-        return link.call_packed(packed)
+        return link.call_packed(packed, key)
     except ConnectionFailed as exc:
         raise ConnectionFailed(f"{exc} (key {key})", key=key) from exc.__cause__
     except redis.exceptions.NoScriptError:
@@ -900,7 +900,7 @@ class Sync:
 class Store:
     """All Redis traffic of one memory: its key, its scripts, its reads."""
 
-    def __init__(self, client: redis.Redis, key: str, companions: tuple[str, ...] = ()) -> None:
+    def __init__(self, client: Client, key: str, companions: tuple[str, ...] = ()) -> None:
         self.client = client
         self.key = key
         self.writers_key = key + ":w"

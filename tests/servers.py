@@ -7,11 +7,13 @@ error, never a skip: the real servers are not optional.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -24,14 +26,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above it, at most 65535) is free too."""
+    while True:
+        port = random.randint(20000, 45000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+
+
 class RedisServer:
     """A redis-server (or valkey-server) process on a loopback port."""
 
-    def __init__(self, binary: str, directory: Path, *extra: str) -> None:
+    def __init__(self, binary: str, directory: Path, *extra: str, port: int | None = None) -> None:
         self.binary = binary
         self.directory = directory
         self.extra = extra
-        self.port = free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,3 +115,128 @@ class EmbeddedServer:
 
     def stop(self) -> None:
         connection.stop_embedded(self.directory)
+
+
+class ClusterServer:
+    """A Redis Cluster on loopback: three masters and three replicas, each a redis-server process.
+
+    Node timeout :data:`NODE_TIMEOUT_MS`, so that a killed master is replaced
+    within a few seconds. Each node keeps its ``nodes.conf`` in its own
+    directory: a node killed and started again rejoins the cluster (as a
+    replica of the master that replaced it).
+    """
+
+    NODE_TIMEOUT_MS = 1000
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        self.directory = directory
+        self.nodes = [
+            RedisServer(
+                redis_binary(), directory / f"node{i}", "--cluster-enabled", "yes",
+                "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS), "--cluster-config-file", "nodes.conf",
+                port=free_cluster_port(),
+            )
+            for i in range(2 * masters)
+        ]  # fmt: skip
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        self.wait_healthy()
+
+    @property
+    def url(self) -> str:
+        """The URL of one node (any node leads to the whole cluster)."""
+        return self.nodes[0].url
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    def client(self, **options: object) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, **options)  # type: ignore[arg-type]
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def roles(self) -> dict[int, str]:
+        """Each live node's role ("master" or "slave"), by port."""
+        found = {}
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                found[node.port] = redis.Redis(port=node.port, socket_timeout=2).info("replication")["role"]
+        return found
+
+    def master_of(self, key: str) -> int:
+        """The port of the master that serves ``key`` now."""
+        probe = redis.Redis(port=self.alive()[0].port, socket_timeout=2)
+        slot = int(probe.execute_command("CLUSTER", "KEYSLOT", key))
+        for start, end, master, *_ in probe.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def alive(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None and node.process.poll() is None]
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Until every node runs, sees the cluster state ok, and every master has a replica in sync."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._healthy():
+                    return
+            except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not become healthy")
+            time.sleep(0.1)
+
+    def _healthy(self) -> bool:
+        if len(self.alive()) != len(self.nodes):
+            return False
+        masters = 0
+        for node in self.nodes:
+            probe = redis.Redis(port=node.port, socket_timeout=2)
+            if b"cluster_state:ok" not in probe.execute_command("CLUSTER", "INFO"):
+                return False
+            info = probe.info("replication")
+            if info["role"] == "master":
+                masters += 1
+                if info["connected_slaves"] < 1:
+                    return False
+            elif info.get("master_link_status") != "up":
+                return False
+        return masters == len(self.nodes) // 2
+
+    def flushall(self) -> None:
+        for node in self.nodes:
+            probe = redis.Redis(port=node.port, socket_timeout=5)
+            if probe.info("replication")["role"] == "master":
+                probe.flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def raw_client(url: str, **options: object) -> Any:
+    """A redis-py client for ``url``: a RedisCluster if it names a cluster node, else a redis.Redis."""
+    probe = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        clustered = probe.info("cluster").get("cluster_enabled") == 1
+    finally:
+        probe.close()
+    if clustered:
+        return redis.RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def node_client(client: Any, key: str) -> redis.Redis:
+    """A client of the one server that holds ``key``: ``client`` itself, or a cluster's node serving it."""
+    if isinstance(client, redis.RedisCluster):
+        return client.get_redis_connection(client.get_node_from_key(key))
+    return client  # type: ignore[no-any-return]
