@@ -35,7 +35,7 @@ from .errors import (
 from .feed import Event, Feed, Subscription
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, version_number
+from .store import ANY_INCARNATION, REF, REPLICA_TIMEOUT, Reply, Store, memory_key, version_number
 from .window import fit_messages
 
 #: How often an operation is rebuilt and resent after the server found this
@@ -767,6 +767,14 @@ class Memory:
     With ``spool=<directory>`` queued operations are also appended to a file
     there, so that a process that dies while offline loses nothing: the
     next memory opened on the same key and spool replays them.
+
+    With ``wait_for_replicas=N`` each write also waits (``WAIT``, in the same
+    round trip) until N replicas of its master have it, at most
+    ``replica_timeout`` seconds. A write fewer replicas confirmed in time is
+    kept as one whose outcome is unknown: applied here and queued with its
+    id (``status().pending`` counts it, ``flush()`` waits for it), and sent
+    again, answered ``dup`` or applied if a failover lost it, until N
+    replicas confirm it.
     """
 
     _rm: MemoryCore
@@ -784,11 +792,18 @@ class Memory:
         spool: str | os.PathLike[str] | None = None,
         ttl: float | None = None,
         author: str | None = None,
+        wait_for_replicas: int = 0,
+        replica_timeout: float = REPLICA_TIMEOUT,
     ) -> None:
         if author is not None and not isinstance(author, str):
             raise TypeError(f"author must be a str, not {type(author).__name__}")
+        if not isinstance(wait_for_replicas, int) or isinstance(wait_for_replicas, bool) or wait_for_replicas < 0:
+            raise ValueError(f"wait_for_replicas must be an int >= 0, not {wait_for_replicas!r}")
+        if not replica_timeout > 0:
+            raise ValueError(f"replica_timeout must be > 0 seconds, not {replica_timeout!r}")
         redis_client = connection.connect(client, url)
         store = Store(redis_client, self._rm_own_key(prefix, name), self._rm_companions(prefix, name))
+        store.replicas = (wait_for_replicas, _milliseconds(replica_timeout))
         core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds(), author)
         core.catalog = self._rm_catalog(redis_client, prefix)
         object.__setattr__(self, "_rm", core)

@@ -51,7 +51,7 @@ from typing import Any, cast
 import redis
 
 from .connection import Channel, Client, channel, resp_command
-from .errors import ConnectionFailed, CorruptData, ServerRefused
+from .errors import ConnectionFailed, CorruptData, NotReplicated, ServerRefused
 from .ops import Args, Plan
 
 REF = 0xC1
@@ -65,6 +65,8 @@ OP_ID_RETENTION = 7 * 24 * 3600
 #: A writer's entry in the writer index is refreshed at most this often.
 _INDEX_EVERY = 60
 ANY_INCARNATION = b"*"
+#: How long a write waits for its replicas by default, with wait_for_replicas (seconds).
+REPLICA_TIMEOUT = 1.0
 #: The change channel of a memory is its key plus this (same hash tag).
 FEED_SUFFIX = ":changes"
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
@@ -851,14 +853,15 @@ def version_number(stamp: bytes) -> int:
     return int(count or b"0")
 
 
-def send(link: Channel, key: str, packed: bytes) -> Any:
+def send(link: Channel, key: str, packed: bytes, replies: int = 1) -> Any:
     """Send one command about ``key`` (in RESP form) on ``link``; redis-py's errors become the library's.
 
     Unreachable: ConnectionFailed; ``key`` of another type: CorruptData;
-    any other refusal: ServerRefused. Each names ``key``.
+    any other refusal: ServerRefused. Each names ``key``. With ``replies``
+    more than 1, ``packed`` holds that many commands: the list of replies.
     """
     try:
-        return link.call_packed(packed, key)
+        return link.call_packed(packed, key, replies)
     except ConnectionFailed as exc:
         raise ConnectionFailed(f"{exc} (key {key})", key=key) from exc.__cause__
     except redis.exceptions.NoScriptError:
@@ -914,6 +917,8 @@ class Store:
         self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}
         self._shas: dict[str, str] = {}
         self._version_command = resp_command(("HMGET", key, "v", "i"))
+        #: Replicas each write waits for, and for how long (ms): WAIT after the apply script.
+        self.replicas = (0, 0)
 
     def _call(self, *args: Any) -> Any:
         return self._call_packed(resp_command(args))
@@ -921,20 +926,24 @@ class Store:
     def _call_packed(self, packed: bytes) -> Any:
         return send(self.channel, self.key, packed)
 
-    def _script(self, source: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0)) -> Any:
+    def _script(
+        self, source: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0), after: bytes = b""
+    ) -> Any:
         head = self._heads.get((source, keys))
         if head is None:
             sha = self._shas.get(source) or self._call("SCRIPT", "LOAD", source).decode()
             self._shas[source] = sha
             command = resp_command(("EVALSHA", sha, len(keys), *keys))
             head = self._heads[(source, keys)] = command[command.index(b"\r\n") + 2 :]  # without its count
-        packed = resp_command(args, head, 3 + len(keys), *tail)
+        # ``after``: another command in the same round trip; then both replies.
+        packed = resp_command(args, head, 3 + len(keys), *tail) + after
+        replies = 2 if after else 1
         try:
-            return self._call_packed(packed)
+            return send(self.channel, self.key, packed, replies)
         except redis.exceptions.NoScriptError:
-            # The server restarted or its script cache was flushed.
+            # The server restarted, failed over, or its script cache was flushed.
             self._call("SCRIPT", "LOAD", source)
-            return self._call_packed(packed)
+            return send(self.channel, self.key, packed, replies)
 
     def apply(self, header: list[bytes], drops: Plan | None, op_args: Args) -> Reply:
         """EVALSHA of the apply script: O(1) fields for item operations.
@@ -949,7 +958,19 @@ class Store:
         for nid, (mod, keys) in (drops or {}).items():
             plan += [nid, b"%d" % mod, b"%d" % len(keys), *keys]
         count = b"-1" if drops is None else b"%d" % len(plan)
-        raw = self._script(_APPLY, self.keys + self.companions, [*header, count, *plan], op_args)
+        replicas, timeout_ms = self.replicas
+        script_keys, args = self.keys + self.companions, [*header, count, *plan]
+        if not replicas:
+            raw = self._script(_APPLY, script_keys, args, op_args)
+        else:
+            wait = resp_command(("WAIT", replicas, timeout_ms))
+            raw, acknowledged = self._script(_APPLY, script_keys, args, op_args, wait)
+            if raw[0] in (b"ok", b"dup") and int(acknowledged) < replicas:
+                message = (
+                    f"{acknowledged} of the {replicas} replicas asked for confirmed a write to {self.key} within"
+                    f" {timeout_ms} ms: it is kept queued until they do"
+                )
+                raise NotReplicated(message, key=self.key)
         return Reply(raw[0].decode(), raw[1], raw[2], int(raw[3]) if raw[3] else None, raw[4], list(raw[5:]))
 
     def version(self) -> tuple[bytes, bytes]:

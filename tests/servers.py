@@ -240,3 +240,89 @@ def node_client(client: Any, key: str) -> redis.Redis:
     if isinstance(client, redis.RedisCluster):
         return client.get_redis_connection(client.get_node_from_key(key))
     return client  # type: ignore[no-any-return]
+
+
+class SentinelSetup:
+    """One master, one replica and three sentinels watching them (quorum 2), on loopback.
+
+    The sentinels count the master down after 1 s without an answer.
+    """
+
+    SERVICE = "rm-master"
+
+    def __init__(self, directory: Path) -> None:
+        self.master = RedisServer(redis_binary(), directory / "master").start()
+        self.replica = RedisServer(
+            redis_binary(), directory / "replica", "--replicaof", "127.0.0.1", str(self.master.port)
+        ).start()
+        self.sentinels: list[RedisServer] = []
+        for i in range(3):
+            folder = directory / f"sentinel{i}"
+            folder.mkdir(parents=True)
+            config = folder / "sentinel.conf"
+            config.write_text(
+                f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                f"sentinel failover-timeout {self.SERVICE} 10000\n"
+            )
+            self.sentinels.append(_SentinelProcess(config).start())
+        self.wait_ready()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", sentinel.port) for sentinel in self.sentinels]
+
+    def master_port(self) -> int:
+        """The port of the master the sentinels agree on now."""
+        found = redis.Redis(port=self.sentinels[0].port, socket_timeout=2).sentinel_get_master_addr_by_name(
+            self.SERVICE
+        )
+        return int(found[1])
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until every sentinel knows the other two and the replica, and the replica is in sync."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ready = all(
+                    int(info["num-other-sentinels"]) == 2 and int(info["num-slaves"]) == 1
+                    for info in (
+                        redis.Redis(port=s.port, socket_timeout=2).sentinel_master(self.SERVICE) for s in self.sentinels
+                    )
+                )
+                master = next(s for s in (self.master, self.replica) if s.port == self.master_port())
+                replica = self.replica if master is self.master else self.master
+                link = redis.Redis(port=replica.port, socket_timeout=2).info("replication").get("master_link_status")
+                if ready and link == "up":
+                    return
+            except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError, StopIteration):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the sentinels did not get ready")
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, self.replica, self.master]:
+            server.stop()
+
+
+class _SentinelProcess(RedisServer):
+    """``redis-server <config> --sentinel`` on a free port (the config file must be writable)."""
+
+    def __init__(self, config: Path) -> None:
+        super().__init__(redis_binary(), config.parent)
+        self.config = config
+
+    def start(self) -> _SentinelProcess:
+        self.process = subprocess.Popen(
+            [self.binary, str(self.config), "--sentinel", "--port", str(self.port), "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=1).ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"sentinel did not start on port {self.port}") from None
+                time.sleep(0.05)
