@@ -26,6 +26,7 @@ slot's master answers.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ _ASKING = resp_command(("ASKING",))
 Address = tuple[str, int]
 
 
+@functools.lru_cache(maxsize=65536)
 def slot_of(key: str) -> int:
     """The cluster slot of ``key`` (CRC16 of its hash tag, or of the whole key)."""
     return int(key_slot(key.encode()))
@@ -97,6 +99,9 @@ class ClusterChannel:
 
     def node(self, address: Address) -> Channel:
         """The channel of the node at ``address`` (made on first use)."""
+        found = self.nodes.get(address)
+        if found is not None:
+            return found
         with self.lock:
             found = self.nodes.get(address)
             if found is None:
@@ -176,11 +181,12 @@ class ClusterChannel:
             redirect = next((r for r in found if _redirect(r)), None)
             if redirect is None:
                 try:
-                    checked = [check_reply(reply, resent, node) for reply in found]
+                    if replies == 1:
+                        return check_reply(found[0], resent, node)
+                    return [check_reply(reply, resent, node) for reply in found]
                 except ConnectionFailed:  # CLUSTERDOWN, or a master turned replica
                     self.stale = True
                     raise
-                return checked[0] if replies == 1 else checked
             kind, _, rest = str(redirect).partition(" ")
             if kind == "TRYAGAIN":
                 time.sleep(TRYAGAIN_DELAY)

@@ -178,13 +178,15 @@ class Channel:
         ``replies`` how many commands ``packed`` holds: with more than one, the
         list of their replies. An error reply raises (see the class notes).
         """
-        if self.cluster is None:
-            self._detect()
-        if self.router is not None:
-            return self.router.call_packed(packed, key, replies)
+        if self.cluster is not False:
+            if self.cluster is None:
+                self._detect()
+            if self.router is not None:
+                return self.router.call_packed(packed, key, replies)
         found, resent = self.exchange(packed, replies)
-        checked = [check_reply(reply, resent, self) for reply in found]
-        return checked[0] if replies == 1 else checked
+        if replies == 1:
+            return check_reply(found[0], resent, self)
+        return [check_reply(reply, resent, self) for reply in found]
 
     def _detect(self) -> None:
         (info,), _ = self.exchange(resp_command(("INFO", "cluster")), 1)
