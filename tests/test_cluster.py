@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 import redis
+from redis.sentinel import Sentinel
 from servers import ClusterServer, SentinelSetup
 from workers import failover_writer, spread_writer
 
-from redis_memory import Memory, NotReplicated, Session
+from redis_memory import Memory, NotReplicated, Session, health_check
 from redis_memory.catalog import INDEX_PARTS
 from redis_memory.cluster import slot_of
 from redis_memory.connection import Channel
@@ -308,6 +309,8 @@ def test_a_sentinel_failover_during_writes_loses_nothing_with_wait_for_replicas(
             time.sleep(0.1)
         sentinels.wait_ready()
 
+    managed = Sentinel(sentinels.addresses).master_for(SentinelSetup.SERVICE)
+    assert health_check(managed).mode == "sentinel"
     reports = _writers_through_a_failover(sentinels.addresses, "sentinel", 1, failover, recover)
     master = redis.Redis(port=sentinels.master_port())
     assert sentinels.master_port() != old

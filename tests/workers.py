@@ -7,10 +7,9 @@ from multiprocessing.synchronize import Barrier, Event
 from typing import Any
 
 from redis.sentinel import Sentinel
+from servers import SentinelSetup
 
 from redis_memory import ConversationMemory, Memory, connection
-
-SENTINEL_SERVICE = "rm-master"
 
 
 def append_and_set(url: str, writer: int, count: int, barrier: Barrier) -> None:
@@ -122,7 +121,9 @@ def _client_of(target: str | list[tuple[str, int]]) -> Any:
     """A client for a URL (any node, for a cluster), or for the master that the sentinels at ``target`` name."""
     if isinstance(target, str):
         return connection.connect(url=target)
-    return Sentinel(target, socket_timeout=2).master_for(SENTINEL_SERVICE, socket_connect_timeout=2, socket_timeout=5)
+    return Sentinel(target, socket_timeout=2).master_for(
+        SentinelSetup.SERVICE, socket_connect_timeout=2, socket_timeout=5
+    )
 
 
 def failover_writer(
