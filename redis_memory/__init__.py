@@ -2,6 +2,7 @@
 
 from .connection import Health, embedded_dir, ensure_embedded, health_check, stop_embedded
 from .errors import (
+    BatchIncomplete,
     ConcurrentModification,
     ConnectionFailed,
     ContainerDeleted,
@@ -28,6 +29,7 @@ from .window import TokenCounter, fit_messages, message_tokens, token_counter
 
 __all__ = [
     "AgentMemory",
+    "BatchIncomplete",
     "ConcurrentModification",
     "ConnectionFailed",
     "ContainerDeleted",
