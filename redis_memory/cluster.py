@@ -213,6 +213,13 @@ class ClusterChannel:
         host, _, port = text.rpartition(":")
         return self.remap((host, int(port))) if host else (asked[0], int(port))
 
+    def subscriber(self, key: str) -> redis.Redis:
+        """A redis-py client of the master serving ``key`` now (the table read first), for SSUBSCRIBE."""
+        self.refresh()
+        node = self.node(self.owner(slot_of(key)))
+        pool = redis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+        return redis.Redis(connection_pool=pool)
+
     def close(self, blocking: bool = True) -> None:
         for node in list(self.nodes.values()):
             node.close(blocking)

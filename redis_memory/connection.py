@@ -124,6 +124,10 @@ class Channel:
             self._detect()
         return bool(self.cluster)
 
+    def subscriber(self, key: str) -> redis.Redis | None:
+        """On a cluster, a client of the master serving ``key`` now (for SSUBSCRIBE); None for a single server."""
+        return self.router.subscriber(key) if self.is_cluster() else None
+
     def _open(self, bound: float | None) -> redis.connection.AbstractConnection:
         # Built from the pool's settings but not counted by it: reconnects must
         # not use up the pool's max_connections. The pool's connection_class

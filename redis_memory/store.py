@@ -302,7 +302,7 @@ class Store:
         None lets the script read them from the hash itself: O(size of the
         memory), and never stale. O(1) fields for item operations.
         """
-        args = [*call, b"%d" % len(steps)]
+        args = [*call, self.publisher(), b"%d" % len(steps)]
         tail, tail_count = [], 0
         for step in steps:
             plan: list[bytes] = []
@@ -334,6 +334,10 @@ class Store:
         failed = int(raw[5]) if raw[5] else None
         return Reply(raw[0].decode(), raw[1], raw[2], int(raw[3]) if raw[3] else None, raw[4], list(raw[7:]),
                      failed, raw[6].split())  # fmt: skip
+
+    def publisher(self) -> bytes:
+        """The command the server code publishes changes with: SPUBLISH on a cluster (sharded pub/sub), else PUBLISH."""
+        return b"SPUBLISH" if self.channel.is_cluster() else b"PUBLISH"
 
     def version(self) -> tuple[bytes, bytes]:
         """HMGET of the version stamp and incarnation: the O(1) freshness check."""
@@ -374,7 +378,7 @@ class Store:
         count = b""
         if participants is not None:
             all_keys, count = (*all_keys, participants[0]), b"%d" % participants[1]
-        return int(self._fcall("delete", all_keys, [author, idle, b"%d" % hashes, count]))
+        return int(self._fcall("delete", all_keys, [author, idle, b"%d" % hashes, count, self.publisher()]))
 
     def expire(self, milliseconds: int | None) -> None:
         """PEXPIRE (or PERSIST, for None) of each of the memory's keys: O(1).

@@ -315,3 +315,58 @@ def test_a_sentinel_failover_during_writes_loses_nothing_with_wait_for_replicas(
     master = redis.Redis(port=sentinels.master_port())
     assert sentinels.master_port() != old
     assert _check(Memory("sentinel", client=master).log, reports) == 0
+
+
+def _subscribed(pubsub: Any, kind: str) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.2)
+        if message is not None and message["type"] == kind:
+            return
+    raise AssertionError(f"no {kind} confirmation")
+
+
+def test_changes_are_published_within_the_memory_shard(cluster: ClusterServer) -> None:
+    """On a cluster the server code publishes with SPUBLISH: a sharded subscriber on the memory's master
+    gets each change, a classic subscriber on another master gets none (no broadcast to every node)."""
+    mem = Memory("sharded", client=cluster.client())
+    mem.x = 0
+    owner = cluster.master_of(mem.key)
+    other = next(port for port, role in cluster.roles().items() if role == "master" and port != owner)
+    sharded, classic = redis.Redis(port=owner).pubsub(), redis.Redis(port=other).pubsub()
+    try:
+        sharded.ssubscribe(mem.key + ":changes")
+        _subscribed(sharded, "ssubscribe")
+        classic.subscribe(mem.key + ":changes")
+        _subscribed(classic, "subscribe")
+        mem.x = 1
+        mem.delete()
+        got = [sharded.get_message(timeout=5), sharded.get_message(timeout=5)]
+        assert [m["type"] for m in got if m] == ["smessage", "smessage"]
+        assert classic.get_message(timeout=1) is None
+    finally:
+        sharded.close()
+        classic.close()
+
+
+def test_a_feed_follows_its_memory_through_a_failover(cluster: ClusterServer) -> None:
+    """A feed on a memory whose master is killed resubscribes on the replica that took over: a resync,
+    then the changes made there."""
+    name = "followed"
+    mem = Memory(name, client=cluster.client())
+    mem.x = 0
+    kill, recover = _kill_master_of(cluster, mem.key)
+    with Memory(name, client=cluster.client()).subscribe() as feed:
+        kill()
+        recover()
+        mem.x = 1
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and ("set", ("x",)) not in seen:
+            event = feed.get(timeout=1)
+            if event is not None:
+                seen.append((event.op, event.path))
+                if event.op == "resync":
+                    mem.x = len(seen) + 1  # a change made after the feed is back
+    assert ("resync", ()) in seen and seen[-1] == ("set", ("x",)), seen
+    assert mem.flush(timeout=10)
