@@ -37,7 +37,7 @@ local function delete(KEYS, ARGV)
     local now_ms = string.format('%d', now)
     local author = string.format('%d', #ARGV[1]) .. ':' .. ARGV[1]
     local event = {'0', now_ms, '', 'dclear', '0', '', '', '', '', author}
-    redis.pcall(ARGV[5], KEYS[1] .. '@FEED_SUFFIX@', table.concat(event, ' '))
+    redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', KEYS[1] .. '@FEED_SUFFIX@', table.concat(event, ' '))
   end
   return deleted
 end
