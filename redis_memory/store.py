@@ -259,8 +259,8 @@ class Store:
     def _call(self, *args: Any) -> Any:
         return self._call_packed(resp_command(args))
 
-    def _call_packed(self, packed: bytes, replies: int = 1) -> Any:
-        return send(self.channel, self.key, packed, replies)
+    def _call_packed(self, packed: bytes) -> Any:
+        return send(self.channel, self.key, packed)
 
     def _fcall(
         self, command: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0), after: bytes = b""
@@ -274,10 +274,9 @@ class Store:
             packed_head = resp_command(("FCALL", FUNCTIONS[command], len(keys), *keys))
             head = self._heads[(command, keys)] = packed_head[packed_head.index(b"\r\n") + 2 :]  # without its count
         packed = resp_command(args, head, 3 + len(keys), *tail) + after
-        replies = 2 if after else 1
         for _ in range(_LOAD_ATTEMPTS):
             try:
-                return self._call_packed(packed, replies)
+                return send(self.channel, self.key, packed, 2) if after else self._call_packed(packed)
             except redis.exceptions.NoScriptError:
                 # A new server, one restarted without its data, or FUNCTION FLUSH
                 # (perhaps by another process, again and again).
@@ -334,8 +333,9 @@ class Store:
                 tail_count += len(plan)
             else:
                 tail.append(_EMPTY_PLAN if step.plan is not None else _SERVER_PLAN)
-            tail.append(step.args[0])
-            tail_count += 7 + len(created) + step.args[1]
+            count = b"%d" % step.args[1]
+            tail.append(b"$%d\r\n%s\r\n%s" % (len(count), count, step.args[0]))
+            tail_count += 8 + len(created) + step.args[1]
         packed_tail = (b"".join(tail), tail_count)
         replicas, timeout_ms = self.replicas
         wait = resp_command(("WAIT", replicas, timeout_ms)) if replicas else b""

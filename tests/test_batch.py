@@ -23,9 +23,9 @@ class Trips:
         self.count = 0
         self.real = self.store._call_packed
 
-        def counted(packed: bytes, *args: Any) -> Any:
+        def counted(packed: bytes) -> Any:
             self.count += 1
-            return self.real(packed, *args)
+            return self.real(packed)
 
         self.store._call_packed = counted  # type: ignore[method-assign]
 
