@@ -4,8 +4,9 @@ The offline row is a time, not a ratio: there is no raw equivalent of a
 write that cannot reach the server; nor is the change-event row, a latency
 between two processes.
 
-    python benchmarks/run.py                # Debian's redis-server and embedded Valkey
-    python benchmarks/run.py --server redis # one of them
+    python benchmarks/run.py                  # Debian's redis-server and embedded Valkey
+    python benchmarks/run.py --server redis   # one of them
+    python benchmarks/run.py --server cluster # a 3+3 Redis Cluster of redis-server processes
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netproxy import TcpProxy
-from servers import EmbeddedServer, debian_redis
+from servers import ClusterServer, EmbeddedServer, debian_redis
 
 from redis_memory import ConversationMemory, Memory, Session
 
@@ -362,10 +363,78 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     return rows
 
 
+THROUGHPUT_SCRIPT = """
+import sys, time
+from redis_memory import ConversationMemory
+url, first, count, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+mems = [ConversationMemory(f"chat-{n}", url=url) for n in range(first, first + count)]
+for mem in mems:
+    mem.messages = []
+chats = [mem.messages for mem in mems]
+message = {"role": "user", "content": "x" * 110}
+done, end = 0, time.perf_counter() + seconds
+while time.perf_counter() < end:
+    chats[done % count].append(message)
+    done += 1
+print(done)
+"""
+
+
+def cluster_bench(cluster: ClusterServer) -> list[tuple[str, float, str]]:
+    """Rows for docs/scaling.md: the append through the cluster router, per-shard capacity and memory, events."""
+    client = cluster.client()
+    rows: list[tuple[str, float, str]] = []
+    payload = msgpack.packb(message(0))
+    counter = iter(range(10**9))
+    mem = ConversationMemory("append-cluster", client=client)
+    mem.messages = [message(i) for i in range(100)]
+    node = redis.Redis(port=cluster.master_of(mem.key))  # raw redis-py, straight to the key's master
+    raw_key = "raw{" + mem.key.partition("{")[2]  # the same slot
+
+    def raw_hset() -> None:
+        node.hset(raw_key, str(next(counter)), payload)
+
+    def cluster_hset() -> None:
+        client.hset(raw_key, str(next(counter)), payload)
+
+    i = iter(range(100, 10**9))
+    node.config_resetstat()
+    rows.append(("mem.messages.append(m), RedisCluster client, vs HSET on the key's master", interleaved(
+        raw_hset, lambda: mem.messages.append(message(next(i)))), "<= 2.5"))  # fmt: skip
+    # Server time per write, one writer: the apply script's own cost, what bounds a shard's writes per second.
+    per_call = node.info("commandstats")["cmdstat_fcall"]["usec_per_call"]
+    rows.append(("  server time per append (FCALL usec_per_call on that master)", per_call, "us"))
+    rows.append(("  so one shard's core can apply at most (appends/s)", 1e6 / per_call, "ops/s"))
+    rows.append(("  raw RedisCluster.hset vs raw redis.Redis.hset on that master", interleaved(
+        raw_hset, cluster_hset), "-"))  # fmt: skip
+
+    procs, per_proc, seconds = 4, 50, 5.0
+    workers = [
+        subprocess.Popen([sys.executable, "-c", THROUGHPUT_SCRIPT, cluster.url, str(n * per_proc), str(per_proc),
+                          str(seconds)], stdout=subprocess.PIPE, text=True)
+        for n in range(procs)
+    ]  # fmt: skip
+    total = sum(int(w.communicate()[0]) for w in workers)
+    rows.append((f"appends/s, {procs} processes x {per_proc} conversations, whole cluster", total / seconds, "ops/s"))
+
+    conv = ConversationMemory("sized", client=client)
+    conv.messages = [message(n) for n in range(20)]
+    conv.title = "weather"
+    owner = redis.Redis(port=cluster.master_of(conv.key))
+    used = sum(owner.memory_usage(key, samples=0) or 0 for key in (conv.key, conv.key + ":w"))
+    rows.append(("Redis memory of a 20-message conversation: hash and writer index (B)", used, "B"))
+
+    median_ms, p95_ms = event_latency(cluster.url)
+    label = f"change event on the cluster, agent A to agent B in another process (95th pct {p95_ms:.1f} ms)"
+    rows.append((label, median_ms, "<= 50 ms"))
+    cluster.flushall()
+    return rows
+
+
 def main() -> None:
     logging.getLogger("redis_memory").setLevel(logging.ERROR)  # the offline row's warnings are expected
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--server", choices=["redis", "valkey", "both"], default="both")
+    parser.add_argument("--server", choices=["redis", "valkey", "both", "cluster"], default="both")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     results = {}
@@ -377,6 +446,12 @@ def main() -> None:
                 results[f"Redis {version}"] = bench(server.url, server.port)
             finally:
                 server.stop()
+        if args.server == "cluster":
+            cluster = ClusterServer(Path(tmp) / "cluster")
+            try:
+                results["Redis 7.0 Cluster, 3 masters + 3 replicas"] = cluster_bench(cluster)
+            finally:
+                cluster.stop()
         if args.server in ("valkey", "both"):
             embedded = EmbeddedServer(Path(tmp) / "valkey")
             info = redis.Redis.from_url(embedded.url).info()
@@ -394,6 +469,8 @@ def main() -> None:
                 shown = f"{value:.1f} ms"
             elif target.endswith(" us"):
                 shown = f"{value:.1f} us"
+            elif target in ("ops/s", "B", "us"):
+                shown = f"{value:,.0f}" if target != "us" else f"{value:.1f}"
             elif target.endswith(" s"):
                 shown = f"{value:.3f} s"
             else:

@@ -10,24 +10,29 @@ memories is therefore O(log n + result): a range of the sorted set, then
 one HGET per candidate to check its real last activity. Entries whose
 memory is gone (expired, or deleted elsewhere) are removed as they are met.
 
-The index lives in one Redis Cluster slot of its own; it is written by
-separate commands, not by the memories' scripts, so that those stay within
-their own slot.
+The index is written by separate commands, not by the memories' scripts,
+so that those stay within their own slot. On a Redis Cluster it is split
+into :data:`INDEX_PARTS` sorted sets, ``<prefix>:<kind>:index:{<n>}``, each
+in a slot of its own (so spread over the masters), and a memory's entry
+lives in the part its id hashes to: no node holds every entry or takes
+every index write. Listing merges the parts by score; counting adds up
+their sizes.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 from typing import Protocol, cast
 
-import redis
-
-from .connection import channel
+from .connection import Client, channel
 from .store import command, escape_id
 
 #: A memory refreshes its index entry at most this often (seconds).
 INDEX_REFRESH = 30.0
+#: How many sorted sets an index is split into on a Redis Cluster.
+INDEX_PARTS = 16
 
 
 class Listing(Protocol):
@@ -45,13 +50,21 @@ def index_key(prefix: str, kind: str) -> str:
 class Catalog:
     """The index of one prefix and kind, on one client."""
 
-    def __init__(self, client: redis.Redis, prefix: str, kind: str, key_of: Callable[[str], str]) -> None:
+    def __init__(self, client: Client, prefix: str, kind: str, key_of: Callable[[str], str]) -> None:
         self.channel = channel(client)
         self.key = index_key(prefix, kind)
         self.key_of = key_of  # memory id -> the key of its hash
 
-    def _call(self, *args: bytes | str | int) -> object:
-        return command(self.channel, self.key, *args)
+    def parts(self) -> list[str]:
+        """The sorted sets of this index: one, or :data:`INDEX_PARTS` on a cluster."""
+        if self.channel.is_cluster():
+            return [f"{self.key}:{{{n}}}" for n in range(INDEX_PARTS)]
+        return [self.key]
+
+    def part_of(self, identifier: str) -> str:
+        """The sorted set holding the entry of ``identifier``."""
+        parts = self.parts()
+        return parts[zlib.crc32(identifier.encode()) % len(parts)] if len(parts) > 1 else parts[0]
 
     def last_activity(self, identifier: str) -> float | None:
         """HGET of a memory's last write (seconds since the epoch), None if it does not exist: O(1)."""
@@ -64,7 +77,8 @@ class Catalog:
 
     def touch(self, identifier: str) -> None:
         """ZADD with the current time: O(log n)."""
-        self._call("ZADD", self.key, repr(time.time()), identifier)
+        part = self.part_of(identifier)
+        command(self.channel, part, "ZADD", part, repr(time.time()), identifier)
 
     def forget(self, identifier: str) -> None:
         """ZREM, then HGET of the memory: O(log n).
@@ -74,46 +88,84 @@ class Catalog:
         it again only when its write created it, which came first): such
         an entry is put back.
         """
-        self._call("ZREM", self.key, identifier)
+        part = self.part_of(identifier)
+        command(self.channel, part, "ZREM", part, identifier)
         active = self.last_activity(identifier)
         if active is not None:
-            self._call("ZADD", self.key, repr(active), identifier)
+            command(self.channel, part, "ZADD", part, repr(active), identifier)
 
     def count(self) -> int:
-        """ZCARD: O(1)."""
-        return int(cast(int, self._call("ZCARD", self.key)))
+        """ZCARD of each part: O(1) per part."""
+        return sum(int(cast(int, command(self.channel, part, "ZCARD", part))) for part in self.parts())
 
     def ids(self, idle_for: float | None = None, limit: int | None = None) -> list[str]:
         """Ids of existing memories, oldest activity first; with ``idle_for``, only those idle that long.
 
-        O(log n + result): a ZRANGEBYSCORE, then one HGET per candidate.
+        O(log n + result) per part: a ZRANGEBYSCORE per page of each part,
+        merged by score, then one HGET per candidate.
         """
         if idle_for is not None and idle_for < 0:
             raise ValueError(f"idle_for must be >= 0, not {idle_for!r}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit!r}")
         cutoff = time.time() - idle_for if idle_for is not None else float("inf")
+        cursors = [_Cursor(self, part, cutoff, limit or 100) for part in self.parts()]
         found: list[str] = []
-        start = 0
-        page = limit or 100
         while limit is None or len(found) < limit:
-            candidates = cast(
-                list[bytes], self._call("ZRANGEBYSCORE", self.key, "-inf", repr(cutoff), "LIMIT", start, page)
-            )
-            if not candidates:
+            heads = [(head, n) for n, cursor in enumerate(cursors) if (head := cursor.peek()) is not None]
+            if not heads:
                 break
-            start += len(candidates)
-            for raw in candidates:
-                identifier = raw.decode()
-                active = self.last_activity(identifier)
-                if active is None:
-                    self.forget(identifier)  # expired or deleted
-                    start -= 1
-                elif active > cutoff:
-                    self._call("ZADD", self.key, repr(active), raw)  # the score lagged
-                    start -= 1
-                else:
-                    found.append(identifier)
-                    if limit is not None and len(found) == limit:
-                        break
+            (_, raw), n = min(heads)
+            cursor = cursors[n]
+            cursor.pop()
+            identifier = raw.decode()
+            active = self.last_activity(identifier)
+            if active is None:
+                self.forget(identifier)  # expired or deleted
+                cursor.removed()
+            elif active > cutoff:
+                command(self.channel, cursor.key, "ZADD", cursor.key, repr(active), raw)  # the score lagged
+                cursor.removed()
+            else:
+                found.append(identifier)
         return found
+
+
+class _Cursor:
+    """Entries of one part scored up to a cutoff, lowest first, read a page at a time."""
+
+    def __init__(self, catalog: Catalog, key: str, cutoff: float, page: int) -> None:
+        self.catalog, self.key, self.cutoff, self.page = catalog, key, cutoff, page
+        self.start = 0  # entries of the range before the next page
+        self.buffer: list[tuple[float, bytes]] = []
+        self.done = False
+
+    def peek(self) -> tuple[float, bytes] | None:
+        if not self.buffer and not self.done:
+            reply = cast(
+                list[object],
+                command(
+                    self.catalog.channel, self.key, "ZRANGEBYSCORE", self.key, "-inf", repr(self.cutoff),
+                    "WITHSCORES", "LIMIT", self.start, self.page,
+                ),
+            )  # fmt: skip
+            pairs = _pairs(reply)
+            self.start += len(pairs)
+            self.buffer = pairs[::-1]
+            self.done = not pairs
+        return self.buffer[-1] if self.buffer else None
+
+    def pop(self) -> None:
+        self.buffer.pop()
+
+    def removed(self) -> None:
+        """The entry just taken left the range (removed, or scored past the cutoff): later ones move up."""
+        self.start -= 1
+
+
+def _pairs(reply: list[object]) -> list[tuple[float, bytes]]:
+    """(score, member) pairs of a WITHSCORES reply: a flat list (RESP2) or a list of pairs (RESP3)."""
+    if reply and isinstance(reply[0], list):
+        return [(float(cast(bytes, score)), cast(bytes, member)) for member, score in cast(list[list[object]], reply)]
+    members, scores = reply[::2], reply[1::2]
+    return [(float(cast(bytes, score)), cast(bytes, member)) for member, score in zip(members, scores, strict=True)]

@@ -29,18 +29,20 @@ from urllib.parse import quote, unquote, urlparse
 import redis
 import redis.backoff
 import redis.retry
+from redis.cluster import RedisCluster
+from redis.sentinel import SentinelConnectionPool
 
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
 
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 10.0
-_clients: dict[str, redis.Redis] = {}
+_clients: dict[str, Client] = {}
 #: Error replies that mean "not now" rather than "not this command". BUSY: a
 #: script is running, perhaps the very command whose reply did not arrive, so
 #: whether that one was applied is not known.
 #: How a server answers an FCALL of a function it does not have.
 MISSING_FUNCTION = "Function not found"
-_UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "BUSY ")
+_UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
 _clients_lock = threading.Lock()
 #: When this thread's commands must give up (time.monotonic()), if they must.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("redis_memory_deadline", default=None)
@@ -69,7 +71,7 @@ def _least(configured: float | None, bound: float | None) -> float | None:
 
 
 class Channel:
-    """One connection per client and process for the library's own commands.
+    """One connection per server and process for the library's own commands.
 
     redis-py's general command path costs about as much again as the round
     trip itself, and the library sends one or two commands per user
@@ -87,26 +89,50 @@ class Channel:
     double the time a caller is blocked. Whether it was applied is then
     unknown, and the caller is told so (ConnectionFailed), never that it
     was refused: an error reply to a resend is reported the same way.
+
+    The first connection also asks whether the server is a node of a Redis
+    Cluster (``INFO cluster``, once per process). If it is, every command
+    goes through a :class:`~redis_memory.cluster.ClusterChannel` seeded
+    from this server instead, which routes each to the node serving its key.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
+    def __init__(self, connection_class: type[Any], connection_kwargs: dict[str, Any], *, detect: bool = True) -> None:
+        self.connection_class = connection_class
+        self.connection_kwargs = connection_kwargs
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
         self.reader: BinaryIO | None = None
+        #: Whether the server is a cluster node; None until the first connection says.
+        self.cluster: bool | None = None if detect else False
+        self.router: Any = None  # the ClusterChannel, for a cluster node
+
+    @classmethod
+    def of(cls, client: redis.Redis) -> Channel:
+        """A channel with ``client``'s connection settings."""
+        pool = client.connection_pool
+        return cls(pool.connection_class, pool.connection_kwargs)
 
     def connect_timeout(self) -> float:
         """How long connecting may take: the client's connect timeout, else :data:`CONNECT_TIMEOUT`."""
-        configured = self.client.connection_pool.connection_kwargs.get("socket_connect_timeout")
+        configured = self.connection_kwargs.get("socket_connect_timeout")
         return float(configured) if configured else CONNECT_TIMEOUT
+
+    def is_cluster(self) -> bool:
+        """Whether the server is a Redis Cluster node (asking it once, if not known yet)."""
+        if self.cluster is None:
+            self._detect()
+        return bool(self.cluster)
+
+    def subscriber(self, key: str) -> redis.Redis | None:
+        """On a cluster, a client of the master serving ``key`` now (for SSUBSCRIBE); None for a single server."""
+        return self.router.subscriber(key) if self.is_cluster() else None
 
     def _open(self, bound: float | None) -> redis.connection.AbstractConnection:
         # Built from the pool's settings but not counted by it: reconnects must
         # not use up the pool's max_connections. The pool's connection_class
         # is always an AbstractConnection (redis-py annotates the interface).
-        pool = self.client.connection_pool
-        conn = cast(redis.connection.AbstractConnection, pool.connection_class(**pool.connection_kwargs))
+        conn = cast(redis.connection.AbstractConnection, self.connection_class(**self.connection_kwargs))
         # One attempt: redis-py's own retries (ten by default for redis.Redis())
         # would multiply every bound below; this channel decides what is retried.
         conn.retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
@@ -129,6 +155,8 @@ class Channel:
 
     def close(self, blocking: bool = True) -> None:
         """Close the connection (the next command opens a new one); not blocking: unless a command is using it."""
+        if self.router is not None:
+            self.router.close(blocking)
         if not self.lock.acquire(blocking):
             return
         try:
@@ -138,20 +166,61 @@ class Channel:
         finally:
             self.lock.release()
 
+    def after_fork(self) -> None:
+        """In a forked child: a lock nobody holds, no connection (the parent's socket is left alone)."""
+        self.lock = threading.Lock()
+        self.conn = self.reader = None
+        self.pid = os.getpid()
+        if self.router is not None:
+            self.router.after_fork()
+
     def call(self, *args: bytes | str | int) -> object:
         return self.call_packed(resp_command(args))
 
-    def call_packed(self, packed: bytes) -> object:
-        """Send a command already in RESP form and return its reply (within the thread's :func:`deadline`)."""
+    def call_packed(self, packed: bytes, key: str | None = None, replies: int = 1) -> Any:
+        """Send commands already in RESP form and return their reply (within the thread's :func:`deadline`).
+
+        ``key`` is the key the commands are about (a cluster routes by it);
+        ``replies`` how many commands ``packed`` holds: with more than one, the
+        list of their replies. An error reply raises (see the class notes).
+        """
+        if self.cluster is not False:
+            if self.cluster is None:
+                self._detect()
+            if self.router is not None:
+                return self.router.call_packed(packed, key, replies)
+        found, resent = self.exchange(packed, replies)
+        if replies == 1:
+            return check_reply(found[0], resent, self)
+        return [check_reply(reply, resent, self) for reply in found]
+
+    def _detect(self) -> None:
+        (info,), _ = self.exchange(resp_command(("INFO", "cluster")), 1)
+        with self.lock:
+            if self.cluster is not None:
+                return
+            enabled = isinstance(info, bytes) and b"cluster_enabled:1" in info
+            if enabled:
+                from .cluster import ClusterChannel
+
+                address = (self.connection_kwargs.get("host", "localhost"), self.connection_kwargs.get("port", 6379))
+                self.router = ClusterChannel(self.connection_class, self.connection_kwargs, [address])
+            self.cluster = enabled
+
+    def exchange(self, packed: bytes, replies: int = 1) -> tuple[list[object], bool]:
+        """Send ``packed`` and read ``replies`` replies, error replies among them; and whether it was sent twice.
+
+        Raises ConnectionFailed when the link fails (see the class notes).
+        """
         end = _deadline.get()
         if not self.lock.acquire(timeout=-1 if end is None else max(0.0, end - time.monotonic())):
             raise ConnectionFailed("Redis did not answer in time: another thread's command is still waiting")
         try:
-            return self._call_locked(packed, end)
+            return self._exchange_locked(packed, replies, end)
         finally:
             self.lock.release()
 
-    def _call_locked(self, packed: bytes, end: float | None) -> object:
+    def _exchange_locked(self, packed: bytes, replies: int, end: float | None) -> tuple[list[object], bool]:
         if self.pid != os.getpid():
             # Forked: the socket belongs to the parent; leave it untouched.
             self.conn = self.reader = None
@@ -165,13 +234,13 @@ class Channel:
                 conn = self.conn or self._open(bound)
                 if self.reader is None:
                     conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
-                    reply = conn.read_response()
+                    found = [_response(conn) for _ in range(replies)]
                 else:
                     sock = cast(socket.socket, conn._sock)
                     if bound is not None:
                         sock.settimeout(_least(conn.socket_timeout, bound))
                     sock.sendall(packed)
-                    reply = read_reply(self.reader)
+                    found = [read_reply(self.reader) for _ in range(replies)]
                     if bound is not None:
                         sock.settimeout(conn.socket_timeout)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -191,25 +260,43 @@ class Channel:
                 # step and must not serve another command.
                 self._close()
                 raise
-            if isinstance(reply, redis.ResponseError):
-                if str(reply).startswith(_UNAVAILABLE):
-                    # Loading its data, or a replica during a failover: for
-                    # now this server cannot take the command; a later
-                    # connection may reach one that can.
-                    self._close()
-                    raise ConnectionFailed(f"Redis unavailable: {reply}") from reply
-                if attempt == 2 and not isinstance(reply, redis.exceptions.NoScriptError):
-                    # The first copy may have been applied before its link
-                    # broke: this refusal says nothing about it.
-                    message = f"Redis refused a resent command, whose first copy may be applied: {reply}"
-                    raise ConnectionFailed(message) from reply
-                raise reply
-            return reply
+            return found, attempt == 2
         raise AssertionError("unreachable")
 
 
+def _response(conn: redis.connection.AbstractConnection) -> object:
+    """One reply through redis-py (for connections that are not sockets); an error reply is returned."""
+    try:
+        return conn.read_response()
+    except redis.ResponseError as exc:
+        return exc
+
+
+def check_reply(reply: object, resent: bool, channel: Channel) -> object:
+    """``reply``, or the error it is: a server that cannot take commands now is ConnectionFailed.
+
+    So is any refusal of a command sent twice: its first copy may have been
+    applied before its link broke, and this refusal says nothing about it.
+    """
+    if not isinstance(reply, redis.ResponseError):
+        return reply
+    if str(reply).startswith(_UNAVAILABLE):
+        # Loading its data, or a replica during a failover: for now this
+        # server cannot take the command; a later connection may reach one
+        # that can.
+        channel.close()
+        raise ConnectionFailed(f"Redis unavailable: {reply}") from reply
+    if resent and not isinstance(reply, redis.exceptions.NoScriptError):
+        message = f"Redis refused a resent command, whose first copy may be applied: {reply}"
+        raise ConnectionFailed(message) from reply
+    raise reply
+
+
 def resp_command(
-    args: tuple[bytes | str | int, ...] | list[bytes], head: bytes = b"", head_count: int = 0, tail: bytes = b"",
+    args: tuple[bytes | str | int, ...] | list[bytes],
+    head: bytes = b"",
+    head_count: int = 0,
+    tail: bytes = b"",
     tail_count: int = 0,
 ) -> bytes:
     """A command in the RESP wire format (what redis-py's pack_command makes, cheaper).
@@ -299,15 +386,23 @@ def _parse(line: bytes, reader: BinaryIO) -> object:
     raise redis.ConnectionError(f"unexpected reply type {kind!r}")
 
 
-_channels: weakref.WeakKeyDictionary[redis.Redis, Channel] = weakref.WeakKeyDictionary()
+#: A client the library can use: one server (or a Sentinel-managed master), or a Redis Cluster.
+Client = redis.Redis | RedisCluster
+_channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
 
 
-def channel(client: redis.Redis) -> Channel:
-    """The shared channel of ``client`` in this process."""
+def channel(client: Client) -> Any:
+    """The shared channel of ``client`` in this process: a :class:`Channel`, or a ClusterChannel for a cluster."""
     with _clients_lock:
         found = _channels.get(client)
         if found is None:
-            found = _channels[client] = Channel(client)
+            if isinstance(client, RedisCluster):
+                from .cluster import ClusterChannel
+
+                found = ClusterChannel.of(client)
+            else:
+                found = Channel.of(client)
+            _channels[client] = found
         return found
 
 
@@ -327,16 +422,16 @@ def resolve_url(url: str | None = None) -> str:
     return "redis://localhost:6379/0"
 
 
-def check_client(client: redis.Redis) -> redis.Redis:
-    """Refuse clients the library cannot use: not a ``redis.Redis``, or decoding the binary fields it keeps."""
-    if not isinstance(client, redis.Redis):
-        raise UnusableClient(f"redis_memory needs a redis.Redis client, not {type(client).__name__}")
+def check_client(client: Client) -> Client:
+    """Refuse clients the library cannot use: not a ``redis.Redis`` or ``RedisCluster``, or decoding replies."""
+    if not isinstance(client, (redis.Redis, RedisCluster)):
+        raise UnusableClient(f"redis_memory needs a redis.Redis or RedisCluster client, not {type(client).__name__}")
     if client.get_connection_kwargs().get("decode_responses"):
         raise UnusableClient("redis_memory needs a client with decode_responses=False")
     return client
 
 
-def connect(client: redis.Redis | None = None, url: str | None = None) -> redis.Redis:
+def connect(client: Client | None = None, url: str | None = None) -> Client:
     """The client to use; clients built from a URL are shared within a process."""
     if client is not None:
         return check_client(client)
@@ -366,10 +461,18 @@ class Health:
     mode: str  #: "standalone", "cluster" or "sentinel"
 
 
-def health_check(client: redis.Redis | None = None, url: str | None = None) -> Health:
-    """Round trip, server version and mode (three PINGs and an INFO server); ConnectionFailed if unreachable."""
+def health_check(client: Client | None = None, url: str | None = None) -> Health:
+    """Round trip, server version and mode (three PINGs and an INFO server); ConnectionFailed if unreachable.
+
+    On a cluster these go to one node; the mode is "cluster". A client whose
+    connections Redis Sentinel manages reports "sentinel".
+    """
     found = connect(client, url)
+    sentinel = isinstance(getattr(found, "connection_pool", None), SentinelConnectionPool)
     try:
+        if isinstance(found, RedisCluster):
+            node = found.get_default_node()  # type: ignore[no-untyped-call]
+            found = found.get_redis_connection(node)
         times = []
         for _ in range(3):
             start = time.perf_counter()
@@ -382,7 +485,8 @@ def health_check(client: redis.Redis | None = None, url: str | None = None) -> H
         info = {"redis_version": "unknown"}
     server = "valkey" if "valkey_version" in info else "redis"
     version = str(info.get("valkey_version") or info.get("redis_version", "unknown"))
-    return Health(sorted(times)[1], server, version, str(info.get("redis_mode", "standalone")))
+    mode = "sentinel" if sentinel else str(info.get("redis_mode", "standalone"))
+    return Health(sorted(times)[1], server, version, mode)
 
 
 def embedded_dir(url: str = "embedded://") -> Path:
@@ -472,6 +576,4 @@ def after_fork() -> None:
     _clients_lock = threading.Lock()
     # A lock another thread held at the fork stays held in the child.
     for found in list(_channels.values()):
-        found.lock = threading.Lock()
-        found.conn = found.reader = None
-        found.pid = os.getpid()
+        found.after_fork()

@@ -27,6 +27,15 @@ class ConnectionFailed(RedisMemoryError, ConnectionError):
     """
 
 
+class NotReplicated(ConnectionFailed):
+    """A write was applied by its master, but fewer replicas than ``wait_for_replicas`` confirmed it in time.
+
+    A failover may yet lose it, so the memory keeps it queued, with its
+    operation id, and sends it again until enough replicas confirm it: the
+    change itself never raises this; ``status().last_error`` shows it.
+    """
+
+
 class OfflineQueueFull(ConnectionFailed):
     """Redis is unreachable and the offline queue is full: the change was refused, nothing queued."""
 

@@ -227,15 +227,26 @@ class Feed:
     # -- the subscription -------------------------------------------------
 
     def _subscribe(self, timeout: float) -> bool:
-        """A fresh pub/sub connection, subscribed (confirmed by the server)."""
+        """A fresh pub/sub connection, subscribed (confirmed by the server).
+
+        On a Redis Cluster the changes are published with SPUBLISH, so the
+        feed subscribes (SSUBSCRIBE) on the master serving the memory's
+        slot now, asking the cluster for it each time it (re)subscribes.
+        """
         self._drop_pubsub()
-        pubsub = self._client.pubsub()
         try:
-            pubsub.subscribe(self._channel)
+            node = self._core.store.channel.subscriber(self._channel)
+            sharded = node is not None
+            pubsub = (node if sharded else self._client).pubsub()
+        except (RedisMemoryError, redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            log.info("%s: change feed cannot subscribe: %s", self._channel, exc)
+            return False
+        try:
+            (pubsub.ssubscribe if sharded else pubsub.subscribe)(self._channel)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 message = pubsub.get_message(timeout=min(_WAIT_SLICE, max(0.0, deadline - time.monotonic())))
-                if message is not None and message["type"] == "subscribe":
+                if message is not None and message["type"] in ("subscribe", "ssubscribe"):
                     self._pubsub = pubsub
                     self._delay = 0.0
                     self._heard, self._pinged = time.monotonic(), 0.0
@@ -284,7 +295,13 @@ class Feed:
         if message is None:
             return None
         self._heard, self._pinged = time.monotonic(), 0.0
-        if message["type"] != "message":
+        if message["type"] == "sunsubscribe":
+            # The server ended a sharded subscription: the slot moved to
+            # another master (a resharding, a failover). Subscribe there.
+            log.info("%s: change feed's slot moved; subscribing again", self._channel)
+            self._drop_pubsub()
+            return None
+        if message["type"] not in ("message", "smessage"):
             return None
         data: bytes = message["data"]
         return data

@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, cast, overload
 
-import redis
-
 from . import connection, ops, queue
 from .batch import Batch
 from .catalog import INDEX_REFRESH, Catalog, Listing
+from .connection import Client
 from .errors import (
     ConcurrentModification,
     ConnectionFailed,
@@ -39,7 +38,7 @@ from .errors import (
 from .feed import Event, Feed, Subscription
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, REF, Reply, Step, Store, memory_key, version_number
+from .store import ANY_INCARNATION, REF, REPLICA_TIMEOUT, Reply, Step, Store, memory_key, version_number
 from .window import fit_messages
 
 #: How often an operation is rebuilt and resent after the server found this
@@ -890,7 +889,8 @@ class SharedCores:
             core.holders.add(holder)
             self.cores[key] = core
             self._trim()
-        weakref.finalize(holder, core.let_go)
+        # Weakly: a memory object kept after its close must not keep the core alive.
+        weakref.finalize(holder, _let_go, weakref.ref(core))
         core.reopen()
         core.adopt()  # a process that ended since this core was made may have left a queue
         return core
@@ -938,6 +938,12 @@ class SharedCores:
 _shared = SharedCores(256)
 
 
+def _let_go(core: weakref.ref[MemoryCore]) -> None:
+    found = core()
+    if found is not None:
+        found.let_go()
+
+
 def keep_memories(limit: int) -> None:
     """How many memories this process keeps loaded for reuse once no memory object holds them (default 256).
 
@@ -982,12 +988,18 @@ def _report_unsent_at_exit() -> None:
 atexit.register(_report_unsent_at_exit)
 
 
+def _status(core: MemoryCore) -> queue.Status:
+    outbox = core.outbox
+    return queue.Status(core.link.online, len(outbox), outbox.dropped, outbox.last_error or core.link.last_error)
+
+
 class _Closed:
     """What a closed memory object reaches instead of its core: MemoryClosed for all but its name and key."""
 
     def __init__(self, core: MemoryCore) -> None:
         self.store, self.name = core.store, core.name
-        self.core = core  # for status(), which still answers
+        #: What status() answers once closed (it keeps no hold on the core).
+        self.status = _status(core)
 
     def __getattr__(self, attribute: str) -> Any:
         key = self.store.key
@@ -1033,6 +1045,14 @@ class Memory:
     With ``spool=<directory>`` queued operations are also appended to a file
     there, so that a process that dies while offline loses nothing: the
     next memory opened on the same key and spool replays them.
+
+    With ``wait_for_replicas=N`` each write also waits (``WAIT``, in the same
+    round trip) until N replicas of its master have it, at most
+    ``replica_timeout`` seconds. A write fewer replicas confirmed in time is
+    kept as one whose outcome is unknown: applied here and queued with its
+    id (``status().pending`` counts it, ``flush()`` waits for it), and sent
+    again, answered ``dup`` or applied if a failover lost it, until N
+    replicas confirm it.
     """
 
     _rm: MemoryCore
@@ -1043,26 +1063,33 @@ class Memory:
         self,
         name: str,
         *,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         url: str | None = None,
         prefix: str = "rm",
         max_pending: int = queue.DEFAULT_MAX_PENDING,
         spool: str | os.PathLike[str] | None = None,
         ttl: float | None = None,
         author: str | None = None,
+        wait_for_replicas: int = 0,
+        replica_timeout: float = REPLICA_TIMEOUT,
     ) -> None:
         if author is not None and not isinstance(author, str):
             raise TypeError(f"author must be a str, not {type(author).__name__}")
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ValueError(f"max_pending must be an int of at least 1, not {max_pending!r}")
-        ttl_ms = None if ttl is None else _milliseconds(ttl)  # checked before it keys a shared core
+        if not isinstance(wait_for_replicas, int) or isinstance(wait_for_replicas, bool) or wait_for_replicas < 0:
+            raise ValueError(f"wait_for_replicas must be an int >= 0, not {wait_for_replicas!r}")
+        # Checked before they key a shared core.
+        ttl_ms = None if ttl is None else _milliseconds(ttl)
+        replicas = (wait_for_replicas, _milliseconds(replica_timeout))
         redis_client = connection.connect(client, url)
         key, companions, bounds = self._rm_own_key(prefix, name), self._rm_companions(prefix, name), self._rm_bounds()
-        spool_dir = None if spool is None else os.fspath(spool)
-        options = (max_pending, spool_dir, ttl_ms, tuple(sorted(bounds.items())), author)
+        spooled = None if spool is None else os.fspath(spool)
+        options = (max_pending, spooled, ttl_ms, tuple(sorted(bounds.items())), author, replicas)
 
         def make() -> MemoryCore:
             store = Store(redis_client, key, companions)
+            store.replicas = replicas
             core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=True)
             core.catalog = self._rm_catalog(redis_client, prefix)
             return core
@@ -1083,7 +1110,7 @@ class Memory:
         return ()
 
     @classmethod
-    def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
+    def _rm_catalog(cls, client: Client, prefix: str) -> Catalog | None:
         """The index this kind of memory is listed in."""
         return Catalog(client, prefix, cls._rm_kind, lambda name: cls._rm_key(prefix, name))
 
@@ -1093,7 +1120,7 @@ class Memory:
         *,
         idle_for: float | None = None,
         limit: int | None = None,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         url: str | None = None,
         prefix: str = "rm",
     ) -> list[str]:
@@ -1111,7 +1138,7 @@ class Memory:
         idle_for: float,
         *,
         batch: int = 100,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         url: str | None = None,
         prefix: str = "rm",
     ) -> int:
@@ -1133,7 +1160,7 @@ class Memory:
                 return deleted
 
     @classmethod
-    def _rm_open(cls, name: str, client: redis.Redis, prefix: str) -> Any:
+    def _rm_open(cls, name: str, client: Client, prefix: str) -> Any:
         """The object that owns the stored memory ``name`` (for deleting it whole)."""
         return cls(name, client=client, prefix=prefix)
 
@@ -1228,12 +1255,14 @@ class Memory:
             return
         for feed in list(self._rm_feeds):
             feed.close()
-        object.__setattr__(self, "_rm", _Closed(core))
+        handle = _Closed(core)
+        object.__setattr__(self, "_rm", handle)
         if _shared.release(core, self):  # the last memory object open on it
             try:
                 core.close(timeout)
             finally:
                 _shared.closed(core)
+        handle.status = _status(core)
 
     def __enter__(self) -> Self:
         return self
@@ -1243,11 +1272,10 @@ class Memory:
 
     def status(self) -> queue.Status:
         """Online or offline, operations queued, operations dropped on replay, the last error."""
-        core = self._rm.core if isinstance(self._rm, _Closed) else self._rm
-        with core.lock:
-            outbox = core.outbox
-            error = outbox.last_error or core.link.last_error
-            return queue.Status(core.link.online, len(outbox), outbox.dropped, error)
+        if isinstance(self._rm, _Closed):
+            return self._rm.status
+        with self._rm.lock:
+            return _status(self._rm)
 
     def expire(self, seconds: float) -> None:
         """Let the memory expire in ``seconds`` unless written again (PEXPIRE of its keys): O(1).
@@ -1309,7 +1337,7 @@ class Memory:
         return connection.health_check(self._rm.store.client)
 
     @classmethod
-    def count(cls, *, client: redis.Redis | None = None, url: str | None = None, prefix: str = "rm") -> int:
+    def count(cls, *, client: Client | None = None, url: str | None = None, prefix: str = "rm") -> int:
         """How many memories of this kind the index lists (ZCARD): O(1). Expired ones leave when listed."""
         catalog = cls._rm_catalog(connection.connect(client, url), prefix)
         return catalog.count() if catalog else 0

@@ -20,10 +20,9 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, cast
 
-import redis
-
 from . import connection
 from .catalog import Catalog
+from .connection import Client
 from .errors import ConnectionFailed, PrivateMemory
 from .memory import Memory, Metadata
 from .store import command, escape_id
@@ -50,7 +49,7 @@ class SessionCatalog(Catalog):
         return max(known) if known else None
 
 
-def _sessions(client: redis.Redis, prefix: str) -> SessionCatalog:
+def _sessions(client: Client, prefix: str) -> SessionCatalog:
     return SessionCatalog(client, prefix, SessionMemory._rm_kind, lambda name: SessionMemory._rm_key(prefix, name))
 
 
@@ -63,11 +62,11 @@ class SessionMemory(Memory):
         return (_agents_key(prefix, name),)
 
     @classmethod
-    def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
+    def _rm_catalog(cls, client: Client, prefix: str) -> Catalog | None:
         return _sessions(client, prefix)
 
     @classmethod
-    def _rm_open(cls, name: str, client: redis.Redis, prefix: str) -> Any:
+    def _rm_open(cls, name: str, client: Client, prefix: str) -> Any:
         return Session(name, client=client, prefix=prefix)
 
 
@@ -127,7 +126,7 @@ class AgentMemory(Memory):
         return (_agents_key(prefix, name),)
 
     @classmethod
-    def _rm_catalog(cls, client: redis.Redis, prefix: str) -> Catalog | None:
+    def _rm_catalog(cls, client: Client, prefix: str) -> Catalog | None:
         return None  # listed through their session
 
     @property
@@ -155,7 +154,7 @@ class Session:
         *,
         agent: str | None = None,
         delete_on_exit: bool = False,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         url: str | None = None,
         prefix: str = "rm",
         **options: Any,

@@ -52,8 +52,8 @@ from typing import Any, cast
 
 import redis
 
-from .connection import MISSING_FUNCTION, Channel, channel, resp_args, resp_command
-from .errors import ConnectionFailed, CorruptData, ServerRefused
+from .connection import MISSING_FUNCTION, Channel, Client, channel, resp_args, resp_command
+from .errors import ConnectionFailed, CorruptData, NotReplicated, ServerRefused
 from .ops import Args, Plan
 
 REF = 0xC1
@@ -67,6 +67,8 @@ OP_ID_RETENTION = 7 * 24 * 3600
 #: A writer's entry in the writer index is refreshed at most this often.
 _INDEX_EVERY = 60
 ANY_INCARNATION = b"*"
+#: How long a write waits for its replicas by default, with wait_for_replicas (seconds).
+REPLICA_TIMEOUT = 1.0
 #: The change channel of a memory is its key plus this (same hash tag).
 FEED_SUFFIX = ":changes"
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
@@ -161,14 +163,15 @@ def version_number(stamp: bytes) -> int:
     return int(count or b"0")
 
 
-def send(link: Channel, key: str, packed: bytes) -> Any:
+def send(link: Channel, key: str, packed: bytes, replies: int = 1) -> Any:
     """Send one command about ``key`` (in RESP form) on ``link``; redis-py's errors become the library's.
 
     Unreachable: ConnectionFailed; ``key`` of another type: CorruptData;
-    any other refusal: ServerRefused. Each names ``key``.
+    any other refusal: ServerRefused. Each names ``key``. With ``replies``
+    more than 1, ``packed`` holds that many commands: the list of replies.
     """
     try:
-        return link.call_packed(packed)
+        return link.call_packed(packed, key, replies)
     except ConnectionFailed as exc:
         raise ConnectionFailed(f"{exc} (key {key})", key=key) from exc.__cause__
     except redis.exceptions.NoScriptError:
@@ -235,7 +238,7 @@ class Sync:
 class Store:
     """All Redis traffic of one memory: its key, its scripts, its reads."""
 
-    def __init__(self, client: redis.Redis, key: str, companions: tuple[str, ...] = ()) -> None:
+    def __init__(self, client: Client, key: str, companions: tuple[str, ...] = ()) -> None:
         self.client = client
         self.key = key
         self.writers_key = key + ":w"
@@ -250,6 +253,8 @@ class Store:
         #: The first arguments of an apply call (writer, incarnation, expiry, author, count), packed.
         self._call_heads: dict[tuple[bytes | int, ...], bytes] = {}
         self._version_command = resp_command(("HMGET", key, "v", "i"))
+        #: Replicas each write waits for, and for how long (ms): WAIT after the apply script.
+        self.replicas = (0, 0)
 
     def _call(self, *args: Any) -> Any:
         return self._call_packed(resp_command(args))
@@ -257,16 +262,21 @@ class Store:
     def _call_packed(self, packed: bytes) -> Any:
         return send(self.channel, self.key, packed)
 
-    def _fcall(self, command: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0)) -> Any:
-        """FCALL of one of :data:`COMMANDS`; the library is loaded when the server lacks it."""
+    def _fcall(
+        self, command: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0), after: bytes = b""
+    ) -> Any:
+        """FCALL of one of :data:`COMMANDS`; the library is loaded when the server lacks it.
+
+        ``after``: another command sent in the same round trip; then the list of both replies.
+        """
         head = self._heads.get((command, keys))
         if head is None:
             packed_head = resp_command(("FCALL", FUNCTIONS[command], len(keys), *keys))
             head = self._heads[(command, keys)] = packed_head[packed_head.index(b"\r\n") + 2 :]  # without its count
-        packed = resp_command(args, head, 3 + len(keys), *tail)
+        packed = resp_command(args, head, 3 + len(keys), *tail) + after
         for _ in range(_LOAD_ATTEMPTS):
             try:
-                return self._call_packed(packed)
+                return send(self.channel, self.key, packed, 2) if after else self._call_packed(packed)
             except redis.exceptions.NoScriptError:
                 # A new server, one restarted without its data, or FUNCTION FLUSH
                 # (perhaps by another process, again and again).
@@ -300,12 +310,14 @@ class Store:
         None lets the script read them from the hash itself: O(size of the
         memory), and never stale. O(1) fields for item operations.
         """
-        head = self._call_heads.get((*call, len(steps)))
+        publisher = self.publisher()
+        head = self._call_heads.get((*call, publisher, len(steps)))
         if head is None:
             if len(self._call_heads) > 16:  # a few incarnations and batch sizes at most
                 self._call_heads.clear()
-            head = self._call_heads[(*call, len(steps))] = resp_args([*call, b"%d" % len(steps)])
-        tail, tail_count = [head], len(call) + 1
+            head = resp_args([*call, publisher, b"%d" % len(steps)])
+            self._call_heads[(*call, publisher, len(steps))] = head
+        tail, tail_count = [head], len(call) + 2
         for step in steps:
             seq, token, name, nid, birth = b"%d" % step.seq, step.token, step.name, step.nid, step.birth
             created = step.created
@@ -325,18 +337,32 @@ class Store:
             tail.append(b"$%d\r\n%s\r\n%s" % (len(count), count, step.args[0]))
             tail_count += 8 + len(created) + step.args[1]
         packed_tail = (b"".join(tail), tail_count)
+        replicas, timeout_ms = self.replicas
+        wait = resp_command(("WAIT", replicas, timeout_ms)) if replicas else b""
         try:
-            raw = self._fcall("apply", self.keys + self.companions, [], packed_tail)
+            raw = self._fcall("apply", self.keys + self.companions, [], packed_tail, wait)
         except ServerRefused as exc:
             # A server out of memory refuses writes; one that only removes relieves it.
             if "OOM" not in str(exc) or any(step.name not in _REMOVALS for step in steps):
                 raise
-            raw = self._fcall("apply_oom", self.keys + self.companions, [], packed_tail)
+            raw = self._fcall("apply_oom", self.keys + self.companions, [], packed_tail, wait)
+        if replicas:
+            raw, acknowledged = raw
+            if raw[0] in (b"ok", b"dup") and int(acknowledged) < replicas:
+                message = (
+                    f"{acknowledged} of the {replicas} replicas asked for confirmed a write to {self.key} within"
+                    f" {timeout_ms} ms: it is kept queued until they do"
+                )
+                raise NotReplicated(message, key=self.key)
         first = int(raw[3]) if raw[3] else None
         if len(steps) == 1:  # no 'refused' and 'per-operation' slots
             return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[5:])
         failed = int(raw[5]) if raw[5] else None
         return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[7:], failed, raw[6].split())
+
+    def publisher(self) -> bytes:
+        """The command the server code publishes changes with: SPUBLISH on a cluster (sharded pub/sub), else PUBLISH."""
+        return b"SPUBLISH" if self.channel.is_cluster() else b"PUBLISH"
 
     def version(self) -> tuple[bytes, bytes]:
         """HMGET of the version stamp and incarnation: the O(1) freshness check."""
@@ -377,7 +403,7 @@ class Store:
         count = b""
         if participants is not None:
             all_keys, count = (*all_keys, participants[0]), b"%d" % participants[1]
-        return int(self._fcall("delete", all_keys, [author, idle, b"%d" % hashes, count]))
+        return int(self._fcall("delete", all_keys, [author, idle, b"%d" % hashes, count, self.publisher()]))
 
     def expire(self, milliseconds: int | None) -> None:
         """PEXPIRE (or PERSIST, for None) of each of the memory's keys: O(1).

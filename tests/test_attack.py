@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import Switch
+from conftest import Switch, twin
+from servers import node_client, raw_client
 
 from redis_memory import Memory, RedisMemoryError
 
@@ -71,7 +72,7 @@ def test_a_corrupt_list_header_does_not_lock_up_the_server(real_url: str) -> Non
     (all memories, all keys) for minutes, and the write is left queued with an unknown outcome."""
     import time
 
-    raw = redis.Redis.from_url(real_url)
+    raw = raw_client(real_url)
     mem = Memory("t", url=real_url)
     mem.items = [1, 2]
     mem.other = "kept"
@@ -84,7 +85,7 @@ def test_a_corrupt_list_header_does_not_lock_up_the_server(real_url: str) -> Non
         with contextlib.suppress(RedisMemoryError):
             writer.items = 5
         elapsed = time.monotonic() - started
-        probe = redis.Redis.from_url(real_url, socket_timeout=5)
+        probe = raw_client(real_url, socket_timeout=5)
         assert probe.ping()  # not BUSY
         assert elapsed < 5, elapsed
     finally:
@@ -92,7 +93,7 @@ def test_a_corrupt_list_header_does_not_lock_up_the_server(real_url: str) -> Non
         writer.close(timeout=0)
         for _ in range(100):  # leave the shared server usable for the next tests
             try:
-                redis.Redis.from_url(real_url, socket_timeout=5).script_kill()
+                node_client(raw_client(real_url, socket_timeout=5), mem.key).script_kill()
             except redis.ResponseError:
                 break
             time.sleep(0.1)
@@ -246,13 +247,13 @@ def test_a_corrupt_writer_index_key_leaves_no_half_applied_write(
     assert loaded.to_dict() == {"x": 1}
     client.delete(mem.key + ":w")
     client.set(mem.key + ":w", "garbage")
-    writer = Memory("t", client=redis.Redis(connection_pool=client.connection_pool))
+    writer = Memory("t", client=twin(client))
     try:
         writer.y = 2
         applied = True
     except RedisMemoryError:
         applied = False
-    fresh = Memory("t", client=redis.Redis(connection_pool=other_client.connection_pool)).to_dict()
+    fresh = Memory("t", client=twin(other_client)).to_dict()
     assert fresh == ({"x": 1, "y": 2} if applied else {"x": 1}), fresh
     assert loaded.to_dict() == fresh
 
@@ -454,10 +455,10 @@ def test_a_lowered_node_counter_never_merges_a_new_value_into_an_existing_one(cl
     mem = Memory("t", client=client)
     mem.a = {"k": "a's value", "k2": 2}
     client.hset(mem.key, "c", "0")
-    writer = Memory("t", client=redis.Redis(connection_pool=client.connection_pool))
+    writer = Memory("t", client=twin(client))
     with contextlib.suppress(RedisMemoryError):
         writer.new = {"k": "new"}
-    stored = Memory("t", client=redis.Redis(connection_pool=client.connection_pool)).to_dict()
+    stored = Memory("t", client=twin(client)).to_dict()
     assert stored["a"] == {"k": "a's value", "k2": 2}, stored
     assert stored.get("new", {"k": "new"}) == {"k": "new"}, stored
 

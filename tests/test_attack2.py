@@ -9,7 +9,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
-from conftest import Switch
+from conftest import Switch, everywhere
 
 from redis_memory import Memory, RedisMemoryError
 
@@ -230,24 +230,22 @@ def test_a_queued_write_refused_for_a_missing_permission_stays_queued(switch: Sw
     @user_function:..." by the server, is taken for a damaged record and the write is dropped."""
     if isinstance(client, fakeredis.FakeRedis):
         pytest.skip("fakeredis has no ACL users")
-    assert switch.proxy is not None
-    client.execute_command("ACL", "SETUSER", "lim", "on", ">pw", "~*", "&*", "+@all")
+    everywhere(client, "ACL", "SETUSER", "lim", "on", ">pw", "~*", "&*", "+@all")
     try:
-        url = switch.proxy.url.replace("redis://", "redis://lim:pw@", 1)
-        mem = Memory("t", client=redis.Redis.from_url(url, socket_connect_timeout=2))
+        mem = Memory("t", client=switch.client("lim", "pw"))
         try:
             mem.a = 1
             switch.cut()
             mem.b = "queued while offline"
-            client.execute_command("ACL", "SETUSER", "lim", "-hset")
+            everywhere(client, "ACL", "SETUSER", "lim", "-hset")
             switch.restore()
             with contextlib.suppress(RedisMemoryError):
                 mem.flush(timeout=3)
-            client.execute_command("ACL", "SETUSER", "lim", "+hset")
+            everywhere(client, "ACL", "SETUSER", "lim", "+hset")
             with contextlib.suppress(RedisMemoryError):
                 mem.flush(timeout=5)
             assert Memory("t", client=client).to_dict() == {"a": 1, "b": "queued while offline"}
         finally:
             mem.close(timeout=0)
     finally:
-        client.execute_command("ACL", "DELUSER", "lim")
+        everywhere(client, "ACL", "DELUSER", "lim")

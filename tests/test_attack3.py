@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from servers import debian_redis
+from servers import debian_redis, raw_client
 
 from redis_memory import Memory, RedisMemoryError
 
@@ -17,7 +17,7 @@ spawn = multiprocessing.get_context("spawn")
 
 def flush_functions_until(url: str, started: Any, stop: Any) -> None:
     """Another process: FUNCTION FLUSH, over and over, until told to stop."""
-    client = redis.Redis.from_url(url)
+    client = raw_client(url)
     client.function_flush()
     started.set()
     while not stop.is_set():
@@ -69,7 +69,7 @@ def test_a_full_server_still_serves_reads_and_deletes(real_url: str) -> None:
     the whole FCALL up front: reading b.x (a sync) raises ServerRefused "... OOM command not
     allowed when used memory > 'maxmemory'." and so does a.delete(), which leaves the memory in
     place. With the EVALSHA scripts of ae2e7d8 both worked (read 2; the keys deleted)."""
-    client, other = redis.Redis.from_url(real_url), redis.Redis.from_url(real_url)
+    client, other = raw_client(real_url), raw_client(real_url)
     a, b = Memory("m", client=client), Memory("m", client=other)
     try:
         a.x = 1
@@ -96,7 +96,7 @@ def test_writes_while_another_process_flushes_the_functions_raise_only_library_e
     NoScriptError as is: the user gets `redis.exceptions.NoScriptError: ERR Function not found`
     (a third or more of the 300 appends on Redis 7.0 and Valkey), which `except RedisMemoryError` misses.
     (The EVALSHA code of ae2e7d8 had the same single retry under SCRIPT FLUSH.)"""
-    mem = Memory("m", client=redis.Redis.from_url(real_url))
+    mem = Memory("m", client=raw_client(real_url))
     mem.l = []
     started, stop = spawn.Event(), spawn.Event()
     flusher = spawn.Process(target=flush_functions_until, args=(real_url, started, stop))
@@ -116,7 +116,7 @@ def test_writes_while_another_process_flushes_the_functions_raise_only_library_e
         flusher.join(30)
     try:
         assert (len(foreign), foreign[:1]) == (0, [])
-        assert list(mem.l) == Memory("m", client=redis.Redis.from_url(real_url)).to_dict()["l"]
+        assert list(mem.l) == Memory("m", client=raw_client(real_url)).to_dict()["l"]
     finally:
         mem.close(timeout=0)
 
@@ -127,7 +127,7 @@ def test_on_a_full_server_deleting_an_attribute_still_frees_it(real_url: str) ->
     through. The apply function has no flags, so the server refuses the FCALL before it runs:
     `del a.big` raises ServerRefused "... OOM command not allowed when used memory >
     'maxmemory'." and the data stays (the server still holds ['big', 'keep'])."""
-    client = redis.Redis.from_url(real_url)
+    client = raw_client(real_url)
     a = Memory("m", client=client)
     try:
         a.big = ["x" * 1000] * 50
@@ -137,7 +137,7 @@ def test_on_a_full_server_deleting_an_attribute_still_frees_it(real_url: str) ->
             del a.big
         finally:
             client.config_set("maxmemory", 0)
-        assert sorted(Memory("m", client=redis.Redis.from_url(real_url)).to_dict()) == ["keep"]
+        assert sorted(Memory("m", client=raw_client(real_url)).to_dict()) == ["keep"]
     finally:
         a.close(timeout=0)
 

@@ -511,6 +511,9 @@ def test_keep_memories_0_keeps_no_replica_once_its_memory_is_closed(client: redi
     import gc
     import weakref
 
+    warm = Memory("warm", client=client)
+    warm.x = 1  # the server code loaded (fakeredis keeps the frames of a client's first call alive)
+    warm.close()
     keep_memories(0)
     mem = Memory("big", client=client)
     mem.blob = {"rows": list(range(10_000))}

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import Switch
+from conftest import Switch, all_keys
 
 from redis_memory import ConnectionFailed, ConversationMemory, CorruptData, RedisMemoryError, ServerRefused
 from redis_memory.store import Store
@@ -30,7 +30,7 @@ def test_listing_while_redis_is_down_raises_connection_failed(switch: Switch) ->
 
 def test_an_index_key_of_another_type_is_corrupt_data_naming_it(client: redis.Redis) -> None:
     """An index key holding a string makes listing raise CorruptData naming that key; writes still work."""
-    index = "rm:conversation:index"
+    index = ConversationMemory._rm_catalog(client, "rm").part_of("c")  # type: ignore[union-attr]
     client.set(index, "someone else's")
     mem = ConversationMemory("c", client=client)
     mem.messages = ["written"]  # the index is secondary: the write goes through
@@ -91,7 +91,7 @@ def test_a_memory_deleted_idle_and_written_again_by_another_process_is_listed(
     assert ConversationMemory.list_ids(client=other_client) == ["c"]
     assert ConversationMemory.count(client=other_client) == 1
     assert ConversationMemory.delete_idle(0, client=other_client) == 1
-    assert client.keys("*{c}*") == []
+    assert all_keys(client, "*{c}*") == []
 
 
 def test_a_write_landing_between_a_deletion_and_its_index_removal_keeps_the_memory_listed(

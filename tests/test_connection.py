@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from servers import free_port
+from servers import free_port, raw_client
 
 from redis_memory import ConversationMemory, Memory, RedisMemoryError, ServerRefused, Session, connection
 from redis_memory.errors import UnusableClient
@@ -39,7 +39,7 @@ def test_explicit_client_wins_over_url(real_url: str, monkeypatch: pytest.Monkey
     """client= is used even when url= and REDIS_URL name an unreachable server."""
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     monkeypatch.setenv("REDIS_URL", unreachable)
-    mem = Memory("precedence", client=redis.Redis.from_url(real_url), url=unreachable)
+    mem = Memory("precedence", client=raw_client(real_url), url=unreachable)
     mem.x = 1
     assert Memory("precedence", url=real_url).x == 1
 
@@ -192,9 +192,9 @@ def test_embedded_from_a_fresh_interpreter(tmp_path: Path) -> None:
 
 def test_reconnects_do_not_use_up_the_pool(real_url: str) -> None:
     """The library's own connection is not counted by the client's pool: many reconnects, still working."""
-    client = redis.Redis.from_url(real_url, max_connections=2, client_name="reconnecting")
+    client = raw_client(real_url, max_connections=2, client_name="reconnecting")
     mem = Memory("pool", client=client)
-    admin = redis.Redis.from_url(real_url)
+    admin = raw_client(real_url)
     for i in range(5):
         mem[f"k{i}"] = i
         for found in admin.client_list():

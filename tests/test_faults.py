@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from netproxy import TcpProxy
-from servers import RedisServer, debian_redis, durable_redis
+from servers import RedisServer, debian_redis, durable_redis, raw_client
 from workers import (
     append_while_down,
     open_containers_spool_and_flush,
@@ -78,7 +78,7 @@ def kill_clients(admin: redis.Redis, name: str) -> int:
 
 def test_client_kill_every_few_operations_loses_and_repeats_nothing(real_url: str) -> None:
     """CLIENT KILL of the library's connections, over and over, during 300 appends: exactly the 300 remain."""
-    mem = Memory("killed", client=redis.Redis.from_url(real_url, client_name="victim"))
+    mem = Memory("killed", client=raw_client(real_url, client_name="victim"))
     mem.items = []
     items = mem.items
     done = threading.Event()
@@ -86,14 +86,14 @@ def test_client_kill_every_few_operations_loses_and_repeats_nothing(real_url: st
 
     def killer() -> None:
         nonlocal kills
-        admin = redis.Redis.from_url(real_url)
+        admin = raw_client(real_url)
         while not done.is_set():
             kills += kill_clients(admin, "victim")
             time.sleep(random.uniform(0.0005, 0.004))
 
     thread = threading.Thread(target=killer)
     thread.start()
-    admin = redis.Redis.from_url(real_url)
+    admin = raw_client(real_url)
     try:
         for i in range(300):
             items.append(i)

@@ -282,14 +282,15 @@ def test_a_feed_notices_a_silent_link(client: redis.Redis, switch: Switch, monke
     """A link that drops everything without closing (a partition) is found by a PING; then resync."""
     monkeypatch.setattr(feed_module, "IDLE_PING", 0.3)
     monkeypatch.setattr(feed_module, "PONG_WAIT", 0.5)
-    assert switch.proxy is not None
+    if switch.fake is not None:
+        pytest.skip("fakeredis has no link to silence")
     listener = Memory("partition", client=switch.client())
     writer = Memory("partition", client=client)
     with listener.subscribe() as feed:
-        switch.proxy.silence()
+        switch.silence()
         writer.x = 1  # never reaches the listener
         assert feed.get(timeout=2) is None
-        switch.proxy.silence(False)
+        switch.silence(False)
         event = feed.get(timeout=10)
         assert event is not None and event.op == "resync"
         writer.x = 2

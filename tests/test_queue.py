@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import REAL_BACKENDS, Switch
+from conftest import REAL_BACKENDS, Switch, all_keys
 
 from redis_memory import (
     ConnectionFailed,
@@ -76,13 +76,13 @@ def test_after_the_first_failure_writes_do_not_touch_the_network(
     mem, _ = offline_pair(switch, client)
     mem.items = []
     calls: list[str] = []
-    real = Channel.call_packed
+    real = Channel.exchange
 
-    def counting(self: Channel, packed: bytes) -> object:
+    def counting(self: Channel, packed: bytes, *args: Any) -> tuple[list[object], bool]:
         calls.append(threading.current_thread().name)
-        return real(self, packed)
+        return real(self, packed, *args)
 
-    monkeypatch.setattr(Channel, "call_packed", counting)
+    monkeypatch.setattr(Channel, "exchange", counting)
     switch.cut()
     mem.items.append(0)
     me = threading.current_thread().name
@@ -166,7 +166,7 @@ def test_server_that_comes_back_empty_is_not_resurrected(switch: Switch, client:
     switch.restore()
     assert mem.flush(timeout=10)
     assert mem.status().dropped == 2
-    assert client.keys("*") == []
+    assert all_keys(client, "*") == []
     assert mem.to_dict() == {} and other.to_dict() == {}
 
 
@@ -255,7 +255,7 @@ def test_delete_needs_the_server(switch: Switch, client: redis.Redis) -> None:
         mem.delete()
     switch.restore()
     mem.delete()
-    assert mem.status().pending == 0 and client.keys("*") == []
+    assert mem.status().pending == 0 and all_keys(client, "*") == []
 
 
 def _child_writes_offline(mem: Memory, cut: Any, written: Any) -> None:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import redis
-from conftest import Switch
+from conftest import Switch, all_keys
 
 from redis_memory import (
     AgentMemory,
@@ -53,9 +53,9 @@ def test_sessions_are_isolated_and_in_one_hash_tag(client: redis.Redis) -> None:
     one.agent("A").y = 2
     two.shared.x = 3
     assert one.shared.x == 1 and two.shared.x == 3 and "y" not in dir(two.agent("A"))
-    keys = [k.decode() for k in client.keys("rm:session:{one}*")]
+    keys = [k.decode() for k in all_keys(client, "rm:session:{one}*")]
     assert len(keys) >= 4 and all("{one}" in k for k in keys)
-    assert all(b"{one}" not in k for k in client.keys("rm:session:{two}*"))
+    assert all(b"{one}" not in k for k in all_keys(client, "rm:session:{two}*"))
 
 
 def test_delete_on_exit_removes_every_key_and_the_index_entry(client: redis.Redis) -> None:
@@ -67,7 +67,7 @@ def test_delete_on_exit_removes_every_key_and_the_index_entry(client: redis.Redi
         temp.agent("A").y = 2
         temp.agent("B").z = 3
         assert Session.list_ids(client=client) == ["kept", "temp"]
-    assert [k for k in client.keys("*") if b"{temp}" in k] == []
+    assert [k for k in all_keys(client, "*") if b"{temp}" in k] == []
     assert Session.list_ids(client=client) == ["kept"]
     assert Session("kept", client=client).shared.x == 1
 
@@ -80,7 +80,7 @@ def test_session_metadata_and_idle_clean_up(client: redis.Redis) -> None:
     meta = s.metadata()
     assert meta.created_at is not None and meta.last_activity is not None
     assert Session.delete_idle(0, client=client) == 1
-    assert [k for k in client.keys("*") if b"{idle}" in k] == []
+    assert [k for k in all_keys(client, "*") if b"{idle}" in k] == []
 
 
 def test_with_ttl_the_participant_set_expires_with_the_session(client: redis.Redis) -> None:
@@ -154,7 +154,7 @@ def _wait_online(mem: AgentMemory) -> None:
 
 
 def _session_keys(client: redis.Redis, session_id: str) -> list[bytes]:
-    return [k for k in client.keys("*") if b"{" + session_id.encode() + b"}" in k]
+    return [k for k in all_keys(client, "*") if b"{" + session_id.encode() + b"}" in k]
 
 
 def test_an_agent_first_opened_while_redis_is_down_is_deleted_with_the_session(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import redis
+from conftest import all_keys
 
 from redis_memory import ConversationMemory, Memory, ops
 from redis_memory.store import JOURNAL_SIZE, Step, Store, escape_id, memory_key, version_number
@@ -30,12 +31,13 @@ def test_memory_lives_in_one_hash(client: redis.Redis) -> None:
     mem = ConversationMemory("one", client=client)
     mem.messages = [{"role": "user", "content": "x"}]
     mem.profile = {"a": {"b": [1, 2]}}
-    assert sorted(client.keys("*{one}*")) == [mem.key.encode(), (mem.key + ":w").encode()]
-    assert sorted(client.keys("*")) == [b"rm:conversation:index", *sorted(client.keys("*{one}*"))]
+    assert sorted(all_keys(client, "*{one}*")) == [mem.key.encode(), (mem.key + ":w").encode()]
+    index = ConversationMemory._rm_catalog(client, "rm").part_of("one").encode()  # type: ignore[union-attr]
+    assert sorted(all_keys(client)) == sorted([index, *all_keys(client, "*{one}*")])
     assert client.type(mem.key) == b"hash"
     assert client.type(mem.key + ":w") == b"zset"
     mem.delete()
-    assert client.keys("*") == []
+    assert all_keys(client) == []
 
 
 def test_operation_ids_of_long_silent_writers_are_pruned(client: redis.Redis, other_client: redis.Redis) -> None:

@@ -184,6 +184,8 @@ def test_eight_processes_mixed_nested_operations_through_outages(durable: RedisS
             proxy.close()
 
 
+# One proxy in front of one server: a cluster's nodes are cut and killed by the tests of test_cluster.py.
+@pytest.mark.parametrize("real_url", ["redis7", "valkey"], indirect=True)
 def test_eight_processes_mixed_nested_operations_through_cut_links(
     servers: dict[str, Any], real_url: str, tmp_path: Path
 ) -> None:

@@ -6,7 +6,10 @@ import time
 from multiprocessing.synchronize import Barrier, Event
 from typing import Any
 
-from redis_memory import ConversationMemory, Memory
+from redis.sentinel import Sentinel
+from servers import SentinelSetup
+
+from redis_memory import ConversationMemory, Memory, connection
 
 
 def append_and_set(url: str, writer: int, count: int, barrier: Barrier) -> None:
@@ -98,3 +101,54 @@ def open_containers_spool_and_flush(url: str, spool: str) -> None:
     mem = Memory("containers", url=url, spool=spool)
     assert mem.flush(timeout=60), mem.status()
     assert mem.status().dropped == 0, mem.status()
+
+
+def spread_writer(url: str, writer: int, names: list[str], rounds: int, barrier: Barrier) -> None:
+    """Append to, and set a key of, each named memory, ``rounds`` times over; every write in Redis at the end."""
+    mems = [Memory(name, url=url) for name in names]
+    logs = [mem.log for mem in mems]
+    seen = [mem.seen for mem in mems]
+    barrier.wait()
+    for i in range(rounds):
+        for log, marks in zip(logs, seen, strict=True):
+            log.append([writer, i])
+            marks[f"{writer}:{i}"] = i
+    for mem in mems:
+        assert mem.flush(timeout=60), mem.status()
+
+
+def _client_of(target: str | list[tuple[str, int]]) -> Any:
+    """A client for a URL (any node, for a cluster), or for the master that the sentinels at ``target`` name."""
+    if isinstance(target, str):
+        return connection.connect(url=target)
+    return Sentinel(target, socket_timeout=2).master_for(
+        SentinelSetup.SERVICE, socket_connect_timeout=2, socket_timeout=5
+    )
+
+
+def failover_writer(
+    target: str | list[tuple[str, int]],
+    name: str,
+    writer: int,
+    wait_for: int,
+    started: Event,
+    stop: Event,
+    finished: Barrier,
+    out: Any,
+) -> None:
+    """Append ``[writer, i]`` until told to stop (at least 20 times) and flush; once every writer has,
+    report the count, and whether this replica equals a fresh load."""
+    client = _client_of(target)
+    mem = Memory(name, client=client, wait_for_replicas=wait_for, replica_timeout=0.5)
+    log = mem.log
+    count = 0
+    started.set()
+    while not stop.is_set() or count < 20:
+        log.append([writer, count])
+        count += 1
+        time.sleep(0.002)
+    flushed = mem.flush(timeout=90)
+    finished.wait(120)
+    mine = mem.to_dict()
+    fresh = Memory(name, client=_client_of(target)).to_dict()
+    out.put((writer, count, flushed, mine == fresh, mem.status().dropped))

@@ -11,7 +11,10 @@ ARGV[1]  writer id
 ARGV[2]  expected incarnation ('*' for any)
 ARGV[3]  expiry in ms (0: none)
 ARGV[4]  author (may be empty)
-ARGV[5]  the number of operations; then, for each:
+ARGV[5]  the command that publishes the changes: PUBLISH, or SPUBLISH on a
+         Redis Cluster (sharded pub/sub: the message stays in the shard
+         that holds the memory, instead of reaching every node)
+ARGV[6]  the number of operations; then, for each:
   seq      its number for this writer, one more than the one before (a
            call whose first seq was applied already answers 'dup')
   token    unique to it: the birth of the nodes it creates, the version's
@@ -684,16 +687,16 @@ end
 
 local function apply(KEYS, ARGV)
   begin(KEYS[1])
-  A, pos = ARGV, 6
+  A, pos = ARGV, 7
   writer = ARGV[1]
-  nops = tonumber(ARGV[5])
+  nops = tonumber(ARGV[6])
   -- A single operation creates nodes under no ids of the client's and
   -- knows every node by its birth: nothing to map.
   if nops == 1 then realid, known_as = NONE, NONE else realid, known_as = {}, {} end
   headers, dirty = {}, {}
   first_nid, damage, damage_why = nil, nil, nil
   local wfield = 'w' .. writer
-  local first_seq, first_token, first_nid_arg = tonumber(ARGV[6]), ARGV[7], ARGV[9]
+  local first_seq, first_token, first_nid_arg = tonumber(ARGV[7]), ARGV[8], ARGV[10]
   local hnid = hfield(first_nid_arg)
   -- The header of the node first changed comes with the memory's own fields.
   local meta = redis.call('HMGET', K, 'i', 'v', 'c', wfield, hnid)
@@ -812,7 +815,7 @@ local function apply(KEYS, ARGV)
   for i = 1, #events, 2 do lines[#lines + 1] = head .. events[i] .. tail .. events[i + 1] end
   if #lines == 1 then lines = lines[1] else lines = table.concat(lines, '\n') end
   -- pcall: a user whose ACL forbids the channel still writes (without events).
-  redis.pcall('PUBLISH', K .. '@FEED_SUFFIX@', lines)
+  redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@', lines)
   if nops > 1 then return reply('ok', result, '', table.concat(results, ' ')) end
   return reply('ok', result, '', '', unpack(extra or {}))
 end

@@ -9,6 +9,7 @@ ARGV[2]  idle ms: only if none of the hashes changed in that long, by the
          server's clock ('' for no such condition)
 ARGV[3]  the number of hashes among KEYS
 ARGV[4]  the participant count the client listed ('' for none)
+ARGV[5]  the command that publishes: PUBLISH, or SPUBLISH on a Redis Cluster
 
 Replies: the number of keys deleted; -1 if a hash was active, -2 if the
 participant set no longer has the count listed (nothing is deleted then).
@@ -36,7 +37,7 @@ local function delete(KEYS, ARGV)
     local now_ms = string.format('%d', now)
     local author = string.format('%d', #ARGV[1]) .. ':' .. ARGV[1]
     local event = {'0', now_ms, '', 'dclear', '0', '', '', '', '', author}
-    redis.pcall('PUBLISH', KEYS[1] .. '@FEED_SUFFIX@', table.concat(event, ' '))
+    redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', KEYS[1] .. '@FEED_SUFFIX@', table.concat(event, ' '))
   end
   return deleted
 end
