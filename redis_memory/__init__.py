@@ -11,6 +11,7 @@ from .errors import (
     MemoryClosed,
     MissingAttribute,
     MissingKey,
+    NotLoaded,
     OfflineQueueFull,
     PrivateMemory,
     RedisMemoryError,
@@ -18,6 +19,7 @@ from .errors import (
     ServerRefused,
     UnsupportedValue,
     UnusableClient,
+    WrongThread,
 )
 from .feed import Event, Feed, Subscription
 from .memory import ConversationMemory, Memory, Metadata, Stats
@@ -43,6 +45,7 @@ __all__ = [
     "Metadata",
     "MissingAttribute",
     "MissingKey",
+    "NotLoaded",
     "ObservedDict",
     "ObservedList",
     "ObservedSet",
@@ -59,6 +62,7 @@ __all__ = [
     "TokenCounter",
     "UnsupportedValue",
     "UnusableClient",
+    "WrongThread",
     "embedded_dir",
     "ensure_embedded",
     "fit_messages",

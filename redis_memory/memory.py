@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, cast, overload
 
@@ -33,8 +33,11 @@ from .errors import (
     RedisMemoryError,
     ReservedName,
     ServerRefused,
+    UnsupportedValue,
+    WrongThread,
 )
 from .feed import Event, Feed, Subscription
+from .messages import as_message
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
 from .store import ANY_INCARNATION, REF, Reply, Step, Store, memory_key, version_number
@@ -93,6 +96,8 @@ class MemoryCore:
         self.closed = False
         #: The batch being made (``with mem.batch():``), under this core's lock.
         self.batching: Batch | None = None
+        #: The only thread that may use this core, when an async memory drives it (aio.py).
+        self.driver: threading.Thread | None = None
         _live_cores.add(self)
         self.link.attach(self)
         if self.outbox.spool is not None:
@@ -119,6 +124,16 @@ class MemoryCore:
     def check_open(self) -> None:
         if self.closed:
             raise MemoryClosed(f"{self.store.key} was closed here; open a new memory to use it", key=self.store.key)
+        self.check_thread()
+
+    def check_thread(self) -> None:
+        """Refuse a call from outside the driver thread of an async memory (it would block the event loop)."""
+        if self.driver is not None and threading.current_thread() is not self.driver:
+            raise WrongThread(
+                f"{self.store.key} belongs to an async memory: change it with its awaited methods "
+                "(set, append, run, batch), not from the event loop",
+                key=self.store.key,
+            )
 
     def flush(self, timeout: float | None) -> bool:
         """Wait for the queue to reach Redis, up to ``timeout`` seconds (None: as long as it takes)."""
@@ -234,7 +249,11 @@ class MemoryCore:
         with self.lock:
             self.check_open()
             self.refresh()
-            value = dict.get(self.replica.root, name, _MISSING)
+            return self.peek(name, missing)
+
+    def peek(self, name: str, missing: type[RedisMemoryError]) -> Any:
+        """The value under ``name`` in the replica as it is, without touching the network."""
+        value = dict.get(self.replica.root, name, _MISSING)
         if value is _MISSING:
             raise missing(f"{name!r} is not stored in {self.store.key}", key=self.store.key, field=name)
         if isinstance(value, Corrupt):
@@ -508,6 +527,27 @@ class MemoryCore:
                 raise
             self.batching = None
             batch.commit()
+
+    def append_to(self, name: str, items: list[Any]) -> None:
+        """Append ``items`` to the list under ``name``, made first (a root setdefault) if the fresh view has none.
+
+        A list held in the replica is appended to without a version check:
+        the server checks what an append depends on.
+        """
+        with self.lock:
+            self.check_open()
+            _check_name(name)
+            found = dict.get(self.replica.root, name, _MISSING)
+            if not isinstance(found, ObservedList):
+                self.refresh()
+                self.replica.root.setdefault(name, [])
+                found = self.read(name, MissingAttribute)
+            if not isinstance(found, ObservedList):
+                raise UnsupportedValue(
+                    f"{name} in {self.store.key} is a {type(found).__name__}, not a list", key=self.store.key,
+                    field=name,
+                )  # fmt: skip
+            found.extend(items)
 
     def queue_applied(
         self, op: ops.Op, plan: ops.Plan, seq: int, created: list[bytes], birth: bytes, group: int
@@ -1212,6 +1252,21 @@ class ConversationMemory(Memory):
         except MissingAttribute:
             messages = []
         return fit_messages(messages, max_tokens, counter=counter, keep_system=keep_system, summarize=summarize)
+
+    def add_message(self, message: Any) -> None:
+        """Append one message to ``messages`` (made if missing): a dict, an OpenAI SDK object or a LangChain message.
+
+        Stored as an OpenAI-style dict (see :mod:`redis_memory.messages`):
+        one FCALL, two the first time (the list is made by a setdefault, so
+        two processes starting one conversation never overwrite each other).
+        """
+        self.add_messages([message])
+
+    def add_messages(self, messages: Iterable[Any]) -> None:
+        """Append several messages at once (one FCALL): see :meth:`add_message`."""
+        stored = [as_message(message) for message in messages]
+        if stored:
+            self._rm.append_to("messages", stored)
 
     @property
     def conversation_id(self) -> str:

@@ -19,7 +19,8 @@ def test_star_import_gives_exactly_all() -> None:
     assert exported == set(redis_memory.__all__)
     public = {name for name in dir(redis_memory) if not name.startswith("_")}
     modules = {
-        "batch", "catalog", "codec", "connection", "errors", "feed", "memory", "ops", "proxies", "queue", "replica",
+        "aio", "batch", "catalog", "codec", "connection", "errors", "feed", "integrations", "memory", "messages", "ops",
+        "proxies", "queue", "replica",
         "session", "store", "window",
     }
     assert public - modules == set(redis_memory.__all__)

@@ -98,3 +98,14 @@ def open_containers_spool_and_flush(url: str, spool: str) -> None:
     mem = Memory("containers", url=url, spool=spool)
     assert mem.flush(timeout=60), mem.status()
     assert mem.status().dropped == 0, mem.status()
+
+
+def append_to_conversations(url: str, writer: int, conversations: int, count: int, barrier: Barrier) -> None:
+    """With the sync API: append ``count`` items to each of ``conversations`` conversations, interleaved."""
+    opened = [ConversationMemory(f"aio-{c}", url=url) for c in range(conversations)]
+    barrier.wait()
+    for i in range(count):
+        for c, mem in enumerate(opened):
+            mem.add_message({"role": "user", "content": f"sync {writer} {c} {i}"})
+    for mem in opened:
+        mem.close()
