@@ -110,3 +110,7 @@ class WrongThread(RedisMemoryError, RuntimeError):
 
 class NotLoaded(RedisMemoryError, RuntimeError):
     """An async memory's local replica was read before it was ever loaded: ``await mem.refresh()`` first."""
+
+
+class MissingExtra(RedisMemoryError, ImportError):
+    """An integration's framework is not installed: the message names the extra that installs it."""

@@ -109,3 +109,15 @@ def append_to_conversations(url: str, writer: int, conversations: int, count: in
             mem.add_message({"role": "user", "content": f"sync {writer} {c} {i}"})
     for mem in opened:
         mem.close()
+
+
+def langchain_turns(url: str, conversation_id: str, questions: list[str], replies: list[str], seen: Any) -> None:
+    """Run one RunnableWithMessageHistory turn per question (sync invoke); put how many messages the model saw."""
+    from chains import history_chain
+
+    chain, histories, counts = history_chain(url, replies)
+    for question in questions:
+        chain.invoke({"question": question}, config={"configurable": {"session_id": conversation_id}})
+    seen.put(counts)
+    for history in histories.values():
+        history.close()
