@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import warnings
 
+import pytest
 import redis
 from chains import history_chain
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
@@ -15,9 +15,9 @@ from redis_memory import ConversationMemory
 from redis_memory.integrations.langchain import ChatMessageHistory
 
 
+@pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
 def test_runnable_with_message_history_over_three_turns_in_two_processes(real_url: str) -> None:
     """Turns 1 and 2 in a child process (sync invoke), turn 3 here (ainvoke): one history, seen by plain code."""
-    warnings.filterwarnings("ignore", message=".*RunnableWithMessageHistory is deprecated.*")
     ctx = multiprocessing.get_context("spawn")
     seen = ctx.Queue()
     child = ctx.Process(target=langchain_turns, args=(real_url, "lc-1", ["q1", "q2"], ["a1", "a2"], seen))
@@ -82,3 +82,4 @@ def test_async_methods_and_clear(client: redis.Redis) -> None:
         history.add_messages([HumanMessage("again")])
         history.clear()
         assert history.messages == []
+
