@@ -17,7 +17,7 @@ from ..memory import ConversationMemory
 from ..proxies import plain
 
 try:
-    from agents.memory.session_settings import SessionSettings, resolve_session_limit
+    from agents.memory.session_settings import SessionSettings, coerce_session_settings, resolve_session_limit
 except ImportError as exc:  # pragma: no cover - exercised with the extra missing
     raise MissingExtra(
         "redis_memory.integrations.openai_agents needs the Agents SDK: pip install 'redis-memory[openai-agents]'"
@@ -48,9 +48,9 @@ class AgentsSession:
         **memory_options: Any,
     ) -> None:
         self.session_id = session_id
-        if isinstance(session_settings, dict):
-            session_settings = SessionSettings(**session_settings)
-        self.session_settings: SessionSettings | None = session_settings
+        self.session_settings: SessionSettings | None = (
+            coerce_session_settings(session_settings) if session_settings is not None else None
+        )
         self.memory = AsyncConversationMemory(session_id, **memory_options)
 
     async def get_items(self, limit: int | None = None) -> list[Item]:
