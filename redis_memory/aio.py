@@ -28,6 +28,7 @@ import contextlib
 import os
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, cast
@@ -73,12 +74,17 @@ class Worker:
             if job is None:
                 return
             call, done = job
+            # Neither this frame nor the next wait may keep the call (and its memory)
+            # alive once the awaiting task has resumed: let go of it before settling.
+            job = None
+            outcome: Any
             try:
-                result = call()
+                outcome = (call(), None)
             except BaseException as exc:  # handed to the awaiting task, which raises it
-                done(None, exc)
-            else:
-                done(result, None)
+                outcome = (None, exc)
+            call = None
+            done(*outcome)
+            done = outcome = None
 
     def thread_of(self) -> threading.Thread:
         """The worker thread (started if need be)."""
@@ -127,6 +133,10 @@ class Worker:
         if error is not None:
             raise error
         return result  # type: ignore[no-any-return]
+
+    def stop_soon(self) -> None:
+        """End the thread after the calls handed to it, without waiting."""
+        self._stopping()
 
     def _stopping(self) -> threading.Thread | None:
         """No more calls; the thread (of this process) is told to end after those handed to it."""
@@ -190,6 +200,9 @@ class AsyncMemory(Generic[M]):
 
         # Built by the first call handed to the worker, so every later call finds it.
         object.__setattr__(self, "_rm_build", build_here)
+        if own_worker:
+            # An async memory let go of without close() ends its thread: nothing could hand it work again.
+            weakref.finalize(self, worker.stop_soon)
 
     @classmethod
     def _rm_wrap(cls, worker: Worker, build: Callable[[], M], name: str) -> Self:
@@ -440,6 +453,7 @@ class AsyncSession:
             return made
 
         self._build = build
+        weakref.finalize(self, self._worker.stop_soon)
         self.shared: AsyncMemory[Any] = AsyncMemory._rm_wrap(self._worker, lambda: self._session().shared, session_id)
 
     def _session(self) -> Session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import socket
 import threading
@@ -109,6 +110,31 @@ def test_proxies_refuse_changes_from_the_loop_and_reads_before_a_load_are_an_err
         await mem.close()  # twice: nothing
 
     run(scenario)
+
+
+def test_an_async_memory_let_go_of_ends_its_thread(client: redis.Redis) -> None:
+    """Without close(), a collected async memory's worker thread still ends (the fixture checks no thread is left)."""
+
+    # fakeredis keeps the "Function not found" of a server's first FCALL (and
+    # through its traceback, the frames that made the call) alive: load the
+    # server functions first, so that what is measured is this library's hold.
+    Memory("warm-up", client=client).loaded = True
+
+    async def scenario() -> None:
+        mem = AsyncMemory("let-go", client=client)
+        await mem.set("x", 1)
+        session = AsyncSession("let-go", client=client)
+        await session.shared.set("y", 2)
+        threads = [t for t in threading.enumerate() if t.name.startswith("redis_memory aio")]
+        assert len(threads) == 2
+        del mem, session
+        gc.collect()
+        for thread in threads:
+            thread.join(5)
+            assert not thread.is_alive()
+
+    run(scenario)
+    assert Memory("let-go", client=client).x == 1
 
 
 def test_conversation_add_message_and_session(client: redis.Redis) -> None:
