@@ -86,10 +86,6 @@ class Worker:
             done(*outcome)
             done = outcome = None
 
-    def thread_of(self) -> threading.Thread:
-        """The worker thread (started if need be)."""
-        return self._ensure_started()
-
     def submit(self, call: Callable[[], T], done: Callable[[Any, BaseException | None], None]) -> None:
         if self.stopped:
             raise MemoryClosed(f"{self.name} was closed")
@@ -186,20 +182,20 @@ class AsyncMemory(Generic[M]):
         self._rm_start(name, lambda: cast(M, self._rm_sync_type(name, **options)), Worker(name))
 
     def _rm_start(self, name: str, build: Callable[[], M], worker: Worker, own_worker: bool = True) -> None:
-        object.__setattr__(self, "_rm_name", name)
-        object.__setattr__(self, "_rm_worker", worker)
-        object.__setattr__(self, "_rm_memory", None)
-        object.__setattr__(self, "_rm_own_worker", own_worker)
-        object.__setattr__(self, "_rm_closed", False)
+        self._rm_name = name
+        self._rm_worker = worker
+        self._rm_memory = None
+        self._rm_own_worker = own_worker
+        self._rm_closed = False
 
         def build_here() -> M:
             made = build()
             made._rm.driver = threading.current_thread()
-            object.__setattr__(self, "_rm_memory", made)
+            self._rm_memory = made
             return made
 
         # Built by the first call handed to the worker, so every later call finds it.
-        object.__setattr__(self, "_rm_build", build_here)
+        self._rm_build = build_here
         if own_worker:
             # An async memory let go of without close() ends its thread: nothing could hand it work again.
             weakref.finalize(self, worker.stop_soon)
@@ -378,7 +374,7 @@ class AsyncMemory(Generic[M]):
         try:
             await worker.run(self._rm_close_here(timeout))
         finally:
-            object.__setattr__(self, "_rm_closed", True)
+            self._rm_closed = True
             if self._rm_own_worker:
                 await worker.stop_async()
 
@@ -389,7 +385,7 @@ class AsyncMemory(Generic[M]):
         try:
             self._rm_worker.call(self._rm_close_here(timeout))
         finally:
-            object.__setattr__(self, "_rm_closed", True)
+            self._rm_closed = True
             if self._rm_own_worker:
                 self._rm_worker.stop()
 
@@ -501,7 +497,7 @@ class AsyncSession:
             await self._worker.run(close)
         finally:
             for opened in [self.shared, *self._opened.values()]:
-                object.__setattr__(opened, "_rm_closed", True)
+                opened._rm_closed = True
             await self._worker.stop_async()
 
     async def __aenter__(self) -> AsyncSession:
