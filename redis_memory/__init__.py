@@ -8,6 +8,7 @@ from .errors import (
     ContainerDeleted,
     CorruptData,
     EmbeddedServerError,
+    InsideBatch,
     MemoryClosed,
     MissingAttribute,
     MissingExtra,
@@ -23,7 +24,7 @@ from .errors import (
     WrongThread,
 )
 from .feed import Event, Feed, Subscription
-from .memory import ConversationMemory, Memory, Metadata, Stats
+from .memory import ConversationMemory, Memory, Metadata, Stats, keep_memories
 from .proxies import ObservedDict, ObservedList, ObservedSet
 from .queue import Status
 from .session import AgentMemory, Session, SessionMemory
@@ -41,6 +42,7 @@ __all__ = [
     "Event",
     "Feed",
     "Health",
+    "InsideBatch",
     "Memory",
     "MemoryClosed",
     "Metadata",
@@ -69,6 +71,7 @@ __all__ = [
     "ensure_embedded",
     "fit_messages",
     "health_check",
+    "keep_memories",
     "message_tokens",
     "stop_embedded",
     "token_counter",

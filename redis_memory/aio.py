@@ -63,6 +63,7 @@ class Worker:
             if self.thread is None or self.pid != os.getpid():
                 self.jobs = queue.SimpleQueue()
                 self.thread = threading.Thread(target=self._run, args=(self.jobs,), name=self.name, daemon=True)
+                self.thread.rm_driver = True  # type: ignore[attr-defined]  # memories built on it get its cores
                 self.pid = os.getpid()
                 self.thread.start()
             return self.thread
@@ -190,7 +191,6 @@ class AsyncMemory(Generic[M]):
 
         def build_here() -> M:
             made = build()
-            made._rm.driver = threading.current_thread()
             self._rm_memory = made
             return made
 
@@ -213,7 +213,7 @@ class AsyncMemory(Generic[M]):
         if found is None:
             found = self._rm_build()
         elif found._rm.driver is not threading.current_thread():
-            found._rm.driver = threading.current_thread()  # a forked child's new worker
+            found._rm.driver = threading.current_thread()  # a forked child's new worker: the parent's is gone
         return found
 
     async def run(self, call: Callable[[M], T]) -> T:
@@ -444,7 +444,6 @@ class AsyncSession:
 
         def build() -> Session:
             made = Session(session_id, agent=agent, **options)
-            made.shared._rm.driver = threading.current_thread()
             self._sync = made
             return made
 
@@ -460,12 +459,7 @@ class AsyncSession:
         found = self._opened.get(name)
         if found is None:
 
-            def open_agent() -> Any:
-                made = self._session().agent(name)
-                made._rm.driver = threading.current_thread()
-                return made
-
-            found = AsyncMemory._rm_wrap(self._worker, open_agent, name)
+            found = AsyncMemory._rm_wrap(self._worker, lambda: self._session().agent(name), name)
             await found.refresh()
             self._opened[name] = found
         return found

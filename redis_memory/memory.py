@@ -13,6 +13,7 @@ import re
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, cast, overload
@@ -27,6 +28,7 @@ from .errors import (
     ConnectionFailed,
     ContainerDeleted,
     CorruptData,
+    InsideBatch,
     MemoryClosed,
     MissingAttribute,
     MissingKey,
@@ -78,6 +80,7 @@ class MemoryCore:
         ttl: float | None = None,
         bounds: dict[str, int] | None = None,
         author: str | None = None,
+        shared: bool = False,
     ) -> None:
         self.store = store
         self.name = name
@@ -98,14 +101,35 @@ class MemoryCore:
         self.batching: Batch | None = None
         #: The only thread that may use this core, when an async memory drives it (aio.py).
         self.driver: threading.Thread | None = None
+        #: A core shared by memory objects (see :class:`SharedCores`): those open on it.
+        self.shared = shared
+        self.holders: weakref.WeakSet[Memory] = weakref.WeakSet()
         _live_cores.add(self)
         self.link.attach(self)
-        if self.outbox.spool is not None:
+        self.adopt()
+
+    def adopt(self) -> None:
+        """Take up the queues that ended processes left in this memory's spool (see queue.Spool)."""
+        if self.outbox.spool is None:
+            return
+        with self.lock:
             adopted = self.outbox.spool.adopt(self.writer)
             if adopted:
-                log.info("%s: %d operations found in the spool of an ended process", store.key, len(adopted))
+                log.info("%s: %d operations found in the spool of an ended process", self.store.key, len(adopted))
                 self.outbox.entries.extend(adopted)
                 self.link.wait_for(self)
+
+    def in_use(self) -> bool:
+        """Open, and (if shared) held by some memory object: it keeps its link's thread and connection."""
+        return not self.closed and (not self.shared or bool(self.holders))
+
+    def reopen(self) -> None:
+        """A shared core closed by its last memory object is taken again (its replica kept)."""
+        with self.lock:
+            if self.closed:
+                self.closed = False
+                _live_cores.add(self)
+                self.link.attach(self)
 
     def shadow(self) -> MemoryCore:
         """Another core on the same memory, with a replica of its own: for a reader in another thread."""
@@ -114,6 +138,7 @@ class MemoryCore:
     def after_fork(self) -> None:
         """In a forked child: a fresh lock, a writer id of its own, no queue (the parent replays it)."""
         self.lock = threading.RLock()
+        self.batching = None  # a batch being made is the parent's to send
         self.writer = _new_token()
         self.seq = 0
         self.provisional = itertools.count(1)
@@ -302,6 +327,7 @@ class MemoryCore:
         Returns what a delete removed, or ``NO_OP`` when ``build`` found
         nothing to do. Raises ContainerDeleted if ``proxy``'s node is gone.
         """
+        self.check_thread()  # before the lock, which the driver may hold over a round trip
         with self.lock:
             self.check_open()
             if self.batching is not None:
@@ -488,7 +514,13 @@ class MemoryCore:
             return removed
         if reply.status == "corrupt":
             self.raise_corrupt(reply)
-        self.catch_up()
+        if (reply.stamp, reply.incarnation) == (replica.stamp, replica.incarnation):
+            # Refused at the very version this replica holds: the hash was
+            # changed outside the library (a version would have moved), so
+            # the replica is read whole again rather than trusted.
+            replica.load(self.store.read_all())
+        else:
+            self.catch_up()
         if reply.status == "gone":
             proxy._rm_live = False
             return _RETRY
@@ -509,13 +541,26 @@ class MemoryCore:
         message = f"corrupt data in {key} field {reply.extra[1]!r}: {why}" if field else f"{key} {why}"
         raise CorruptData(message, key=key, field=reply.extra[1] or None)
 
+    def outside_batch(self, call: str) -> None:
+        """Refuse ``call`` (which would reach Redis at once) inside a batch of this thread."""
+        batch = self.batching
+        if batch is not None and batch.thread == threading.get_ident():
+            message = f"{call} inside a batch of {self.store.key} would reach Redis before the batch: end it first"
+            raise InsideBatch(message, key=self.store.key)
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """See :meth:`Memory.batch`."""
         with self.lock:
             self.check_open()
             if self.batching is not None:
-                yield  # joins the outer batch
+                # Joins the outer batch; raising, it takes back its own statements.
+                outer, mark = self.batching, len(self.batching.entries)
+                try:
+                    yield
+                except BaseException:
+                    outer.take_back(mark)
+                    raise
                 return
             self.refresh()  # one version check: the block builds on a fresh view
             batch = self.batching = Batch(self)
@@ -549,17 +594,17 @@ class MemoryCore:
                 )  # fmt: skip
             found.extend(items)
 
-    def queue_applied(
-        self, op: ops.Op, plan: ops.Plan, seq: int, created: list[bytes], birth: bytes, group: int
-    ) -> None:
-        """Put an operation already applied to the replica on the queue (``group``: its batch's first seq, or 0)."""
+    def pending(
+        self, op: ops.Op, plan: ops.Plan, seq: int, created: list[bytes], birth: bytes, group: int = 0
+    ) -> queue.Pending:
+        """The queue entry of an operation (``group``: its batch's first seq, or 0)."""
         entry = queue.Pending(
             self.writer, seq, self.replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created,
             self.author, birth, group=group,
         )  # fmt: skip
         if isinstance(op, (ops.ListReplace, ops.SetChange)):
             entry.intent, entry.recompute = op.intent, op.compute
-        self.outbox.push(self.writer, entry)
+        return entry
 
     def _enqueue(self, op: ops.Op, plan: ops.Plan, seq: int, may_be_applied: bool = False) -> Any:
         """Offline: apply ``op`` to the replica and queue it for the replay."""
@@ -570,7 +615,7 @@ class MemoryCore:
         # written: a spool read by the next process must map them on replay.
         created = queue.provisional_ids(self.writer, self.provisional, op.nodes())
         removed = replica.value_at(op)
-        self.queue_applied(op, plan, seq, created, replica.nodes[op.nid]._rm_birth, 0)
+        self.outbox.push(self.writer, self.pending(op, plan, seq, created, replica.nodes[op.nid]._rm_birth))
         replica.apply_local(op, iter(created), ops.op_token(self.writer, seq))
         replica.speculative = True
         self.link.wait_for(self)
@@ -640,7 +685,12 @@ class MemoryCore:
             token = ops.op_token(entry.writer, entry.seq)
             steps.append(Step(entry.seq, token, entry.name, entry.nid, birth, entry.created, entry.plan,
                               ops.from_tokens(args)))  # fmt: skip
-        reply = self.store.apply([head.writer, expected, self.ttl, head.author], steps)
+        try:
+            reply = self.store.apply([head.writer, expected, self.ttl, head.author], steps)
+        except ServerRefused as exc:
+            if not _malformed(exc):
+                raise  # out of memory, no permission: it stays queued
+            return False  # one of them is damaged: replayed one by one, the damaged one dropped
         if reply.status not in ("ok", "dup", "same"):
             return False
         self._index(created=reply.status == "dup" or version_number(reply.stamp) == 1)
@@ -650,16 +700,23 @@ class MemoryCore:
                 self.replica.incarnation = reply.incarnation
         # The nodes each operation created, from its result (a resend's, the
         # call's first: they were given in order).
-        results = reply.results or [b"-"] * len(group)
-        if reply.status == "dup" and reply.first_nid is not None:
-            first = reply.first_nid
-            results = []
+        if len(group) == 1 or (reply.status == "dup" and not reply.results and reply.first_nid is not None):
+            # A single operation's reply names its first new node only; so does a
+            # resend of a batch applied whole, whose nodes were made in order (a
+            # wrong guess, after a setdefault skipped, is caught by the births).
+            first, results = reply.first_nid, []
             for entry in group:
-                results.append(b"%d" % first if entry.created else b"-")
-                first += len(entry.created)
+                results.append(b"%d" % first if first is not None and entry.created else b"-")
+                first = None if first is None else first + len(entry.created)
+        else:
+            results = reply.results or [b"-"] * len(group)
         for entry, result in zip(group, results, strict=True):
-            if entry.created and result not in (b"-", b"x"):
+            if entry.created and result.isdigit():
                 self._map(entry.created, [b"%d" % (int(result) + i) for i in range(len(entry.created))])
+            elif entry.created and result[:1] == b"x" and b"/" in result:
+                # setdefault found a container: what was queued for the default goes to it.
+                there, _, birth = result[1:].partition(b"/")
+                self._map(entry.created[:1], [there], {there: birth})
         return True
 
     def _replay(self, entry: queue.Pending) -> None:
@@ -689,7 +746,7 @@ class MemoryCore:
             if sent.name not in (b"lreplace", b"schange"):
                 plan = None  # the script lists what is there now: never stale
                 continue
-            again = self._rewrite_again(entry, sent.nid, self.store.read_all())
+            again = self.rewrite_again(entry, sent.nid, self.store.read_all())
             if again is None:
                 break
             args, plan = again
@@ -733,7 +790,7 @@ class MemoryCore:
         self.outbox.last_error = queue.kept(error)
         log.warning("%s: a queued %s was dropped: %s", self.store.key, entry.name.decode(), error)
 
-    def _rewrite_again(
+    def rewrite_again(
         self, entry: queue.Pending, nid: bytes, fields: dict[bytes, bytes]
     ) -> tuple[list[bytes], ops.Plan] | None:
         """A queued whole-list or whole-set change made again from node ``nid`` in ``fields`` (an HGETALL).
@@ -827,12 +884,84 @@ def _malformed(error: ServerRefused) -> bool:
     return bool(re.search(r"user_function:\d+: |unknown operation", text))
 
 
+class SharedCores:
+    """The cores of this process's memories, by server, key and options, least recently used first.
+
+    Memory objects built on the same server (client), key and options share
+    one core: one replica, one writer id, one queue. So a memory built per
+    request in a process that served that memory before costs no full load,
+    and writer entries grow with processes, not with objects built. Cores
+    that no open memory object holds (let go of, or closed) are kept up to
+    :attr:`limit`, then the least recently used is closed and forgotten; a
+    core with changes queued or a spool is never kept closed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.cores: OrderedDict[tuple[Any, ...], MemoryCore] = OrderedDict()
+
+    def take(self, key: tuple[Any, ...], make: Callable[[], MemoryCore]) -> MemoryCore:
+        """The core for ``key`` (made if there is none), marked most recently used."""
+        with self.lock:
+            core = self.cores.pop(key, None)
+            if core is not None and core.closed and (core.outbox or core.outbox.spool is not None):
+                core = None  # closed with what only a fresh core may take up
+            if core is None:
+                core = make()
+            self.cores[key] = core
+            evicted = self._trim(keep=core)
+        core.reopen()
+        core.adopt()  # a process that ended since this core was made may have left a queue
+        for old in evicted:
+            old.close(0)
+        return core
+
+    def _trim(self, keep: MemoryCore | None = None) -> list[MemoryCore]:
+        """Forget the least recently used cores no memory object holds, beyond the limit (with the lock).
+
+        Never ``keep``, the core being taken (its memory object holds it in a moment).
+        """
+        idle = [(key, core) for key, core in self.cores.items() if not (core is keep or core.holders or core.outbox)]
+        evicted = []
+        for key, core in idle[: max(0, len(idle) - self.limit)]:
+            del self.cores[key]
+            evicted.append(core)
+        return evicted
+
+    def resize(self, limit: int) -> None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise ValueError(f"the number of memories kept for reuse must be an int >= 0, not {limit!r}")
+        with self.lock:
+            self.limit = limit
+            evicted = self._trim()
+        for old in evicted:
+            old.close(0)
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+
+
+_shared = SharedCores(256)
+
+
+def keep_memories(limit: int) -> None:
+    """How many memories this process keeps loaded for reuse once no memory object holds them (default 256).
+
+    A memory built again on the same server, key and options then starts
+    from the kept replica (one version check) instead of a full load. 0
+    keeps none (memory objects open at the same time still share one).
+    """
+    _shared.resize(limit)
+
+
 def _check_name(name: Any) -> None:
     if not isinstance(name, str):
         raise TypeError(f"memory field names are str, not {type(name).__name__}")
 
 
 def _after_fork_in_child() -> None:
+    _shared.after_fork()
     for core in list(_live_cores):
         core.after_fork()
     connection.after_fork()
@@ -858,6 +987,17 @@ def _report_unsent_at_exit() -> None:
 
 
 atexit.register(_report_unsent_at_exit)
+
+
+class _Closed:
+    """What a closed memory object reaches instead of its core: MemoryClosed for all but its name and key."""
+
+    def __init__(self, core: MemoryCore) -> None:
+        self.store, self.name = core.store, core.name
+
+    def __getattr__(self, attribute: str) -> Any:
+        key = self.store.key
+        raise MemoryClosed(f"{key} was closed here; open a new memory to use it", key=key)
 
 
 class Memory:
@@ -920,9 +1060,25 @@ class Memory:
         if author is not None and not isinstance(author, str):
             raise TypeError(f"author must be a str, not {type(author).__name__}")
         redis_client = connection.connect(client, url)
-        store = Store(redis_client, self._rm_own_key(prefix, name), self._rm_companions(prefix, name))
-        core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds(), author)
-        core.catalog = self._rm_catalog(redis_client, prefix)
+        key, companions, bounds = self._rm_own_key(prefix, name), self._rm_companions(prefix, name), self._rm_bounds()
+        options = (max_pending, None if spool is None else os.fspath(spool), ttl, tuple(sorted(bounds.items())), author)
+
+        # A memory built by an async memory's worker (aio.py) gets a core of its own,
+        # driven by that thread only: a shared one would also serve other threads.
+        driver = threading.current_thread() if getattr(threading.current_thread(), "rm_driver", False) else None
+
+        def make() -> MemoryCore:
+            store = Store(redis_client, key, companions)
+            core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=driver is None)
+            core.catalog = self._rm_catalog(redis_client, prefix)
+            core.driver = driver
+            return core
+
+        if driver is not None:
+            core = make()
+        else:
+            core = _shared.take((connection.channel(redis_client), key, companions, options), make)
+        core.holders.add(self)
         object.__setattr__(self, "_rm", core)
         object.__setattr__(self, "_rm_feeds", weakref.WeakSet())
 
@@ -1065,6 +1221,7 @@ class Memory:
         for up to ``timeout`` seconds (None: as long as it takes).
         """
         self._rm.check_open()
+        self._rm.outside_batch("flush()")
         return self._rm.flush(timeout)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
@@ -1077,9 +1234,15 @@ class Memory:
         subscriptions made by :meth:`subscribe` are closed too. Closing
         twice does nothing.
         """
+        core = self._rm
+        if isinstance(core, _Closed):
+            return
         for feed in list(self._rm_feeds):
             feed.close()
-        self._rm.close(timeout)
+        object.__setattr__(self, "_rm", _Closed(core))
+        core.holders.discard(self)
+        if not core.holders:  # the last memory object open on it
+            core.close(timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -1177,6 +1340,7 @@ class Memory:
 
     def delete(self) -> None:
         """Remove the whole memory from Redis (DEL): O(size). Needs Redis; queued changes are discarded."""
+        self._rm.outside_batch("delete()")
         self._rm_delete(None)
 
     def _rm_delete(

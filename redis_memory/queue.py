@@ -201,6 +201,10 @@ class Spool:
     def append(self, owner: bytes, entry: Pending) -> None:
         self._write(owner, entry.record())
 
+    def append_group(self, owner: bytes, entries: list[Pending]) -> None:
+        """A batch's operations as one record: a process killed while writing it leaves none of them."""
+        self._write(owner, [b"ops", [entry.record() for entry in entries]])
+
     def confirm(self, owner: bytes, entry: Pending) -> None:
         if self.fd is not None:
             self._write(owner, [b"ack", entry.writer, entry.seq])
@@ -280,13 +284,14 @@ def _read_spool(path: Path) -> list[Pending]:
             log.error("spool %s: undecodable record at byte %d; the rest of the file is skipped", path, pos)
             break
         pos += 4 + size
-        if record[0] == b"op":
+        if record[0] in (b"op", b"ops"):
             try:
-                entry = Pending.from_record(record)
+                found = [Pending.from_record(r) for r in (record[1] if record[0] == b"ops" else [record])]
             except (ValueError, TypeError):
                 log.error("spool %s: a malformed operation record at byte %d is dropped", path, pos)
                 continue
-            entries[(entry.writer, entry.seq)] = entry
+            for entry in found:
+                entries[(entry.writer, entry.seq)] = entry
         elif record[0] == b"ack":
             entries.pop((record[1], record[2]), None)
         elif record[0] == b"map":
@@ -345,6 +350,12 @@ class Outbox:
         if self.spool is not None:
             self.spool.append(owner, entry)
         self.entries.append(entry)
+
+    def push_group(self, owner: bytes, entries: list[Pending]) -> None:
+        """Queue a batch's operations, spooled as one record."""
+        if self.spool is not None:
+            self.spool.append_group(owner, entries)
+        self.entries.extend(entries)
 
     def confirmed(self, owner: bytes, entry: Pending) -> None:
         """The head entry reached the server (or was dropped): take it off."""
@@ -409,7 +420,8 @@ class Link:
         # until they are replayed, even if its user has let go of it.
         self.waiting: set[MemoryCore] = set()
         # The open memories on this link; weak, so that one let go of ends
-        # its claim on the thread and the connection.
+        # its claim on the thread and the connection (so does a core kept for
+        # reuse that no memory object holds: see MemoryCore.in_use).
         self.users: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
@@ -425,7 +437,7 @@ class Link:
         with self.lock:
             self.users.discard(core)
             self.waiting.discard(core)
-            idle = not self.users and not self.waiting
+            idle = not self._used() and not self.waiting
         if idle:
             self.wake.set()
             # Not waiting for a probe in progress: the thread closes it then.
@@ -476,7 +488,11 @@ class Link:
         """Whether the thread has work: queued operations, or an open memory waiting for Redis (with the lock)."""
         # A queue emptied otherwise (delete(), close()) waits no more.
         self.waiting = {core for core in self.waiting if core.outbox}
-        return bool(self.waiting) or (not self.online and bool(self.users))
+        return bool(self.waiting) or (not self.online and self._used())
+
+    def _used(self) -> bool:
+        """Whether some memory object still uses this link (with the lock)."""
+        return any(core.in_use() for core in self.users)
 
     def _pause(self, delay: float) -> None:
         """Sleep about ``delay`` (jittered); the last memory closing cuts it short."""
@@ -489,7 +505,7 @@ class Link:
             with self.lock:
                 if not self._needed():
                     self.thread = None
-                    unused = not self.users
+                    unused = not self._used()
                     break
             if not self.online:
                 self._pause(delay)
