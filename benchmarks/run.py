@@ -30,6 +30,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from async_rows import async_rows
 from netproxy import TcpProxy
 from servers import ClusterServer, EmbeddedServer, debian_redis
 
@@ -359,6 +360,7 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
 
     median_s, worst_s = offline_writes(target, url)
     rows.append((f"100 appends while Redis is down, in all (slowest of 7: {worst_s:.3f} s)", median_s, "< 1 s"))
+    rows.extend(async_rows(url))
     client.flushall()
     return rows
 

@@ -11,7 +11,9 @@ from .errors import (
     InsideBatch,
     MemoryClosed,
     MissingAttribute,
+    MissingExtra,
     MissingKey,
+    NotLoaded,
     NotReplicated,
     OfflineQueueFull,
     PrivateMemory,
@@ -20,6 +22,7 @@ from .errors import (
     ServerRefused,
     UnsupportedValue,
     UnusableClient,
+    WrongThread,
 )
 from .feed import Event, Feed, Subscription
 from .memory import ConversationMemory, Memory, Metadata, Stats, keep_memories
@@ -45,7 +48,9 @@ __all__ = [
     "MemoryClosed",
     "Metadata",
     "MissingAttribute",
+    "MissingExtra",
     "MissingKey",
+    "NotLoaded",
     "NotReplicated",
     "ObservedDict",
     "ObservedList",
@@ -63,6 +68,7 @@ __all__ = [
     "TokenCounter",
     "UnsupportedValue",
     "UnusableClient",
+    "WrongThread",
     "embedded_dir",
     "ensure_embedded",
     "fit_messages",

@@ -113,3 +113,19 @@ class ServerRefused(RedisMemoryError, RuntimeError):
 
 class EmbeddedServerError(RedisMemoryError, RuntimeError):
     """The embedded server could not be found or started."""
+
+
+class WrongThread(RedisMemoryError, RuntimeError):
+    """A memory driven by an async memory (:mod:`redis_memory.aio`) was used outside its worker thread.
+
+    Its changes reach Redis over the network, which must not run on the
+    event loop: make them with the async memory's awaited methods.
+    """
+
+
+class NotLoaded(RedisMemoryError, RuntimeError):
+    """An async memory's local replica was read before it was ever loaded: ``await mem.refresh()`` first."""
+
+
+class MissingExtra(RedisMemoryError, ImportError):
+    """An integration's framework is not installed: the message names the extra that installs it."""

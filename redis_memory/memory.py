@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, cast, overload
 
@@ -34,8 +34,11 @@ from .errors import (
     RedisMemoryError,
     ReservedName,
     ServerRefused,
+    UnsupportedValue,
+    WrongThread,
 )
 from .feed import Event, Feed, Subscription
+from .messages import as_message
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
 from .store import ANY_INCARNATION, REF, REPLICA_TIMEOUT, Reply, Step, Store, memory_key, version_number
@@ -95,6 +98,8 @@ class MemoryCore:
         self.closed = False
         #: The batch being made (``with mem.batch():``), under this core's lock.
         self.batching: Batch | None = None
+        #: The only thread that may use this core, when an async memory drives it (aio.py).
+        self.driver: threading.Thread | None = None
         #: A core shared by memory objects (see :class:`SharedCores`): those open on it.
         self.shared = shared
         self.holders: weakref.WeakSet[Memory] = weakref.WeakSet()
@@ -158,6 +163,16 @@ class MemoryCore:
     def check_open(self) -> None:
         if self.closed:
             raise MemoryClosed(f"{self.store.key} was closed here; open a new memory to use it", key=self.store.key)
+        self.check_thread()
+
+    def check_thread(self) -> None:
+        """Refuse a call from outside the driver thread of an async memory (it would block the event loop)."""
+        if self.driver is not None and threading.current_thread() is not self.driver:
+            raise WrongThread(
+                f"{self.store.key} belongs to an async memory: change it with its awaited methods "
+                "(set, append, run, batch), not from the event loop",
+                key=self.store.key,
+            )
 
     def flush(self, timeout: float | None) -> bool:
         """Wait for the queue to reach Redis, up to ``timeout`` seconds (None: as long as it takes)."""
@@ -274,7 +289,11 @@ class MemoryCore:
         with self.lock:
             self.check_open()
             self.refresh()
-            value = dict.get(self.replica.root, name, _MISSING)
+            return self.peek(name, missing)
+
+    def peek(self, name: str, missing: type[RedisMemoryError]) -> Any:
+        """The value under ``name`` in the replica as it is, without touching the network."""
+        value = dict.get(self.replica.root, name, _MISSING)
         if value is _MISSING:
             raise missing(f"{name!r} is not stored in {self.store.key}", key=self.store.key, field=name)
         if isinstance(value, Corrupt):
@@ -323,6 +342,7 @@ class MemoryCore:
         Returns what a delete removed, or ``NO_OP`` when ``build`` found
         nothing to do. Raises ContainerDeleted if ``proxy``'s node is gone.
         """
+        self.check_thread()  # before the lock, which the driver may hold over a round trip
         with self.lock:
             self.check_open()
             if self.batching is not None:
@@ -567,6 +587,27 @@ class MemoryCore:
                 raise
             self.batching = None
             batch.commit()
+
+    def append_to(self, name: str, items: list[Any]) -> None:
+        """Append ``items`` to the list under ``name``, made first (a root setdefault) if the fresh view has none.
+
+        A list held in the replica is appended to without a version check:
+        the server checks what an append depends on.
+        """
+        with self.lock:
+            self.check_open()
+            _check_name(name)
+            found = dict.get(self.replica.root, name, _MISSING)
+            if not isinstance(found, ObservedList):
+                self.refresh()
+                self.replica.root.setdefault(name, [])
+                found = self.read(name, MissingAttribute)
+            if not isinstance(found, ObservedList):
+                raise UnsupportedValue(
+                    f"{name} in {self.store.key} is a {type(found).__name__}, not a list", key=self.store.key,
+                    field=name,
+                )  # fmt: skip
+            found.extend(items)
 
     def pending(
         self, op: ops.Op, plan: ops.Plan, seq: int, created: list[bytes], birth: bytes, group: int = 0
@@ -1087,14 +1128,23 @@ class Memory:
         spooled = None if spool is None else os.fspath(spool)
         options = (max_pending, spooled, ttl_ms, tuple(sorted(bounds.items())), author, replicas)
 
+        # A memory built by an async memory's worker (aio.py) gets a core of its own,
+        # driven by that thread only: a shared one would also serve other threads.
+        driver = threading.current_thread() if getattr(threading.current_thread(), "rm_driver", False) else None
+
         def make() -> MemoryCore:
             store = Store(redis_client, key, companions)
             store.replicas = replicas
-            core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=True)
+            core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=driver is None)
             core.catalog = self._rm_catalog(redis_client, prefix)
+            core.driver = driver
             return core
 
-        core = _shared.take((connection.channel(redis_client), key, companions, options), make, self)
+        if driver is not None:
+            core = make()
+            core.holders.add(self)
+        else:
+            core = _shared.take((connection.channel(redis_client), key, companions, options), make, self)
         object.__setattr__(self, "_rm", core)
         object.__setattr__(self, "_rm_feeds", weakref.WeakSet())
 
@@ -1435,6 +1485,21 @@ class ConversationMemory(Memory):
         except MissingAttribute:
             messages = []
         return fit_messages(messages, max_tokens, counter=counter, keep_system=keep_system, summarize=summarize)
+
+    def add_message(self, message: Any) -> None:
+        """Append one message to ``messages`` (made if missing): a dict, an OpenAI SDK object or a LangChain message.
+
+        Stored as an OpenAI-style dict (see :mod:`redis_memory.messages`):
+        one FCALL, two the first time (the list is made by a setdefault, so
+        two processes starting one conversation never overwrite each other).
+        """
+        self.add_messages([message])
+
+    def add_messages(self, messages: Iterable[Any]) -> None:
+        """Append several messages at once (one FCALL): see :meth:`add_message`."""
+        stored = [as_message(message) for message in messages]
+        if stored:
+            self._rm.append_to("messages", stored)
 
     @property
     def conversation_id(self) -> str:

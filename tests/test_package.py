@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import configparser
 import importlib.metadata
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import redis_memory
 
@@ -19,8 +23,8 @@ def test_star_import_gives_exactly_all() -> None:
     assert exported == set(redis_memory.__all__)
     public = {name for name in dir(redis_memory) if not name.startswith("_")}
     modules = {
-        "batch", "catalog", "cluster", "codec", "connection", "errors", "feed", "memory", "ops", "proxies", "queue",
-        "replica",
+        "aio", "batch", "catalog", "cluster", "codec", "connection", "errors", "feed", "integrations", "memory",
+        "messages", "ops", "proxies", "queue", "replica",
         "session", "store", "window",
     }
     assert public - modules == set(redis_memory.__all__)
@@ -46,3 +50,33 @@ def test_metadata_matches_the_installed_package() -> None:
     assert "pickle" not in requires
     assert (ROOT / "redis_memory" / "py.typed").exists()
     assert "py.typed" in config["options.package_data"]["redis_memory"]
+
+
+@pytest.mark.parametrize(
+    ("module", "framework", "extra"),
+    [("langchain", "langchain_core", "langchain"), ("openai_agents", "agents", "openai-agents")],
+)
+def test_a_missing_framework_names_its_extra(module: str, framework: str, extra: str) -> None:
+    """Without its framework an integration raises MissingExtra naming the extra; the rest of the package imports."""
+    script = (
+        f"import sys; sys.modules[{framework!r}] = None\n"
+        "import redis_memory, redis_memory.aio\n"
+        "try:\n"
+        f"    import redis_memory.integrations.{module}\n"
+        "except redis_memory.MissingExtra as exc:\n"
+        "    assert isinstance(exc, ImportError)\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"pip install 'redis-memory[{extra}]'" in done.stdout
+
+
+def test_the_extras_install_the_frameworks() -> None:
+    """setup.cfg has the langchain and openai-agents extras, and the test extra installs both frameworks."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    extras = config["options.extras_require"]
+    assert "langchain-core" in extras["langchain"] and "openai-agents" in extras["openai-agents"]
+    assert "langchain-core" in extras["test"] and "openai-agents" in extras["test"]
+    assert "redis_memory.integrations" in config["options"]["packages"]

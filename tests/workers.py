@@ -152,3 +152,24 @@ def failover_writer(
     mine = mem.to_dict()
     fresh = Memory(name, client=_client_of(target)).to_dict()
     out.put((writer, count, flushed, mine == fresh, mem.status().dropped))
+def append_to_conversations(url: str, writer: int, conversations: int, count: int, barrier: Barrier) -> None:
+    """With the sync API: append ``count`` items to each of ``conversations`` conversations, interleaved."""
+    opened = [ConversationMemory(f"aio-{c}", url=url) for c in range(conversations)]
+    barrier.wait()
+    for i in range(count):
+        for c, mem in enumerate(opened):
+            mem.add_message({"role": "user", "content": f"sync {writer} {c} {i}"})
+    for mem in opened:
+        mem.close()
+
+
+def langchain_turns(url: str, conversation_id: str, questions: list[str], replies: list[str], seen: Any) -> None:
+    """Run one RunnableWithMessageHistory turn per question (sync invoke); put how many messages the model saw."""
+    from chains import history_chain
+
+    chain, histories, counts = history_chain(url, replies)
+    for question in questions:
+        chain.invoke({"question": question}, config={"configurable": {"session_id": conversation_id}})
+    seen.put(counts)
+    for history in histories.values():
+        history.close()

@@ -1,0 +1,308 @@
+"""The async API (redis_memory.aio): the sync core driven from a worker thread, never from the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import multiprocessing
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import Switch
+from workers import append_to_conversations
+
+from redis_memory import (
+    ConversationMemory,
+    Memory,
+    MemoryClosed,
+    MissingAttribute,
+    NotLoaded,
+    RedisMemoryError,
+    WrongThread,
+)
+from redis_memory.aio import AsyncConversationMemory, AsyncMemory, AsyncSession
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return asyncio.run(scenario())
+
+
+def test_async_writes_and_local_reads_share_one_memory_with_sync_code(client: redis.Redis) -> None:
+    """Awaited writes reach Redis; attribute reads come from the replica; refresh() brings others' changes."""
+
+    async def scenario() -> None:
+        async with AsyncMemory("shared", client=client) as mem:
+            await mem.set("title", "draft")
+            await mem.append("steps", "plan")
+            await mem.extend("steps", ["search", "answer"])
+            assert mem.title == "draft" and mem.steps == ["plan", "search", "answer"]
+            assert mem["title"] == "draft" and "steps" in mem and "steps" in dir(mem)
+            sync = Memory("shared", client=client)
+            assert sync.steps == ["plan", "search", "answer"]
+            sync.steps.append("by sync")
+            sync.title = "final"
+            assert mem.title == "draft"  # the local replica, as it was
+            await mem.refresh()
+            assert mem.title == "final" and mem.steps[-1] == "by sync"
+            await mem.remove("title")
+            with pytest.raises(MissingAttribute):
+                _ = mem.title
+            assert not hasattr(mem, "title")
+            assert await mem.to_dict() == {"steps": ["plan", "search", "answer", "by sync"]}
+            assert (await mem.status()).pending == 0
+            assert await mem.run(lambda m: m.steps.pop()) == "by sync"
+            assert Memory("shared", client=client).steps == ["plan", "search", "answer"]
+
+    run(scenario)
+
+
+def test_a_batch_is_one_atomic_change(client: redis.Redis) -> None:
+    """await mem.batch(fn): every statement of fn in one call; a raising fn sends nothing."""
+
+    def statements(m: Memory) -> None:
+        m.step = 1
+        m.todo = []
+        m.todo.append("read")
+        m.todo.append("answer")
+
+    def changed_mind(m: Memory) -> None:
+        m.step = 2
+        raise RuntimeError("changed my mind")
+
+    async def scenario() -> None:
+        async with AsyncMemory("batch", client=client) as mem:
+            before = client.hget(mem.key, "v")
+            await mem.batch(statements)
+            after = client.hget(mem.key, "v")
+            assert int((after or b"0").split()[0]) == int((before or b"0 x").split()[0]) + 1
+            with pytest.raises(RuntimeError):
+                await mem.batch(changed_mind)
+            assert mem.step == 1 and Memory("batch", client=client).to_dict() == {"step": 1, "todo": ["read", "answer"]}
+
+    run(scenario)
+
+
+def test_proxies_refuse_changes_from_the_loop_and_reads_before_a_load_are_an_error(client: redis.Redis) -> None:
+    """A proxy of an async memory cannot be changed on the loop (WrongThread); an unloaded one raises NotLoaded."""
+
+    async def scenario() -> None:
+        mem = AsyncMemory("guard", client=client)
+        with pytest.raises(NotLoaded) as unloaded:
+            _ = mem.anything
+        assert isinstance(unloaded.value, RedisMemoryError) and not isinstance(unloaded.value, AttributeError)
+        await mem.set("items", [1])
+        items = mem.items
+        with pytest.raises(WrongThread):
+            items.append(2)
+        with pytest.raises(TypeError):
+            mem.items = [3]
+        assert mem.items == [1] and Memory("guard", client=client).items == [1]
+        await mem.close()
+        with pytest.raises(MemoryClosed):
+            _ = mem.items
+        with pytest.raises(MemoryClosed):
+            await mem.set("x", 1)
+        await mem.close()  # twice: nothing
+
+    run(scenario)
+
+
+def test_an_async_memory_let_go_of_ends_its_thread(client: redis.Redis) -> None:
+    """Without close(), a collected async memory's worker thread still ends (the fixture checks no thread is left)."""
+
+    # fakeredis keeps the "Function not found" of a server's first FCALL (and
+    # through its traceback, the frames that made the call) alive: load the
+    # server functions first, so that what is measured is this library's hold.
+    Memory("warm-up", client=client).loaded = True
+
+    async def scenario() -> None:
+        mem = AsyncMemory("let-go", client=client)
+        await mem.set("x", 1)
+        session = AsyncSession("let-go", client=client)
+        await session.shared.set("y", 2)
+        threads = [t for t in threading.enumerate() if t.name.startswith("redis_memory aio")]
+        assert len(threads) == 2
+        del mem, session
+        gc.collect()
+        for thread in threads:
+            thread.join(5)
+            assert not thread.is_alive()
+
+    run(scenario)
+    assert Memory("let-go", client=client).x == 1
+
+
+def test_conversation_add_message_and_session(client: redis.Redis) -> None:
+    """AsyncConversationMemory.add_message stores OpenAI-style dicts; AsyncSession's memories are async ones."""
+
+    async def scenario() -> None:
+        async with AsyncConversationMemory("talk", client=client, max_messages=3) as chat:
+            for i in range(5):
+                await chat.add_message({"role": "user", "content": f"m{i}"})
+            assert [m["content"] for m in chat.messages] == ["m2", "m3", "m4"]
+            assert ConversationMemory("talk", client=client).messages == chat.messages
+        async with AsyncSession("trip", agent="planner", client=client) as session:
+            await session.shared.set("itinerary", ["Paris"])
+            private = await session.private()
+            await private.set("budget", 900)
+            assert session.shared.itinerary == ["Paris"] and private.budget == 900
+            assert await session.agents() == ["planner"]
+            await session.delete()
+
+    run(scenario)
+
+
+def test_offline_writes_queue_and_replay_in_order_exactly_once(switch: Switch, client: redis.Redis) -> None:
+    """Cut off, awaited appends apply locally and queue; back online, flush replays each once, in order."""
+
+    async def scenario() -> None:
+        async with AsyncConversationMemory("offline", client=switch.client()) as mem:
+            await mem.append("log", "start")
+            switch.cut()
+            for i in range(20):
+                await mem.append("log", i)
+            status = await mem.status()
+            assert not status.online and status.pending == 20
+            assert mem.log == ["start", *range(20)]
+            switch.restore()
+            assert await mem.flush(timeout=20)
+            assert (await mem.status()).pending == 0
+        assert ConversationMemory("offline", client=client).log == ["start", *range(20)]
+
+    run(scenario)
+
+
+def test_a_spooled_async_queue_survives_its_memory(switch: Switch, client: redis.Redis, tmp_path: Path) -> None:
+    """Closed while offline, an async memory's queue stays in its spool; the next one replays it once."""
+
+    async def scenario() -> None:
+        mem = AsyncMemory("spooled", client=switch.client(), spool=tmp_path)
+        await mem.set("log", ["start"])
+        switch.cut()
+        for i in range(5):
+            await mem.append("log", i)
+        await mem.close(timeout=0.1)
+        switch.restore()
+        async with AsyncMemory("spooled", client=switch.client(), spool=tmp_path) as again:
+            assert await again.flush(timeout=20)
+        assert Memory("spooled", client=client).log == ["start", 0, 1, 2, 3, 4]
+
+    run(scenario)
+
+
+def test_the_feed_is_an_async_iterator(client: redis.Redis, other_client: redis.Redis) -> None:
+    """async for event in mem.subscribe(): every change, by any writer, in order."""
+
+    async def scenario() -> None:
+        async with AsyncMemory("fed", client=client) as mem, mem.subscribe() as feed:
+            writer = Memory("fed", client=other_client, author="sync")
+            writer.steps = []
+            writer.steps.append("one")
+            await mem.append("steps", "two")
+            seen = []
+            async for event in feed:
+                seen.append((event.op, event.path, event.author))
+                if len(seen) == 3:
+                    break
+            assert seen == [("set", ("steps",), "sync"), ("append", ("steps", 0), "sync"),
+                            ("append", ("steps", 1), None)]  # fmt: skip
+            assert await feed.get(timeout=0.2) is None
+            writer.close()
+
+    run(scenario)
+
+
+@pytest.fixture
+def loop_socket_audit(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Records every call on a blocking socket made on the thread that runs the test's event loop.
+
+    Non-blocking sockets (timeout 0: the loop's own wake-up pipe, asyncio
+    transports) cannot block the loop; any other one can, for a round trip.
+    """
+    calls: list[str] = []
+    loop_thread = threading.current_thread()
+
+    for name in ("connect", "send", "sendall", "recv", "recv_into"):
+        original = getattr(socket.socket, name)
+
+        def audited(sock: socket.socket, *args: Any, _original: Any = original, _name: str = name) -> Any:
+            if threading.current_thread() is loop_thread and sock.gettimeout() != 0.0:
+                calls.append(_name)
+            return _original(sock, *args)
+
+        monkeypatch.setattr(socket.socket, name, audited)
+    yield calls
+
+
+TASKS = 200
+CONVERSATIONS = 10
+PER_TASK = 10
+SYNC_WRITERS = 2
+PER_SYNC_WRITER = 20
+
+
+def test_200_tasks_and_sync_processes_lose_nothing_and_never_block_the_loop(
+    real_url: str, loop_socket_audit: list[str]
+) -> None:
+    """200 asyncio tasks append to 10 conversations while processes write with the sync API.
+
+    0 lost, 0 duplicated, each task's and each process's order kept, and no
+    socket call ever made on the event loop's thread (the audit would record it).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(SYNC_WRITERS + 1)
+    procs = [
+        ctx.Process(target=append_to_conversations, args=(real_url, w, CONVERSATIONS, PER_SYNC_WRITER, barrier))
+        for w in range(SYNC_WRITERS)
+    ]
+    for p in procs:
+        p.start()
+
+    async def task(number: int, start: asyncio.Event) -> None:
+        mem = AsyncConversationMemory(f"aio-{number % CONVERSATIONS}", url=real_url)
+        try:
+            await start.wait()
+            for i in range(PER_TASK):
+                await mem.add_message({"role": "assistant", "content": f"task {number} {i}"})
+        finally:
+            await mem.close()
+
+    async def scenario() -> None:
+        start = asyncio.Event()
+        running = [asyncio.create_task(task(n, start)) for n in range(TASKS)]
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        start.set()
+        await asyncio.gather(*running)
+
+    run(scenario)
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert loop_socket_audit == []
+    for c in range(CONVERSATIONS):
+        contents = [m["content"] for m in ConversationMemory(f"aio-{c}", url=real_url).messages]
+        assert len(contents) == len(set(contents))
+        expected = {f"task {n} {i}" for n in range(c, TASKS, CONVERSATIONS) for i in range(PER_TASK)}
+        expected |= {f"sync {w} {c} {i}" for w in range(SYNC_WRITERS) for i in range(PER_SYNC_WRITER)}
+        assert set(contents) == expected
+        for n in range(c, TASKS, CONVERSATIONS):
+            assert [x for x in contents if x.startswith(f"task {n} ")] == [f"task {n} {i}" for i in range(PER_TASK)]
+        for w in range(SYNC_WRITERS):
+            mine = [x for x in contents if x.startswith(f"sync {w} ")]
+            assert mine == [f"sync {w} {c} {i}" for i in range(PER_SYNC_WRITER)]
+
+
+def test_the_socket_audit_sees_a_blocking_call_on_the_loop(real_url: str, loop_socket_audit: list[str]) -> None:
+    """The audit is not blind: a sync memory used on the loop's thread is recorded."""
+
+    async def scenario() -> None:
+        with Memory("audit", url=real_url) as mem:
+            mem.x = 1
+
+    run(scenario)
+    assert loop_socket_audit

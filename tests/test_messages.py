@@ -1,0 +1,56 @@
+"""ConversationMemory.add_message: dicts, OpenAI SDK objects and LangChain messages, stored as OpenAI-style dicts."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from openai.types.chat import ChatCompletionMessage
+
+from redis_memory import ConversationMemory, UnsupportedValue
+
+
+def test_sdk_objects_are_stored_without_their_none_fields(client: redis.Redis) -> None:
+    """An OpenAI SDK reply is stored as its model_dump(exclude_none=True): no None field goes back to the API."""
+    chat = ConversationMemory("sdk", client=client)
+    chat.add_message({"role": "user", "content": "What's the weather?"})
+    reply = ChatCompletionMessage(role="assistant", content="Sunny.")
+    chat.add_message(reply)
+    stored = ConversationMemory("sdk", client=client).messages
+    assert stored == [{"role": "user", "content": "What's the weather?"}, {"role": "assistant", "content": "Sunny."}]
+    assert None not in stored[1].values()
+
+
+def test_langchain_messages_keep_tool_calls_and_results(client: redis.Redis) -> None:
+    """A LangChain AIMessage's tool calls and the ToolMessage answering them are stored in OpenAI's shape."""
+    chat = ConversationMemory("lc", client=client)
+    chat.add_messages([
+        HumanMessage("weather in Paris?"),
+        AIMessage(content="", tool_calls=[{"name": "weather", "args": {"city": "Paris"}, "id": "call_1"}]),
+        ToolMessage(content="sunny", tool_call_id="call_1"),
+    ])  # fmt: skip
+    user, call, result = ConversationMemory("lc", client=client).messages
+    assert user == {"role": "user", "content": "weather in Paris?"}
+    assert call["role"] == "assistant"
+    assert call["tool_calls"] == [
+        {"type": "function", "id": "call_1", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    ]
+    assert result == {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+
+
+def test_anything_else_is_refused_and_nothing_is_stored(client: redis.Redis) -> None:
+    """A message of another type raises UnsupportedValue before anything is written."""
+    chat = ConversationMemory("bad", client=client)
+    chat.add_message({"role": "user", "content": "kept"})
+    with pytest.raises(UnsupportedValue):
+        chat.add_messages([{"role": "user", "content": "not this either"}, object()])
+    assert ConversationMemory("bad", client=client).messages == [{"role": "user", "content": "kept"}]
+
+
+def test_two_writers_starting_a_conversation_both_keep_their_message(client: redis.Redis) -> None:
+    """The list is made by a setdefault: two memories that both saw no messages never overwrite each other."""
+    first, second = ConversationMemory("new", client=client), ConversationMemory("new", client=client)
+    assert first.to_dict() == second.to_dict() == {}
+    first.add_message({"role": "user", "content": "one"})
+    second.add_message({"role": "user", "content": "two"})
+    assert [m["content"] for m in ConversationMemory("new", client=client).messages] == ["one", "two"]
