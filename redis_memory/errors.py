@@ -85,3 +85,7 @@ class ServerRefused(RedisMemoryError, RuntimeError):
 
 class EmbeddedServerError(RedisMemoryError, RuntimeError):
     """The embedded server could not be found or started."""
+
+
+class UnsupportedPlatform(RedisMemoryError, NotImplementedError):
+    """A feature this operating system cannot give: ``spool=`` needs POSIX file locks (``fcntl``)."""
