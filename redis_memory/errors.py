@@ -89,3 +89,7 @@ class EmbeddedServerError(RedisMemoryError, RuntimeError):
 
 class UnsupportedPlatform(RedisMemoryError, NotImplementedError):
     """A feature this operating system cannot give: ``spool=`` needs POSIX file locks (``fcntl``)."""
+
+
+class InvalidExport(RedisMemoryError, ValueError):
+    """A file given to import is not an export document, or holds a value that cannot be stored: nothing written."""
