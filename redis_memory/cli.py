@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import sys
 import tempfile
@@ -121,15 +122,28 @@ class Target:
 # -- rendering ---------------------------------------------------------------------------------------------------
 
 
+#: Strings shown quoted, lest they read as another type: numbers, None, True, False, bytes, tuples and the like.
+_AMBIGUOUS = re.compile(r"[-+]?(\d[\d_]*\.?\d*([eE][-+]?\d+)?|\.\d+|inf|nan)|None|True|False|b['\"].*|[-\[{(\"'#].*",
+                        flags=re.S)  # fmt: skip
+
+
+def _text(value: str) -> str:
+    """A str as it reads best: bare, unless it could be taken for something else."""
+    bare = value and value == value.strip() and "\n" not in value and not _AMBIGUOUS.fullmatch(value)
+    return value if bare else json.dumps(value, ensure_ascii=False)
+
+
 def _scalar(value: Any) -> str:
     if isinstance(value, str):
-        plain = value and value == value.strip() and "\n" not in value and value[:1] not in "-[{\"'#"
-        return value if plain else json.dumps(value, ensure_ascii=False)
+        return _text(value)
     if isinstance(value, (dt.datetime, dt.date)):
         return value.isoformat()
     if isinstance(value, (set, frozenset)):
-        inner = ", ".join(sorted(_scalar(v) if not isinstance(v, str) else json.dumps(v) for v in value))
-        return f"{type(value).__name__}({{{inner}}})" if isinstance(value, frozenset) or not value else f"{{{inner}}}"
+        inner = ", ".join(sorted(json.dumps(v, ensure_ascii=False) if isinstance(v, str) else _scalar(v)
+                                 for v in value))  # fmt: skip
+        if isinstance(value, frozenset):
+            return f"frozenset({{{inner}}})" if value else "frozenset()"
+        return f"{{{inner}}}" if value else "set()"
     if isinstance(value, list):
         return "[]"
     if isinstance(value, dict):
@@ -147,7 +161,7 @@ def tree_lines(value: Any, indent: int = 0) -> list[str]:
     lines: list[str] = []
     if isinstance(value, dict) and value:
         for key, item in value.items():
-            name = key if isinstance(key, str) and key and ":" not in key else repr(key)
+            name = _text(key) if isinstance(key, str) and ":" not in key else repr(key)
             if _nested(item):
                 lines.append(f"{pad}{name}:")
                 lines.extend(tree_lines(item, indent + 2))
@@ -169,8 +183,8 @@ def tree_lines(value: Any, indent: int = 0) -> list[str]:
 def event_line(event: Event, role: str = "") -> str:
     """One line for a change event: when, who, what, where."""
     when = event.time.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if isinstance(p, str) else f"[{p!r}]"
-                    for p in event.path).lstrip(".")  # fmt: skip
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if isinstance(p, str) and p.isidentifier()
+                    else f"[{p!r}]" for p in event.path).lstrip(".")  # fmt: skip
     if role:
         where = f"{role}:{where}" if where else role
     if event.op == "resync":

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgpack
 import pytest
 import redis
 
@@ -177,6 +178,20 @@ def test_not_found_exits_1(real_url: str) -> None:
     for args in (["show"], ["stats"], ["export"], ["rm", "--yes"], ["watch"]):
         line = one_line_error(run(*args, "conversation", "nobody", url=real_url), 1)
         assert "conversation 'nobody' not found" in line
+
+
+def test_corrupt_stored_data_exits_1_naming_the_key_and_can_be_removed(real_url: str) -> None:
+    """A memory with an undecodable field: show and export exit 1 naming key and field; rm still deletes it."""
+    mem = Memory("damaged", url=real_url)
+    mem.x, mem.y = [1], 2
+    client = redis.Redis.from_url(real_url)
+    field = b"e0:" + msgpack.packb("x")
+    client.hset(mem.key, field, b"junk")
+    for command in ("show", "export"):
+        line = one_line_error(run(command, "memory", "damaged", url=real_url), 1)
+        assert mem.key in line
+    assert run("rm", "memory", "damaged", "--yes", url=real_url).returncode == 0
+    assert not client.exists(mem.key)
 
 
 def test_unreachable_server_exits_3_without_traceback(tmp_path: Path) -> None:
