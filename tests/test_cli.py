@@ -386,6 +386,46 @@ def test_watch_prints_another_process_s_writes_and_stops_on_sigint(real_url: str
             watcher.wait()
 
 
+def test_watch_of_a_session_follows_shared_and_agent_memories(real_url: str) -> None:
+    """A session's watch names the memory each change went to: shared, or the agent's."""
+    Session("trip", agent="planner", url=real_url).private.notes = []
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
+    watcher = subprocess.Popen([sys.executable, "-m", "redis_memory", "--url", real_url, "watch", "session", "trip"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)  # fmt: skip
+    try:
+        assert watcher.stderr is not None and watcher.stdout is not None
+        assert watcher.stderr.readline().startswith("watching session 'trip'")
+        planner = Session("trip", agent="planner", url=real_url)
+        planner.shared.plan = ["Paris"]
+        planner.private.notes.append("book")
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(watcher.stdout.readline() for _ in range(2)))  # type: ignore[union-attr]
+        reader.start()
+        reader.join(30)
+        assert sorted(line.split()[1:4] for line in lines) == [
+            ["planner", "append", "planner:notes[0]"],
+            ["planner", "set", "shared:plan"],
+        ]
+        watcher.send_signal(signal.SIGTERM)
+        assert watcher.wait(15) == 0
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+
+
+def test_a_listing_cut_short_by_its_reader_ends_quietly(real_url: str) -> None:
+    """`ls | head -2` ends without an error: the listing streams, and a closed pipe is not a failure."""
+    for n in range(30):
+        ConversationMemory(f"c{n}", url=real_url).messages = [n]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
+    listing = f"{sys.executable} -m redis_memory --url {real_url} ls conversation | head -2"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", listing], capture_output=True, text=True, timeout=60,
+                          env=environment)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2 and done.stderr == ""
+
+
 def test_embedded_start_status_stop(tmp_path: Path, home: dict[str, str]) -> None:
     """`embedded start DIR` runs a server others can use, `status` reports it, `stop` ends it (then exit 1)."""
     directory = tmp_path / "db"
