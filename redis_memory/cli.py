@@ -394,7 +394,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     url = connection.resolve_url(args.url)
-    health = connection.health_check(url=url)
+    health = connection.health_check(url=args.url)
     _out(f"server:     {health.server} {health.version} ({health.mode})")
     _out(f"round trip: {health.round_trip_ms:.2f} ms")
     _out(f"url:        {_shown_url(url)}")
@@ -534,7 +534,9 @@ def main(argv: Sequence[str] | None = None, stderr: TextIO | None = None) -> int
     err = stderr or sys.stderr
     # The command reports failures itself; the library's warnings (say, "Redis
     # unreachable, changes are queued") would only repeat them.
-    logging.getLogger("redis_memory").setLevel(logging.ERROR)
+    logger = logging.getLogger("redis_memory")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         args = parser().parse_args(argv)
         return int(args.handler(args))
@@ -554,3 +556,5 @@ def main(argv: Sequence[str] | None = None, stderr: TextIO | None = None) -> int
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return OK
+    finally:
+        logger.setLevel(level)

@@ -309,6 +309,8 @@ def channel(client: redis.Redis) -> Channel:
 
 #: The server a memory uses when nothing names one.
 DEFAULT_URL = "redis://localhost:6379/0"
+#: The environment variables that name a server.
+_VARIABLES = ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB")
 #: Clients built from :data:`DEFAULT_URL` because nothing named a server.
 _defaulted: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
 
@@ -357,7 +359,7 @@ def connect(client: redis.Redis | None = None, url: str | None = None) -> redis.
         found = _clients.get(resolved)
         if found is None:
             found = _clients[resolved] = check_client(_from_url(resolved))
-            if resolved == DEFAULT_URL and url != DEFAULT_URL and not os.environ.get("REDIS_URL"):
+            if not url and not any(os.environ.get(name) for name in _VARIABLES):
                 _defaulted.add(found)
         return found
 

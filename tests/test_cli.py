@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -18,8 +19,9 @@ from zoneinfo import ZoneInfo
 import msgpack
 import pytest
 import redis
+from servers import free_port
 
-from redis_memory import ConversationMemory, Memory, Session, cli, export
+from redis_memory import ConversationMemory, Memory, Session, cli, connection, export
 from redis_memory.connection import embedded_dir
 
 SUBCOMMANDS = ["ls", "show", "watch", "export", "import", "rm", "stats", "health", "embedded"]
@@ -462,3 +464,14 @@ def test_embedded_default_directory(home: dict[str, str], monkeypatch: pytest.Mo
         assert stop_embedded() is False
     finally:
         stop_embedded()
+
+
+def test_health_with_nothing_naming_a_server_suggests_how_to_name_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --url, no REDIS_* and nothing on the default address: exit 3, one line suggesting REDIS_URL and embedded://."""
+    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(connection, "DEFAULT_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    errors = io.StringIO()
+    assert cli.main(["health"], stderr=errors) == 3
+    lines = errors.getvalue().splitlines()
+    assert len(lines) == 1 and "REDIS_URL" in lines[0] and 'url="embedded://"' in lines[0]
