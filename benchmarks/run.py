@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netproxy import TcpProxy
 from servers import EmbeddedServer, debian_redis
 
-from redis_memory import ConversationMemory, Session
+from redis_memory import ConversationMemory, Memory, Session
 
 CONTENT = "The weather in Paris is mild today, with light wind from the west and a chance of rain in the evening. "
 
@@ -65,7 +65,7 @@ def interleaved(raw: Callable[[], object], lib: Callable[[], object], rounds: in
 
 LOAD_SCRIPT = """
 import sys, time, msgpack, redis
-from redis_memory import ConversationMemory, Session
+from redis_memory import ConversationMemory, Memory, Session
 url, key, raw_key, mode = sys.argv[1:5]
 client = redis.Redis.from_url(url)
 client.ping()
@@ -176,6 +176,33 @@ def listing_row(client: redis.Redis) -> tuple[str, float, str]:
     return (f"list 10 idle conversations among 10,010 / among 100 ({ms:.2f} ms)", timings[10_010] / timings[100], "~ 1")
 
 
+def server_time(client: redis.Redis, rounds: int = 9, per_round: int = 200) -> tuple[float, float, float]:
+    """Microseconds the server spends per call (INFO commandstats): a plain append, a scalar set, a raw HSET.
+
+    Medians of interleaved rounds, each on statistics reset just before it.
+    """
+    mem = ConversationMemory("server-time", client=client)
+    mem.messages = []
+    messages = mem.messages
+    payload = msgpack.packb(message(0))
+    counter = iter(range(10**9))
+    samples: dict[str, list[float]] = {"append": [], "set": [], "hset": []}
+    for _ in range(rounds):
+        for kind in samples:
+            client.config_resetstat()
+            for _ in range(per_round):
+                n = next(counter)
+                if kind == "append":
+                    messages.append(message(n))
+                elif kind == "set":
+                    mem.title = f"title {n}"
+                else:
+                    client.hset("raw-server-time", str(n), payload)
+            stats = client.info("commandstats")
+            samples[kind].append(stats["cmdstat_hset" if kind == "hset" else "cmdstat_fcall"]["usec_per_call"])
+    return statistics.median(samples["append"]), statistics.median(samples["set"]), statistics.median(samples["hset"])
+
+
 def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     client = redis.Redis.from_url(url)
     client.flushall()
@@ -240,6 +267,41 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     at_100k = client.memory_usage(bounded.key, samples=0)
     rows.append((f"Redis memory after 100,000 / 10,000 bounded appends ({at_100k:,} B)", at_100k / at_10k, "flat"))
 
+    batched = Memory("batch", client=client)
+    batched.seed = 0
+    rounds = iter(range(10**9))
+
+    def raw_pipeline() -> None:
+        pipe = client.pipeline(transaction=False)
+        base = next(rounds) * 1000
+        for k in range(1000):
+            pipe.hset("raw-batch", f"k{k}", base + k)
+        pipe.execute()
+
+    def lib_batch() -> None:
+        base = next(rounds) * 1000
+        with batched.batch():
+            for k in range(1000):
+                batched[f"k{k}"] = base + k
+
+    ratio = interleaved(raw_pipeline, lib_batch, rounds=9, per_round=3)
+    store, trips = batched._rm.store, [0]
+    send = store._call_packed
+
+    def counted(packed: bytes) -> object:
+        trips[0] += 1
+        return send(packed)
+
+    store._call_packed = counted  # type: ignore[method-assign]
+    lib_batch()
+    store._call_packed = send  # type: ignore[method-assign]
+    label = f"a batch of 1,000 attribute sets ({trips[0]} round trips) / a pipeline of 1,000 HSETs"
+    rows.append((label, ratio, "<= 2"))
+
+    append_us, set_us, hset_us = server_time(client)
+    rows.append((f"apply function, server time per plain append (an HSET: {hset_us:.1f} us)", append_us, "<= 12 us"))
+    rows.append(("apply function, server time per scalar attribute set", set_us, "<= 12 us"))
+
     rows.append(listing_row(client))
 
     median_ms, p95_ms = event_latency(url)
@@ -282,6 +344,8 @@ def main() -> None:
         for what, value, target in rows:
             if target.endswith(" ms"):
                 shown = f"{value:.1f} ms"
+            elif target.endswith(" us"):
+                shown = f"{value:.1f} us"
             elif target.endswith(" s"):
                 shown = f"{value:.3f} s"
             else:

@@ -3,6 +3,7 @@
 from ._version import __version__ as __version__
 from .connection import Health, embedded_dir, ensure_embedded, health_check, stop_embedded
 from .errors import (
+    BatchIncomplete,
     ConcurrentModification,
     ConnectionFailed,
     ContainerDeleted,
@@ -30,6 +31,7 @@ from .window import TokenCounter, fit_messages, message_tokens, token_counter
 
 __all__ = [
     "AgentMemory",
+    "BatchIncomplete",
     "ConcurrentModification",
     "ConnectionFailed",
     "ContainerDeleted",

@@ -42,6 +42,8 @@ _clients: dict[str, redis.Redis] = {}
 #: Error replies that mean "not now" rather than "not this command". BUSY: a
 #: script is running, perhaps the very command whose reply did not arrive, so
 #: whether that one was applied is not known.
+#: How a server answers an FCALL of a function it does not have.
+MISSING_FUNCTION = "Function not found"
 _UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "BUSY ")
 _clients_lock = threading.Lock()
 #: When this thread's commands must give up (time.monotonic()), if they must.
@@ -227,6 +229,11 @@ def resp_command(
     return b"".join(parts)
 
 
+def resp_args(args: list[bytes]) -> bytes:
+    """Arguments in RESP form, to send inside a command (see :func:`resp_command`)."""
+    return b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
+
+
 def _read_items(reader: BinaryIO, count: int) -> list[object]:
     """The elements of an aggregate reply; bulk strings (nearly all of them) inline."""
     items: list[object] = []
@@ -281,7 +288,8 @@ def _parse(line: bytes, reader: BinaryIO) -> object:
         return None
     if kind == b"-":
         message = rest.decode(errors="replace")
-        error = redis.exceptions.NoScriptError if message.startswith("NOSCRIPT") else redis.ResponseError
+        missing = message.startswith(MISSING_FUNCTION) or message[4:].startswith(MISSING_FUNCTION)
+        error = redis.exceptions.NoScriptError if missing else redis.ResponseError
         return error(message)
     if kind == b",":
         return float(rest)

@@ -51,6 +51,19 @@ class ConcurrentModification(RedisMemoryError, RuntimeError):
     """A whole-container operation kept losing the race against other writers."""
 
 
+class BatchIncomplete(ConcurrentModification):
+    """Some operations of a batch could not be made again after another writer's change; the rest is in Redis.
+
+    ``failures`` holds the error of each operation left out, in order.
+    """
+
+    def __init__(
+        self, message: str, *, key: str | None = None, failures: list[RedisMemoryError] | None = None
+    ) -> None:
+        super().__init__(message, key=key)
+        self.failures = failures or []
+
+
 class ReservedName(RedisMemoryError, ValueError):
     """An attribute name that belongs to the Memory object itself."""
 

@@ -2,11 +2,14 @@
 
 The apply script publishes every change it makes, in the same atomic step,
 on the memory's channel (its key plus ``:changes``; same hash tag). A
-message is nine space-separated fields (none can hold a space), then the
-author and the keys as length-prefixed parts (``<len>:<bytes>``), each
-after a space:
+message is one line per operation of the call (one, or a batch's), each
+nine space-separated fields (none can hold a space), then the author and
+the keys as length-prefixed parts (``<len>:<bytes>``), each after a space;
+lines are separated by a newline after the last part:
 
     version time(ms) writer op nid incarnation index count trim author key...
+
+All lines of a message carry the version the call made.
 
 ``index`` and ``count`` are set for list changes (the position at the time
 of the change, and how many items); ``trim`` is how many items a bounded
@@ -95,18 +98,30 @@ class Event:
     version: int  #: the memory's version after the change (0 for a delete)
 
 
-def _parts(message: bytes) -> list[bytes]:
-    """The fields of a published message (see the module's notes); ValueError if malformed."""
-    parts = message.split(b" ", 9)
-    if len(parts) != 10:
-        raise ValueError("too few fields")
-    rest, pos = parts.pop(), 0
-    while pos < len(rest):
-        colon = rest.index(b":", pos)
-        end = colon + 1 + int(rest[pos:colon])
-        parts.append(rest[colon + 1 : end])
+def _lines(message: bytes) -> list[list[bytes]]:
+    """The fields of each line of a published message (see the module's notes); ValueError if malformed."""
+    lines, pos = [], 0
+    while True:
+        parts = []
+        for _ in range(9):
+            space = message.index(b" ", pos)
+            parts.append(message[pos:space])
+            pos = space + 1
+        while True:  # the author, then the keys
+            colon = message.index(b":", pos)
+            end = colon + 1 + int(message[pos:colon])
+            if end > len(message):
+                raise ValueError("a part longer than the message")
+            parts.append(message[colon + 1 : end])
+            if message[end : end + 1] != b" ":
+                break
+            pos = end + 1
+        lines.append(parts)
+        if end == len(message):
+            return lines
+        if message[end : end + 1] != b"\n":
+            raise ValueError("junk after a line")
         pos = end + 1
-    return parts
 
 
 class _Paths:
@@ -291,15 +306,25 @@ class Feed:
 
     def _events(self, message: bytes) -> list[Event]:
         try:
-            version_b, ms, _writer, name, nid, incarnation, index_b, count_b, trim_b, author_b, *keys = _parts(message)
+            lines = _lines(message)
+            version_b, ms, incarnation = lines[0][0], lines[0][1], lines[0][5]
             version = int(version_b)
             when = dt.datetime.fromtimestamp(int(ms) / 1000, dt.UTC)
         except ValueError:
             log.warning("%s: change feed ignored a malformed message", self._channel)
             return []
+        # The lines of one message are one call's operations: one version.
         if not self._in_sequence(incarnation, version):
             self._resync()
         self._last = (incarnation, version)
+        events: list[Event] = []
+        for line in lines:
+            events += self._line_events(line, version, when)
+        return events
+
+    def _line_events(self, line: list[bytes], version: int, when: dt.datetime) -> list[Event]:
+        """The events of one operation (one line of a message)."""
+        _version, _ms, _writer, name, nid, incarnation, index_b, count_b, trim_b, author_b, *keys = line
         if name == b"promote":
             return []  # a change of how a dict is stored, not of what it holds
         op = OPS.get(name, name.decode(errors="replace"))
@@ -320,10 +345,13 @@ class Feed:
             except ValueError:
                 events.append(event())
         elif index_b:
-            # A bounded append first drops items from the front: each a delete at 0.
-            events += [event(0, what="delete") for _ in range(int(trim_b or b"0"))]
-            start = int(index_b)
-            events += [event(start + i) for i in range(int(count_b or b"1"))]
+            try:
+                # A bounded append first drops items from the front: each a delete at 0.
+                events += [event(0, what="delete") for _ in range(int(trim_b or b"0"))]
+                start = int(index_b)
+                events += [event(start + i) for i in range(int(count_b or b"1"))]
+            except ValueError:
+                events.append(event())
         else:
             events.append(event())
         return events

@@ -20,6 +20,7 @@ from typing import Any, Self, cast, overload
 import redis
 
 from . import connection, ops, queue
+from .batch import Batch
 from .catalog import INDEX_REFRESH, Catalog, Listing
 from .errors import (
     ConcurrentModification,
@@ -36,7 +37,7 @@ from .errors import (
 from .feed import Event, Feed, Subscription
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, REF, Reply, Store, memory_key, version_number
+from .store import ANY_INCARNATION, REF, Reply, Step, Store, memory_key, version_number
 from .window import fit_messages
 
 #: How often an operation is rebuilt and resent after the server found this
@@ -54,15 +55,6 @@ log = logging.getLogger("redis_memory")
 def _new_token() -> bytes:
     return os.urandom(6).hex().encode()
 
-
-def op_token(writer: bytes, seq: int) -> bytes:
-    """The token of operation ``(writer, seq)``: its version's, and the birth of the nodes it creates.
-
-    Unique to the operation (a writer id is random, its seq only grows), so
-    a server rolled back and written again never repeats a version or a
-    node as this replica knew them.
-    """
-    return writer[:8] + b"%x" % seq
 
 
 class MemoryCore:
@@ -99,6 +91,8 @@ class MemoryCore:
         self.link = queue.link(store.channel)
         self.outbox = queue.Outbox(max_pending, queue.Spool(spool, store.key) if spool is not None else None)
         self.closed = False
+        #: The batch being made (``with mem.batch():``), under this core's lock.
+        self.batching: Batch | None = None
         _live_cores.add(self)
         self.link.attach(self)
         if self.outbox.spool is not None:
@@ -177,7 +171,7 @@ class MemoryCore:
             outbox.entries.clear()
             self.link.detach(self)
 
-    def _next_seq(self) -> int:
+    def next_seq(self) -> int:
         self.seq += 1
         return self.seq
 
@@ -198,6 +192,8 @@ class MemoryCore:
         never loaded then raises ConnectionFailed.
         """
         replica = self.replica
+        if self.batching is not None:
+            return  # inside a batch the local view is the truth until it is sent
         try:
             if not self.reachable():
                 error = self.link.last_error
@@ -289,6 +285,8 @@ class MemoryCore:
         """
         with self.lock:
             self.check_open()
+            if self.batching is not None:
+                return self.batching.add(proxy, build)
             replica = self.replica
             fresh = False  # whether this call has checked the server's version
             stale = 0  # how often the server found what the op removes changed
@@ -329,12 +327,12 @@ class MemoryCore:
                 if promotion is not None:
                     op = promotion
                 if self.bounds:
-                    op = self._bound(proxy, op)
+                    op = self.bound(proxy, op)
                 if promotion is not None and not online:
                     # Queue the promotion only if the change after it fits too.
                     self.outbox.check_room(self.store.key, needed=2)
                 plan = replica.removal_plan(op)
-                seq = self._next_seq()
+                seq = self.next_seq()
                 if not online:
                     # An incomplete plan is made again from the server's data on replay.
                     result = self._enqueue(op, plan or {}, seq)
@@ -343,10 +341,9 @@ class MemoryCore:
                     continue
                 # The token also makes a fresh incarnation, used only if this
                 # operation is the one that creates the memory.
-                token = op_token(self.writer, seq)
+                token = ops.op_token(self.writer, seq)
                 expected = ANY_INCARNATION if op.nid == b"0" else replica.incarnation
                 birth = replica.nodes[op.nid]._rm_birth
-                header = [self.writer, b"%d" % seq, token, expected, op.name, op.nid, self.ttl, self.author, birth]
                 sent_plan: ops.Plan | None = plan
                 if plan is None:
                     # It removes a value this replica could not decode: the script
@@ -359,7 +356,8 @@ class MemoryCore:
                     # stale). Not for a delete, which returns this replica's copy.
                     sent_plan = None
                 try:
-                    reply = self.store.apply(header, sent_plan, op.args())
+                    step = Step(seq, token, op.name, op.nid, birth, [], sent_plan, op.args())
+                    reply = self.store.apply([self.writer, expected, self.ttl, self.author], [step])
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     # The server may have applied it before the link broke: queue
@@ -402,7 +400,7 @@ class MemoryCore:
             except RedisMemoryError as exc:  # the index may lag; listing checks real activity
                 log.info("%s: index not updated: %s", self.store.key, queue.kept(exc))
 
-    def _bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op) -> ops.Op:
+    def bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op) -> ops.Op:
         """``op``, made to keep a bounded attribute (``max_messages``) at its newest items, however it grows it."""
         root = self.replica.root
         if isinstance(op, ops.DictSet) and proxy is root:
@@ -447,7 +445,7 @@ class MemoryCore:
         """Bring the replica in line with what the server answered; ``_RETRY`` to build again."""
         replica = self.replica
         if reply.status == "ok":
-            self._index(created=reply.stamp[:2] == b"1 ")  # version 1: this write created the memory
+            self.note_created(reply.stamp)
             removed = replica.removed_value(op, reply.extra)
             created = replica.incarnation == b"" and replica.version == 0
             if reply.before == replica.stamp and (reply.incarnation == replica.incarnation or created):
@@ -470,10 +468,7 @@ class MemoryCore:
             self.catch_up()
             return removed
         if reply.status == "corrupt":
-            # The script met malformed stored data and wrote nothing.
-            key, field, why = (part.decode(errors="replace") for part in reply.extra[:3])
-            message = f"corrupt data in {key} field {reply.extra[1]!r}: {why}" if field else f"{key} {why}"
-            raise CorruptData(message, key=key, field=reply.extra[1] or None)
+            self.raise_corrupt(reply)
         self.catch_up()
         if reply.status == "gone":
             proxy._rm_live = False
@@ -484,6 +479,48 @@ class MemoryCore:
         # build the operation again from the fresh view.
         return _RETRY
 
+    def note_created(self, stamp: bytes) -> None:
+        """After an applied write whose version is ``stamp``: list the memory if that write created it."""
+        self._index(created=stamp[:2] == b"1 ")  # version 1: this write created the memory
+
+    @staticmethod
+    def raise_corrupt(reply: Reply) -> None:
+        """The apply function met malformed stored data and wrote nothing: CorruptData."""
+        key, field, why = (part.decode(errors="replace") for part in reply.extra[:3])
+        message = f"corrupt data in {key} field {reply.extra[1]!r}: {why}" if field else f"{key} {why}"
+        raise CorruptData(message, key=key, field=reply.extra[1] or None)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """See :meth:`Memory.batch`."""
+        with self.lock:
+            self.check_open()
+            if self.batching is not None:
+                yield  # joins the outer batch
+                return
+            self.refresh()  # one version check: the block builds on a fresh view
+            batch = self.batching = Batch(self)
+            try:
+                yield
+            except BaseException:
+                self.batching = None
+                batch.abandon()
+                raise
+            self.batching = None
+            batch.commit()
+
+    def queue_applied(
+        self, op: ops.Op, plan: ops.Plan, seq: int, created: list[bytes], birth: bytes, group: int
+    ) -> None:
+        """Put an operation already applied to the replica on the queue (``group``: its batch's first seq, or 0)."""
+        entry = queue.Pending(
+            self.writer, seq, self.replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created,
+            self.author, birth, group=group,
+        )  # fmt: skip
+        if isinstance(op, (ops.ListReplace, ops.SetChange)):
+            entry.intent, entry.recompute = op.intent, op.compute
+        self.outbox.push(self.writer, entry)
+
     def _enqueue(self, op: ops.Op, plan: ops.Plan, seq: int, may_be_applied: bool = False) -> Any:
         """Offline: apply ``op`` to the replica and queue it for the replay."""
         replica = self.replica
@@ -492,15 +529,9 @@ class MemoryCore:
         # The ids of the nodes it creates go into the record before it is
         # written: a spool read by the next process must map them on replay.
         created = queue.provisional_ids(self.writer, self.provisional, op.nodes())
-        entry = queue.Pending(
-            self.writer, seq, replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created, self.author,
-            replica.nodes[op.nid]._rm_birth,
-        )  # fmt: skip
-        if isinstance(op, (ops.ListReplace, ops.SetChange)):
-            entry.intent, entry.recompute = op.intent, op.compute
         removed = replica.value_at(op)
-        self.outbox.push(self.writer, entry)
-        replica.apply_local(op, iter(created), op_token(self.writer, seq))
+        self.queue_applied(op, plan, seq, created, replica.nodes[op.nid]._rm_birth, 0)
+        replica.apply_local(op, iter(created), ops.op_token(self.writer, seq))
         replica.speculative = True
         self.link.wait_for(self)
         return removed
@@ -515,6 +546,12 @@ class MemoryCore:
             try:
                 while outbox:
                     entry = outbox.entries[0]
+                    group = self._group_at_head()
+                    if group and self._replay_group(group):
+                        for member in group:
+                            outbox.confirmed(self.writer, member)
+                        replayed += len(group)
+                        continue
                     try:
                         self._replay(entry)
                     except ServerRefused as exc:
@@ -532,6 +569,59 @@ class MemoryCore:
             log.info("%s: %d queued operations replayed", self.store.key, replayed)
             return True
 
+    def _group_at_head(self) -> list[queue.Pending]:
+        """The queued batch at the head of the queue (its operations, in order), or nothing."""
+        entries = self.outbox.entries
+        head = entries[0]
+        if not head.group:
+            return []
+        return list(itertools.takewhile(lambda e: (e.writer, e.group) == (head.writer, head.group), entries))
+
+    def _replay_group(self, group: list[queue.Pending]) -> bool:
+        """Send a queued batch as one call, all or none; False if the server refused it.
+
+        Refused, it is replayed operation by operation instead, each handled
+        as a queued operation is (so nothing is lost, but others' changes
+        may then land between them).
+        """
+        outbox = self.outbox
+        sent = [entry.renamed(outbox.renames) for entry in group]
+        head = sent[0]
+        expected = head.incarnation or outbox.joined
+        if not expected and all(entry.nid == b"0" for entry in sent):
+            expected = ANY_INCARNATION
+        steps = []
+        for entry in sent:
+            args = entry.args
+            skipped = outbox.skipped.get(entry.nid, 0)
+            if entry.name == b"lreplace" and skipped:
+                args = [b"%d" % (int(args[0]) - skipped), *args[1:]]
+            birth = outbox.births.get(entry.nid, entry.birth)
+            token = ops.op_token(entry.writer, entry.seq)
+            steps.append(Step(entry.seq, token, entry.name, entry.nid, birth, entry.created, entry.plan,
+                              ops.from_tokens(args)))  # fmt: skip
+        reply = self.store.apply([head.writer, expected, self.ttl, head.author], steps)
+        if reply.status not in ("ok", "dup", "same"):
+            return False
+        self._index(created=reply.status == "dup" or version_number(reply.stamp) == 1)
+        if not head.incarnation and not outbox.joined:
+            outbox.join(self.writer, reply.incarnation)
+            if not self.replica.incarnation:
+                self.replica.incarnation = reply.incarnation
+        # The nodes each operation created, from its result (a resend's, the
+        # call's first: they were given in order).
+        results = reply.results or [b"-"] * len(group)
+        if reply.status == "dup" and reply.first_nid is not None:
+            first = reply.first_nid
+            results = []
+            for entry in group:
+                results.append(b"%d" % first if entry.created else b"-")
+                first += len(entry.created)
+        for entry, result in zip(group, results, strict=True):
+            if entry.created and result not in (b"-", b"x"):
+                self._map(entry.created, [b"%d" % (int(result) + i) for i in range(len(entry.created))])
+        return True
+
     def _replay(self, entry: queue.Pending) -> None:
         """Send one queued operation; map the nodes it created, or report why it was dropped."""
         outbox = self.outbox
@@ -543,12 +633,13 @@ class MemoryCore:
         skipped = outbox.skipped.get(sent.nid, 0)
         if sent.name == b"lreplace" and skipped:
             args = [b"%d" % (int(args[0]) - skipped), *args[1:]]
-        token = op_token(entry.writer, entry.seq)
+        token = ops.op_token(entry.writer, entry.seq)
         birth = outbox.births.get(sent.nid, entry.birth)
-        header = [entry.writer, b"%d" % entry.seq, token, expected, sent.name, sent.nid, self.ttl, entry.author, birth]
+        call = [entry.writer, expected, self.ttl, entry.author]
         plan: ops.Plan | None = sent.plan
         for _ in range(MAX_ATTEMPTS):
-            reply = self.store.apply(header, plan, ops.from_tokens(args))
+            step = Step(entry.seq, token, sent.name, sent.nid, birth, [], plan, ops.from_tokens(args))
+            reply = self.store.apply(call, [step])
             if reply.status != "stale":
                 break
             # Others changed what this operation depends on since it was queued:
@@ -691,9 +782,9 @@ def _malformed(error: ServerRefused) -> bool:
     text = str(error.__cause__ or error)
     if "OOM" in text or "NOPERM" in text or "permission" in text or "can't run" in text:
         return False
-    # A Lua error names its line ("user_script:360: ..."); a refused command
-    # ends with where it was called from ("on @user_script:620.").
-    return bool(re.search(r"user_script:\d+: |<python>\"\]:\d+: |unknown operation", text))
+    # A Lua error names its line ("user_function:360: ..."); a refused command
+    # ends with where it was called from ("on @user_function:620.").
+    return bool(re.search(r"user_function:\d+: |unknown operation", text))
 
 
 def _check_name(name: Any) -> None:
@@ -914,6 +1005,16 @@ class Memory:
     def to_dict(self) -> dict[str, Any]:
         """A plain deep copy of every stored name and value, fresh."""
         return self._rm.snapshot()
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """``with mem.batch():`` makes every change inside one call to Redis, atomic and in order.
+
+        Each statement applies to the local view at once; at the block's end
+        they go to Redis in one round trip, all or none, and the block
+        returns once they are there. An exception inside sends nothing. See
+        :mod:`redis_memory.batch` for conflicts, nesting and offline.
+        """
+        return self._rm.batch()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every change made so far is in Redis; True when it is.

@@ -33,6 +33,16 @@ from . import codec
 from .errors import UnsupportedValue
 
 
+def op_token(writer: bytes, seq: int) -> bytes:
+    """The token of operation ``(writer, seq)``: its version's, and the birth of the nodes it creates.
+
+    Unique to the operation (a writer id is random, its seq only grows), so
+    a server rolled back and written again never repeats a version or a
+    node as this replica knew them.
+    """
+    return writer[:8] + b"%x" % seq
+
+
 def item(data: bytes) -> bytes:
     """One script argument, already in its RESP form (a bulk string)."""
     return b"$%d\r\n%s\r\n" % (len(data), data)

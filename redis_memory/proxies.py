@@ -98,11 +98,11 @@ class ObservedList(list):  # type: ignore[type-arg]
     # -- O(1) ------------------------------------------------------------
 
     def append(self, value: Any) -> None:
-        """Add at the end: one EVALSHA, O(1)."""
+        """Add at the end: one FCALL, O(1)."""
         self._rm_submit(lambda: ops.ListAppend(self._rm_nid, [value]))
 
     def extend(self, values: Iterable[Any]) -> None:
-        """Add each value at the end: one EVALSHA, O(len(values))."""
+        """Add each value at the end: one FCALL, O(len(values))."""
         items = list(values)
         if items:
             self._rm_submit(lambda: ops.ListAppend(self._rm_nid, items))
@@ -258,13 +258,13 @@ class ObservedDict(dict):  # type: ignore[type-arg]
         return self._rm_core.submit(self, build)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        """Set one key: one EVALSHA, O(1)."""
+        """Set one key: one FCALL, O(1)."""
         if isinstance(value, Proxy) and dict.get(self, key) is value:
             return  # `d[k] += [x]` assigns the mutated proxy back to where it is
         self._rm_submit(lambda: ops.DictSet(self._rm_nid, [(key, value)]))
 
     def __delitem__(self, key: Any) -> None:
-        """Delete one key: one EVALSHA, O(1)."""
+        """Delete one key: one FCALL, O(1)."""
         self.pop(key)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
@@ -357,11 +357,11 @@ class ObservedSet(set):  # type: ignore[type-arg]
         return not self._rm_core.link.online
 
     def add(self, element: Any) -> None:
-        """Add one element: one EVALSHA, O(1)."""
+        """Add one element: one FCALL, O(1)."""
         self._rm_submit(lambda: self._rm_change(add=[element]) if element not in self or self._rm_blind() else None)
 
     def discard(self, element: Any) -> None:
-        """Remove one element if present: one EVALSHA, O(1)."""
+        """Remove one element if present: one FCALL, O(1)."""
         self._rm_submit(lambda: self._rm_change(remove=[element]) if element in self or self._rm_blind() else None)
 
     def remove(self, element: Any) -> None:

@@ -88,7 +88,7 @@ def test_a_queued_write_refused_for_lack_of_memory_stays_queued(switch: Switch, 
     """A write queued offline meets a server out of memory (maxmemory reached) on replay. That
     refusal is transient: the write should stay queued (memory.py says so: "out of memory, no
     permission: it may pass later, so it stays queued") and reach Redis once memory is freed.
-    Today Redis 7 words a refusal inside a script "... script: <sha>, on @user_script:620.",
+    Today Redis 7 words a refusal inside a script "... script: <sha>, on @user_function:620.",
     `_malformed` takes it for a damaged record, and the write is dropped for good."""
     if isinstance(client, fakeredis.FakeRedis):
         pytest.skip("fakeredis has no maxmemory")
@@ -227,7 +227,7 @@ def test_a_queued_write_refused_for_a_missing_permission_stays_queued(switch: Sw
     """Like the out-of-memory case: the ACL user a memory connects as loses HSET while a write is
     queued, and gets it back. The write should stay queued and land once the permission is
     back. Today the refusal, worded "... can't run this command ... script: <sha>, on
-    @user_script:..." by the server, is taken for a damaged record and the write is dropped."""
+    @user_function:..." by the server, is taken for a damaged record and the write is dropped."""
     if isinstance(client, fakeredis.FakeRedis):
         pytest.skip("fakeredis has no ACL users")
     assert switch.proxy is not None

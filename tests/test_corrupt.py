@@ -322,7 +322,7 @@ def test_a_corrupt_item_of_a_held_dict_is_deleted_quietly(client: redis.Redis) -
 def test_a_plan_the_script_reads_from_the_hash_removes_a_node_with_a_corrupt_header(client: redis.Redis) -> None:
     """With the plan left to the script (count -1), replacing an attribute drops its corrupt-headed node whole."""
     from redis_memory import ops
-    from redis_memory.store import Store
+    from redis_memory.store import Step, Store
 
     mem = nested(client)
     d = child(client, mem, "d")
@@ -331,7 +331,7 @@ def test_a_plan_the_script_reads_from_the_hash_removes_a_node_with_a_corrupt_hea
     store = Store(client, mem.key)
     op = ops.DictSet(b"0", [("d", 1)])
     incarnation = stored(client, mem)[b"i"]
-    reply = store.apply([b"w", b"1", b"tok", incarnation, op.name, op.nid, b"0", b"", b""], None, op.args())
+    reply = store.apply([b"w", incarnation, b"0", b""], [Step(1, b"tok", op.name, op.nid, b"", [], None, op.args())])
     assert reply.status == "ok"
     nodes = {f[1:].partition(b":")[0] for f in stored(client, mem) if f[:1] in b"eh"}
     assert not nodes & {d, inner}

@@ -377,11 +377,11 @@ def test_huge_ints_and_bad_strings(client: redis.Redis) -> None:
 def test_a_failed_operation_does_not_create_the_memory(client: redis.Redis) -> None:
     """An operation the server refuses on a memory that does not exist leaves no key behind."""
     from redis_memory import ops
-    from redis_memory.store import Store
+    from redis_memory.store import Step, Store
 
     store = Store(client, Memory("absent", client=client).key)
     op = ops.DictDelete(b"0", ["x"])
-    reply = store.apply([b"w", b"1", b"tok", b"", op.name, op.nid, b"0", b"", b""], {}, op.args())
+    reply = store.apply([b"w", b"", b"0", b""], [Step(1, b"tok", op.name, op.nid, b"", [], {}, op.args())])
     assert reply.status == "missing"
     assert client.exists(store.key) == 0
 

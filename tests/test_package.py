@@ -22,8 +22,8 @@ def test_star_import_gives_exactly_all() -> None:
     assert exported == set(redis_memory.__all__)
     public = {name for name in dir(redis_memory) if not name.startswith("_")}
     modules = {
-        "catalog", "cli", "codec", "connection", "errors", "export", "feed", "memory", "ops", "proxies", "queue",
-        "replica", "session", "store", "window",
+        "batch", "catalog", "cli", "codec", "connection", "errors", "export", "feed", "memory", "ops", "proxies",
+        "queue", "replica", "session", "store", "window",
     }
     assert public - modules == set(redis_memory.__all__)
 

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from redis_memory import ConversationMemory, Memory, ops
-from redis_memory.store import JOURNAL_SIZE, Store, escape_id, memory_key, version_number
+from redis_memory.store import JOURNAL_SIZE, Step, Store, escape_id, memory_key, version_number
 
 
 @pytest.mark.parametrize("identifier", ["a:b", "*", "{x}", "ü", "with space", "a%3Ab", "x}{y", "🙂"])
@@ -98,13 +98,17 @@ def test_an_operation_id_is_applied_once(client: redis.Redis) -> None:
     store = Store(client, mem.key)
     incarnation = client.hget(mem.key, "i")
     nid = mem.items._rm_nid
-    header = [b"retrying-writer", b"1", b"tok", incarnation, b"lappend", nid, b"0", b"", mem.items._rm_birth]
-    first = store.apply(header, {}, ops.ListAppend(nid, [7]).args())
-    again = store.apply(header, {}, ops.ListAppend(nid, [7]).args())
+    call = [b"retrying-writer", incarnation, b"0", b""]
+
+    def append(seq: int, value: int) -> Step:
+        args = ops.ListAppend(nid, [value]).args()
+        return Step(seq, b"tok%d" % seq, b"lappend", nid, mem.items._rm_birth, [], {}, args)
+
+    first = store.apply(call, [append(1, 7)])
+    again = store.apply(call, [append(1, 7)])
     assert (first.status, again.status) == ("ok", "dup")
     assert mem.items == [7]
-    header[1] = b"2"
-    assert store.apply(header, {}, ops.ListAppend(nid, [8]).args()).status == "ok"
+    assert store.apply(call, [append(2, 8)]).status == "ok"
     assert mem.items == [7, 8]
 
 
@@ -171,3 +175,35 @@ def test_a_resent_pop_returns_the_removed_value(client: redis.Redis) -> None:
         store.apply = real_apply  # type: ignore[method-assign]
     assert Memory("resent", client=client).items == ["b"]
     assert items == ["b"]
+
+
+def test_the_server_code_is_loaded_again_when_the_server_lost_it(client: redis.Redis) -> None:
+    """A server that lost the functions library (FUNCTION FLUSH, a restart without data) gets it again
+    on the next write, read or delete."""
+    mem = Memory("reload", client=client)
+    mem.log = []
+    for step in range(3):
+        client.function_flush()
+        mem.log.append(step)  # apply
+        client.function_flush()
+        other = Memory("reload", client=client)
+        assert other.log == list(range(step + 1))
+        other.note = step  # another writer's change, so the next read syncs
+        client.function_flush()
+        assert mem.log == list(range(step + 1))  # sync
+    client.function_flush()
+    mem.delete()  # delete
+    assert client.exists(mem.key) == 0
+
+
+def test_the_library_is_named_after_its_source() -> None:
+    """Each command is a function of one library whose name carries a digest of the source, and the
+    library holds every command's code with its includes, once."""
+    from redis_memory import store
+
+    source, names = store.library()
+    digest = source.splitlines()[0].removeprefix("#!lua name=redis_memory_")
+    assert len(digest) == 12 and set(store.COMMANDS) <= set(names)
+    assert all(name == f"rm_{digest}_{command}" for command, name in names.items())
+    assert source.count("local function begin(") == 1
+    assert "@include" not in source and "@JOURNAL_SIZE@" not in source

@@ -47,6 +47,7 @@ def test_wheel_and_sdist_build_install_and_run_the_demo(tmp_path: Path, servers:
         metadata = email.message_from_string(archive.read(f"redis_memory-{version}.dist-info/METADATA").decode())
         entry_points = archive.read(f"redis_memory-{version}.dist-info/entry_points.txt").decode()
     assert "redis_memory/py.typed" in names and "redis_memory/__main__.py" in names
+    assert "redis_memory/lua/apply.lua" in names  # the server code, package data
     assert f"redis_memory-{version}.dist-info/licenses/LICENSE" in names
     assert not [n for n in names if n.startswith("tests/")]
     assert "redis-memory = redis_memory.cli:main" in entry_points

@@ -1,0 +1,743 @@
+--[[
+apply: applies operations to a memory, in order and atomically: one or a
+batch of them, all or none (every check runs before the first write; a
+script is not rolled back).
+
+KEYS[1]  the memory's hash
+KEYS[2]  its writer index (a sorted set of writers by last write)
+KEYS[3+] keys that share the memory's expiry (a session's participant set)
+
+ARGV[1]  writer id
+ARGV[2]  expected incarnation ('*' for any)
+ARGV[3]  expiry in ms (0: none)
+ARGV[4]  author (may be empty)
+ARGV[5]  the number of operations; then, for each:
+  seq      its number for this writer, one more than the one before (a
+           call whose first seq was applied already answers 'dup')
+  token    unique to it: the birth of the nodes it creates, the version's
+           token if it is the last, the incarnation if it creates the memory
+  name     see the handlers below and ops.py
+  nid      the node it changes ('0' is the root dict)
+  birth    the birth of node nid as the client knows it (checked unless '0')
+  created  a count, then the ids the client gave the nodes it creates, in the
+           order it creates them: later operations of the call may name them
+           (provisional ids, see queue.py), and get the ids the server gave
+  plan     the number of arguments that follow for the removal plan, or -1
+           for the script to read the plan from the hash itself (O(size));
+           per node the op may remove: nid, change count, key count, keys
+           (change count -1 for a node whose header is corrupt, with all its
+           entry fields)
+  args     the op's own arguments (see ops.py)
+
+Replies: {status, version stamp after, incarnation, result, version stamp
+before, the number of the operation refused ('' if none), per-operation
+results, what a delete removed...}. Status: ok, same (nothing to change),
+dup, gone (memory or node replaced), stale (what it removes changed),
+missing, index, exists (setdefault), or corrupt with the key, the field (''
+for a key of another type) and why: malformed stored data, met before
+anything is written. Result: the id of the first node the call created ('').
+Per-operation results, for a batch: one word per operation, the id of the
+first node it created, '-' for none, or 'x' for a setdefault that found its
+key (which the rest of the batch goes on without). Only a single operation
+answers what its delete removed.
+
+An applied call publishes its changes on the memory's change channel, one
+line per operation (see feed.py for a line).
+]]
+-- @include fields
+
+local A, pos                           -- ARGV, and the cursor of arg()
+local writer, seq, token, nid, op      -- the call's writer; the operation being applied
+local incarnation, version, counter, creating
+local before, stamp_now
+local h                                -- the header of node nid
+local known, known_mod                 -- the removal plan
+local checked, dropped                 -- nodes can_drop/drop have seen
+local first_nid, op_first, damage, damage_why
+local realid                           -- client's id of a node created in this call -> the server's
+local created_ids, created_pos         -- the ids the client gave the operation's new nodes
+local headers, dirty                   -- parsed headers by nid; the nids whose header changed, in order
+local kept_raw                         -- what each kept child of a list replace held
+local extra                            -- what a delete removed
+-- What the change event says beyond the op: the dict keys it changed, or
+-- the list index (at the time of the change) and the number of items.
+local event_keys, event_index, event_count, event_trim
+
+local function arg()
+  pos = pos + 1
+  return A[pos - 1]
+end
+
+-- The server's id of node n (n itself unless created earlier in this call).
+local function mapped(n) return realid[n] or n end
+
+local function reply(status, result, failed, per_op, ...)
+  return {status, stamp_now, incarnation or '', result or '', before, failed or '', per_op or '', ...}
+end
+
+-- Malformed stored data is answered with the key and field, for the client
+-- to raise CorruptData; never met by a Lua error.
+local function corrupt(field, why, key)
+  return reply('corrupt', '', '', '', key or K, field, why)
+end
+
+-- Corrupt data met while applying is answered after the op: every write
+-- waits for the end, so nothing is written then.
+local function damaged(field, why)
+  if not damage then damage, damage_why = field, why end
+end
+
+-- The header of node n, or nil if there is none; nil and true if it is
+-- corrupt (the same rule as store.HEADER). A node's birth is the token of
+-- the operation that created it: after a rollback the same id may name
+-- another node, of another birth. The root's header has none.
+local function read_header(n)
+  local raw = hget(hfield(n))
+  if not raw and creating and n == '0' then raw = 'd 0 1 0' end
+  if not raw then return nil end
+  -- Parsed once per call: operations change the table, written back once at the end.
+  if headers[n] then return headers[n] end
+  local kind, a, b, c, rest = string.match(raw, '^([lds]) (%-?%d+) (%-?%d+) (%-?%d+)(.*)$')
+  local birth = ''
+  if kind and rest ~= '' then
+    birth = string.match(rest, '^ (%S*)$')
+    if not birth then kind = nil end
+  end
+  if not kind then return nil, true end
+  a, b = tonumber(a), tonumber(b)
+  if kind == 'l' and b < a then return nil, true end
+  headers[n] = {kind = kind, a = a, b = b, c = tonumber(c), birth = birth}
+  return headers[n]
+end
+
+-- Node n's header (the table read_header gave) changed: written at the end.
+local function header_changed(n)
+  if not dirty[n] then dirty[n] = true; dirty[#dirty + 1] = n end
+end
+
+local function write_headers()
+  for _, n in ipairs(dirty) do
+    local f, hd = hfield(n), headers[n]
+    -- Not for a node a later operation of the call removed.
+    if hget(f) or (creating and n == '0') then
+      local birth = hd.birth ~= '' and ' ' or ''
+      hset(f, string.format('%s %d %d %d', hd.kind, hd.a, hd.b, hd.c) .. birth .. hd.birth)
+    end
+  end
+end
+
+-- A list cannot hold more slots than the hash has fields: a header that
+-- claims so is corrupt, and walking its range would hold the server up.
+-- Checked (HLEN, O(1)) only before a walk of a long list.
+local function overlong(hd)
+  return hd.kind == 'l' and hd.b - hd.a > 1000 and hd.b - hd.a > redis.call('HLEN', K)
+end
+
+local function is_ref(p) return string.byte(p, 1) == REF end
+-- A list item's dict stored whole: REF, its nid, '=', its msgpack map. It
+-- has no fields of its own, so dropping it is dropping the field holding it.
+local function is_whole(p) return string.find(p, '=', 2, true) ~= nil end
+local function ref_nid(p) return string.match(p, '^.([^=]*)') end
+-- What follows the '<seq>:' of a dict entry; '' for a corrupt one without it.
+local function dict_payload(raw)
+  local colon = string.find(raw, ':', 1, true)
+  return colon and string.sub(raw, colon + 1) or ''
+end
+
+-- The removal plan: for each container the op may remove, the change count
+-- this client saw it at and (for a dict) its keys. A container changed
+-- since is not removed: the client's copy of it, which a pop returns, would
+-- be stale. A count of -1 asks the script to read the plan from the hash
+-- itself (HGETALL, O(size)): for a client whose view keeps losing the race
+-- against busy writers, or cannot decode what it removes.
+local NO_PLAN = {}  -- shared by operations with an empty plan: never written
+local function read_plan()
+  local nplan = tonumber(arg())
+  if nplan == 0 then known, known_mod = NO_PLAN, NO_PLAN; return end
+  known, known_mod = {}, {}
+  if nplan < 0 then
+    local all = redis.call('HGETALL', K)
+    for i = 1, #all, 2 do
+      local f, v = all[i], all[i + 1]
+      cache[f] = v
+      local tag = string.sub(f, 1, 1)
+      if tag == 'h' then
+        local n = string.sub(f, 2)
+        known[n] = known[n] or {}
+      elseif tag == 'e' then
+        local c = string.find(f, ':', 2, true)
+        if c then
+          local n = string.sub(f, 2, c - 1)
+          known[n] = known[n] or {}
+          table.insert(known[n], string.sub(f, c + 1))
+        end
+      end
+    end
+    for n, keys in pairs(known) do
+      if not cache['h' .. n] then
+        known[n] = nil  -- entries of no node: nothing to drop
+      else
+        -- A header that does not parse or does not count its entries is
+        -- corrupt: the node is removed as listed (see broken below).
+        local hd, bad = read_header(n)
+        if bad or (hd.kind ~= 'l' and #keys ~= hd.a) then known_mod[n] = -1 else known_mod[n] = hd.c end
+      end
+    end
+    return
+  end
+  local drops_end = pos + nplan
+  while pos < drops_end do
+    local dn, mod, cnt = mapped(A[pos]), tonumber(A[pos + 1]), tonumber(A[pos + 2])
+    local keys = {}
+    for j = 1, cnt do keys[j] = A[pos + 2 + j] end
+    known[dn], known_mod[dn] = keys, mod
+    pos = pos + 3 + cnt
+  end
+end
+
+-- A node whose header is corrupt (unparseable, or a count that is not its
+-- dict's or set's number of entries) is removed as the client read it from
+-- the server: change count -1 and the names of all its entry fields.
+local function broken(n, hd, bad)
+  if known_mod[n] ~= -1 then return false end
+  return bad or (hd.kind ~= 'l' and #known[n] ~= hd.a)
+end
+
+local function child_of(n, raw)
+  if string.sub(hget(hfield(n)), 1, 1) == 'l' then return raw end
+  return dict_payload(raw)
+end
+
+-- True when every dict node under payload p is fully listed in 'known', so
+-- that drop(p) removes every field the subtree has. Each node is checked
+-- and dropped once, and neither the root nor the node being changed is ever
+-- followed into: only corrupt data references a node twice or an ancestor,
+-- and it must stay removable.
+local function can_drop(p, own)
+  if not is_ref(p) or is_whole(p) then return true end
+  local n = string.sub(p, 2)
+  checked = checked or {}
+  if checked[n] or (not own and (n == '0' or n == nid)) then return true end
+  checked[n] = true
+  local hd, bad = read_header(n)
+  if not hd and not bad then return true end
+  if hd and overlong(hd) then hd, bad = nil, true end
+  local keys = known[n]
+  if broken(n, hd, bad) then
+    for _, k in ipairs(keys) do
+      local raw = hget(efield(n, k))
+      if not raw or not can_drop(child_of(n, raw)) then return false end
+    end
+    return true
+  end
+  if bad then return false end
+  if not keys or known_mod[n] ~= hd.c then return false end
+  if hd.kind == 'l' then
+    for s = hd.a, hd.b - 1 do
+      local raw = hget(efield(n, fmt(s)))
+      if raw and not can_drop(raw) then return false end
+    end
+    return true
+  end
+  if #keys ~= hd.a then return false end
+  for _, k in ipairs(keys) do
+    local raw = hget(efield(n, k))
+    if not raw or not can_drop(dict_payload(raw)) then return false end
+  end
+  return true
+end
+
+local function drop(p)
+  if not is_ref(p) or is_whole(p) then return end
+  local n = string.sub(p, 2)
+  dropped = dropped or {}
+  if dropped[n] or n == '0' or n == nid then return end
+  dropped[n] = true
+  local hd, bad = read_header(n)
+  if not hd and not bad then return end
+  if hd and overlong(hd) then hd, bad = nil, true end
+  if broken(n, hd, bad) then
+    for _, k in ipairs(known[n]) do
+      local f = efield(n, k)
+      drop(child_of(n, hget(f))); hdel(f)
+    end
+  elseif hd.kind == 'l' then
+    for s = hd.a, hd.b - 1 do
+      local f = efield(n, fmt(s))
+      local raw = hget(f)
+      if raw then drop(raw); hdel(f) end
+    end
+  else
+    for _, k in ipairs(known[n]) do
+      local f = efield(n, k)
+      drop(dict_payload(hget(f)))
+      hdel(f)
+    end
+  end
+  hdel(hfield(n))
+end
+
+-- The value the next arguments describe (see the token grammar in ops.py):
+-- a scalar's bytes, or a reference to the node it creates.
+local function build()
+  local t = arg()
+  if t == 's' then return arg() end
+  if t == 'r' then
+    local n = mapped(arg())
+    return (kept_raw and kept_raw[n]) or (string.char(REF) .. n)
+  end
+  if not counter then damaged('c', 'not a node counter'); counter = 0 end
+  counter = counter + 1
+  first_nid = first_nid or counter
+  op_first = op_first or counter
+  local n = fmt(counter)
+  created_pos = created_pos + 1
+  if created_ids[created_pos] then realid[created_ids[created_pos]] = n end
+  -- An id in use means the counter went back (damaged): never merge into that node.
+  if hget(hfield(n)) then damaged('c', 'node id ' .. n .. ' is in use') end
+  if t == 'f' then return string.char(REF) .. n .. '=' .. arg() end
+  local count = tonumber(arg())
+  if t == 't' then
+    for _ = 1, count do put(efield(n, arg()), '') end
+    put(hfield(n), 's ' .. fmt(count) .. ' 0 0 ' .. token)
+  elseif t == 'l' then
+    for s = 0, count - 1 do put(efield(n, fmt(s)), build()) end
+    put(hfield(n), 'l 0 ' .. fmt(count) .. ' 0 ' .. token)
+  else
+    local keys = {}
+    for s = 1, count do keys[s] = arg() end
+    for s = 1, count do put(efield(n, keys[s]), fmt(s) .. ':' .. build()) end
+    put(hfield(n), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0 ' .. token)
+  end
+  return string.char(REF) .. n
+end
+
+local function move(from, to)
+  local v = hget(efield(nid, fmt(from)))
+  if not v then damaged(efield(nid, fmt(from)), 'missing list element'); return end
+  hset(efield(nid, fmt(to)), v)
+end
+
+-- Where the item a client saw at 'slot' (stored as 'seen') is now: there,
+-- or wherever others' inserts and deletes in the middle moved it (O(n),
+-- rare); nil if the list no longer holds it. No 'seen': the slot as named.
+-- Among equal items, the one nearest the slot named (others' inserts and
+-- deletes move an item a slot or a few). A message stored whole that others
+-- gave fields of its own since is the same node under its reference.
+local function locate(slot, seen)
+  -- An item made earlier in this call is named by the client's id.
+  if string.byte(seen, 1) == REF then
+    local n, rest = string.match(seen, '^.([^=]*)(.*)$')
+    if realid[n] then seen = string.char(REF) .. realid[n] .. rest end
+  end
+  local promoted = string.byte(seen, 1) == REF and string.match(seen, '^(.[^=]+)=') or nil
+  local function holds(s)
+    if seen == '' then return true end
+    local v = hget(efield(nid, fmt(s)))
+    return v == seen or (promoted ~= nil and v == promoted)
+  end
+  if slot >= h.a and slot < h.b and holds(slot) then return slot end
+  if seen == '' or overlong(h) then return nil end
+  for d = 1, h.b - h.a do
+    if slot - d >= h.a and slot - d < h.b and holds(slot - d) then return slot - d end
+    if slot + d >= h.a and slot + d < h.b and holds(slot + d) then return slot + d end
+  end
+  return nil
+end
+
+-- (Strings that may hold any byte are joined with '..': this Lua's
+-- string.format('%s') stops at a zero byte.)
+
+-- The operations. Each checks what it depends on and returns a reply to
+-- refuse, or nothing once it has made its changes (in the cache).
+local OPS = {}
+
+local function dict_set(setdefault)
+  local count = tonumber(arg())
+  local keys = {}
+  for i = 1, count do keys[i] = arg() end
+  for i = 1, count do
+    local raw = hget(efield(nid, keys[i]))
+    if raw and setdefault then
+      -- What is there, and its birth if it is a node (for what was queued for the default).
+      local p = dict_payload(raw)
+      local there = is_ref(p) and read_header(string.sub(p, 2))
+      return reply('exists', '', '', '', p, there and there.birth or '')
+    end
+    if raw and not can_drop(dict_payload(raw)) then return reply('stale') end
+  end
+  for i = 1, count do
+    local f = efield(nid, keys[i])
+    local raw = hget(f)
+    local s
+    if raw then
+      -- A corrupt entry without its sequence number goes last.
+      s = string.match(raw, '^(%d+):')
+      if not s then s = fmt(h.b); h.b = h.b + 1 end
+      drop(dict_payload(raw))
+    else
+      s = fmt(h.b); h.b = h.b + 1; h.a = h.a + 1
+    end
+    local was = changes
+    hset(f, s .. ':' .. build())
+    -- Only keys whose entry changed are named in the change event.
+    if changes > was then
+      event_keys = event_keys or {}
+      event_keys[#event_keys + 1] = keys[i]
+    end
+  end
+end
+OPS.dset = function() return dict_set(false) end
+OPS.dsetdefault = function() return dict_set(true) end
+
+OPS.ddel = function()
+  local count = tonumber(arg())
+  local keys = {}
+  event_keys = keys
+  for i = 1, count do
+    keys[i] = arg()
+    local raw = hget(efield(nid, keys[i]))
+    if not raw then return reply('missing') end
+    if not can_drop(dict_payload(raw)) then return reply('stale') end
+  end
+  for i = 1, count do
+    local f = efield(nid, keys[i])
+    local p = dict_payload(hget(f))
+    extra = extra or {}
+    extra[#extra + 1] = p
+    drop(p); hdel(f); h.a = h.a - 1
+  end
+end
+
+OPS.dclear = function()
+  if not can_drop(string.char(REF) .. nid, true) then return reply('stale') end
+  for _, k in ipairs(known[nid]) do
+    local f = efield(nid, k)
+    drop(dict_payload(hget(f))); hdel(f)
+  end
+  h.a = 0
+end
+
+OPS.lappend = function()
+  local count, keep = tonumber(arg()), tonumber(arg())
+  -- A bounded list keeps its newest 'keep' items: as many are dropped from
+  -- the front as the append adds beyond that (the client sends no more than
+  -- 'keep' values).
+  local trim = 0
+  if keep > 0 then trim = math.max(0, math.min(h.b - h.a, h.b - h.a + count - keep)) end
+  for s = h.a, h.a + trim - 1 do
+    if not can_drop(hget(efield(nid, fmt(s))) or '') then return reply('stale') end
+  end
+  for s = h.a, h.a + trim - 1 do
+    local f = efield(nid, fmt(s))
+    drop(hget(f) or ''); hdel(f)
+  end
+  h.a = h.a + trim
+  event_index, event_count, event_trim = fmt(h.b - h.a), fmt(count), fmt(trim)
+  for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
+end
+
+OPS.linsert = function()
+  -- 'front' and 'back' are the list's ends on the server, whatever the
+  -- client saw; a number is a slot inside the list.
+  local where, seen = arg(), arg()
+  local slot = tonumber(where)
+  if slot and seen ~= '' then
+    -- Before the item the client saw there, wherever it is now; if it is
+    -- gone, at the slot the client named: an insert is never lost.
+    slot = locate(slot, seen) or slot
+  end
+  local target
+  if where == 'front' or (slot and slot <= h.a) then
+    h.a = h.a - 1; target = h.a
+  elseif where == 'back' or slot >= h.b then
+    target = h.b; h.b = h.b + 1
+  elseif slot - h.a < h.b - slot then
+    for s = h.a, slot - 1 do move(s, s - 1) end
+    h.a = h.a - 1; target = slot - 1
+  else
+    for s = h.b - 1, slot, -1 do move(s, s + 1) end
+    h.b = h.b + 1; target = slot
+  end
+  event_index, event_count = fmt(target - h.a), '1'
+  put(efield(nid, fmt(target)), build())
+end
+
+local function list_set_or_delete(deleting)
+  local named, seen = tonumber(arg()), arg()
+  local slot = locate(named, seen)
+  if not slot then return reply(seen == '' and 'index' or 'missing') end
+  event_index, event_count = fmt(slot - h.a), '1'
+  local f = efield(nid, fmt(slot))
+  local old = hget(f) or ''
+  if not can_drop(old) then return reply('stale') end
+  drop(old)
+  extra = {old}
+  if not deleting then
+    hset(f, build())
+  elseif slot - h.a < h.b - 1 - slot then
+    for s = slot, h.a + 1, -1 do move(s - 1, s) end
+    hdel(efield(nid, fmt(h.a))); h.a = h.a + 1
+  else
+    for s = slot, h.b - 2 do move(s + 1, s) end
+    hdel(efield(nid, fmt(h.b - 1))); h.b = h.b - 1
+  end
+end
+OPS.lset = function() return list_set_or_delete(false) end
+OPS.ldel = function() return list_set_or_delete(true) end
+
+OPS.lreplace = function()
+  if overlong(h) then return corrupt(hfield(nid), 'a list longer than the hash') end
+  if tonumber(arg()) ~= h.c then return reply('stale') end
+  local nkept = tonumber(arg())
+  local kept, seen = {}, {}
+  kept_raw = {}
+  for _ = 1, nkept do kept[mapped(arg())] = true end
+  local function kept_child(raw) return is_ref(raw) and kept[ref_nid(raw)] and ref_nid(raw) end
+  for s = h.a, h.b - 1 do
+    local raw = hget(efield(nid, fmt(s))) or ''
+    local child = kept_child(raw)
+    if child then seen[child] = true; kept_raw[child] = raw
+    elseif not can_drop(raw) then return reply('stale') end
+  end
+  for child in pairs(kept) do
+    if not seen[child] then return reply('stale') end
+  end
+  for s = h.a, h.b - 1 do
+    local f = efield(nid, fmt(s))
+    local raw = hget(f) or ''
+    if not kept_child(raw) then drop(raw) end
+    hdel(f)
+  end
+  local count = tonumber(arg())
+  h.b = h.a
+  for _ = 1, count do put(efield(nid, fmt(h.b)), build()); h.b = h.b + 1 end
+end
+
+OPS.schange = function()
+  -- Set elements are fields with empty values, named by their encoded key.
+  local mod, strict = tonumber(arg()), arg() == '1'
+  if mod >= 0 and mod ~= h.c then return reply('stale') end
+  local adds, removes = {}, {}
+  for i = 1, tonumber(arg()) do adds[i] = arg() end
+  for i = 1, tonumber(arg()) do removes[i] = arg() end
+  if strict then
+    for _, e in ipairs(removes) do
+      if not hget(efield(nid, e)) then return reply('missing') end
+    end
+  end
+  for _, e in ipairs(removes) do
+    local f = efield(nid, e)
+    if hget(f) then hdel(f); h.a = h.a - 1 end
+  end
+  for _, e in ipairs(adds) do
+    local f = efield(nid, e)
+    if not hget(f) then hset(f, ''); h.a = h.a + 1 end
+  end
+end
+
+OPS.promote = function()
+  -- The dict stored whole in this list (node x, seen at 'slot') gets a
+  -- header and entries, as a dict node has, and the slot a plain reference.
+  -- Nothing to do if it already has them; 'gone' if it is no longer here.
+  -- A dict stored whole never changes, so the client names it by its id and
+  -- its stored bytes: after a rollback the same id may be another message.
+  local x, slot = mapped(arg()), tonumber(arg())
+  local whole = string.char(REF) .. x .. '=' .. arg()
+  if read_header(x) then return end
+  local function holds(s)
+    return hget(efield(nid, fmt(s))) == whole
+  end
+  if slot < h.a or slot >= h.b or not holds(slot) then
+    -- Others moved it since this client looked: O(n), and rare.
+    if overlong(h) then return corrupt(hfield(nid), 'a list longer than the hash') end
+    slot = nil
+    for s = h.a, h.b - 1 do
+      if holds(s) then slot = s; break end
+    end
+    if not slot then return reply('gone') end
+  end
+  hset(efield(nid, fmt(slot)), string.char(REF) .. x)
+  local count = tonumber(arg())
+  local keys = {}
+  for i = 1, count do keys[i] = arg() end
+  for i = 1, count do put(efield(x, keys[i]), fmt(i) .. ':' .. arg()) end
+  put(hfield(x), 'd ' .. fmt(count) .. ' ' .. fmt(count + 1) .. ' 0 ' .. token)
+end
+
+-- Sliding expiry: every write, even one that changes nothing, restarts the
+-- clock of every key of the memory, in the same atomic step. Keys after the
+-- first two are shared with other memories (a session's participant set):
+-- their expiry is only ever extended, never shortened (nor set on one that
+-- has none).
+local function refresh_ttl(keys, ttl)
+  if ttl > 0 then
+    redis.call('PEXPIRE', keys[1], ttl)
+    redis.call('PEXPIRE', keys[2], ttl)
+    for i = 3, #keys do
+      local left = redis.call('PTTL', keys[i])
+      if left >= 0 and left < ttl then redis.call('PEXPIRE', keys[i], ttl) end
+    end
+  end
+end
+
+-- Applies the next operation of the call (its arguments start at pos):
+-- nothing, or a reply refusing it.
+local function apply_one(events)
+  seq, token, op, nid = tonumber(arg()), arg(), arg(), arg()
+  local birth = arg()
+  created_ids, created_pos = {}, 0
+  for i = 1, tonumber(arg()) do created_ids[i] = arg() end
+  nid = mapped(nid)
+  checked, dropped, kept_raw, extra = nil, nil, nil, nil
+  event_keys, event_index, event_count, event_trim = nil, '', '', ''
+  op_first = nil
+  read_plan()
+  local bad
+  h, bad = read_header(nid)
+  if bad then return corrupt(hfield(nid), 'not a node header') end
+  if not h or (nid ~= '0' and h.birth ~= birth) then return reply('gone') end
+  local want = string.sub(op, 1, 1)
+  if want ~= 'd' and want ~= 's' then want = 'l' end
+  if h.kind ~= want then return reply('gone') end
+  local handler = OPS[op]
+  if not handler then return redis.error_reply('redis_memory: unknown operation ' .. op) end
+  local was = changes
+  local refused = handler()
+  if refused then return refused end
+  if changes == was then return end
+  -- A promotion changes how an item is stored, not what the list holds:
+  -- the list's change count (which a list replace checks) stays.
+  if op ~= 'promote' then
+    h.c = h.c + 1
+    header_changed(nid)
+  end
+  local keys = ''
+  if event_keys then
+    local parts = {''}
+    for _, k in ipairs(event_keys) do parts[#parts + 1] = #k .. ':' .. k end
+    keys = table.concat(parts, ' ')
+  end
+  events[#events + 1] = table.concat({writer, op, nid, incarnation, event_index, event_count, event_trim}, ' ')
+  events[#events + 1] = keys
+end
+
+local function apply(KEYS, ARGV)
+  begin(KEYS[1])
+  A, pos = ARGV, 6
+  writer = ARGV[1]
+  local nops = tonumber(ARGV[5])
+  realid, headers, dirty = {}, {}, {}
+  first_nid, damage, damage_why = nil, nil, nil
+  local wfield = 'w' .. writer
+  local first_seq, first_token, first_nid_arg = tonumber(ARGV[6]), ARGV[7], ARGV[9]
+  local hnid = hfield(first_nid_arg)
+  -- The header of the node first changed comes with the memory's own fields.
+  local meta = redis.call('HMGET', K, 'i', 'v', 'c', wfield, hnid)
+  cache[hnid] = meta[5] or false
+  -- The version is '<count> <token of the operation that made it>': a server
+  -- rolled back to an older state and written again reaches the same counts
+  -- with other tokens, so no replica mistakes one state for another.
+  before = meta[2] or ''
+  incarnation = meta[1]
+  version, counter = tonumber(string.match(before, '^%d+') or '0'), tonumber(meta[3] or '0')
+  stamp_now = before
+
+  local stamp = 0
+  if incarnation and meta[4] then
+    local lseq, lstamp, lres = string.match(meta[4], '^(%d+) (%d+) (%d*)$')
+    if lseq and tonumber(lseq) >= first_seq then return reply('dup', lres, '', '') end
+    stamp = tonumber(lstamp or '0')
+  end
+  if ARGV[2] ~= '*' and ARGV[2] ~= (incarnation or '') then return reply('gone', '', '1', '') end
+  -- A memory that does not exist yet is created by this call's final
+  -- write, never before everything is checked.
+  creating = not incarnation
+  if creating then
+    -- Fields without an incarnation are a damaged memory, not a new one:
+    -- creating over them would mix old nodes with new ones.
+    if redis.call('EXISTS', K) == 1 then return corrupt('i', 'a memory with fields but no incarnation') end
+    incarnation = first_token
+    version, counter = 0, 0
+  end
+  -- The writer index is touched once a minute per writer (below); a key of
+  -- another type there is found now, before anything is written.
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1])
+  local index_due = now - stamp >= @INDEX_EVERY@
+  if index_due then
+    local kind = redis.call('TYPE', KEYS[2])
+    kind = type(kind) == 'table' and kind.ok or kind
+    if kind ~= 'zset' and kind ~= 'none' then
+      return corrupt('', 'holds another kind of Redis value than redis_memory keeps there', KEYS[2])
+    end
+  end
+
+  local events, results, last_token = {}, {}, first_token
+  for i = 1, nops do
+    local refused = apply_one(events)
+    if refused then
+      if nops == 1 or refused[1] ~= 'exists' then
+        refused[6] = fmt(i)
+        return refused
+      end
+      results[i] = 'x'  -- a setdefault that found its key: the rest goes on
+    else
+      results[i] = op_first and fmt(op_first) or '-'
+    end
+    last_token = token
+  end
+  if damage then return corrupt(damage, damage_why) end
+  write_headers()
+
+  local ttl = tonumber(ARGV[3])
+  if changes == 0 then
+    refresh_ttl(KEYS, ttl)
+    return reply('same', '', '', nops > 1 and table.concat(results, ' ') or '')
+  end
+  version = version + 1
+  stamp_now = fmt(version) .. ' ' .. last_token
+  -- The journal entry: the stamp, then '<length>:<field>' for each field changed.
+  local parts = {stamp_now, ' *'}
+  if ntouched <= TOUCH_LIMIT then
+    parts[2] = ' '
+    for i = 1, ntouched do
+      local f = touched[i]
+      parts[#parts + 1] = #f
+      parts[#parts + 1] = ':'
+      parts[#parts + 1] = f
+    end
+  end
+  local result = first_nid and fmt(first_nid) or ''
+  note('v', stamp_now)
+  note(string.format('j%d', version % JOURNAL_SIZE), table.concat(parts))
+  -- Activity times, in ms: of this write, and of the one that created the memory.
+  local now_ms = string.format('%s%03d', clock[1], math.floor(tonumber(clock[2]) / 1000))
+  note('ta', now_ms)
+  if creating then note('tc', now_ms) end
+  -- The writer index is touched once a minute per writer; each time, a few
+  -- writers silent for longer than the retention are forgotten.
+  if index_due then
+    stamp = now
+    local W = KEYS[2]
+    redis.call('ZADD', W, now, writer)
+    for _, old in ipairs(redis.call('ZRANGEBYSCORE', W, '-inf', now - @RETENTION@, 'LIMIT', 0, 16)) do
+      redis.call('HDEL', K, 'w' .. old)
+      redis.call('ZREM', W, old)
+    end
+  end
+  note(wfield, string.format('%d %d %s', seq, stamp, result))
+  if first_nid or creating then note('c', fmt(counter)) end
+  if creating then note('i', incarnation) end
+  flush()
+  refresh_ttl(KEYS, ttl)
+  -- Each line: '<version> <ms> ' then what apply_one wrote, and the author.
+  local author = ARGV[4]
+  local head, tail = fmt(version) .. ' ' .. now_ms .. ' ', ' ' .. #author .. ':' .. author
+  local lines = {}
+  for i = 1, #events, 2 do lines[#lines + 1] = head .. events[i] .. tail .. events[i + 1] end
+  -- pcall: a user whose ACL forbids the channel still writes (without events).
+  redis.pcall('PUBLISH', K .. '@FEED_SUFFIX@', table.concat(lines, '\n'))
+  if nops > 1 then return reply('ok', result, '', table.concat(results, ' ')) end
+  return reply('ok', result, '', '', unpack(extra or {}))
+end
