@@ -35,8 +35,8 @@ def load(path: Path) -> dict[str, list[Row]]:
 
 
 def is_ratio(row: Row) -> bool:
-    """A row that is a ratio to raw redis-py (not a time in ms or s)."""
-    return not row[2].endswith((" ms", " s"))
+    """A row that is a ratio to raw redis-py (not a time in us, ms or s)."""
+    return not row[2].endswith((" us", " ms", " s"))
 
 
 def append_by_length(rows: list[Row]) -> list[tuple[int, float]]:
@@ -49,14 +49,14 @@ def append_by_length(rows: list[Row]) -> list[tuple[int, float]]:
     return sorted(found)
 
 
-def _svg(title: str, body: list[str]) -> str:
+def _svg(title: str, body: list[str], width: int = WIDTH, height: int = HEIGHT) -> str:
     head = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         'font-family="sans-serif" font-size="12">'
     )
     return "\n".join([head, f"<title>{escape(title)}</title>",
-                      f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
-                      f'<text x="{WIDTH / 2:.1f}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>',
+                      f'<rect width="{width}" height="{height}" fill="white"/>',
+                      f'<text x="{width / 2:.1f}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>',
                       *body, "</svg>", ""])  # fmt: skip
 
 
@@ -140,12 +140,14 @@ def plot_ratios(results: dict[str, list[Row]]) -> str:
     servers = list(results)
     row_height = 14 * len(servers) + 10
     height = TOP + 30 + row_height * len(labels) + 40
-    label_width, right = 360, 60
+    right = 60
+    label_width = max(360, 10 + round(6.6 * max(len(label) for label in labels)))  # 12px sans: about 6.6px a letter
+    width = label_width + WIDTH - 360
     values = [v for rows in results.values() for row in rows if is_ratio(row) for v in [row[1]]]
     top = math.ceil(max([3.0, *values]) * 1.1)
 
     def to_x(v: float) -> float:
-        return label_width + v / top * (WIDTH - label_width - right)
+        return label_width + v / top * (width - label_width - right)
 
     body = []
     for tick in range(top + 1):
@@ -179,15 +181,68 @@ def plot_ratios(results: dict[str, list[Row]]) -> str:
             body.append(f'<text x="{text_x + 4:.1f}" y="{y + 10}" font-size="11">{value:.2f}x</text>')
     body.append(f'<text x="{label_width}" y="{height - 2}" font-size="11">ratio to raw redis-py on the same server; '
                 "black ticks: targets</text>")  # fmt: skip
-    svg = _svg("Every ratio row, against its target", body)
-    return svg.replace(f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}"',
-                       f'viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}"').replace(
-        f'<rect width="{WIDTH}" height="{HEIGHT}"', f'<rect width="{WIDTH}" height="{height}"')  # fmt: skip
+    return _svg("Every ratio row, against its target", body, width, height)
+
+
+def server_times(rows: list[Row]) -> list[tuple[str, float]]:
+    """(what, microseconds) of the server-time rows: the library's calls, then the raw HSET their label quotes."""
+    found: list[tuple[str, float]] = []
+    hset = None
+    for what, value, target in rows:
+        if target.endswith(" us"):
+            match = re.search(r"\(an HSET: ([\d.]+) us\)", what)
+            hset = float(match[1]) if match else hset
+            found.append((_short(what).replace("apply function, server time per ", ""), value))
+    return [*found, ("raw HSET", hset)] if found and hset is not None else found
+
+
+def plot_server_time(results: dict[str, list[Row]]) -> str:
+    """The server's time per call (INFO commandstats) of the library's writes and of a raw HSET, per server."""
+    series = {server: server_times(rows) for server, rows in results.items()}
+    labels = [what for what, _ in next(iter(series.values()))]
+    top = math.ceil(max([12.0, *(v for points in series.values() for _, v in points)]) * 1.15 / 10) * 10
+    group = (WIDTH - LEFT - RIGHT) / max(1, len(labels))
+    bar = min(40.0, (group - 20) / max(1, len(series)))
+
+    def to_y(v: float) -> float:
+        return HEIGHT - BOTTOM - v / top * (HEIGHT - TOP - BOTTOM)
+
+    body = []
+    step = next(step for step in (5, 10, 20, 25, 50, 100, 200, 500) if top / step <= 8)
+    for tick in range(0, int(top) + 1, step):
+        y = to_y(tick)
+        body.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" stroke="#ddd"/>')
+        body.append(f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{tick} µs</text>')
+    y = to_y(12.0)
+    body.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" stroke="#999" '
+                'stroke-dasharray="6 4"/>')  # fmt: skip
+    legend = WIDTH - RIGHT + 16
+    body.append(_legend(legend, TOP + 20, "#999", "target (12 µs)", "6 4"))
+    for i, label in enumerate(labels):
+        x0 = LEFT + group * i + 10
+        body.append(f'<text x="{x0 + (group - 20) / 2:.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="middle">'
+                    f"{escape(label)}</text>")  # fmt: skip
+        for n, points in enumerate(series.values()):
+            value = dict(points).get(label)
+            if value is None:
+                continue
+            color = COLORS[n % len(COLORS)]
+            x, y = x0 + bar * n, to_y(value)
+            body.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 2:.1f}" height="{to_y(0) - y:.1f}" '
+                        f'fill="{color}"/>')  # fmt: skip
+            body.append(f'<text x="{x + bar / 2 - 1:.1f}" y="{y - 5:.1f}" text-anchor="middle" font-size="11">'
+                        f"{value:.1f}</text>")  # fmt: skip
+    for n, server in enumerate(series):
+        body.append(_legend(legend, TOP + 42 + 22 * n, COLORS[n % len(COLORS)], _short(server)))
+    return _svg("Server time per call (INFO commandstats)", body)
 
 
 def plots(results: dict[str, list[Row]]) -> dict[str, str]:
-    """File name -> SVG text, for the results of one run."""
-    return {"benchmark-append.svg": plot_append(results), "benchmark-ratios.svg": plot_ratios(results)}
+    """File name -> SVG text, for the results of one run (the server-time plot when the run measured it)."""
+    drawn = {"benchmark-append.svg": plot_append(results), "benchmark-ratios.svg": plot_ratios(results)}
+    if all(server_times(rows) for rows in results.values()):
+        drawn["benchmark-server-time.svg"] = plot_server_time(results)
+    return drawn
 
 
 def main(argv: list[str] | None = None) -> int:

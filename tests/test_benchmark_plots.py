@@ -23,7 +23,7 @@ def test_the_committed_plots_are_those_of_the_committed_json(tmp_path: Path) -> 
     done = draw(RESULTS, tmp_path)
     assert done.returncode == 0, done.stderr
     drawn = sorted(p.name for p in tmp_path.glob("*.svg"))
-    assert drawn == ["benchmark-append.svg", "benchmark-ratios.svg"]
+    assert drawn == ["benchmark-append.svg", "benchmark-ratios.svg", "benchmark-server-time.svg"]
     for name in drawn:
         assert (tmp_path / name).read_text() == (IMAGES / name).read_text(), name
         assert f"img/{name}" in (ROOT / "docs" / "benchmarks.md").read_text()
@@ -31,16 +31,19 @@ def test_the_committed_plots_are_those_of_the_committed_json(tmp_path: Path) -> 
 
 
 def test_the_plots_show_the_figures_of_the_json(tmp_path: Path) -> None:
-    """Each append ratio of each server is drawn; other figures give other plots, and --check sees the change."""
+    """Each append ratio and server time of each server is drawn; other figures give other plots, seen by --check."""
     results = json.loads(RESULTS.read_text())
-    append = (tmp_path / "benchmark-append.svg")
+    append = tmp_path / "benchmark-append.svg"
     assert draw(RESULTS, tmp_path).returncode == 0
     svg = append.read_text()
+    server_time = (tmp_path / "benchmark-server-time.svg").read_text()
     for server, rows in results.items():
         assert server.split(" (")[0] in svg
-        for what, value, _ in rows:
+        for what, value, target in rows:
             if what.startswith("mem.messages.append(m) at "):
                 assert f">{value:.2f}x<" in svg, (server, what)
+            if target.endswith(" us"):
+                assert f">{value:.1f}<" in server_time, (server, what)
     first = next(iter(results))
     results[first][0][1] = 7.25  # the append at 100 messages, made slower
     changed = tmp_path / "changed.json"
