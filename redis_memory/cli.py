@@ -509,24 +509,23 @@ def _identifier(text: str) -> str:
     return text
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
+def _at_least(convert: Callable[[str], float], minimum: int, what: str) -> Callable[[str], Any]:
+    """An argument type: ``convert`` of the text, refused if it fails or is below ``minimum`` (NaN too)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text!r}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+_seconds = _at_least(float, 0, "a number of seconds")
+_positive = _at_least(int, 1, "a whole number")
 
 
 def main(argv: Sequence[str] | None = None, stderr: TextIO | None = None) -> int:
