@@ -321,8 +321,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _write(memory: Memory, attributes: dict[str, Any]) -> int:
-    for name, value in attributes.items():
-        memory[name] = value
+    """Store every attribute in one batch: one call, all or none."""
+    with memory.batch():
+        for name, value in attributes.items():
+            memory[name] = value
     if not memory.flush(timeout=FLUSH_TIMEOUT):
         pending = memory.status().pending
         raise Failure(f"Redis became unreachable: {pending} changes to {memory.key} not written", UNREACHABLE)

@@ -215,6 +215,8 @@ def test_every_value_type_round_trips_through_export_and_import(real_url: str, t
     assert done.returncode == 0, done.stderr
     imported = run("import", "memory", "copy", str(path), url=real_url)
     assert imported.returncode == 0, imported.stderr
+    # All attributes in one batch: one applied change, one version.
+    assert redis.Redis.from_url(real_url).hget("rm:memory:{copy}", "v").split()[0] == b"1"
     copied = Memory("copy", url=real_url).to_dict()
     assert set(copied) == set(EVERY_VALUE) | {"name with space"}
     for name, value in EVERY_VALUE.items():
