@@ -23,7 +23,7 @@ from .errors import (
     UnusableClient,
 )
 from .feed import Event, Feed, Subscription
-from .memory import ConversationMemory, Memory, Metadata, Stats
+from .memory import ConversationMemory, Memory, Metadata, Stats, keep_memories
 from .proxies import ObservedDict, ObservedList, ObservedSet
 from .queue import Status
 from .session import AgentMemory, Session, SessionMemory
@@ -68,6 +68,7 @@ __all__ = [
     "ensure_embedded",
     "fit_messages",
     "health_check",
+    "keep_memories",
     "message_tokens",
     "stop_embedded",
     "token_counter",

@@ -13,6 +13,7 @@ import re
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, cast, overload
@@ -75,6 +76,7 @@ class MemoryCore:
         ttl: float | None = None,
         bounds: dict[str, int] | None = None,
         author: str | None = None,
+        shared: bool = False,
     ) -> None:
         self.store = store
         self.name = name
@@ -93,14 +95,35 @@ class MemoryCore:
         self.closed = False
         #: The batch being made (``with mem.batch():``), under this core's lock.
         self.batching: Batch | None = None
+        #: A core shared by memory objects (see :class:`SharedCores`): those open on it.
+        self.shared = shared
+        self.holders: weakref.WeakSet[Memory] = weakref.WeakSet()
         _live_cores.add(self)
         self.link.attach(self)
-        if self.outbox.spool is not None:
+        self.adopt()
+
+    def adopt(self) -> None:
+        """Take up the queues that ended processes left in this memory's spool (see queue.Spool)."""
+        if self.outbox.spool is None:
+            return
+        with self.lock:
             adopted = self.outbox.spool.adopt(self.writer)
             if adopted:
-                log.info("%s: %d operations found in the spool of an ended process", store.key, len(adopted))
+                log.info("%s: %d operations found in the spool of an ended process", self.store.key, len(adopted))
                 self.outbox.entries.extend(adopted)
                 self.link.wait_for(self)
+
+    def in_use(self) -> bool:
+        """Open, and (if shared) held by some memory object: it keeps its link's thread and connection."""
+        return not self.closed and (not self.shared or bool(self.holders))
+
+    def reopen(self) -> None:
+        """A shared core closed by its last memory object is taken again (its replica kept)."""
+        with self.lock:
+            if self.closed:
+                self.closed = False
+                _live_cores.add(self)
+                self.link.attach(self)
 
     def shadow(self) -> MemoryCore:
         """Another core on the same memory, with a replica of its own: for a reader in another thread."""
@@ -469,7 +492,13 @@ class MemoryCore:
             return removed
         if reply.status == "corrupt":
             self.raise_corrupt(reply)
-        self.catch_up()
+        if (reply.stamp, reply.incarnation) == (replica.stamp, replica.incarnation):
+            # Refused at the very version this replica holds: the hash was
+            # changed outside the library (a version would have moved), so
+            # the replica is read whole again rather than trusted.
+            replica.load(self.store.read_all())
+        else:
+            self.catch_up()
         if reply.status == "gone":
             proxy._rm_live = False
             return _RETRY
@@ -787,12 +816,84 @@ def _malformed(error: ServerRefused) -> bool:
     return bool(re.search(r"user_function:\d+: |unknown operation", text))
 
 
+class SharedCores:
+    """The cores of this process's memories, by server, key and options, least recently used first.
+
+    Memory objects built on the same server (client), key and options share
+    one core: one replica, one writer id, one queue. So a memory built per
+    request in a process that served that memory before costs no full load,
+    and writer entries grow with processes, not with objects built. Cores
+    that no open memory object holds (let go of, or closed) are kept up to
+    :attr:`limit`, then the least recently used is closed and forgotten; a
+    core with changes queued or a spool is never kept closed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.cores: OrderedDict[tuple[Any, ...], MemoryCore] = OrderedDict()
+
+    def take(self, key: tuple[Any, ...], make: Callable[[], MemoryCore]) -> MemoryCore:
+        """The core for ``key`` (made if there is none), marked most recently used."""
+        with self.lock:
+            core = self.cores.pop(key, None)
+            if core is not None and core.closed and (core.outbox or core.outbox.spool is not None):
+                core = None  # closed with what only a fresh core may take up
+            if core is None:
+                core = make()
+            self.cores[key] = core
+            evicted = self._trim(keep=core)
+        core.reopen()
+        core.adopt()  # a process that ended since this core was made may have left a queue
+        for old in evicted:
+            old.close(0)
+        return core
+
+    def _trim(self, keep: MemoryCore | None = None) -> list[MemoryCore]:
+        """Forget the least recently used cores no memory object holds, beyond the limit (with the lock).
+
+        Never ``keep``, the core being taken (its memory object holds it in a moment).
+        """
+        idle = [(key, core) for key, core in self.cores.items() if not (core is keep or core.holders or core.outbox)]
+        evicted = []
+        for key, core in idle[: max(0, len(idle) - self.limit)]:
+            del self.cores[key]
+            evicted.append(core)
+        return evicted
+
+    def resize(self, limit: int) -> None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise ValueError(f"the number of memories kept for reuse must be an int >= 0, not {limit!r}")
+        with self.lock:
+            self.limit = limit
+            evicted = self._trim()
+        for old in evicted:
+            old.close(0)
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+
+
+_shared = SharedCores(256)
+
+
+def keep_memories(limit: int) -> None:
+    """How many memories this process keeps loaded for reuse once no memory object holds them (default 256).
+
+    A memory built again on the same server, key and options then starts
+    from the kept replica (one version check) instead of a full load. 0
+    keeps none (memory objects open at the same time still share one).
+    """
+    _shared.resize(limit)
+
+
 def _check_name(name: Any) -> None:
     if not isinstance(name, str):
         raise TypeError(f"memory field names are str, not {type(name).__name__}")
 
 
 def _after_fork_in_child() -> None:
+    _shared.after_fork()
     for core in list(_live_cores):
         core.after_fork()
     connection.after_fork()
@@ -818,6 +919,17 @@ def _report_unsent_at_exit() -> None:
 
 
 atexit.register(_report_unsent_at_exit)
+
+
+class _Closed:
+    """What a closed memory object reaches instead of its core: MemoryClosed for all but its name and key."""
+
+    def __init__(self, core: MemoryCore) -> None:
+        self.store, self.name = core.store, core.name
+
+    def __getattr__(self, attribute: str) -> Any:
+        key = self.store.key
+        raise MemoryClosed(f"{key} was closed here; open a new memory to use it", key=key)
 
 
 class Memory:
@@ -880,9 +992,17 @@ class Memory:
         if author is not None and not isinstance(author, str):
             raise TypeError(f"author must be a str, not {type(author).__name__}")
         redis_client = connection.connect(client, url)
-        store = Store(redis_client, self._rm_own_key(prefix, name), self._rm_companions(prefix, name))
-        core = MemoryCore(store, name, max_pending, spool, ttl, self._rm_bounds(), author)
-        core.catalog = self._rm_catalog(redis_client, prefix)
+        key, companions, bounds = self._rm_own_key(prefix, name), self._rm_companions(prefix, name), self._rm_bounds()
+        options = (max_pending, None if spool is None else os.fspath(spool), ttl, tuple(sorted(bounds.items())), author)
+
+        def make() -> MemoryCore:
+            store = Store(redis_client, key, companions)
+            core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=True)
+            core.catalog = self._rm_catalog(redis_client, prefix)
+            return core
+
+        core = _shared.take((connection.channel(redis_client), key, companions, options), make)
+        core.holders.add(self)
         object.__setattr__(self, "_rm", core)
         object.__setattr__(self, "_rm_feeds", weakref.WeakSet())
 
@@ -1037,9 +1157,15 @@ class Memory:
         subscriptions made by :meth:`subscribe` are closed too. Closing
         twice does nothing.
         """
+        core = self._rm
+        if isinstance(core, _Closed):
+            return
         for feed in list(self._rm_feeds):
             feed.close()
-        self._rm.close(timeout)
+        object.__setattr__(self, "_rm", _Closed(core))
+        core.holders.discard(self)
+        if not core.holders:  # the last memory object open on it
+            core.close(timeout)
 
     def __enter__(self) -> Self:
         return self

@@ -415,7 +415,8 @@ class Link:
         # until they are replayed, even if its user has let go of it.
         self.waiting: set[MemoryCore] = set()
         # The open memories on this link; weak, so that one let go of ends
-        # its claim on the thread and the connection.
+        # its claim on the thread and the connection (so does a core kept for
+        # reuse that no memory object holds: see MemoryCore.in_use).
         self.users: weakref.WeakSet[MemoryCore] = weakref.WeakSet()
         self.thread: threading.Thread | None = None
         self.wake = threading.Event()
@@ -431,7 +432,7 @@ class Link:
         with self.lock:
             self.users.discard(core)
             self.waiting.discard(core)
-            idle = not self.users and not self.waiting
+            idle = not self._used() and not self.waiting
         if idle:
             self.wake.set()
             # Not waiting for a probe in progress: the thread closes it then.
@@ -482,7 +483,11 @@ class Link:
         """Whether the thread has work: queued operations, or an open memory waiting for Redis (with the lock)."""
         # A queue emptied otherwise (delete(), close()) waits no more.
         self.waiting = {core for core in self.waiting if core.outbox}
-        return bool(self.waiting) or (not self.online and bool(self.users))
+        return bool(self.waiting) or (not self.online and self._used())
+
+    def _used(self) -> bool:
+        """Whether some memory object still uses this link (with the lock)."""
+        return any(core.in_use() for core in self.users)
 
     def _pause(self, delay: float) -> None:
         """Sleep about ``delay`` (jittered); the last memory closing cuts it short."""
@@ -495,7 +500,7 @@ class Link:
             with self.lock:
                 if not self._needed():
                     self.thread = None
-                    unused = not self.users
+                    unused = not self._used()
                     break
             if not self.online:
                 self._pause(delay)

@@ -187,6 +187,13 @@ def command(link: Channel, key: str, *args: bytes | str | int) -> Any:
     return send(link, key, resp_command(args))
 
 
+#: Parts of an apply call's arguments, packed (see :meth:`Store.apply`).
+_STEP_HEAD = b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+_NONE_CREATED = b"$1\r\n0\r\n"
+_EMPTY_PLAN = b"$1\r\n0\r\n"
+_SERVER_PLAN = b"$2\r\n-1\r\n"
+
+
 @dataclass
 class Step:
     """One operation of an apply call: its id, the node it changes, the ids of the nodes it creates, its plan."""
@@ -240,6 +247,8 @@ class Store:
         self.channel = channel(client)
         #: The start of each command's FCALL, by command and keys.
         self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        #: The first arguments of an apply call (writer, incarnation, expiry, author, count), packed.
+        self._call_heads: dict[tuple[bytes | int, ...], bytes] = {}
         self._version_command = resp_command(("HMGET", key, "v", "i"))
 
     def _call(self, *args: Any) -> Any:
@@ -291,28 +300,42 @@ class Store:
         None lets the script read them from the hash itself: O(size of the
         memory), and never stale. O(1) fields for item operations.
         """
-        args = [*call, b"%d" % len(steps)]
-        tail, tail_count = [], 0
+        head = self._call_heads.get((*call, len(steps)))
+        if head is None:
+            if len(self._call_heads) > 16:  # a few incarnations and batch sizes at most
+                self._call_heads.clear()
+            head = self._call_heads[(*call, len(steps))] = resp_args([*call, b"%d" % len(steps)])
+        tail, tail_count = [head], len(call) + 1
         for step in steps:
-            plan: list[bytes] = []
-            for nid, (mod, keys) in (step.plan or {}).items():
-                plan += [nid, b"%d" % mod, b"%d" % len(keys), *keys]
-            count = b"-1" if step.plan is None else b"%d" % len(plan)
-            head = [b"%d" % step.seq, step.token, step.name, step.nid, step.birth, b"%d" % len(step.created)]
-            tail.append(resp_args([*head, *step.created, count, *plan]))
+            seq, token, name, nid, birth = b"%d" % step.seq, step.token, step.name, step.nid, step.birth
+            created = step.created
+            tail.append(
+                _STEP_HEAD % (len(seq), seq, len(token), token, len(name), name, len(nid), nid, len(birth), birth)
+            )
+            tail.append(resp_args([b"%d" % len(created), *created]) if created else _NONE_CREATED)
+            if step.plan:
+                plan: list[bytes] = []
+                for node, (mod, keys) in step.plan.items():
+                    plan += [node, b"%d" % mod, b"%d" % len(keys), *keys]
+                tail.append(resp_args([b"%d" % len(plan), *plan]))
+                tail_count += len(plan)
+            else:
+                tail.append(_EMPTY_PLAN if step.plan is not None else _SERVER_PLAN)
             tail.append(step.args[0])
-            tail_count += len(head) + len(step.created) + 1 + len(plan) + step.args[1]
+            tail_count += 7 + len(created) + step.args[1]
         packed_tail = (b"".join(tail), tail_count)
         try:
-            raw = self._fcall("apply", self.keys + self.companions, args, packed_tail)
+            raw = self._fcall("apply", self.keys + self.companions, [], packed_tail)
         except ServerRefused as exc:
             # A server out of memory refuses writes; one that only removes relieves it.
             if "OOM" not in str(exc) or any(step.name not in _REMOVALS for step in steps):
                 raise
-            raw = self._fcall("apply_oom", self.keys + self.companions, args, packed_tail)
+            raw = self._fcall("apply_oom", self.keys + self.companions, [], packed_tail)
+        first = int(raw[3]) if raw[3] else None
+        if len(steps) == 1:  # no 'refused' and 'per-operation' slots
+            return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[5:])
         failed = int(raw[5]) if raw[5] else None
-        return Reply(raw[0].decode(), raw[1], raw[2], int(raw[3]) if raw[3] else None, raw[4], list(raw[7:]),
-                     failed, raw[6].split())  # fmt: skip
+        return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[7:], failed, raw[6].split())
 
     def version(self) -> tuple[bytes, bytes]:
         """HMGET of the version stamp and incarnation: the O(1) freshness check."""

@@ -144,7 +144,9 @@ def test_a_corrupt_version_field_does_not_brick_the_memory(client: redis.Redis) 
     assert Memory("t", client=client).to_dict() == {"ok": 1, "new": 2}
 
 
-def test_an_entry_without_its_sequence_prefix_is_not_silently_hidden(client: redis.Redis) -> None:
+def test_an_entry_without_its_sequence_prefix_is_not_silently_hidden(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
     """A root entry whose value lost its `<seq>:` prefix (corruption) must be reported as
     CorruptData when read, as other corrupt fields are. Today the attribute silently vanishes:
     to_dict() and dir() omit it and reading it says MissingAttribute, as if never stored."""
@@ -155,7 +157,7 @@ def test_an_entry_without_its_sequence_prefix_is_not_silently_hidden(client: red
     mem.other = 2
     field = next(f for f in client.hgetall(mem.key) if f.startswith(b"e0:") and f.endswith(b"ok"))
     client.hset(mem.key, field, b"\x01")
-    fresh = Memory("t", client=client)
+    fresh = Memory("t", client=other_client)
     with pytest.raises(CorruptData):
         _ = fresh.ok
 

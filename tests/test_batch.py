@@ -100,7 +100,7 @@ def test_an_exception_sends_nothing_and_restores_the_view(client: redis.Redis) -
     assert Memory("undo", client=client).log == [1, 4]
 
 
-def test_a_nested_batch_joins_the_outer_one(client: redis.Redis) -> None:
+def test_a_nested_batch_joins_the_outer_one(client: redis.Redis, other_client: redis.Redis) -> None:
     """The inner block's end sends nothing; the outer block's end sends both as one change."""
     mem = Memory("nest", client=client)
     mem.seed = 0
@@ -110,7 +110,7 @@ def test_a_nested_batch_joins_the_outer_one(client: redis.Redis) -> None:
         with mem.batch():
             mem.b = 2
         assert version(client, mem) == before
-        assert Memory("nest", client=client).to_dict() == {"seed": 0}
+        assert Memory("nest", client=other_client).to_dict() == {"seed": 0}
         mem.c = 3
     assert version(client, mem) == before + 1
     assert Memory("nest", client=client).to_dict() == {"seed": 0, "a": 1, "b": 2, "c": 3}

@@ -222,14 +222,17 @@ def test_a_memory_without_its_incarnation_is_never_created_over(client: redis.Re
 # -- 8. the writer index of another type ----------------------------------------
 
 
-def test_a_writer_index_of_another_type_is_reported_under_its_own_name(client: redis.Redis) -> None:
-    """A ':w' key holding a string is CorruptData naming that key, and the write changed nothing."""
+def test_a_writer_index_of_another_type_is_reported_under_its_own_name(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """A ':w' key holding a string is CorruptData naming that key to a writer that indexes itself (another
+    process), and the write changed nothing."""
     mem = Memory("windex", client=client)
     mem.d = {"k": 1}
     client.set(mem.key + ":w", "not a sorted set")
     before = stored(client, mem)
     with pytest.raises(CorruptData) as info:
-        Memory("windex", client=client).d["k"] = 2
+        Memory("windex", client=other_client).d["k"] = 2
     assert info.value.key == mem.key + ":w"
     assert stored(client, mem) == before
 

@@ -38,13 +38,13 @@ def test_memory_lives_in_one_hash(client: redis.Redis) -> None:
     assert client.keys("*") == []
 
 
-def test_operation_ids_of_long_silent_writers_are_pruned(client: redis.Redis) -> None:
+def test_operation_ids_of_long_silent_writers_are_pruned(client: redis.Redis, other_client: redis.Redis) -> None:
     """A writer silent for longer than the retention is forgotten when others write; active ones stay."""
     mem = Memory("prune", client=client)
     mem.x = 1
     client.hset(mem.key, "wgone", b"7 0 ")
     client.zadd(mem.key + ":w", {"gone": 0})
-    Memory("prune", client=client).y = 2  # a new writer indexes itself and prunes
+    Memory("prune", client=other_client).y = 2  # a new writer (another process) indexes itself and prunes
     assert client.hget(mem.key, "wgone") is None
     assert client.zscore(mem.key + ":w", "gone") is None
     writers = [f for f in client.hkeys(mem.key) if f.startswith(b"w")]

@@ -156,15 +156,16 @@ def test_offline_changes_to_messages_replay(switch: Switch, client: redis.Redis)
     assert mem.status().dropped == 0
 
 
-def test_an_undecodable_stored_message_is_corrupt_data(client: redis.Redis) -> None:
-    """A damaged message raises CorruptData naming its field; other attributes stay readable."""
+def test_an_undecodable_stored_message_is_corrupt_data(client: redis.Redis, other_client: redis.Redis) -> None:
+    """A damaged message raises CorruptData naming its field in a process that loads it; other attributes
+    stay readable."""
     mem = ConversationMemory("c", client=client)
     mem.messages = [message(0)]
     mem.title = "t"
     field = next(f for f, v in client.hgetall(mem.key).items() if b"=" in v and v[:1] == b"\xc1")
     nid = client.hget(mem.key, field).partition(b"=")[0]
     client.hset(mem.key, field, nid + b"=\xc1")
-    fresh = ConversationMemory("c", client=client)
+    fresh = ConversationMemory("c", client=other_client)
     with pytest.raises(CorruptData) as caught:
         _ = fresh.messages
     assert caught.value.field == field

@@ -31,7 +31,7 @@ ARGV[5]  the number of operations; then, for each:
 
 Replies: {status, version stamp after, incarnation, result, version stamp
 before, the number of the operation refused ('' if none), per-operation
-results, what a delete removed...}. Status: ok, same (nothing to change),
+results, what a delete removed...}, the 6th and 7th only for a batch. Status: ok, same (nothing to change),
 dup, gone (memory or node replaced), stale (what it removes changed),
 missing, index, exists (setdefault), or corrupt with the key, the field (''
 for a key of another type) and why: malformed stored data, met before
@@ -71,7 +71,10 @@ end
 -- The server's id of node n (n itself unless created earlier in this call).
 local function mapped(n) return realid[n] or n end
 
+local nops                             -- how many operations the call carries
+-- A single operation's reply has no 'refused' and 'per-operation' slots.
 local function reply(status, result, failed, per_op, ...)
+  if nops == 1 then return {status, stamp_now, incarnation or '', result or '', before, ...} end
   return {status, stamp_now, incarnation or '', result or '', before, failed or '', per_op or '', ...}
 end
 
@@ -626,7 +629,7 @@ local function apply(KEYS, ARGV)
   begin(KEYS[1])
   A, pos = ARGV, 6
   writer = ARGV[1]
-  local nops = tonumber(ARGV[5])
+  nops = tonumber(ARGV[5])
   realid, headers, dirty = {}, {}, {}
   first_nid, damage, damage_why = nil, nil, nil
   local wfield = 'w' .. writer
@@ -677,7 +680,8 @@ local function apply(KEYS, ARGV)
   for i = 1, nops do
     local refused = apply_one(events)
     if refused then
-      if nops == 1 or refused[1] ~= 'exists' then
+      if nops == 1 then return refused end
+      if refused[1] ~= 'exists' then
         refused[6] = fmt(i)
         return refused
       end

@@ -1,0 +1,148 @@
+"""Memories on the same server, key and options in one process share one core: replica, writer id, queue."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from typing import Any
+
+import pytest
+import redis
+
+from redis_memory import ConversationMemory, Memory, MemoryClosed, keep_memories
+
+
+class Commands:
+    """The commands one core sends, by name."""
+
+    def __init__(self, mem: Memory) -> None:
+        self.names: list[bytes] = []
+        store = mem._rm.store
+        real = store._call_packed
+
+        def counted(packed: bytes) -> Any:
+            self.names.append(packed.split(b"\r\n")[2])
+            return real(packed)
+
+        store._call_packed = counted  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def default_limit() -> Any:
+    yield
+    keep_memories(256)
+
+
+def test_a_memory_built_per_request_starts_from_the_kept_replica(client: redis.Redis) -> None:
+    """After a first request loaded a 1,000-message conversation, each later request's new memory and one
+    append cost a version check and the append: no full load, no loading of server code."""
+    first = ConversationMemory("busy", client=client)
+    first.messages = [{"role": "user", "content": f"m{i}"} for i in range(1000)]
+    del first
+    commands = None
+    for request in range(3):
+        mem = ConversationMemory("busy", client=client)
+        commands = commands or Commands(mem)
+        mem.messages.append({"role": "assistant", "content": f"reply {request}"})
+    assert commands is not None
+    assert commands.names == [b"HMGET", b"FCALL"] * 3
+    assert len(ConversationMemory("busy", client=client).messages) == 1003
+
+
+def test_memory_objects_on_one_key_share_a_replica_and_a_writer(client: redis.Redis) -> None:
+    """Two memory objects on the same key see each other's writes at once and write as one writer; other
+    options (an author, an expiry) or another key get cores of their own."""
+    a, b = Memory("same", client=client), Memory("same", client=client)
+    a.x = [1]
+    assert b.x is a.x
+    assert a._rm is b._rm
+    writers = [f for f in client.hkeys(a.key) if f.startswith(b"w")]
+    b.y = 2
+    assert [f for f in client.hkeys(a.key) if f.startswith(b"w")] == writers
+    assert Memory("same", client=client, author="bot")._rm is not a._rm
+    assert Memory("same", client=client, ttl=60)._rm is not a._rm
+    assert Memory("other", client=client)._rm is not a._rm
+
+
+def test_closing_one_memory_object_leaves_the_others_open(client: redis.Redis) -> None:
+    """Closing a memory object closes it alone; once the last is closed its proxies raise MemoryClosed, and
+    a memory built again works from the kept replica."""
+    a, b = Memory("closing", client=client), Memory("closing", client=client)
+    a.log = []
+    held = a.log
+    a.close()
+    with pytest.raises(MemoryClosed):
+        a.log.append(1)
+    held.append(1)  # b still holds the core open
+    assert b.log == [1]
+    b.close()
+    with pytest.raises(MemoryClosed):
+        held.append(2)
+    c = Memory("closing", client=client)
+    commands = Commands(c)
+    c.log.append(3)
+    assert commands.names == [b"HMGET", b"FCALL"]
+    assert Memory("closing", client=client).log == [1, 3]
+
+
+def test_the_kept_memories_are_bounded(client: redis.Redis) -> None:
+    """With keep_memories(2), memories let go of beyond the two most recently used are loaded again in full."""
+    keep_memories(2)
+    for name in ("m0", "m1", "m2", "m3"):
+        Memory(name, client=client).x = name
+    for name, reloaded in (("m3", False), ("m2", False), ("m0", True)):
+        mem = Memory(name, client=client)
+        commands = Commands(mem)
+        assert mem.x == name
+        assert (b"HGETALL" in commands.names) == reloaded, name
+    with pytest.raises(ValueError):
+        keep_memories(-1)
+
+
+def test_threads_building_memories_per_request_lose_nothing(client: redis.Redis) -> None:
+    """8 threads, each building a new memory per request and appending, on one conversation: all 800
+    appends are there once, in each thread's order."""
+
+    def worker(n: int) -> None:
+        for i in range(100):
+            ConversationMemory("threads", client=client).messages.append(f"{n}:{i}")
+
+    ConversationMemory("threads", client=client).messages = []
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = ConversationMemory("threads", client=client).messages
+    assert sorted(got) == sorted(f"{n}:{i}" for n in range(8) for i in range(100))
+    for n in range(8):
+        mine = [m for m in got if m.startswith(f"{n}:")]
+        assert mine == [f"{n}:{i}" for i in range(100)]
+
+
+def child_appends(url: str, done: Any) -> None:
+    mem = ConversationMemory("forked", url=url)
+    for i in range(50):
+        ConversationMemory("forked", url=url).messages.append(f"child {i}")
+    done.put(len(mem.messages))
+
+
+def test_a_forked_child_writes_as_a_writer_of_its_own(real_url: str) -> None:
+    """A child forked after the parent served a memory builds memories on it as its own writer: both
+    processes' appends land once each."""
+    parent = ConversationMemory("forked", url=real_url)
+    parent.messages = []
+    parent.messages.append("parent 0")
+    context = multiprocessing.get_context("fork")
+    done = context.Queue()
+    child = context.Process(target=child_appends, args=(real_url, done))
+    child.start()
+    for i in range(1, 50):
+        ConversationMemory("forked", url=real_url).messages.append(f"parent {i}")
+    child.join(60)
+    assert child.exitcode == 0
+    assert done.get(timeout=5) >= 50
+    got = ConversationMemory("forked", url=real_url).messages
+    assert sorted(got) == sorted([f"parent {i}" for i in range(50)] + [f"child {i}" for i in range(50)])
+    writers = [f for f in redis.Redis.from_url(real_url).hkeys(parent.key) if f.startswith(b"w")]
+    assert len(writers) == 2
