@@ -8,16 +8,26 @@ The block returns once they are in Redis.
 
 * An exception inside the block sends nothing; the local view is reloaded
   from the server (offline: it is marked to reload once Redis is back).
-* A batch inside a batch joins the outer one.
+* A batch inside a batch joins the outer one; if it raises, its own
+  statements are not sent (the local view shows them until the outer
+  block ends, then reloads).
+* ``delete()`` and ``flush()`` inside a batch (of the same thread) raise
+  :class:`~redis_memory.errors.InsideBatch`: they would reach Redis before
+  the batch does.
 * Offline (or if the link broke while the call was on its way) the
   operations are queued as one group, replayed as one call.
 * If the server refuses one of them (another writer changed what it depends
-  on), nothing is written: the replica reloads and every statement is built
-  again from the fresh view, as the online path does for a single
-  operation, and the batch is sent again. A statement that can no longer be
-  made (its container was deleted, its item is gone) is left out; the
-  block then raises :class:`~redis_memory.errors.BatchIncomplete`, naming
-  them, after the others are in Redis.
+  on), nothing is written, and the batch is sent again with that operation
+  as it was made (the items it names, the values it stores, what a pop
+  handed out), the way a queued operation is replayed: what it removes is
+  then listed by the server, and a whole-list or whole-set change is made
+  again from the server's data. One that can no longer apply (its container
+  was deleted, its item is gone) is left out; the block then raises
+  :class:`~redis_memory.errors.BatchIncomplete`, naming them, after the
+  others are in Redis, and the local view is reloaded.
+* If the block's end cannot send it (the queue is full, the server refuses
+  it) the local view goes back to Redis's, as after an exception.
+* A process forked inside a block does not send the parent's batch.
 
 The memory's lock is held for the whole block: other threads using the
 same memory wait for its end.
@@ -25,12 +35,15 @@ same memory wait for its end.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import ops, queue
 from .errors import BatchIncomplete, ConcurrentModification, ConnectionFailed, ContainerDeleted, RedisMemoryError
+from .ops import Args
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet
 from .store import ANY_INCARNATION, Reply, Step
 
@@ -50,12 +63,12 @@ class Entry:
     seq: int
     created: list[bytes]  # provisional ids of the nodes it creates
     birth: bytes  # of node op.nid when it was built
-    proxy: ObservedList | ObservedDict | ObservedSet
-    build: Callable[[], ops.Op | None] | None  # None for a promotion (made again with what follows it)
+    args: Args | None = None  # made again from the server's data (a whole-list change), else the op's
 
     def step(self, writer: bytes) -> Step:
+        args = self.args if self.args is not None else self.op.args()
         return Step(self.seq, ops.op_token(writer, self.seq), self.op.name, self.op.nid, self.birth, self.created,
-                    self.plan, self.op.args())  # fmt: skip
+                    self.plan, args)  # fmt: skip
 
 
 class Batch:
@@ -66,6 +79,9 @@ class Batch:
         self.entries: list[Entry] = []
         self.failures: list[RedisMemoryError] = []
         self.reload = False  # the replica cannot mirror an entry (it removes what it could not decode)
+        self.pid = os.getpid()
+        self.loads = core.replica.loads  # the view it applies to locally
+        self.thread = threading.get_ident()
 
     def add(self, proxy: ObservedList | ObservedDict | ObservedSet, build: Callable[[], ops.Op | None]) -> Any:
         """Build the operation from the local view and apply it there; it is sent at the block's end."""
@@ -83,17 +99,15 @@ class Batch:
         promotion = replica.promotion(proxy)
         if promotion is not None:
             # A list item's dict stored whole gets fields of its own first.
-            self._record(promotion, proxy, None)
+            self._record(promotion)
             op = build()
             if op is None:
                 return NO_OP
         if core.bounds:
             op = core.bound(proxy, op)
-        return self._record(op, proxy, build)
+        return self._record(op)
 
-    def _record(
-        self, op: ops.Op, proxy: ObservedList | ObservedDict | ObservedSet, build: Callable[[], ops.Op | None] | None
-    ) -> Any:
+    def _record(self, op: ops.Op) -> Any:
         core = self.core
         replica = core.replica
         plan = replica.removal_plan(op)
@@ -101,16 +115,31 @@ class Batch:
             self.reload = True
         seq = core.next_seq()
         created = queue.provisional_ids(core.writer, core.provisional, op.nodes())
-        entry = Entry(op, plan, seq, created, replica.nodes[op.nid]._rm_birth, proxy, build)
+        entry = Entry(op, plan, seq, created, replica.nodes[op.nid]._rm_birth)
         removed = replica.value_at(op)
         replica.apply_local(op, iter(created), ops.op_token(core.writer, seq))
         self.entries.append(entry)
         return removed
 
+    def take_back(self, mark: int) -> None:
+        """An inner batch raised: its statements (those after the first ``mark``) are not sent.
+
+        The local view keeps showing them until the outer batch ends, then
+        reloads.
+        """
+        del self.entries[mark:]
+        self.reload = True
+
     def abandon(self) -> None:
         """The block raised: nothing is sent, and the local view goes back to the server's."""
-        core = self.core
         self.entries.clear()
+        self._restore()
+
+    def _restore(self) -> None:
+        """Make the local view Redis's again: reload it now, or (offline) once Redis is back."""
+        core = self.core
+        if os.getpid() != self.pid:
+            return
         try:
             if core.reachable():
                 core.replica.load(core.store.read_all())
@@ -121,34 +150,48 @@ class Batch:
 
     def commit(self) -> None:
         """Send the batch (or queue it), as described in the module's notes."""
-        core = self.core
-        for _ in range(MAX_ATTEMPTS):
-            if not self.entries:
-                break
-            if not core.reachable():
-                self._enqueue(may_be_applied=False)
-                break
-            try:
-                reply = core.store.apply(self._call(), [entry.step(core.writer) for entry in self.entries])
-            except ConnectionFailed as exc:
-                core.link.failed(exc)
-                self._enqueue(may_be_applied=True)
-                break
-            if self._settle(reply):
-                break
-        else:
-            raise ConcurrentModification(
-                f"gave up after {MAX_ATTEMPTS} attempts: other writers kept changing what this batch changes",
-                key=core.store.key,
-            )
+        if os.getpid() != self.pid:
+            return  # forked inside the block: the batch is the parent's to send
+        try:
+            self._send()
+        except BaseException:
+            self._restore()
+            raise
         if self.failures:
             count = len(self.failures)
             raise BatchIncomplete(
-                f"{count} operation{'s' if count > 1 else ''} of a batch on {core.store.key} could not be made "
-                f"(the rest is in Redis): {'; '.join(str(f) for f in self.failures)}",
-                key=core.store.key,
+                f"{count} operation{'s' if count > 1 else ''} of a batch on {self.core.store.key} could not be "
+                f"applied (the rest is in Redis): {'; '.join(str(f) for f in self.failures)}",
+                key=self.core.store.key,
                 failures=list(self.failures),
             )
+
+    def _send(self) -> None:
+        core = self.core
+        for _ in range(MAX_ATTEMPTS):
+            if not self.entries:
+                return
+            try:
+                if core.outbox or not core.link.online:
+                    # Offline, or with a queue to replay first: queued behind it (a
+                    # replay now would reload the view this batch applied to).
+                    self._enqueue(may_be_applied=False)
+                    if core.link.online:
+                        core.drain()
+                    return
+                reply = core.store.apply(self._call(), [entry.step(core.writer) for entry in self.entries])
+                if self._settle(reply):
+                    return
+            except ConnectionFailed as exc:
+                # It may have been applied before the link broke: queued with its
+                # ids, the replay cannot repeat it.
+                core.link.failed(exc)
+                self._enqueue(may_be_applied=True)
+                return
+        raise ConcurrentModification(
+            f"gave up after {MAX_ATTEMPTS} attempts: other writers kept changing what this batch changes",
+            key=core.store.key,
+        )
 
     def _call(self) -> list[bytes]:
         core = self.core
@@ -157,55 +200,93 @@ class Batch:
         return [core.writer, expected, core.ttl, core.author]
 
     def _settle(self, reply: Reply) -> bool:
-        """Bring the replica in line with the reply; False to send the batch again (built anew)."""
+        """Bring the replica in line with the reply; False to send what is left of the batch again."""
         core = self.core
         replica = core.replica
+        entries = self.entries
         if reply.status in ("ok", "same", "dup"):
-            if reply.status == "ok":
-                core.note_created(reply.stamp)
-                mapping = {}
-                for entry, result in zip(self.entries, reply.results or [b"-"] * len(self.entries), strict=True):
-                    if result not in (b"-", b"x"):
-                        first = int(result)
-                        mapping.update({p: b"%d" % (first + i) for i, p in enumerate(entry.created)})
-                replica.rename(mapping)
-            exact = reply.status != "dup" and b"x" not in reply.results and not self.reload
-            if exact and reply.before == replica.stamp and (
-                reply.incarnation == replica.incarnation or replica.incarnation == b""
-            ):
+            core.note_created(reply.stamp)
+            if len(entries) == 1:  # a single operation's reply names its first new node only
+                results = [b"%d" % reply.first_nid if reply.first_nid is not None else b"-"]
+            else:
+                results = reply.results
+            mapping, births = {}, {}
+            for entry, result in zip(entries, results, strict=True):
+                if entry.created and result.isdigit():
+                    mapping.update({p: b"%d" % (int(result) + i) for i, p in enumerate(entry.created)})
+                elif entry.created and result[:1] == b"x" and b"/" in result:
+                    # A setdefault that found a container there: what this view made
+                    # for the default is that container.
+                    there, _, birth = result[1:].partition(b"/")
+                    mapping[entry.created[0]], births[there] = there, birth
+            replica.rename(mapping)
+            for nid, birth in births.items():
+                node = replica.nodes.get(nid)
+                if node is not None:
+                    node._rm_birth = birth
+            # Exact if every operation did here what it did there, and nobody else wrote between.
+            clean = reply.status == "ok" and not self.reload and not self.failures
+            clean = clean and not any(result[:1] in (b"x", b"d") for result in results)
+            unmoved = reply.before == replica.stamp and replica.incarnation in (reply.incarnation, b"")
+            unmoved = unmoved and replica.loads == self.loads
+            if clean and unmoved:
                 replica.stamped(reply.stamp)
                 replica.incarnation = reply.incarnation
             else:
                 replica.load(core.store.read_all())
-            self.entries.clear()
+            entries.clear()
             return True
-        # Refused, and nothing was written: build every statement again from
-        # the server's view (a corrupt reply raises here, after the reload).
-        replica.load(core.store.read_all())
         if reply.status == "corrupt":
-            self.entries.clear()
+            entries.clear()
             core.raise_corrupt(reply)
-        entries, self.entries, self.reload = self.entries, [], False
-        for entry in entries:
-            if entry.build is None:
-                continue  # a promotion: made again, if still needed, with the change after it
-            try:
-                self.add(entry.proxy, entry.build)
-            except (LookupError, ValueError) as exc:
-                if not isinstance(exc, RedisMemoryError):
-                    exc = ContainerDeleted(f"a batched {entry.op.name.decode()} could no longer be made: {exc!r}",
-                                           key=core.store.key)  # fmt: skip
-                self.failures.append(exc)
+        # Refused, and nothing was written. The operation refused is sent again
+        # as it was made (what it names, the values it stores, what a pop handed
+        # out), the way a queued one is replayed: with what it removes listed by
+        # the server if others changed that; else it is left out and reported.
+        index = (reply.failed or 1) - 1
+        entry = entries[index]
+        if reply.status == "stale" and entry.plan is not None and entry.op.name not in (b"lreplace", b"schange"):
+            entry.plan = None  # listed by the script from the hash: never stale
+            return False
+        if reply.status == "stale" and self._make_again(entry):
+            return False
+        why = {
+            "gone": "the container it changes was deleted (or replaced) by another writer",
+            "index": "the list position it names no longer exists",
+            "missing": "another writer removed the item it names",
+            "stale": "another writer changed the same container",
+            "exists": "the key it sets by default was set by another writer",
+        }.get(reply.status, reply.status)
+        error_type = ContainerDeleted if reply.status == "gone" else ConcurrentModification
+        self.failures.append(error_type(f"a batched {entry.op.name.decode()} was left out: {why}",
+                                        key=core.store.key))  # fmt: skip
+        del entries[index]
         return False
+
+    def _make_again(self, entry: Entry) -> bool:
+        """A whole-list or whole-set change made again from what the server holds now; False if it cannot be."""
+        core = self.core
+        pending = core.pending(entry.op, entry.plan or {}, entry.seq, entry.created, entry.birth)
+        again = core.rewrite_again(pending, entry.op.nid, core.store.read_all())
+        if again is None:
+            return False
+        args, plan = again
+        entry.args, entry.plan = ops.from_tokens(args), plan
+        return True
 
     def _enqueue(self, may_be_applied: bool) -> None:
         """Queue the batch as one group (it was applied locally as it was made)."""
         core = self.core
+        if not self.entries:
+            return
         if not may_be_applied:
             core.outbox.check_room(core.store.key, needed=len(self.entries))
         group = self.entries[0].seq
-        for entry in self.entries:
-            core.queue_applied(entry.op, entry.plan or {}, entry.seq, entry.created, entry.birth, group)
+        pending = [core.pending(e.op, e.plan or {}, e.seq, e.created, e.birth, group) for e in self.entries]
+        for queued, entry in zip(pending, self.entries, strict=True):
+            if entry.args is not None:
+                queued.args = ops.tokens(entry.args)
+        core.outbox.push_group(core.writer, pending)
         core.replica.speculative = True
         core.link.wait_for(core)
         self.entries.clear()

@@ -51,10 +51,12 @@ class ConcurrentModification(RedisMemoryError, RuntimeError):
     """A whole-container operation kept losing the race against other writers."""
 
 
-class BatchIncomplete(ConcurrentModification):
-    """Some operations of a batch could not be made again after another writer's change; the rest is in Redis.
+class BatchIncomplete(RedisMemoryError, RuntimeError):
+    """Some operations of a batch could not apply after another writer's change; the rest is in Redis.
 
-    ``failures`` holds the error of each operation left out, in order.
+    Not a ConcurrentModification (which means nothing was written): running
+    the batch again would apply its other operations twice. ``failures``
+    holds the error of each operation left out, in order.
     """
 
     def __init__(
@@ -62,6 +64,10 @@ class BatchIncomplete(ConcurrentModification):
     ) -> None:
         super().__init__(message, key=key)
         self.failures = failures or []
+
+
+class InsideBatch(RedisMemoryError, RuntimeError):
+    """A call that reaches Redis at once (delete(), flush()) was made inside a batch of the same memory."""
 
 
 class ReservedName(RedisMemoryError, ValueError):

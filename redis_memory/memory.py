@@ -28,6 +28,7 @@ from .errors import (
     ConnectionFailed,
     ContainerDeleted,
     CorruptData,
+    InsideBatch,
     MemoryClosed,
     MissingAttribute,
     MissingKey,
@@ -132,6 +133,7 @@ class MemoryCore:
     def after_fork(self) -> None:
         """In a forked child: a fresh lock, a writer id of its own, no queue (the parent replays it)."""
         self.lock = threading.RLock()
+        self.batching = None  # a batch being made is the parent's to send
         self.writer = _new_token()
         self.seq = 0
         self.provisional = itertools.count(1)
@@ -519,13 +521,26 @@ class MemoryCore:
         message = f"corrupt data in {key} field {reply.extra[1]!r}: {why}" if field else f"{key} {why}"
         raise CorruptData(message, key=key, field=reply.extra[1] or None)
 
+    def outside_batch(self, call: str) -> None:
+        """Refuse ``call`` (which would reach Redis at once) inside a batch of this thread."""
+        batch = self.batching
+        if batch is not None and batch.thread == threading.get_ident():
+            message = f"{call} inside a batch of {self.store.key} would reach Redis before the batch: end it first"
+            raise InsideBatch(message, key=self.store.key)
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """See :meth:`Memory.batch`."""
         with self.lock:
             self.check_open()
             if self.batching is not None:
-                yield  # joins the outer batch
+                # Joins the outer batch; raising, it takes back its own statements.
+                outer, mark = self.batching, len(self.batching.entries)
+                try:
+                    yield
+                except BaseException:
+                    outer.take_back(mark)
+                    raise
                 return
             self.refresh()  # one version check: the block builds on a fresh view
             batch = self.batching = Batch(self)
@@ -538,17 +553,17 @@ class MemoryCore:
             self.batching = None
             batch.commit()
 
-    def queue_applied(
-        self, op: ops.Op, plan: ops.Plan, seq: int, created: list[bytes], birth: bytes, group: int
-    ) -> None:
-        """Put an operation already applied to the replica on the queue (``group``: its batch's first seq, or 0)."""
+    def pending(
+        self, op: ops.Op, plan: ops.Plan, seq: int, created: list[bytes], birth: bytes, group: int = 0
+    ) -> queue.Pending:
+        """The queue entry of an operation (``group``: its batch's first seq, or 0)."""
         entry = queue.Pending(
             self.writer, seq, self.replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created,
             self.author, birth, group=group,
         )  # fmt: skip
         if isinstance(op, (ops.ListReplace, ops.SetChange)):
             entry.intent, entry.recompute = op.intent, op.compute
-        self.outbox.push(self.writer, entry)
+        return entry
 
     def _enqueue(self, op: ops.Op, plan: ops.Plan, seq: int, may_be_applied: bool = False) -> Any:
         """Offline: apply ``op`` to the replica and queue it for the replay."""
@@ -559,7 +574,7 @@ class MemoryCore:
         # written: a spool read by the next process must map them on replay.
         created = queue.provisional_ids(self.writer, self.provisional, op.nodes())
         removed = replica.value_at(op)
-        self.queue_applied(op, plan, seq, created, replica.nodes[op.nid]._rm_birth, 0)
+        self.outbox.push(self.writer, self.pending(op, plan, seq, created, replica.nodes[op.nid]._rm_birth))
         replica.apply_local(op, iter(created), ops.op_token(self.writer, seq))
         replica.speculative = True
         self.link.wait_for(self)
@@ -629,7 +644,12 @@ class MemoryCore:
             token = ops.op_token(entry.writer, entry.seq)
             steps.append(Step(entry.seq, token, entry.name, entry.nid, birth, entry.created, entry.plan,
                               ops.from_tokens(args)))  # fmt: skip
-        reply = self.store.apply([head.writer, expected, self.ttl, head.author], steps)
+        try:
+            reply = self.store.apply([head.writer, expected, self.ttl, head.author], steps)
+        except ServerRefused as exc:
+            if not _malformed(exc):
+                raise  # out of memory, no permission: it stays queued
+            return False  # one of them is damaged: replayed one by one, the damaged one dropped
         if reply.status not in ("ok", "dup", "same"):
             return False
         self._index(created=reply.status == "dup" or version_number(reply.stamp) == 1)
@@ -639,16 +659,23 @@ class MemoryCore:
                 self.replica.incarnation = reply.incarnation
         # The nodes each operation created, from its result (a resend's, the
         # call's first: they were given in order).
-        results = reply.results or [b"-"] * len(group)
-        if reply.status == "dup" and reply.first_nid is not None:
-            first = reply.first_nid
-            results = []
+        if len(group) == 1 or (reply.status == "dup" and not reply.results and reply.first_nid is not None):
+            # A single operation's reply names its first new node only; so does a
+            # resend of a batch applied whole, whose nodes were made in order (a
+            # wrong guess, after a setdefault skipped, is caught by the births).
+            first, results = reply.first_nid, []
             for entry in group:
-                results.append(b"%d" % first if entry.created else b"-")
-                first += len(entry.created)
+                results.append(b"%d" % first if first is not None and entry.created else b"-")
+                first = None if first is None else first + len(entry.created)
+        else:
+            results = reply.results or [b"-"] * len(group)
         for entry, result in zip(group, results, strict=True):
-            if entry.created and result not in (b"-", b"x"):
+            if entry.created and result.isdigit():
                 self._map(entry.created, [b"%d" % (int(result) + i) for i in range(len(entry.created))])
+            elif entry.created and result[:1] == b"x" and b"/" in result:
+                # setdefault found a container: what was queued for the default goes to it.
+                there, _, birth = result[1:].partition(b"/")
+                self._map(entry.created[:1], [there], {there: birth})
         return True
 
     def _replay(self, entry: queue.Pending) -> None:
@@ -678,7 +705,7 @@ class MemoryCore:
             if sent.name not in (b"lreplace", b"schange"):
                 plan = None  # the script lists what is there now: never stale
                 continue
-            again = self._rewrite_again(entry, sent.nid, self.store.read_all())
+            again = self.rewrite_again(entry, sent.nid, self.store.read_all())
             if again is None:
                 break
             args, plan = again
@@ -722,7 +749,7 @@ class MemoryCore:
         self.outbox.last_error = queue.kept(error)
         log.warning("%s: a queued %s was dropped: %s", self.store.key, entry.name.decode(), error)
 
-    def _rewrite_again(
+    def rewrite_again(
         self, entry: queue.Pending, nid: bytes, fields: dict[bytes, bytes]
     ) -> tuple[list[bytes], ops.Plan] | None:
         """A queued whole-list or whole-set change made again from node ``nid`` in ``fields`` (an HGETALL).
@@ -1145,6 +1172,7 @@ class Memory:
         for up to ``timeout`` seconds (None: as long as it takes).
         """
         self._rm.check_open()
+        self._rm.outside_batch("flush()")
         return self._rm.flush(timeout)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
@@ -1263,6 +1291,7 @@ class Memory:
 
     def delete(self) -> None:
         """Remove the whole memory from Redis (DEL): O(size). Needs Redis; queued changes are discarded."""
+        self._rm.outside_batch("delete()")
         self._rm_delete(None)
 
     def _rm_delete(

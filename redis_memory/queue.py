@@ -207,6 +207,10 @@ class Spool:
     def append(self, owner: bytes, entry: Pending) -> None:
         self._write(owner, entry.record())
 
+    def append_group(self, owner: bytes, entries: list[Pending]) -> None:
+        """A batch's operations as one record: a process killed while writing it leaves none of them."""
+        self._write(owner, [b"ops", [entry.record() for entry in entries]])
+
     def confirm(self, owner: bytes, entry: Pending) -> None:
         if self.fd is not None:
             self._write(owner, [b"ack", entry.writer, entry.seq])
@@ -286,13 +290,14 @@ def _read_spool(path: Path) -> list[Pending]:
             log.error("spool %s: undecodable record at byte %d; the rest of the file is skipped", path, pos)
             break
         pos += 4 + size
-        if record[0] == b"op":
+        if record[0] in (b"op", b"ops"):
             try:
-                entry = Pending.from_record(record)
+                found = [Pending.from_record(r) for r in (record[1] if record[0] == b"ops" else [record])]
             except (ValueError, TypeError):
                 log.error("spool %s: a malformed operation record at byte %d is dropped", path, pos)
                 continue
-            entries[(entry.writer, entry.seq)] = entry
+            for entry in found:
+                entries[(entry.writer, entry.seq)] = entry
         elif record[0] == b"ack":
             entries.pop((record[1], record[2]), None)
         elif record[0] == b"map":
@@ -351,6 +356,12 @@ class Outbox:
         if self.spool is not None:
             self.spool.append(owner, entry)
         self.entries.append(entry)
+
+    def push_group(self, owner: bytes, entries: list[Pending]) -> None:
+        """Queue a batch's operations, spooled as one record."""
+        if self.spool is not None:
+            self.spool.append_group(owner, entries)
+        self.entries.extend(entries)
 
     def confirmed(self, owner: bytes, entry: Pending) -> None:
         """The head entry reached the server (or was dropped): take it off."""

@@ -82,6 +82,8 @@ class Replica:
         # Changed by operations the server has not confirmed (made offline):
         # only a full load makes the replica exact again.
         self.speculative = False
+        #: How many full loads it had: a batch whose view a load replaced is not exact.
+        self.loads = 0
         self.root = ObservedDict(core, b"0")
         self.nodes: dict[bytes, Node] = {b"0": self.root}
         #: Root entries whose names cannot be decoded: no name reaches them,
@@ -231,6 +233,7 @@ class Replica:
         self.stamped(fields.get(b"v", b""))
         self.incarnation = incarnation
         self.speculative = False
+        self.loads += 1
 
     # -- deltas from the journal --------------------------------------------
 

@@ -321,8 +321,9 @@ class Store:
                 tail_count += len(plan)
             else:
                 tail.append(_EMPTY_PLAN if step.plan is not None else _SERVER_PLAN)
-            tail.append(step.args[0])
-            tail_count += 7 + len(created) + step.args[1]
+            count = b"%d" % step.args[1]
+            tail.append(b"$%d\r\n%s\r\n%s" % (len(count), count, step.args[0]))
+            tail_count += 8 + len(created) + step.args[1]
         packed_tail = (b"".join(tail), tail_count)
         try:
             raw = self._fcall("apply", self.keys + self.companions, [], packed_tail)

@@ -27,7 +27,7 @@ ARGV[5]  the number of operations; then, for each:
            per node the op may remove: nid, change count, key count, keys
            (change count -1 for a node whose header is corrupt, with all its
            entry fields)
-  args     the op's own arguments (see ops.py)
+  args     how many arguments of its own follow, then those (see ops.py)
 
 Replies: {status, version stamp after, incarnation, result, version stamp
 before, the number of the operation refused ('' if none), per-operation
@@ -37,8 +37,9 @@ missing, index, exists (setdefault), or corrupt with the key, the field (''
 for a key of another type) and why: malformed stored data, met before
 anything is written. Result: the id of the first node the call created ('').
 Per-operation results, for a batch: one word per operation, the id of the
-first node it created, '-' for none, or 'x' for a setdefault that found its
-key (which the rest of the batch goes on without). Only a single operation
+first node it created, '-' for none, '=' if it changed nothing, 'x' for a
+setdefault that found its key (which the rest of the batch goes on
+without), or 'd' for one this writer had applied already. Only a single operation
 answers what its delete removed.
 
 An applied call publishes its changes on the memory's change channel, one
@@ -55,6 +56,8 @@ local known, known_mod                 -- the removal plan
 local checked, dropped                 -- nodes can_drop/drop have seen
 local first_nid, op_first, damage, damage_why
 local realid                           -- client's id of a node created in this call -> the server's
+local known_as                         -- node -> the birth the client knows it by (it thought it made or
+                                       -- promoted it in this call, but another writer had)
 local created_ids, created_pos         -- the ids the client gave the operation's new nodes
 local headers, dirty                   -- parsed headers by nid; the nids whose header changed, in order
 local kept_raw                         -- what each kept child of a list replace held
@@ -133,7 +136,8 @@ end
 -- claims so is corrupt, and walking its range would hold the server up.
 -- Checked (HLEN, O(1)) only before a walk of a long list.
 local function overlong(hd)
-  return hd.kind == 'l' and hd.b - hd.a > 1000 and hd.b - hd.a > redis.call('HLEN', K)
+  -- (with the fields this call is about to write, which may make a list long)
+  return hd.kind == 'l' and hd.b - hd.a > 1000 and hd.b - hd.a > redis.call('HLEN', K) + #setlist
 end
 
 local function is_ref(p) return string.byte(p, 1) == REF end
@@ -159,11 +163,20 @@ local function read_plan()
   if nplan == 0 then known, known_mod = NO_PLAN, NO_PLAN; return end
   known, known_mod = {}, {}
   if nplan < 0 then
-    local all = redis.call('HGETALL', K)
+    -- The hash as this call left it so far: what earlier operations of the
+    -- call wrote or deleted (in the cache) over what Redis holds.
+    local all, fields, listed = redis.call('HGETALL', K), {}, {}
     for i = 1, #all, 2 do
-      local f, v = all[i], all[i + 1]
-      cache[f] = v
-      local tag = string.sub(f, 1, 1)
+      local f = all[i]
+      if cache[f] == nil then cache[f] = all[i + 1] end
+      listed[f] = true
+      fields[#fields + 1] = f
+    end
+    for _, f in ipairs(setlist) do
+      if not listed[f] then fields[#fields + 1] = f end
+    end
+    for _, f in ipairs(fields) do
+      local tag = cache[f] and string.sub(f, 1, 1)
       if tag == 'h' then
         local n = string.sub(f, 2)
         known[n] = known[n] or {}
@@ -365,6 +378,12 @@ local function dict_set(setdefault)
       -- What is there, and its birth if it is a node (for what was queued for the default).
       local p = dict_payload(raw)
       local there = is_ref(p) and read_header(string.sub(p, 2))
+      if there and created_ids[1] then
+        -- The container the client made for the default (the first it
+        -- created) is this one for the rest of the call.
+        realid[created_ids[1]] = string.sub(p, 2)
+        known_as[string.sub(p, 2)] = token
+      end
       return reply('exists', '', '', '', p, there and there.birth or '')
     end
     if raw and not can_drop(dict_payload(raw)) then return reply('stale') end
@@ -547,7 +566,13 @@ OPS.promote = function()
   -- its stored bytes: after a rollback the same id may be another message.
   local x, slot = mapped(arg()), tonumber(arg())
   local whole = string.char(REF) .. x .. '=' .. arg()
-  if read_header(x) then return end
+  if read_header(x) then
+    -- Another writer promoted it first: the client, which promoted it here,
+    -- knows it by this operation's token; later operations of the call on it
+    -- mean the node there.
+    known_as[x] = token
+    return
+  end
   local function holds(s)
     return hget(efield(nid, fmt(s))) == whole
   end
@@ -586,20 +611,14 @@ end
 
 -- Applies the next operation of the call (its arguments start at pos):
 -- nothing, or a reply refusing it.
-local function apply_one(events)
-  seq, token, op, nid = tonumber(arg()), arg(), arg(), arg()
-  local birth = arg()
-  created_ids, created_pos = {}, 0
-  for i = 1, tonumber(arg()) do created_ids[i] = arg() end
-  nid = mapped(nid)
-  checked, dropped, kept_raw, extra = nil, nil, nil, nil
-  event_keys, event_index, event_count, event_trim = nil, '', '', ''
-  op_first = nil
-  read_plan()
+-- The checks and the change of the operation whose own arguments start
+-- at pos: nothing and its result ('=' if it changed nothing), or a reply
+-- refusing it.
+local function run_op(birth, events)
   local bad
   h, bad = read_header(nid)
   if bad then return corrupt(hfield(nid), 'not a node header') end
-  if not h or (nid ~= '0' and h.birth ~= birth) then return reply('gone') end
+  if not h or (nid ~= '0' and h.birth ~= birth and known_as[nid] ~= birth) then return reply('gone') end
   local want = string.sub(op, 1, 1)
   if want ~= 'd' and want ~= 's' then want = 'l' end
   if h.kind ~= want then return reply('gone') end
@@ -608,7 +627,15 @@ local function apply_one(events)
   local was = changes
   local refused = handler()
   if refused then return refused end
-  if changes == was then return end
+  if changes == was then
+    -- In a batch the client counted this one as a change of its node, as
+    -- it counts every operation it made: so does the server.
+    if nops > 1 and op ~= 'promote' then
+      h.c = h.c + 1
+      header_changed(nid)
+    end
+    return nil, '='
+  end
   -- A promotion changes how an item is stored, not what the list holds:
   -- the list's change count (which a list replace checks) stays.
   if op ~= 'promote' then
@@ -623,6 +650,28 @@ local function apply_one(events)
   end
   events[#events + 1] = table.concat({writer, op, nid, incarnation, event_index, event_count, event_trim}, ' ')
   events[#events + 1] = keys
+  return nil, op_first and fmt(op_first) or '-'
+end
+
+-- Applies the next operation of the call: nothing and its result, or a
+-- reply refusing it. Its arguments are skipped whatever it read of them.
+-- One this writer already applied (a batch replayed after a part of it
+-- landed) is skipped: 'd'.
+local function apply_one(events, applied)
+  seq, token, op, nid = tonumber(arg()), arg(), arg(), arg()
+  local birth = arg()
+  created_ids, created_pos = {}, 0
+  for i = 1, tonumber(arg()) do created_ids[i] = arg() end
+  nid = mapped(nid)
+  checked, dropped, kept_raw, extra = nil, nil, nil, nil
+  event_keys, event_index, event_count, event_trim = nil, '', '', ''
+  op_first = nil
+  read_plan()
+  local args_end = pos + 1 + tonumber(arg())
+  local refused, result = nil, 'd'
+  if seq > applied then refused, result = run_op(birth, events) end
+  pos = args_end
+  return refused, result
 end
 
 local function apply(KEYS, ARGV)
@@ -630,7 +679,7 @@ local function apply(KEYS, ARGV)
   A, pos = ARGV, 6
   writer = ARGV[1]
   nops = tonumber(ARGV[5])
-  realid, headers, dirty = {}, {}, {}
+  realid, known_as, headers, dirty = {}, {}, {}, {}
   first_nid, damage, damage_why = nil, nil, nil
   local wfield = 'w' .. writer
   local first_seq, first_token, first_nid_arg = tonumber(ARGV[6]), ARGV[7], ARGV[9]
@@ -646,10 +695,14 @@ local function apply(KEYS, ARGV)
   version, counter = tonumber(string.match(before, '^%d+') or '0'), tonumber(meta[3] or '0')
   stamp_now = before
 
-  local stamp = 0
+  -- Operations are numbered in order; the last one applied is recorded.
+  local stamp, applied, applied_result, applied_results = 0, 0, '', ''
   if incarnation and meta[4] then
-    local lseq, lstamp, lres = string.match(meta[4], '^(%d+) (%d+) (%d*)$')
-    if lseq and tonumber(lseq) >= first_seq then return reply('dup', lres, '', '') end
+    -- '<seq> <index time> <first node made>', and for a batch its per-operation results.
+    local lseq, lstamp, lres, lresults = string.match(meta[4], '^(%d+) (%d+) (%d*) ?(%S*)$')
+    if lseq and tonumber(lseq) >= first_seq and nops == 1 then return reply('dup', lres, '', '') end
+    applied, applied_result = tonumber(lseq or '0'), lres or ''
+    applied_results = string.gsub(lresults or '', ',', ' ')
     stamp = tonumber(lstamp or '0')
   end
   if ARGV[2] ~= '*' and ARGV[2] ~= (incarnation or '') then return reply('gone', '', '1', '') end
@@ -678,19 +731,24 @@ local function apply(KEYS, ARGV)
 
   local events, results, last_token = {}, {}, first_token
   for i = 1, nops do
-    local refused = apply_one(events)
+    local refused, result = apply_one(events, applied)
     if refused then
       if nops == 1 then return refused end
       if refused[1] ~= 'exists' then
         refused[6] = fmt(i)
         return refused
       end
-      results[i] = 'x'  -- a setdefault that found its key: the rest goes on
+      -- A setdefault that found its key: the rest goes on; the node there, if
+      -- one, with its birth (for what the client made on the default).
+      local there = refused[8] and is_ref(refused[8]) and string.sub(refused[8], 2)
+      results[i] = there and ('x' .. there .. '/' .. (refused[9] or '')) or 'x'
     else
-      results[i] = op_first and fmt(op_first) or '-'
+      results[i] = result
     end
-    last_token = token
+    if result ~= 'd' then last_token = token end
   end
+  -- A batch this writer applied whole already (a resend).
+  if nops > 1 and applied >= seq then return reply('dup', applied_result, '', applied_results) end
   if damage then return corrupt(damage, damage_why) end
   write_headers()
 
@@ -730,7 +788,8 @@ local function apply(KEYS, ARGV)
       redis.call('ZREM', W, old)
     end
   end
-  note(wfield, string.format('%d %d %s', seq, stamp, result))
+  local per_op = nops > 1 and ' ' .. table.concat(results, ',') or ''
+  note(wfield, string.format('%d %d %s', seq, stamp, result) .. per_op)
   if first_nid or creating then note('c', fmt(counter)) end
   if creating then note('i', incarnation) end
   flush()
