@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from redis_memory import ConversationMemory
+from redis_memory import ConversationMemory, embedded_dir
 
 URL = os.environ.get("REDIS_URL") or "embedded://"
 AGENTS = ["planner", "researcher", "writer", "critic"]
@@ -59,6 +59,12 @@ def main() -> int:
 
     mem.context["preferences"]["tone"] = "formal"  # a nested change, seen by a fresh reader
     print(f"context seen by another reader: {ConversationMemory('demo-trip', url=URL).context}")
+    if URL.startswith("embedded:"):
+        where = embedded_dir(URL)
+        named = "" if where == embedded_dir() else f" {where}"
+        print(f"the embedded server keeps running, its data in {where}, for the next run and other processes;")
+        call = f"stop_embedded({str(where)!r})" if named else "stop_embedded()"
+        print(f"stop it with: redis-memory embedded stop{named}  (or redis_memory.{call})")
     return 0 if complete and in_order else 1
 
 

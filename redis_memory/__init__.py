@@ -1,5 +1,6 @@
 """Shared Python state in Redis: attributes, live lists and dicts, atomic operations."""
 
+from ._version import __version__ as __version__
 from .connection import Health, embedded_dir, ensure_embedded, health_check, stop_embedded
 from .errors import (
     BatchIncomplete,
@@ -9,6 +10,7 @@ from .errors import (
     CorruptData,
     EmbeddedServerError,
     InsideBatch,
+    InvalidExport,
     MemoryClosed,
     MissingAttribute,
     MissingExtra,
@@ -20,6 +22,7 @@ from .errors import (
     RedisMemoryError,
     ReservedName,
     ServerRefused,
+    UnsupportedPlatform,
     UnsupportedValue,
     UnusableClient,
     WrongThread,
@@ -44,6 +47,7 @@ __all__ = [
     "Feed",
     "Health",
     "InsideBatch",
+    "InvalidExport",
     "Memory",
     "MemoryClosed",
     "Metadata",
@@ -66,6 +70,7 @@ __all__ = [
     "Status",
     "Subscription",
     "TokenCounter",
+    "UnsupportedPlatform",
     "UnsupportedValue",
     "UnusableClient",
     "WrongThread",

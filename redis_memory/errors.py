@@ -129,3 +129,11 @@ class NotLoaded(RedisMemoryError, RuntimeError):
 
 class MissingExtra(RedisMemoryError, ImportError):
     """An integration's framework is not installed: the message names the extra that installs it."""
+
+
+class UnsupportedPlatform(RedisMemoryError, NotImplementedError):
+    """A feature this operating system cannot give: ``spool=`` needs POSIX file locks (``fcntl``)."""
+
+
+class InvalidExport(RedisMemoryError, ValueError):
+    """A file given to import is not an export document, or holds a value that cannot be stored: nothing written."""

@@ -30,7 +30,6 @@ and the connection is closed with the last memory.
 from __future__ import annotations
 
 import copy
-import fcntl
 import logging
 import os
 import random
@@ -46,8 +45,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec, ops
 from .connection import Channel, deadline
-from .errors import ConnectionFailed, OfflineQueueFull
+from .errors import ConnectionFailed, OfflineQueueFull, UnsupportedPlatform
 from .store import escape_id
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks of this kind, so no spool (see Spool)
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .memory import MemoryCore
@@ -169,6 +173,8 @@ class Spool:
     """
 
     def __init__(self, directory: str | os.PathLike[str], key: str) -> None:
+        if fcntl is None:
+            raise UnsupportedPlatform("spool= needs a POSIX system (Linux or macOS): its files are held with flock")
         self.folder = Path(directory) / escape_id(key)
         self.fd: int | None = None
         self.path: Path | None = None

@@ -202,3 +202,33 @@ def test_reconnects_do_not_use_up_the_pool(real_url: str) -> None:
                 admin.client_kill_filter(_id=found["id"])
     mem.last = "ok"
     assert Memory("pool", url=real_url).to_dict() == {"k0": 0, "k1": 1, "k2": 2, "k3": 3, "k4": 4, "last": "ok"}
+
+
+def test_the_default_server_unreachable_suggests_redis_url_and_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no server named and none on the default address, the error says how to name one; a named one does not."""
+    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(connection, "DEFAULT_URL", f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    for attempt in (lambda: Memory("quick-start").messages, lambda: Memory.count(), lambda: connection.health_check()):
+        with pytest.raises(RedisMemoryError) as caught:
+            attempt()
+        assert "REDIS_URL" in str(caught.value) and 'url="embedded://"' in str(caught.value)
+    with pytest.raises(RedisMemoryError) as named:
+        Memory.count(url=f"redis://127.0.0.1:{free_port()}/0")
+    assert "embedded://" not in str(named.value)
+
+
+def test_stop_embedded_without_an_argument_stops_the_default_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop_embedded() stops the server `embedded://` started, and says whether one was running."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    try:
+        connection.ensure_embedded(connection.embedded_dir("embedded://"))
+        assert (tmp_path / "redis_memory" / "embedded" / "valkey.sock").exists()
+        assert connection.embedded_running()
+        assert connection.stop_embedded() is True
+        assert not connection.embedded_running()
+        assert connection.stop_embedded() is False
+    finally:
+        connection.stop_embedded()

@@ -42,6 +42,7 @@ def test_demo_runs_on_the_embedded_server(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         assert "none lost or duplicated: True; each agent's order kept: True" in done.stdout
+        assert "stop it with: redis-memory embedded stop" in done.stdout  # it says the server stays
         assert (tmp_path / "redis_memory" / "embedded" / "valkey.sock").exists()
     finally:
         from redis_memory import stop_embedded
