@@ -196,16 +196,25 @@ class Channel:
             if self.router is not None:
                 return self.router.call_packed(packed, key, replies)
         found, resent = self.exchange(packed, replies)
+        if self.router is None and any(_moved(reply) for reply in found):
+            # A cluster node after all (its INFO was refused, say, to an ACL user):
+            # the node did not run the command, which goes where its slot lives.
+            self._route(True)
+            assert self.router is not None
+            return self.router.call_packed(packed, key, replies)
         if replies == 1:
             return check_reply(found[0], resent, self)
         return [check_reply(reply, resent, self) for reply in found]
 
     def _detect(self) -> None:
         (info,), _ = self.exchange(resp_command(("INFO", "cluster")), 1)
+        self._route(isinstance(info, bytes) and b"cluster_enabled:1" in info)
+
+    def _route(self, enabled: bool) -> None:
+        """From now on, route every command over the cluster (``enabled``) or send it here."""
         with self.lock:
-            if self.cluster is not None:
+            if self.router is not None or (self.cluster is not None and not enabled):
                 return
-            enabled = isinstance(info, bytes) and b"cluster_enabled:1" in info
             if enabled:
                 from .cluster import ClusterChannel
 
@@ -296,6 +305,10 @@ def check_reply(reply: object, resent: bool, channel: Channel) -> object:
         message = f"Redis refused a resent command, whose first copy may be applied: {reply}"
         raise ConnectionFailed(message) from reply
     raise reply
+
+
+def _moved(reply: object) -> bool:
+    return isinstance(reply, redis.ResponseError) and str(reply).startswith("MOVED ")
 
 
 def resp_command(

@@ -120,6 +120,14 @@ def test_help_documents_every_subcommand_with_an_example() -> None:
     assert run("--version").stdout.strip() == f"redis-memory {__import__('redis_memory').__version__}"
 
 
+def direct(url: str) -> Any:
+    """A redis-py client on ``url`` that reaches every key: a cluster client on a cluster node."""
+    node = redis.Redis.from_url(url)
+    if node.info("cluster").get("cluster_enabled"):
+        return redis.cluster.RedisCluster.from_url(url)
+    return node
+
+
 def test_usage_errors_exit_2_in_one_line() -> None:
     """An unknown subcommand, a missing argument or a bad number: exit 2, one line, no traceback."""
     for args in (["bogus"], ["show", "conversation"], ["ls", "--limit", "0"], ["ls", "--idle", "soon"], []):
@@ -133,7 +141,7 @@ def test_ls_lists_from_the_index_with_activity_count_and_size(real_url: str) -> 
         ConversationMemory(f"chat {n}", url=real_url).messages = [{"role": "user", "content": "x"}] * (n + 1)
     Session("trip", agent="a", url=real_url).shared.plan = ["Paris"]
     # A hash that looks like a memory but was never indexed: ls reads the index, not KEYS.
-    redis.Redis.from_url(real_url).hset("rm:conversation:{stray}", "i", "x")
+    direct(real_url).hset("rm:conversation:{stray}", "i", "x")
     done = run("ls", "conversation", url=real_url)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -186,7 +194,7 @@ def test_corrupt_stored_data_exits_1_naming_the_key_and_can_be_removed(real_url:
     """A memory with an undecodable field: show and export exit 1 naming key and field; rm still deletes it."""
     mem = Memory("damaged", url=real_url)
     mem.x, mem.y = [1], 2
-    client = redis.Redis.from_url(real_url)
+    client = direct(real_url)
     field = b"e0:" + msgpack.packb("x")
     client.hset(mem.key, field, b"junk")
     for command in ("show", "export"):
@@ -216,7 +224,7 @@ def test_every_value_type_round_trips_through_export_and_import(real_url: str, t
     imported = run("import", "memory", "copy", str(path), url=real_url)
     assert imported.returncode == 0, imported.stderr
     # All attributes in one batch: one applied change, one version.
-    assert redis.Redis.from_url(real_url).hget("rm:memory:{copy}", "v").split()[0] == b"1"
+    assert direct(real_url).hget("rm:memory:{copy}", "v").split()[0] == b"1"
     copied = Memory("copy", url=real_url).to_dict()
     assert set(copied) == set(EVERY_VALUE) | {"name with space"}
     for name, value in EVERY_VALUE.items():
@@ -273,7 +281,7 @@ def test_a_bad_import_file_writes_nothing(case: str, real_url: str, tmp_path: Pa
     path.write_text(BAD_FILES[case])
     line = one_line_error(run("import", "memory", "fresh", str(path), url=real_url), 1)
     assert str(path) in line and "nothing was written" in line
-    assert not redis.Redis.from_url(real_url).exists("rm:memory:{fresh}")
+    assert not direct(real_url).exists("rm:memory:{fresh}")
     Memory("kept", url=real_url).value = [1, 2]
     one_line_error(run("import", "memory", "kept", str(path), "--replace", url=real_url), 1)
     assert Memory("kept", url=real_url).to_dict() == {"value": [1, 2]}
@@ -315,7 +323,7 @@ def test_rm_needs_yes_without_a_terminal_and_deletes_whole(real_url: str) -> Non
     assert "c" not in ConversationMemory.list_ids(url=real_url)
     assert not hasattr(ConversationMemory("c", url=real_url), "messages")
     assert run("rm", "session", "s", "--yes", url=real_url).returncode == 0
-    assert redis.Redis.from_url(real_url).keys("rm:session:*") == []
+    assert direct(real_url).keys("rm:session:*") == []
 
 
 def test_stats_and_health(real_url: str) -> None:
