@@ -929,7 +929,8 @@ class SharedCores:
                 core = make()
             core.holders.add(holder)
             self.cores[key] = core
-            self._trim()
+            if len(self.cores) > self.limit:  # else no idle core is beyond the limit: nothing to scan
+                self._trim()
         # Weakly: a memory object kept after its close must not keep the core alive.
         weakref.finalize(holder, _let_go, weakref.ref(core))
         core.reopen()
