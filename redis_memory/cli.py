@@ -351,6 +351,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     role, event = events.get(timeout=0.5)
                     _out(event_line(event, role))
         except KeyboardInterrupt:
+            # A second Ctrl-C while the subscriptions close must not turn a clean stop into exit 130.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print("stopped", file=sys.stderr)
         finally:
             for subscription in subscriptions:
