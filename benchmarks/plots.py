@@ -43,7 +43,7 @@ def append_by_length(rows: list[Row]) -> list[tuple[int, float]]:
     """(list length, append ratio) for the rows ``mem.messages.append(m) at N messages``."""
     found = []
     for what, value, _ in rows:
-        match = re.fullmatch(r"mem\.messages\.append\(m\) at ([\d,]+) messages", what)
+        match = re.fullmatch(r"mem\.messages\.append\(m\) at ([\d,]+) messages(?: \(.*\))?", what)
         if match:
             found.append((int(match[1].replace(",", "")), value))
     return sorted(found)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,62 @@ def interleaved(raw: Callable[[], object], lib: Callable[[], object], rounds: in
         raw_ns = median_ns(raw, per_round)
         ratios.append(median_ns(lib, per_round) / raw_ns)
     return statistics.median(ratios)
+
+
+class Wire:
+    """A bare socket to the server: the "wire floor", one command's round trip with no client library at all."""
+
+    def __init__(self, target: int | str) -> None:
+        if isinstance(target, int):
+            self.sock = socket.create_connection(("127.0.0.1", target))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(target)
+
+    def command(self, *args: bytes) -> Callable[[], object]:
+        """A call that sends ``args`` as one command and reads its (short) reply."""
+        packed = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        sock = self.sock
+
+        def call() -> object:
+            sock.sendall(packed)
+            return sock.recv(65536)
+
+        return call
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def compared(
+    what: str,
+    raw: Callable[[], object],
+    lib: Callable[[], object],
+    wire: Callable[[], object],
+    channel: object,
+    target: str,
+    rounds: int = 31,
+    per_round: int = 25,
+) -> tuple[str, float, str]:
+    """A row: the library's call against raw redis-py, with its round trips and its figure against the wire floor.
+
+    The three are sampled back to back in each round; the ratios are medians
+    over rounds. Round trips are counted on the library's own connection.
+    """
+    ratios, floors = [], []
+    for _ in range(rounds):
+        raw_ns = median_ns(raw, per_round)
+        wire_ns = median_ns(wire, per_round)
+        lib_ns = median_ns(lib, per_round)
+        ratios.append(lib_ns / raw_ns)
+        floors.append(lib_ns / wire_ns)
+    before = channel.round_trips  # type: ignore[attr-defined]
+    for _ in range(20):
+        lib()
+    trips = (channel.round_trips - before) / 20  # type: ignore[attr-defined]
+    label = f"{what} ({trips:g} round trips; {statistics.median(floors):.2f}x the wire floor)"
+    return (label, statistics.median(ratios), target)
 
 
 LOAD_SCRIPT = """
@@ -255,12 +312,20 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     rows: list[tuple[str, float, str]] = []
     payload = msgpack.packb(message(0))
     counter = iter(range(10**9))
+    wire = Wire(target)
+    as_json = json.dumps(message(0)).encode()
 
     def raw_hset() -> None:
         client.hset("raw", str(next(counter)), payload)
 
     def raw_hget() -> None:
         client.hget("raw", "0")
+
+    def raw_rpush() -> None:
+        client.rpush("raw-list", as_json)
+
+    wire_rpush = wire.command(b"RPUSH", b"wire-list", as_json)
+    wire_hget = wire.command(b"HGET", b"raw", b"0")
 
     append_ratio: dict[int, float] = {}
     for size in (100, 1_000, 10_000):
@@ -270,16 +335,48 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
             mem.messages.extend(message(i) for i in range(start, min(size, start + 500)))
         i = iter(range(size, 10**9))
         # each sample appends one message: the list grows by only 775 during the row
-        # interleaved() calls the lambda only during this iteration, so late binding is harmless
-        ratio = interleaved(raw_hset, lambda: mem.messages.append(message(next(i))))  # noqa: B023
-        append_ratio[size] = ratio
-        rows.append((f"mem.messages.append(m) at {size:,} messages", ratio, "<= 2.5"))
+        # compared() calls the lambda only during this iteration, so late binding is harmless
+        row = compared(f"mem.messages.append(m) at {size:,} messages", raw_rpush,
+                       lambda: mem.messages.append(message(next(i))),  # noqa: B023
+                       wire_rpush, mem._rm.store.channel, "<= 2.5")  # fmt: skip
+        append_ratio[size] = row[1]
+        rows.append(row)
     rows.append(("growth: append at 10,000 / at 100", append_ratio[10_000] / append_ratio[100], "<= 1.2"))
 
     mem = ConversationMemory("append-1000", client=client)
     mem.title = "weather"
-    rows.append(("len(mem.messages) at 1,000 messages", interleaved(raw_hget, lambda: len(mem.messages)), "<= 1.3"))
-    rows.append(("mem.title", interleaved(raw_hget, lambda: mem.title), "<= 1.3"))
+    held = mem.messages
+    j = iter(range(2000, 10**9))
+    channel = mem._rm.store.channel
+    rows.append(compared("held.append(m), a proxy held in a variable", raw_rpush,
+                         lambda: held.append(message(next(j))), wire_rpush, channel, "<= 1.2"))  # fmt: skip
+    rows.append(compared("len(mem.messages) at 1,000 messages", raw_hget, lambda: len(mem.messages), wire_hget,
+                         channel, "<= 1.3"))  # fmt: skip
+    rows.append(compared("mem.title", raw_hget, lambda: mem.title, wire_hget, channel, "<= 1.3"))
+
+    tracked = ConversationMemory("append-1000", client=client, tracking=True)
+    tracked_held = tracked.messages
+    channel = tracked._rm.store.channel
+    rows.append(compared("tracking=True: mem.title, unchanged", raw_hget, lambda: tracked.title, wire_hget, channel,
+                         "<= 0.1"))  # fmt: skip
+    rows.append(compared("tracking=True: len(mem.messages), unchanged", raw_hget, lambda: len(tracked.messages),
+                         wire_hget, channel, "<= 0.1"))  # fmt: skip
+    rows.append(compared("tracking=True: mem.messages.append(m)", raw_rpush,
+                         lambda: tracked.messages.append(message(next(j))), wire_rpush, channel, "<= 1.3"))  # fmt: skip
+    rows.append(compared("tracking=True: held.append(m)", raw_rpush,
+                         lambda: tracked_held.append(message(next(j))), wire_rpush, channel, "<= 1.2"))  # fmt: skip
+
+    for tracking in (False, True):
+        # A memory built per request (a web handler), in a process that served the conversation before.
+        def per_request(tracking: bool = tracking) -> None:
+            ConversationMemory("append-1000", client=client, tracking=tracking).messages.append(message(next(j)))
+
+        per_request()
+        label = "a new ConversationMemory(id) per request + one append, 1,000 messages, warm process"
+        channel = ConversationMemory("append-1000", client=client, tracking=tracking)._rm.store.channel
+        rows.append(compared(label + (", tracking=True" if tracking else ""), raw_rpush, per_request, wire_rpush,
+                             channel, "<= 2"))  # fmt: skip
+    wire.close()
 
     conv = ConversationMemory("load-10000", client=client)
     conv.messages = []
@@ -334,9 +431,9 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     store, trips = batched._rm.store, [0]
     send = store._call_packed
 
-    def counted(packed: bytes) -> object:
+    def counted(packed: bytes, *rest: object) -> object:
         trips[0] += 1
-        return send(packed)
+        return send(packed, *rest)
 
     store._call_packed = counted  # type: ignore[method-assign]
     lib_batch()

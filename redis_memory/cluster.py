@@ -159,8 +159,11 @@ class ClusterChannel:
     def call(self, *args: bytes | str | int) -> object:
         return self.call_packed(resp_command(args))
 
-    def call_packed(self, packed: bytes, key: str | None = None, replies: int = 1) -> Any:
-        """Send ``packed`` (``replies`` commands, all about ``key``) to the node serving ``key``; see the module."""
+    def call_packed(self, packed: bytes, key: str | None = None, replies: int = 1, on_first: Any = None) -> Any:
+        """Send ``packed`` (``replies`` commands, all about ``key``) to the node serving ``key``; see the module.
+
+        ``on_first`` is for a tracked connection, which a cluster's are not: unused.
+        """
         if key is None:
             return self._everywhere(packed, replies)
         slot = slot_of(key)

@@ -19,10 +19,10 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, Protocol, cast
 from urllib.parse import quote, unquote, urlparse
 
 import redis
@@ -32,6 +32,7 @@ from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
+from .tracking import SocketReader, Tracker
 
 try:
     import fcntl
@@ -100,7 +101,14 @@ class Channel:
     from this server instead, which routes each to the node serving its key.
     """
 
-    def __init__(self, connection_class: type[Any], connection_kwargs: dict[str, Any], *, detect: bool = True) -> None:
+    def __init__(
+        self,
+        connection_class: type[Any],
+        connection_kwargs: dict[str, Any],
+        *,
+        detect: bool = True,
+        tracking: bool = False,
+    ) -> None:
         self.connection_class = connection_class
         self.connection_kwargs = connection_kwargs
         #: Said when it is unreachable: what to do if nothing named this server (see default_hint).
@@ -108,16 +116,20 @@ class Channel:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
-        self.reader: BinaryIO | None = None
+        self.reader: ReplyReader | None = None
+        #: For tracked memories: a RESP3 connection with CLIENT TRACKING (see tracking.py).
+        self.tracker = Tracker() if tracking else None
+        #: Commands sent and answered (a pipeline counts once): the round trips, for tests and benchmarks.
+        self.round_trips = 0
         #: Whether the server is a cluster node; None until the first connection says.
         self.cluster: bool | None = None if detect else False
         self.router: Any = None  # the ClusterChannel, for a cluster node
 
     @classmethod
-    def of(cls, client: redis.Redis) -> Channel:
+    def of(cls, client: redis.Redis, tracking: bool = False) -> Channel:
         """A channel with ``client``'s connection settings."""
         pool = client.connection_pool
-        return cls(pool.connection_class, pool.connection_kwargs)
+        return cls(pool.connection_class, pool.connection_kwargs, tracking=tracking)
 
     def connect_timeout(self) -> float:
         """How long connecting may take: the client's connect timeout, else :data:`CONNECT_TIMEOUT`."""
@@ -146,13 +158,60 @@ class Channel:
         # Connecting and the handshake after it fit the caller's deadline too.
         conn.socket_timeout, conn.socket_connect_timeout = _least(timeout, bound), _least(connect_timeout, bound)
         conn.connect()  # type: ignore[no-untyped-call]
-        conn.socket_timeout, conn.socket_connect_timeout = timeout, connect_timeout
         sock = getattr(conn, "_sock", None)
-        self.reader = sock.makefile("rb") if isinstance(sock, socket.socket) else None
+        tracker = self.tracker
+        if tracker is None or not isinstance(sock, socket.socket):
+            self.reader = sock.makefile("rb") if isinstance(sock, socket.socket) else None
+            if tracker is not None:
+                tracker.enabled = False  # not a socket (fakeredis): reads check the version
+        else:
+            tracker.reset()
+            self.reader = SocketReader(sock, tracker.push)
+            if tracker.enabled is not False:
+                self._track(sock, self.reader)
+        conn.socket_timeout, conn.socket_connect_timeout = timeout, connect_timeout
         self.conn = conn
         return conn
 
+    def _track(self, sock: socket.socket, reader: SocketReader) -> None:
+        """Switch a new connection to RESP3 with CLIENT TRACKING ON (see tracking.py).
+
+        A server that cannot (no RESP3, tracking refused to this user) leaves
+        tracking off for this channel: its memories check the version.
+        """
+        assert self.tracker is not None
+        sock.sendall(resp_command(("HELLO", "3")) + resp_command(("CLIENT", "TRACKING", "ON")))
+        hello, tracking = read_reply(reader), read_reply(reader)
+        self.tracker.enabled = not isinstance(hello, Exception) and tracking == b"OK"
+
+    def caught_up(self) -> bool:
+        """Apply every invalidation that has reached this connection; False if tracking cannot vouch now.
+
+        Without waiting: a connection another thread is using, or none open,
+        answers False (the caller checks the version instead).
+        """
+        tracker = self.tracker
+        if tracker is None or not tracker.enabled or self.router is not None or not self.lock.acquire(False):
+            return False
+        try:
+            reader = self.reader
+            if self.conn is None or not isinstance(reader, SocketReader) or self.pid != os.getpid():
+                return False
+            while reader.pending():
+                line = reader.readline()
+                if line[:1] != b">" or not line.endswith(b"\r\n"):
+                    raise redis.ConnectionError(f"unexpected data on a tracked connection: {line[:40]!r}")
+                tracker.push(_read_items(reader, int(line[1:-2])))
+            return True
+        except (redis.ConnectionError, OSError, ValueError):
+            self._close()
+            return False
+        finally:
+            self.lock.release()
+
     def _close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.reset()  # what the server tracked for this connection ends with it
         if self.reader is not None:
             self.reader.close()
         if self.conn is not None:
@@ -176,6 +235,8 @@ class Channel:
         """In a forked child: a lock nobody holds, no connection (the parent's socket is left alone)."""
         self.lock = threading.Lock()
         self.conn = self.reader = None
+        if self.tracker is not None:
+            self.tracker.reset()
         self.pid = os.getpid()
         if self.router is not None:
             self.router.after_fork()
@@ -183,19 +244,23 @@ class Channel:
     def call(self, *args: bytes | str | int) -> object:
         return self.call_packed(resp_command(args))
 
-    def call_packed(self, packed: bytes, key: str | None = None, replies: int = 1) -> Any:
+    def call_packed(
+        self, packed: bytes, key: str | None = None, replies: int = 1, on_first: Callable[[object], None] | None = None
+    ) -> Any:
         """Send commands already in RESP form and return their reply (within the thread's :func:`deadline`).
 
         ``key`` is the key the commands are about (a cluster routes by it);
         ``replies`` how many commands ``packed`` holds: with more than one, the
         list of their replies. An error reply raises (see the class notes).
+        ``on_first`` sees the first reply as soon as it is read, under the
+        lock, before anything after it (a tracked write, see tracking.py).
         """
         if self.cluster is not False:
             if self.cluster is None:
                 self._detect()
             if self.router is not None:
                 return self.router.call_packed(packed, key, replies)
-        found, resent = self.exchange(packed, replies)
+        found, resent = self.exchange(packed, replies, on_first)
         if self.router is None and any(_moved(reply) for reply in found):
             # A cluster node after all (its INFO was refused, say, to an ACL user):
             # the node did not run the command, which goes where its slot lives.
@@ -222,7 +287,9 @@ class Channel:
                 self.router = ClusterChannel(self.connection_class, self.connection_kwargs, [address])
             self.cluster = enabled
 
-    def exchange(self, packed: bytes, replies: int = 1) -> tuple[list[object], bool]:
+    def exchange(
+        self, packed: bytes, replies: int = 1, on_first: Callable[[object], None] | None = None
+    ) -> tuple[list[object], bool]:
         """Send ``packed`` and read ``replies`` replies, error replies among them; and whether it was sent twice.
 
         Raises ConnectionFailed when the link fails (see the class notes).
@@ -231,11 +298,13 @@ class Channel:
         if not self.lock.acquire(timeout=-1 if end is None else max(0.0, end - time.monotonic())):
             raise ConnectionFailed("Redis did not answer in time: another thread's command is still waiting")
         try:
-            return self._exchange_locked(packed, replies, end)
+            return self._exchange_locked(packed, replies, end, on_first)
         finally:
             self.lock.release()
 
-    def _exchange_locked(self, packed: bytes, replies: int, end: float | None) -> tuple[list[object], bool]:
+    def _exchange_locked(
+        self, packed: bytes, replies: int, end: float | None, on_first: Callable[[object], None] | None
+    ) -> tuple[list[object], bool]:
         if self.pid != os.getpid():
             # Forked: the socket belongs to the parent; leave it untouched.
             self.conn = self.reader = None
@@ -247,15 +316,23 @@ class Channel:
                 raise ConnectionFailed("Redis did not answer in time")
             try:
                 conn = self.conn or self._open(bound)
+                self.round_trips += 1
                 if self.reader is None:
                     conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
-                    found = [_response(conn) for _ in range(replies)]
+                    found = [_response(conn)]
+                    if on_first is not None:
+                        on_first(found[0])
+                    found += [_response(conn) for _ in range(replies - 1)]
                 else:
                     sock = cast(socket.socket, conn._sock)
                     if bound is not None:
                         sock.settimeout(_least(conn.socket_timeout, bound))
                     sock.sendall(packed)
-                    found = [read_reply(self.reader) for _ in range(replies)]
+                    reader = self.reader
+                    found = [read_reply(reader)]
+                    if on_first is not None:
+                        on_first(found[0])
+                    found += [read_reply(reader) for _ in range(replies - 1)]
                     if bound is not None:
                         sock.settimeout(conn.socket_timeout)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -336,7 +413,17 @@ def resp_args(args: list[bytes]) -> bytes:
     return b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
 
 
-def _read_items(reader: BinaryIO, count: int) -> list[object]:
+class ReplyReader(Protocol):
+    """What replies are read from: a buffered socket file, or a tracked connection's SocketReader."""
+
+    def readline(self, /) -> bytes: ...
+
+    def read(self, size: int, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def _read_items(reader: ReplyReader, count: int) -> list[object]:
     """The elements of an aggregate reply; bulk strings (nearly all of them) inline."""
     items: list[object] = []
     readline, read = reader.readline, reader.read
@@ -356,12 +443,12 @@ def _read_items(reader: BinaryIO, count: int) -> list[object]:
     return items
 
 
-def read_reply(reader: BinaryIO) -> object:
+def read_reply(reader: ReplyReader) -> object:
     """Read one RESP2 or RESP3 reply; an error reply is returned, not raised."""
     return _parse(reader.readline(), reader)
 
 
-def _parse(line: bytes, reader: BinaryIO) -> object:
+def _parse(line: bytes, reader: ReplyReader) -> object:
     if not line.endswith(b"\r\n"):
         raise redis.ConnectionError("connection closed by the server")
     kind, rest = line[:1], line[1:-2]
@@ -398,9 +485,12 @@ def _parse(line: bytes, reader: BinaryIO) -> object:
     if kind == b"#":
         return rest == b"t"
     if kind in (b">", b"|"):
-        # Out-of-band data (a push, or attributes): skip it, the reply follows.
-        for _ in range(int(rest) * (2 if kind == b"|" else 1)):
-            read_reply(reader)
+        # Out-of-band data (a push, or attributes): the reply follows. A tracked
+        # connection's reader takes the pushes (invalidations, see tracking.py).
+        items = _read_items(reader, int(rest) * (2 if kind == b"|" else 1))
+        on_push = getattr(reader, "on_push", None)
+        if kind == b">" and on_push is not None:
+            on_push(items)
         return read_reply(reader)
     raise redis.ConnectionError(f"unexpected reply type {kind!r}")
 
@@ -408,21 +498,29 @@ def _parse(line: bytes, reader: BinaryIO) -> object:
 #: A client the library can use: one server (or a Sentinel-managed master), or a Redis Cluster.
 Client = redis.Redis | RedisCluster
 _channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
+#: The channels of tracked memories (``tracking=True``): one more connection per client.
+_tracked_channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
 
 
-def channel(client: Client) -> Any:
-    """The shared channel of ``client`` in this process: a :class:`Channel`, or a ClusterChannel for a cluster."""
+def channel(client: Client, tracking: bool = False) -> Any:
+    """The shared channel of ``client`` in this process: a :class:`Channel`, or a ClusterChannel for a cluster.
+
+    With ``tracking``, the channel of tracked memories, whose connection the
+    server sends invalidations on (a cluster's is not tracked: its memories
+    check the version).
+    """
+    channels = _tracked_channels if tracking else _channels
     with _clients_lock:
-        found = _channels.get(client)
+        found = channels.get(client)
         if found is None:
             if isinstance(client, RedisCluster):
                 from .cluster import ClusterChannel
 
                 found = ClusterChannel.of(client)
             else:
-                found = Channel.of(client)
+                found = Channel.of(client, tracking)
                 found.hint = default_hint(client)
-            _channels[client] = found
+            channels[client] = found
         return found
 
 
@@ -629,5 +727,5 @@ def after_fork() -> None:
     global _clients_lock
     _clients_lock = threading.Lock()
     # A lock another thread held at the fork stays held in the child.
-    for found in list(_channels.values()):
+    for found in [*_channels.values(), *_tracked_channels.values()]:
         found.after_fork()

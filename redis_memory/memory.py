@@ -60,7 +60,6 @@ def _new_token() -> bytes:
     return os.urandom(6).hex().encode()
 
 
-
 class MemoryCore:
     """The machinery behind one :class:`Memory`: store, replica, queue, lock, writer id.
 
@@ -147,7 +146,8 @@ class MemoryCore:
 
     def shadow(self) -> MemoryCore:
         """Another core on the same memory, with a replica of its own: for a reader in another thread."""
-        return MemoryCore(Store(self.store.client, self.store.key, self.store.companions), self.name, 1, None)
+        store = Store(self.store.client, self.store.key, self.store.companions, self.store.tracking)
+        return MemoryCore(store, self.name, 1, None)
 
     def after_fork(self) -> None:
         """In a forked child: a fresh lock, a writer id of its own, no queue (the parent replays it)."""
@@ -241,25 +241,33 @@ class MemoryCore:
     def refresh(self) -> None:
         """Make the replica reflect the server: one HMGET when nothing changed.
 
-        This version check is the one place that decides freshness, so that
-        server-assisted invalidation can replace it without touching callers.
-        While Redis is unreachable the replica is served as it is; a memory
-        never loaded then raises ConnectionFailed.
+        This is the one place that decides freshness. A tracked memory
+        (``tracking=True``) skips the version check while the server has sent
+        no invalidation of its key since the replica was last made exact (see
+        tracking.py): no round trip. While Redis is unreachable the replica
+        is served as it is; a memory never loaded then raises ConnectionFailed.
         """
         replica = self.replica
         if self.batching is not None:
             return  # inside a batch the local view is the truth until it is sent
+        store = self.store
         try:
             if not self.reachable():
                 error = self.link.last_error
                 if not isinstance(error, ConnectionFailed):
                     error = ConnectionFailed("Redis is unreachable")
                 raise queue.kept(error)  # a copy: the kept one, raised, would get a traceback holding this memory
-            if replica.loaded and not replica.speculative:
-                stamp, incarnation = self.store.version()
+            exact = replica.loaded and not replica.speculative
+            if exact and store.vouches(replica.seen):
+                return
+            mark = store.mark()  # before the round trip: an invalidation crossing it voids the mark
+            if exact:
+                stamp, incarnation = store.version()
                 if stamp == replica.stamp and incarnation == replica.incarnation:
+                    replica.seen = mark
                     return
             self.catch_up()
+            replica.seen = mark
         except ConnectionFailed as exc:
             self.link.failed(exc)
             if not replica.loaded:
@@ -430,6 +438,7 @@ class MemoryCore:
                 stale += reply.status == "stale"
                 try:
                     result = self._settle(proxy, op, reply, token)
+                    replica.seen = self.store.written  # exact after the write, unless another's change crossed it
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     if reply.status not in ("ok", "dup"):
@@ -1088,6 +1097,14 @@ class Memory:
     there, so that a process that dies while offline loses nothing: the
     next memory opened on the same key and spool replays them.
 
+    With ``tracking=True`` the replica is kept coherent by the server
+    (CLIENT TRACKING on a RESP3 connection of the library's own): a read of
+    unchanged data makes no round trip, and a read that follows an
+    invalidation checks the version as usual. A server or client that cannot
+    track (fakeredis, a Redis Cluster) keeps the version check. See
+    tracking.py for what it guarantees and docs/design.md for the window in
+    which a read may miss a write another process just made.
+
     With ``wait_for_replicas=N`` each write also waits (``WAIT``, in the same
     round trip) until N replicas of its master have it, at most
     ``replica_timeout`` seconds. A write fewer replicas confirmed in time is
@@ -1114,7 +1131,10 @@ class Memory:
         author: str | None = None,
         wait_for_replicas: int = 0,
         replica_timeout: float = REPLICA_TIMEOUT,
+        tracking: bool = False,
     ) -> None:
+        if not isinstance(tracking, bool):
+            raise TypeError(f"tracking must be True or False, not {tracking!r}")
         if author is not None and not isinstance(author, str):
             raise TypeError(f"author must be a str, not {type(author).__name__}")
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
@@ -1127,14 +1147,14 @@ class Memory:
         redis_client = connection.connect(client, url)
         key, companions, bounds = self._rm_own_key(prefix, name), self._rm_companions(prefix, name), self._rm_bounds()
         spooled = None if spool is None else os.fspath(spool)
-        options = (max_pending, spooled, ttl_ms, tuple(sorted(bounds.items())), author, replicas)
+        options = (max_pending, spooled, ttl_ms, tuple(sorted(bounds.items())), author, replicas, tracking)
 
         # A memory built by an async memory's worker (aio.py) gets a core of its own,
         # driven by that thread only: a shared one would also serve other threads.
         driver = threading.current_thread() if getattr(threading.current_thread(), "rm_driver", False) else None
 
         def make() -> MemoryCore:
-            store = Store(redis_client, key, companions)
+            store = Store(redis_client, key, companions, tracking)
             store.replicas = replicas
             core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=driver is None)
             core.catalog = self._rm_catalog(redis_client, prefix)

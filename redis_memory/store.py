@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, cast
@@ -55,6 +56,7 @@ import redis
 from .connection import MISSING_FUNCTION, Channel, Client, channel, resp_args, resp_command
 from .errors import ConnectionFailed, CorruptData, NotReplicated, ServerRefused
 from .ops import Args, Plan
+from .tracking import Mark, Tracker
 
 REF = 0xC1
 #: A node header (see above); the apply script's read_header follows the same rule.
@@ -163,7 +165,9 @@ def version_number(stamp: bytes) -> int:
     return int(count or b"0")
 
 
-def send(link: Channel, key: str, packed: bytes, replies: int = 1) -> Any:
+def send(
+    link: Channel, key: str, packed: bytes, replies: int = 1, on_first: Callable[[object], None] | None = None
+) -> Any:
     """Send one command about ``key`` (in RESP form) on ``link``; redis-py's errors become the library's.
 
     Unreachable: ConnectionFailed; ``key`` of another type: CorruptData;
@@ -171,7 +175,7 @@ def send(link: Channel, key: str, packed: bytes, replies: int = 1) -> Any:
     more than 1, ``packed`` holds that many commands: the list of replies.
     """
     try:
-        return link.call_packed(packed, key, replies)
+        return link.call_packed(packed, key, replies, on_first)
     except ConnectionFailed as exc:
         raise ConnectionFailed(f"{exc} (key {key})", key=key) from exc.__cause__
     except redis.exceptions.NoScriptError:
@@ -238,16 +242,22 @@ class Sync:
 class Store:
     """All Redis traffic of one memory: its key, its scripts, its reads."""
 
-    def __init__(self, client: Client, key: str, companions: tuple[str, ...] = ()) -> None:
+    def __init__(self, client: Client, key: str, companions: tuple[str, ...] = (), tracking: bool = False) -> None:
         self.client = client
         self.key = key
+        self.tracking = tracking
         self.writers_key = key + ":w"
         #: The keys this memory owns: deleted with it.
         self.keys = (key, self.writers_key)
         #: Keys that also get the memory's expiry, but outlive its deletion.
         self.companions = companions
         self.feed = key + FEED_SUFFIX
-        self.channel = channel(client)
+        self.channel = channel(client, tracking)
+        #: The invalidations the server sent this memory's connection (None: not tracked, see tracking.py).
+        self.tracker: Tracker | None = getattr(self.channel, "tracker", None)
+        self._key_bytes = key.encode()
+        #: After a write: the mark a replica made exact by it may keep (None: check the version).
+        self.written: Mark | None = None
         #: The start of each command's FCALL, by command and keys.
         self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}
         #: The first arguments of an apply call (writer, incarnation, expiry, author, count), packed.
@@ -259,15 +269,44 @@ class Store:
     def _call(self, *args: Any) -> Any:
         return self._call_packed(resp_command(args))
 
-    def _call_packed(self, packed: bytes) -> Any:
-        return send(self.channel, self.key, packed)
+    def mark(self) -> Mark | None:
+        """The tracking mark to keep for a replica about to be made exact (None if not tracked)."""
+        return None if self.tracker is None else self.tracker.mark(self._key_bytes)
+
+    def vouches(self, seen: Mark | None) -> bool:
+        """Whether the server has sent no invalidation of this key since mark ``seen`` was taken.
+
+        Looks at what the connection holds first (no round trip): see tracking.py.
+        """
+        tracker = self.tracker
+        return (
+            seen is not None
+            and tracker is not None
+            and self.channel.caught_up()
+            and tracker.mark(self._key_bytes) == seen
+        )
+
+    def _changed(self) -> None:
+        """This process wrote the key by a command after which the server no longer tracks it."""
+        if self.tracker is not None:
+            self.tracker.changed(self._key_bytes)
+
+    def _call_packed(self, packed: bytes, replies: int = 1, on_first: Callable[[object], None] | None = None) -> Any:
+        return send(self.channel, self.key, packed, replies, on_first)
 
     def _fcall(
-        self, command: str, keys: tuple[str, ...], args: list[bytes], tail: Args = (b"", 0), after: bytes = b""
+        self,
+        command: str,
+        keys: tuple[str, ...],
+        args: list[bytes],
+        tail: Args = (b"", 0),
+        after: bytes = b"",
+        on_first: Callable[[object], None] | None = None,
     ) -> Any:
         """FCALL of one of :data:`COMMANDS`; the library is loaded when the server lacks it.
 
         ``after``: another command sent in the same round trip; then the list of both replies.
+        ``on_first``: see :meth:`Channel.call_packed`.
         """
         head = self._heads.get((command, keys))
         if head is None:
@@ -276,7 +315,7 @@ class Store:
         packed = resp_command(args, head, 3 + len(keys), *tail) + after
         for _ in range(_LOAD_ATTEMPTS):
             try:
-                return send(self.channel, self.key, packed, 2) if after else self._call_packed(packed)
+                return self._call_packed(packed, 2 if after else 1, on_first)
             except redis.exceptions.NoScriptError:
                 # A new server, one restarted without its data, or FUNCTION FLUSH
                 # (perhaps by another process, again and again).
@@ -339,13 +378,26 @@ class Store:
         packed_tail = (b"".join(tail), tail_count)
         replicas, timeout_ms = self.replicas
         wait = resp_command(("WAIT", replicas, timeout_ms)) if replicas else b""
+        tracker, on_first = self.tracker, None
+        if tracker is not None:
+            key, before = self._key_bytes, tracker.mark(self._key_bytes)
+
+            def on_first(reply: object) -> None:
+                # Read before anything after it: if the call modified the hash and
+                # no other invalidation of it came first, the next one is its own.
+                if isinstance(reply, list) and len(reply) > 5 and reply[5] == b"1" and tracker.mark(key) == before:
+                    tracker.expect(key)
+
         try:
-            raw = self._fcall("apply", self.keys + self.companions, [], packed_tail, wait)
+            raw = self._fcall("apply", self.keys + self.companions, [], packed_tail, wait, on_first)
         except ServerRefused as exc:
             # A server out of memory refuses writes; one that only removes relieves it.
             if "OOM" not in str(exc) or any(step.name not in _REMOVALS for step in steps):
                 raise
-            raw = self._fcall("apply_oom", self.keys + self.companions, [], packed_tail, wait)
+            raw = self._fcall("apply_oom", self.keys + self.companions, [], packed_tail, wait, on_first)
+        finally:
+            # Other memories of this process on the key learn of the write here.
+            self.written = None if tracker is None else tracker.wrote(key, before)
         if replicas:
             raw, acknowledged = raw
             if raw[0] in (b"ok", b"dup") and int(acknowledged) < replicas:
@@ -356,9 +408,9 @@ class Store:
                 raise NotReplicated(message, key=self.key)
         first = int(raw[3]) if raw[3] else None
         if len(steps) == 1:  # no 'refused' and 'per-operation' slots
-            return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[5:])
-        failed = int(raw[5]) if raw[5] else None
-        return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[7:], failed, raw[6].split())
+            return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[6:])
+        failed = int(raw[6]) if raw[6] else None
+        return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[8:], failed, raw[7].split())
 
     def publisher(self) -> bytes:
         """The command the server code publishes changes with: SPUBLISH on a cluster (sharded pub/sub), else PUBLISH."""
@@ -403,7 +455,10 @@ class Store:
         count = b""
         if participants is not None:
             all_keys, count = (*all_keys, participants[0]), b"%d" % participants[1]
-        return int(self._fcall("delete", all_keys, [author, idle, b"%d" % hashes, count, self.publisher()]))
+        try:
+            return int(self._fcall("delete", all_keys, [author, idle, b"%d" % hashes, count, self.publisher()]))
+        finally:
+            self._changed()
 
     def expire(self, milliseconds: int | None) -> None:
         """PEXPIRE (or PERSIST, for None) of each of the memory's keys: O(1).
@@ -411,16 +466,19 @@ class Store:
         A companion's expiry is only extended (or removed), never shortened:
         other memories may outlive this one.
         """
-        for key in self.keys:
-            if milliseconds is None:
-                self._call("PERSIST", key)
-            else:
-                self._call("PEXPIRE", key, milliseconds)
-        for key in self.companions:
-            if milliseconds is None:
-                self._call("PERSIST", key)
-            elif 0 <= int(self._call("PTTL", key)) < milliseconds:
-                self._call("PEXPIRE", key, milliseconds)
+        try:
+            for key in self.keys:
+                if milliseconds is None:
+                    self._call("PERSIST", key)
+                else:
+                    self._call("PEXPIRE", key, milliseconds)
+            for key in self.companions:
+                if milliseconds is None:
+                    self._call("PERSIST", key)
+                elif 0 <= int(self._call("PTTL", key)) < milliseconds:
+                    self._call("PEXPIRE", key, milliseconds)
+        finally:
+            self._changed()  # after the writes: a mark taken before them must not survive them
 
     def activity(self) -> tuple[int | None, int | None]:
         """HMGET of the creation and last-change times (ms since the epoch): O(1)."""

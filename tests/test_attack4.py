@@ -452,13 +452,13 @@ def _break_after_next_apply(mem: Memory, switch: Switch) -> None:
     store = mem._rm.store
     real = store._call_packed
 
-    def once(packed: bytes) -> Any:
+    def once(packed: bytes, *rest: Any) -> Any:
         if b"FCALL" in packed[:40] and b"apply" in packed[:200]:
             store._call_packed = real  # type: ignore[method-assign]
-            real(packed)
+            real(packed, *rest)
             switch.cut()
             raise ConnectionFailed("link broke before the reply")
-        return real(packed)
+        return real(packed, *rest)
 
     store._call_packed = once  # type: ignore[method-assign]
 
@@ -712,13 +712,13 @@ def test_a_group_replayed_one_by_one_then_cut_off_is_not_taken_as_applied_whole(
     real = store._call_packed
     calls = []
 
-    def second_apply_breaks(packed: bytes) -> Any:
+    def second_apply_breaks(packed: bytes, *rest: Any) -> Any:
         if b"apply" not in packed[:200]:
-            return real(packed)
+            return real(packed, *rest)
         calls.append(packed)
         if len(calls) != 2:
-            return real(packed)
-        real(packed)  # the first operation alone: applied...
+            return real(packed, *rest)
+        real(packed, *rest)  # the first operation alone: applied...
         switch.cut()  # ...and the link breaks before the reply
         raise ConnectionFailed("link broke before the reply")
 

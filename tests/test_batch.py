@@ -23,9 +23,9 @@ class Trips:
         self.count = 0
         self.real = self.store._call_packed
 
-        def counted(packed: bytes) -> Any:
+        def counted(packed: bytes, *rest: Any) -> Any:
             self.count += 1
-            return self.real(packed)
+            return self.real(packed, *rest)
 
         self.store._call_packed = counted  # type: ignore[method-assign]
 

@@ -22,9 +22,9 @@ class Commands:
         store = mem._rm.store
         real = store._call_packed
 
-        def counted(packed: bytes) -> Any:
+        def counted(packed: bytes, *rest: Any) -> Any:
             self.names.append(packed.split(b"\r\n")[2])
-            return real(packed)
+            return real(packed, *rest)
 
         store._call_packed = counted  # type: ignore[method-assign]
 

@@ -33,8 +33,11 @@ ARGV[6]  the number of operations; then, for each:
   args     how many arguments of its own follow, then those (see ops.py)
 
 Replies: {status, version stamp after, incarnation, result, version stamp
-before, the number of the operation refused ('' if none), per-operation
-results, what a delete removed...}, the 6th and 7th only for a batch. Status: ok, same (nothing to change),
+before, '1' if the call modified the hash (else ''), the number of the
+operation refused ('' if none), per-operation results, what a delete
+removed...}, the 7th and 8th only for a batch. A call that modified the hash
+reads it last, so the server tracks it still for a tracked connection,
+which gets exactly one invalidation of it, after this reply. Status: ok, same (nothing to change),
 dup, gone (memory or node replaced), stale (what it removes changed),
 missing, index, exists (setdefault), or corrupt with the key, the field (''
 for a key of another type) and why: malformed stored data, met before
@@ -80,8 +83,9 @@ local function mapped(n) return realid[n] or n end
 local nops                             -- how many operations the call carries
 -- A single operation's reply has no 'refused' and 'per-operation' slots.
 local function reply(status, result, failed, per_op, ...)
-  if nops == 1 then return {status, stamp_now, incarnation or '', result or '', before, ...} end
-  return {status, stamp_now, incarnation or '', result or '', before, failed or '', per_op or '', ...}
+  local changed = wrote and '1' or ''
+  if nops == 1 then return {status, stamp_now, incarnation or '', result or '', before, changed, ...} end
+  return {status, stamp_now, incarnation or '', result or '', before, changed, failed or '', per_op or '', ...}
 end
 
 -- Malformed stored data is answered with the key and field, for the client
@@ -607,7 +611,7 @@ end
 -- has none).
 local function refresh_ttl(keys, ttl)
   if ttl > 0 then
-    redis.call('PEXPIRE', keys[1], ttl)
+    if redis.call('PEXPIRE', keys[1], ttl) == 1 then wrote = true end
     redis.call('PEXPIRE', keys[2], ttl)
     for i = 3, #keys do
       local left = redis.call('PTTL', keys[i])
@@ -616,8 +620,11 @@ local function refresh_ttl(keys, ttl)
   end
 end
 
--- Applies the next operation of the call (its arguments start at pos):
--- nothing, or a reply refusing it.
+-- A write ends the server's tracking of the hash for the caller's
+-- connection (CLIENT TRACKING, see tracking.py): a read as the last step
+-- tracks it again, so a tracked replica learns of the next writer's change.
+local function keep_tracked() redis.call('HGET', K, 'v') end
+
 -- The checks and the change of the operation whose own arguments start
 -- at pos: nothing and its result ('=' if it changed nothing), or a reply
 -- refusing it.
@@ -749,13 +756,13 @@ local function apply(KEYS, ARGV)
     if refused then
       if nops == 1 then return refused end
       if refused[1] ~= 'exists' then
-        refused[6] = fmt(i)
+        refused[7] = fmt(i)
         return refused
       end
       -- A setdefault that found its key: the rest goes on; the node there, if
       -- one, with its birth (for what the client made on the default).
-      local there = refused[8] and is_ref(refused[8]) and string.sub(refused[8], 2)
-      results[i] = there and ('x' .. there .. '/' .. (refused[9] or '')) or 'x'
+      local there = refused[9] and is_ref(refused[9]) and string.sub(refused[9], 2)
+      results[i] = there and ('x' .. there .. '/' .. (refused[10] or '')) or 'x'
     else
       results[i] = result
     end
@@ -769,6 +776,7 @@ local function apply(KEYS, ARGV)
   local ttl = tonumber(ARGV[3])
   if changes == 0 then
     refresh_ttl(KEYS, ttl)
+    keep_tracked()
     return reply('same', '', '', nops > 1 and table.concat(results, ' ') or '')
   end
   version = version + 1
@@ -798,7 +806,7 @@ local function apply(KEYS, ARGV)
     local W = KEYS[2]
     redis.call('ZADD', W, now, writer)
     for _, old in ipairs(redis.call('ZRANGEBYSCORE', W, '-inf', now - @RETENTION@, 'LIMIT', 0, 16)) do
-      redis.call('HDEL', K, 'w' .. old)
+      if redis.call('HDEL', K, 'w' .. old) > 0 then wrote = true end
       redis.call('ZREM', W, old)
     end
   end
@@ -816,6 +824,7 @@ local function apply(KEYS, ARGV)
   if #lines == 1 then lines = lines[1] else lines = table.concat(lines, '\n') end
   -- pcall: a user whose ACL forbids the channel still writes (without events).
   redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@', lines)
+  keep_tracked()
   if nops > 1 then return reply('ok', result, '', table.concat(results, ' ')) end
   return reply('ok', result, '', '', unpack(extra or {}))
 end

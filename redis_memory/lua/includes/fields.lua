@@ -23,11 +23,13 @@ local changes                -- every change made, counted (how an operation kno
 local dellist, deleting      -- fields that may need deleting, in order
 local setlist, setting       -- fields to write, in order
 local writes                 -- bookkeeping: field, value, ... for the final HSET
+local wrote                  -- whether the call modified the hash (the server then invalidates it once)
 
 local function begin(key)
   K = key
   cache, touched, ntouched, touched_set, changes = {}, {}, 0, {}, 0
   dellist, deleting, setlist, setting, writes = nil, nil, {}, {}, {}  -- dellist made by the first hdel
+  wrote = false
 end
 
 local function fmt(n) return string.format('%d', n) end
@@ -86,7 +88,7 @@ local function flush()
       if cache[f] == false then dels[#dels + 1] = f end
     end
     for start = 1, #dels, 1000 do
-      redis.call('HDEL', K, unpack(dels, start, math.min(start + 999, #dels)))
+      if redis.call('HDEL', K, unpack(dels, start, math.min(start + 999, #dels))) > 0 then wrote = true end
     end
   end
   for _, f in ipairs(setlist) do
@@ -94,6 +96,7 @@ local function flush()
   end
   for start = 1, #writes, 1000 do
     redis.call('HSET', K, unpack(writes, start, math.min(start + 999, #writes)))
+    wrote = true
   end
 end
 

@@ -1,0 +1,174 @@
+"""Server-assisted invalidation (``tracking=True``): when a replica may be served without a round trip.
+
+A tracked memory talks to Redis over a connection of its own kind: RESP3,
+with ``CLIENT TRACKING ON``. The server then remembers every key a command
+on that connection read (the version check, the sync and apply functions
+all read the memory's hash), and when the key changes it pushes an
+``invalidate`` message down this very connection. The messages ride the
+connection the replies come on, so no thread listens: before serving a read
+without asking the server, the reader looks at what the socket holds (one
+``poll``), and applies every invalidation that has arrived.
+
+A replica keeps a *mark* (:meth:`Tracker.mark`): the connection's epoch, how
+many times the server said "everything changed", and how many invalidations
+its key has had. The mark is taken *before* the round trip that made the
+replica exact, so an invalidation that crosses that round trip voids it. A
+read serves the replica without a round trip only if its mark is still the
+current one. Whatever could make the server's copy differ without a
+message voids every mark, because the epoch moves: the connection was
+(re)opened (the server forgot what it tracked), or closed.
+
+This process's own writes are invalidated too (NOLOOP is not used: with it,
+the server also drops the invalidations of keys it evicts from its tracking
+table, or from memory, while it runs this connection's command). An apply
+call reads the hash before its first write, so the server tracks it then,
+and the write sends exactly one invalidation, *after* the call's reply
+(Redis 7.0 and Valkey defer a connection's own invalidations so). The
+reply says whether the call modified the hash; if no other invalidation of
+the key came before that reply, the next one is this call's own and is
+expected (:meth:`Tracker.expect`), not counted. In every other case an own
+write counts as any other, which only costs a version check. The call reads
+the hash once more as its last step, so the server tracks it still.
+
+The window in which a read can miss another process's completed write is
+the time the invalidation takes from the server to this socket: the server
+queues it when it applies the write, before the writer has its reply. See
+docs/design.md for what was measured.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import Any
+
+import redis
+
+#: A replica's mark: (epoch, flushes, invalidations of its key).
+Mark = tuple[int, int, int]
+#: How many keys' invalidation counts are kept; beyond it they are forgotten and every mark voided.
+MAX_COUNTED_KEYS = 50_000
+
+
+class Tracker:
+    """The invalidations one tracked connection has received, as marks replicas compare against.
+
+    Changed only by the thread that holds the channel's lock (it reads the
+    socket); read by any thread (a mark is one tuple, built under the GIL).
+    """
+
+    def __init__(self) -> None:
+        #: Whether the server tracks for this connection (None: not asked yet; False: it cannot).
+        self.enabled: bool | None = None
+        self.epoch = 0
+        self.flushes = 0
+        self.counts: dict[bytes, int] = {}
+        #: Invalidations still to come of this process's own writes, by key: not counted.
+        self.expected: dict[bytes, int] = {}
+        #: How many invalidation messages arrived (for tests and the benchmark).
+        self.received = 0
+
+    def mark(self, key: bytes) -> Mark:
+        return (self.epoch, self.flushes, self.counts.get(key, 0))
+
+    def reset(self) -> None:
+        """The connection was (re)opened, or its tracking is in doubt: every mark is void."""
+        self.epoch += 1
+        self.counts.clear()
+        self.expected.clear()
+
+    def changed(self, key: bytes) -> None:
+        """``key`` changed (an invalidation, or this process's own write): its marks are void."""
+        counts = self.counts
+        if len(counts) >= MAX_COUNTED_KEYS and key not in counts:
+            self.flushes += 1
+            counts.clear()
+        counts[key] = counts.get(key, 0) + 1
+
+    def expect(self, key: bytes) -> None:
+        """An own write's reply was just read, and said it modified ``key``: its invalidation comes next."""
+        self.expected[key] = self.expected.get(key, 0) + 1
+
+    def wrote(self, key: bytes, before: Mark) -> Mark | None:
+        """This process wrote ``key`` over the tracked connection, ``before`` being the mark taken first.
+
+        The mark a replica made exact by that write may keep: None if anything
+        else changed the key meanwhile (then the next read checks the version).
+        """
+        unchanged = self.mark(key) == before
+        self.changed(key)
+        return self.mark(key) if unchanged else None
+
+    def push(self, message: list[Any]) -> None:
+        """One RESP3 push from the server: an invalidation is applied, anything else ignored."""
+        if not message or message[0] != b"invalidate":
+            return
+        self.received += 1
+        keys = message[1] if len(message) > 1 else None
+        if keys is None:  # FLUSHALL, FLUSHDB, or the server's tracking table was flushed
+            self.flushes += 1
+            self.counts.clear()
+            return
+        expected = self.expected
+        for key in keys:
+            pending = expected.get(key)
+            if pending:  # this process's own write, whose reply came first
+                if pending == 1:
+                    del expected[key]
+                else:
+                    expected[key] = pending - 1
+                continue
+            self.changed(key)
+
+
+class SocketReader:
+    """Buffered reads from a socket, knowing whether anything is waiting (see :meth:`pending`).
+
+    The same ``readline`` and ``read`` the reply parser uses on a file, with
+    ``on_push`` called for every RESP3 push met before a reply.
+    """
+
+    __slots__ = ("buffer", "on_push", "poller", "position", "sock")
+
+    def __init__(self, sock: socket.socket, on_push: Any) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.position = 0
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.on_push = on_push
+
+    def _fill(self) -> None:
+        if self.position:
+            del self.buffer[: self.position]
+            self.position = 0
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise redis.ConnectionError("connection closed by the server")
+        self.buffer += chunk
+
+    def readline(self) -> bytes:
+        buffer = self.buffer
+        end = buffer.find(b"\n", self.position)
+        while end < 0:
+            searched = len(buffer) - self.position
+            self._fill()
+            end = buffer.find(b"\n", searched)
+        line = bytes(buffer[self.position : end + 1])
+        self.position = end + 1
+        return line
+
+    def read(self, size: int) -> bytes:
+        while len(self.buffer) - self.position < size:
+            self._fill()
+        data = bytes(self.buffer[self.position : self.position + size])
+        self.position += size
+        return data
+
+    def pending(self) -> bool:
+        """Whether bytes are waiting: in the buffer, or on the socket (a poll that does not wait)."""
+        return self.position < len(self.buffer) or bool(self.poller.poll(0))
+
+    def close(self) -> None:
+        self.buffer.clear()
+        self.position = 0
