@@ -80,6 +80,8 @@ def escape_id(identifier: str) -> str:
     """Percent-encode everything but ``[A-Za-z0-9-_.~]``: injective, no ``{}:*`` left."""
     if not isinstance(identifier, str) or not identifier:
         raise ValueError(f"a memory id must be a non-empty str, not {identifier!r}")
+    if identifier.isascii() and _SAFE.issuperset(identifier.encode()):
+        return identifier  # nothing to encode (a memory built per request pays only this check)
     return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in identifier.encode("utf-8"))
 
 
