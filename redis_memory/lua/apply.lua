@@ -620,6 +620,38 @@ local function refresh_ttl(keys, ttl)
   end
 end
 
+-- The bookkeeping every applied call writes, in one format for the general
+-- path and the fast ones below.
+-- The journal entry: the stamp, then '<length>:<field>' for each field
+-- changed, or '*' for more than TOUCH_LIMIT of them.
+local function journal_entry(stamp, fields, count)
+  if count > TOUCH_LIMIT then return stamp .. ' *' end
+  local parts = {stamp, ' '}
+  for i = 1, count do
+    local f = fields[i]
+    parts[#parts + 1] = #f
+    parts[#parts + 1] = ':'
+    parts[#parts + 1] = f
+  end
+  return table.concat(parts)
+end
+
+-- The server's clock in ms, as the activity times hold it.
+local function clock_ms(clock)
+  return string.format('%s%03d', clock[1], math.floor(tonumber(clock[2]) / 1000))
+end
+
+-- What a change event says of one operation (see feed.py): the writer, the
+-- op, its node, the incarnation, then the list index, item count and trim.
+local function event_of(name, n, index, count, trim)
+  return table.concat({writer, name, n, incarnation, index, count, trim}, ' ')
+end
+
+-- pcall: a user whose ACL forbids the channel still writes (without events).
+local function publish(command, lines)
+  redis.pcall(command == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@', lines)
+end
+
 -- A write ends the server's tracking of the hash for the caller's
 -- connection (CLIENT TRACKING, see tracking.py): a read as the last step
 -- tracks it again, so a tracked replica learns of the next writer's change.
@@ -662,7 +694,7 @@ local function run_op(birth, events)
     for _, k in ipairs(event_keys) do parts[#parts + 1] = #k .. ':' .. k end
     keys = table.concat(parts, ' ')
   end
-  events[#events + 1] = table.concat({writer, op, nid, incarnation, event_index, event_count, event_trim}, ' ')
+  events[#events + 1] = event_of(op, nid, event_index, event_count, event_trim)
   events[#events + 1] = keys
   return nil, op_first and fmt(op_first) or '-'
 end
@@ -690,6 +722,109 @@ local function apply_one(events, applied)
   if seq > applied then refused, result = run_op(birth, events) end
   pos = args_end
   return refused, result
+end
+
+-- Fast paths: the commonest single operations, with none of the general
+-- path's caches, plans and walks. Each checks that the call is its case
+-- and returns nil if not, having written nothing: the general path then
+-- runs (and answers whatever refusal applies). What they write is what the
+-- general path writes for the same call, field for field.
+--
+-- ARGV of a single operation: [7] seq, [8] token, [9] name, [10] nid, [11]
+-- birth, [12] ids given (0 here), [13] plan count (0 here), [14] the op's
+-- own argument count, then those.
+
+-- Writes one applied operation's changes: 'fields' (field, value, ...) of
+-- which the first 'count' names are journaled, the header of node n, then
+-- the bookkeeping, the expiry, the event and the reply.
+local function fast_commit(KEYS, ARGV, fields, journaled, count, n, header, clock, wstamp, result, event, keys)
+  version = version + 1
+  stamp_now = fmt(version) .. ' ' .. ARGV[8]
+  local hf = hfield(n)
+  journaled[count + 1] = hf
+  local now_ms = clock_ms(clock)
+  local i = #fields
+  fields[i + 1], fields[i + 2] = hf, header
+  fields[i + 3], fields[i + 4] = 'v', stamp_now
+  fields[i + 5], fields[i + 6] = 'j' .. fmt(version % JOURNAL_SIZE), journal_entry(stamp_now, journaled, count + 1)
+  fields[i + 7], fields[i + 8] = 'ta', now_ms
+  fields[i + 9], fields[i + 10] = 'w' .. writer, fmt(tonumber(ARGV[7])) .. ' ' .. fmt(wstamp) .. ' ' .. result
+  if result ~= '' then fields[i + 11], fields[i + 12] = 'c', fmt(counter) end
+  redis.call('HSET', K, unpack(fields))
+  wrote = true
+  refresh_ttl(KEYS, tonumber(ARGV[3]))
+  local author = ARGV[4]
+  publish(ARGV[5], fmt(version) .. ' ' .. now_ms .. ' ' .. event .. ' ' .. #author .. ':' .. author .. keys)
+  keep_tracked()
+  return {'ok', stamp_now, incarnation, result, before, '1'}
+end
+
+-- A node header: kind, its two numbers, its change count, its birth ('' for none).
+local function header_parts(raw, kind)
+  local a, b, c, rest = string.match(raw, '^' .. kind .. ' (%-?%d+) (%-?%d+) (%-?%d+)(.*)$')
+  if not a then return nil end
+  local birth = ''
+  if rest ~= '' then
+    birth = string.match(rest, '^ (%S*)$')
+    if not birth then return nil end
+  end
+  return tonumber(a), tonumber(b), tonumber(c), birth
+end
+
+-- An append of scalars and dicts stored whole to a list, that trims nothing.
+local function fast_append(KEYS, ARGV, raw_header, clock, wstamp)
+  if ARGV[9] ~= 'lappend' or ARGV[12] ~= '0' or ARGV[13] ~= '0' or not raw_header then return nil end
+  local n, count, keep = ARGV[10], tonumber(ARGV[15]), tonumber(ARGV[16])
+  local a, b, c, birth = header_parts(raw_header, 'l')
+  if not a or b < a or (n ~= '0' and birth ~= ARGV[11]) or not count or count < 1 then return nil end
+  if keep ~= 0 and (not keep or b - a + count > keep) then return nil end
+  if 16 + 2 * count ~= 14 + tonumber(ARGV[14]) then return nil end
+  local fields, journaled, first, next_id = {}, {}, nil, counter
+  for k = 1, count do
+    local t, value = ARGV[15 + 2 * k], ARGV[16 + 2 * k]
+    if t == 'f' then
+      if not next_id then return nil end
+      next_id = next_id + 1
+      -- An id in use means the counter went back (damaged): the general path says so.
+      if redis.call('HEXISTS', K, hfield(fmt(next_id))) == 1 then return nil end
+      first = first or next_id
+      value = string.char(REF) .. fmt(next_id) .. '=' .. value
+    elseif t ~= 's' then
+      return nil
+    end
+    local f = efield(n, fmt(b + k - 1))
+    fields[2 * k - 1], fields[2 * k] = f, value
+    journaled[k] = f
+  end
+  counter = next_id
+  local header = 'l ' .. fmt(a) .. ' ' .. fmt(b + count) .. ' ' .. fmt(c + 1) .. (birth ~= '' and ' ' .. birth or '')
+  local event = event_of('lappend', n, fmt(b - a), fmt(count), '0')
+  return fast_commit(KEYS, ARGV, fields, journaled, count, n, header, clock, wstamp, first and fmt(first) or '', event, '')
+end
+
+-- A scalar set of one root key whose value, if any, is a scalar.
+local function fast_set(KEYS, ARGV, raw_header, clock, wstamp)
+  if ARGV[9] ~= 'dset' or ARGV[10] ~= '0' or ARGV[12] ~= '0' or ARGV[13] ~= '0' or not raw_header then return nil end
+  if ARGV[14] ~= '4' or ARGV[15] ~= '1' or ARGV[17] ~= 's' then return nil end
+  local a, b, c, birth = header_parts(raw_header, 'd')
+  if not a then return nil end
+  local key, value = ARGV[16], ARGV[18]
+  local f = efield('0', key)
+  local raw = redis.call('HGET', K, f)
+  local s
+  if raw then
+    local seq_part, payload = string.match(raw, '^(%d+):(.*)$')
+    -- A container there is dropped, a corrupt entry placed anew: the general path.
+    if not seq_part or string.byte(payload, 1) == REF then return nil end
+    if payload == value then return nil end  -- nothing changes: the general path answers 'same'
+    s = seq_part
+  else
+    s = fmt(b); b = b + 1; a = a + 1
+  end
+  local header = 'd ' .. fmt(a) .. ' ' .. fmt(b) .. ' ' .. fmt(c + 1) .. (birth ~= '' and ' ' .. birth or '')
+  local event = event_of('dset', '0', '', '', '')
+  return fast_commit(KEYS, ARGV, {f, s .. ':' .. value}, {f}, 1, '0', header, clock, wstamp, '', event,
+    ' ' .. #key .. ':' .. key)
 end
 
 local function apply(KEYS, ARGV)
@@ -750,6 +885,11 @@ local function apply(KEYS, ARGV)
     end
   end
 
+  if nops == 1 and not creating and not index_due then
+    local fast = fast_append(KEYS, ARGV, meta[5], clock, stamp) or fast_set(KEYS, ARGV, meta[5], clock, stamp)
+    if fast then return fast end
+  end
+
   local events, results, last_token = {}, {}, first_token
   for i = 1, nops do
     local refused, result = apply_one(events, applied)
@@ -781,22 +921,11 @@ local function apply(KEYS, ARGV)
   end
   version = version + 1
   stamp_now = fmt(version) .. ' ' .. last_token
-  -- The journal entry: the stamp, then '<length>:<field>' for each field changed.
-  local parts = {stamp_now, ' *'}
-  if ntouched <= TOUCH_LIMIT then
-    parts[2] = ' '
-    for i = 1, ntouched do
-      local f = touched[i]
-      parts[#parts + 1] = #f
-      parts[#parts + 1] = ':'
-      parts[#parts + 1] = f
-    end
-  end
   local result = first_nid and fmt(first_nid) or ''
   note('v', stamp_now)
-  note(string.format('j%d', version % JOURNAL_SIZE), table.concat(parts))
+  note('j' .. fmt(version % JOURNAL_SIZE), journal_entry(stamp_now, touched, ntouched))
   -- Activity times, in ms: of this write, and of the one that created the memory.
-  local now_ms = string.format('%s%03d', clock[1], math.floor(tonumber(clock[2]) / 1000))
+  local now_ms = clock_ms(clock)
   note('ta', now_ms)
   if creating then note('tc', now_ms) end
   -- The writer index is touched once a minute per writer; each time, a few
@@ -822,8 +951,7 @@ local function apply(KEYS, ARGV)
   local lines = {}
   for i = 1, #events, 2 do lines[#lines + 1] = head .. events[i] .. tail .. events[i + 1] end
   if #lines == 1 then lines = lines[1] else lines = table.concat(lines, '\n') end
-  -- pcall: a user whose ACL forbids the channel still writes (without events).
-  redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@', lines)
+  publish(ARGV[5], lines)
   keep_tracked()
   if nops > 1 then return reply('ok', result, '', table.concat(results, ' ')) end
   return reply('ok', result, '', '', unpack(extra or {}))
