@@ -1158,6 +1158,9 @@ class Memory:
             store.replicas = replicas
             core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=driver is None)
             core.catalog = self._rm_catalog(redis_client, prefix)
+            if core.catalog is not None:
+                # Its listing speaks over its own channel, which closes with it (a tracked one included).
+                core.catalog.channel = store.channel
             core.driver = driver
             return core
 

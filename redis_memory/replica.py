@@ -25,7 +25,7 @@ from . import codec, ops
 from .errors import CorruptData
 from .proxies import ObservedDict, ObservedList, ObservedSet, plain
 from .store import HEADER, REF, version_number
-from .tracking import Mark
+from .tracking import Seen
 
 if TYPE_CHECKING:
     from .memory import MemoryCore
@@ -84,7 +84,7 @@ class Replica:
         # only a full load makes the replica exact again.
         self.speculative = False
         #: The tracking mark taken when it was last made exact (tracking.py); None: check the version.
-        self.seen: Mark | None = None
+        self.seen: Seen | None = None
         #: How many full loads it had: a batch whose view a load replaced is not exact.
         self.loads = 0
         self.root = ObservedDict(core, b"0")

@@ -56,7 +56,7 @@ import redis
 from .connection import MISSING_FUNCTION, Channel, Client, channel, resp_args, resp_command
 from .errors import ConnectionFailed, CorruptData, NotReplicated, ServerRefused
 from .ops import Args, Plan
-from .tracking import Mark, Tracker
+from .tracking import Seen, Tracker
 
 REF = 0xC1
 #: A node header (see above); the apply script's read_header follows the same rule.
@@ -259,7 +259,7 @@ class Store:
         self.tracker: Tracker | None = getattr(self.channel, "tracker", None)
         self._key_bytes = key.encode()
         #: After a write: the mark a replica made exact by it may keep (None: check the version).
-        self.written: Mark | None = None
+        self.written: Seen | None = None
         #: The start of each command's FCALL, by command and keys.
         self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}
         #: The first arguments of an apply call (writer, incarnation, expiry, author, count), packed.
@@ -271,21 +271,18 @@ class Store:
     def _call(self, *args: Any) -> Any:
         return self._call_packed(resp_command(args))
 
-    def mark(self) -> Mark | None:
+    def mark(self) -> Seen | None:
         """The tracking mark to keep for a replica about to be made exact (None if not tracked)."""
         return None if self.tracker is None else self.tracker.mark(self._key_bytes)
 
-    def vouches(self, seen: Mark | None) -> bool:
+    def vouches(self, seen: Seen | None) -> bool:
         """Whether the server has sent no invalidation of this key since mark ``seen`` was taken.
 
         Looks at what the connection holds first (no round trip): see tracking.py.
         """
         tracker = self.tracker
-        return (
-            seen is not None
-            and tracker is not None
-            and self.channel.caught_up()
-            and tracker.mark(self._key_bytes) == seen
+        return seen is not None and tracker is not None and self.channel.caught_up() and tracker.trusted(
+            self._key_bytes, seen
         )
 
     def _changed(self) -> None:
@@ -387,8 +384,8 @@ class Store:
             def on_first(reply: object) -> None:
                 # Read before anything after it: if the call modified the hash and
                 # no other invalidation of it came first, the next one is its own.
-                if isinstance(reply, list) and len(reply) > 5 and reply[5] == b"1" and tracker.mark(key) == before:
-                    tracker.expect(key)
+                if isinstance(reply, list) and len(reply) > 5 and reply[5] == b"1":
+                    tracker.expect(key, before)
 
         try:
             raw = self._fcall("apply", self.keys + self.companions, [], packed_tail, wait, on_first)

@@ -14,9 +14,11 @@ many times the server said "everything changed", and how many invalidations
 its key has had. The mark is taken *before* the round trip that made the
 replica exact, so an invalidation that crosses that round trip voids it. A
 read serves the replica without a round trip only if its mark is still the
-current one. Whatever could make the server's copy differ without a
-message voids every mark, because the epoch moves: the connection was
-(re)opened (the server forgot what it tracked), or closed.
+current one, and for :data:`TRUST_SECONDS` at most. A (re)opened or closed
+connection moves the epoch, which voids every mark (the server forgot what
+it tracked); the age limit bounds what sends no message at all (a
+partition that drops everything, SWAPDB, a key past its expiry that the
+server has not deleted yet).
 
 This process's own writes are invalidated too (NOLOOP is not used: with it,
 the server also drops the invalidations of keys it evicts from its tracking
@@ -40,24 +42,35 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
+import time
 from typing import Any
 
 import redis
 
 #: A replica's mark: (epoch, flushes, invalidations of its key).
 Mark = tuple[int, int, int]
+#: What a replica keeps: its mark, and when it was taken (time.monotonic()).
+Seen = tuple[Mark, float]
 #: How many keys' invalidation counts are kept; beyond it they are forgotten and every mark voided.
 MAX_COUNTED_KEYS = 50_000
+#: How long a mark is trusted (seconds): after it, a read checks the version once more. What
+#: sends no invalidation (a partition that drops everything without closing the connection,
+#: SWAPDB, a key past its expiry that the server has not deleted yet) is seen within it.
+TRUST_SECONDS = 1.0
 
 
 class Tracker:
     """The invalidations one tracked connection has received, as marks replicas compare against.
 
-    Changed only by the thread that holds the channel's lock (it reads the
-    socket); read by any thread (a mark is one tuple, built under the GIL).
+    Pushes are read by the thread that holds the channel's lock; a writer
+    settles its own write after releasing it. So every change and every mark
+    is made under the tracker's own lock: a mark is never built halfway
+    through another thread's change.
     """
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         #: Whether the server tracks for this connection (None: not asked yet; False: it cannot).
         self.enabled: bool | None = None
         self.epoch = 0
@@ -68,57 +81,80 @@ class Tracker:
         #: How many invalidation messages arrived (for tests and the benchmark).
         self.received = 0
 
-    def mark(self, key: bytes) -> Mark:
-        return (self.epoch, self.flushes, self.counts.get(key, 0))
+    def mark(self, key: bytes) -> Seen:
+        with self.lock:
+            return (self.epoch, self.flushes, self.counts.get(key, 0)), time.monotonic()
+
+    def trusted(self, key: bytes, seen: Seen) -> bool:
+        """Whether ``seen`` is still the current mark of ``key``, and younger than :data:`TRUST_SECONDS`."""
+        mark, taken = seen
+        with self.lock:
+            current = (self.epoch, self.flushes, self.counts.get(key, 0))
+        return current == mark and time.monotonic() - taken < TRUST_SECONDS
 
     def reset(self) -> None:
         """The connection was (re)opened, or its tracking is in doubt: every mark is void."""
-        self.epoch += 1
-        self.counts.clear()
-        self.expected.clear()
+        with self.lock:
+            self.epoch += 1
+            self.counts.clear()
+            self.expected.clear()
 
     def changed(self, key: bytes) -> None:
         """``key`` changed (an invalidation, or this process's own write): its marks are void."""
+        with self.lock:
+            self._changed(key)
+
+    def _changed(self, key: bytes) -> None:
         counts = self.counts
         if len(counts) >= MAX_COUNTED_KEYS and key not in counts:
             self.flushes += 1
             counts.clear()
         counts[key] = counts.get(key, 0) + 1
 
-    def expect(self, key: bytes) -> None:
-        """An own write's reply was just read, and said it modified ``key``: its invalidation comes next."""
-        self.expected[key] = self.expected.get(key, 0) + 1
+    def expect(self, key: bytes, before: Seen) -> None:
+        """An own write's reply was just read and said it modified ``key``: its invalidation comes next.
 
-    def wrote(self, key: bytes, before: Mark) -> Mark | None:
+        Only if nothing changed the key since mark ``before`` was taken (else
+        the invalidation counts like any other, which costs a version check).
+        """
+        with self.lock:
+            if (self.epoch, self.flushes, self.counts.get(key, 0)) == before[0]:
+                self.expected[key] = self.expected.get(key, 0) + 1
+
+    def wrote(self, key: bytes, before: Seen) -> Seen | None:
         """This process wrote ``key`` over the tracked connection, ``before`` being the mark taken first.
 
         The mark a replica made exact by that write may keep: None if anything
         else changed the key meanwhile (then the next read checks the version).
+        Other memories of the process on the key see the write as a change.
         """
-        unchanged = self.mark(key) == before
-        self.changed(key)
-        return self.mark(key) if unchanged else None
+        with self.lock:
+            unchanged = (self.epoch, self.flushes, self.counts.get(key, 0)) == before[0]
+            self._changed(key)
+            # Taken when the round trip began, as every mark is.
+            return ((self.epoch, self.flushes, self.counts.get(key, 0)), before[1]) if unchanged else None
 
     def push(self, message: list[Any]) -> None:
         """One RESP3 push from the server: an invalidation is applied, anything else ignored."""
-        if not message or message[0] != b"invalidate":
-            return
-        self.received += 1
-        keys = message[1] if len(message) > 1 else None
-        if keys is None:  # FLUSHALL, FLUSHDB, or the server's tracking table was flushed
-            self.flushes += 1
-            self.counts.clear()
-            return
-        expected = self.expected
-        for key in keys:
-            pending = expected.get(key)
-            if pending:  # this process's own write, whose reply came first
-                if pending == 1:
-                    del expected[key]
-                else:
-                    expected[key] = pending - 1
-                continue
-            self.changed(key)
+        with self.lock:
+            if not message or message[0] != b"invalidate":
+                return
+            self.received += 1
+            keys = message[1] if len(message) > 1 else None
+            if keys is None:  # FLUSHALL, FLUSHDB, or the server's tracking table was flushed
+                self.flushes += 1
+                self.counts.clear()
+                return
+            expected = self.expected
+            for key in keys:
+                pending = expected.get(key)
+                if pending:  # this process's own write, whose reply came first
+                    if pending == 1:
+                        del expected[key]
+                    else:
+                        expected[key] = pending - 1
+                    continue
+                self._changed(key)
 
 
 class SocketReader:

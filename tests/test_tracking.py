@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import select
+import threading
 import time
 from typing import Any
 
@@ -302,3 +303,109 @@ def test_a_forked_child_reads_fresh_with_tracking(client: Any, other_client: Any
     if tracks(mem, backend):
         wait_for_invalidation(mem)
     assert mem.n == 5
+
+
+def test_an_invalidation_taken_in_by_another_thread_during_a_write_is_not_lost(
+    client: Any, other_client: Any, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two cores on one tracked connection. While the writer's thread settles
+    # its write, another process writes and a reader's thread takes that
+    # invalidation in: the writer's replica must not keep a mark that hides it.
+    from redis_memory import tracking
+
+    writer = Memory("t13", client=client, tracking=True, author="writer")
+    reader = Memory("t13", client=client, tracking=True, author="reader")
+    other = Memory("t13", client=other_client)
+    writer.x = 0
+    warm(writer, "x")
+    warm(reader, "x")
+    original, slow = tracking.Tracker.changed, threading.Event()
+
+    def changed(self: Any, key: bytes) -> None:
+        original(self, key)
+        if threading.current_thread().name == "t13-writer" and slow.is_set():
+            time.sleep(0.5)  # a thread switch here, as the interpreter may make at any bytecode
+
+    monkeypatch.setattr(tracking.Tracker, "changed", changed)
+    slow.set()
+    thread = threading.Thread(target=lambda: setattr(writer, "x", 1), name="t13-writer")
+    thread.start()
+    time.sleep(0.15)  # the write has its reply; the writer's thread is settling it
+    other.z = "foreign"
+    time.sleep(0.1)  # its invalidation has reached the tracked connection
+    assert reader.z == "foreign"
+    thread.join()
+    slow.clear()
+    assert writer.z == "foreign"
+
+
+def test_closing_the_last_tracked_memory_closes_its_connections(servers: Any, backend: str, client: Any) -> None:
+    if backend not in TRACKING_BACKENDS:
+        pytest.skip("counted on a single real server")
+    pool = client.connection_pool
+    own = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class,
+                                                           **pool.connection_kwargs))  # fmt: skip
+    before = {entry["id"] for entry in client.client_list()}
+    mem = Memory("t14", client=own, tracking=True)
+    mem.x = 1
+    assert mem.x == 1
+    mem.close()
+    own.close()
+    deadline = time.monotonic() + 5
+    while True:
+        left = [(e["id"], e["cmd"]) for e in client.client_list() if e["id"] not in before]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == []
+
+
+def test_a_silent_link_is_not_trusted_past_the_trust_period(switch: Any, client: Any, backend: str) -> None:
+    # A partition that drops everything without closing: no invalidation can
+    # come. A tracked read trusts a quiet connection for a bounded time only,
+    # then checks the version, and so finds out that Redis is unreachable.
+    if backend not in TRACKING_BACKENDS:
+        pytest.skip("a partition of a tracked connection")
+    from redis_memory.tracking import TRUST_SECONDS
+
+    assert switch.proxy is not None
+    cut_client = redis.Redis.from_url(switch.proxy.url, socket_connect_timeout=1, socket_timeout=1)
+    mem = Memory("t15", client=cut_client, tracking=True)
+    mem.n = 0
+    warm(mem, "n")
+    switch.silence()
+    Memory("t15", client=client).n = 1
+    time.sleep(TRUST_SECONDS + 0.2)
+    assert mem.n == 0  # served as it is, offline: the replica of an unreachable memory
+    assert not mem.status().online
+    switch.silence(False)
+    deadline = time.monotonic() + 10
+    while mem.n != 1:
+        assert time.monotonic() < deadline, "the tracked memory never caught up after the partition"
+        time.sleep(0.05)
+    mem.close()
+
+
+def test_what_sends_no_invalidation_is_seen_within_the_trust_period(
+    client: Any, other_client: Any, backend: str
+) -> None:
+    # SWAPDB sends no invalidation: a tracked replica is trusted for a bounded time only.
+    if backend not in TRACKING_BACKENDS:
+        pytest.skip("SWAPDB on a single real server")
+    from redis_memory.tracking import TRUST_SECONDS
+
+    mem = Memory("t16", client=client, tracking=True)
+    mem.x = "db0"
+    warm(mem, "x")
+    pool = client.connection_pool
+    settings = {**pool.connection_kwargs, "db": 1}
+    elsewhere = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **settings))
+    elsewhere.flushdb()
+    Memory("t16", client=elsewhere).x = "db1"
+    other_client.swapdb(0, 1)
+    try:
+        time.sleep(TRUST_SECONDS + 0.1)
+        assert mem.x == "db1"
+    finally:
+        other_client.swapdb(0, 1)
+        elsewhere.flushdb()
