@@ -92,14 +92,14 @@ def plot_append(results: dict[str, list[Row]]) -> str:
     def to_y(v: float) -> float:
         return HEIGHT - BOTTOM - v / top * (HEIGHT - TOP - BOTTOM)
 
-    body = _y_axis(top, to_y, "time / raw redis-py HSET")
+    body = _y_axis(top, to_y, "time / raw redis-py RPUSH")
     for n in lengths:
         x = to_x(n)
         body.append(f'<text x="{x:.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="middle">{n:,}</text>')
     body.append(f'<text x="{(LEFT + WIDTH - RIGHT) / 2:.1f}" y="{HEIGHT - 18}" text-anchor="middle">'
                 "messages already in the list (log scale)</text>")  # fmt: skip
     legend = LEFT + (WIDTH - LEFT - RIGHT) + 16
-    lines = [("raw redis-py HSET (1x)", 1.0, "#555", "4 0"), ("target (2.5x)", 2.5, "#999", "6 4")]
+    lines = [("raw redis-py RPUSH (1x)", 1.0, "#555", "4 0"), ("target (2.5x)", 2.5, "#999", "6 4")]
     for n, (name, value, color, dash) in enumerate(lines):
         y = to_y(value)
         body.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" stroke="{color}" '

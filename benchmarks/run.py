@@ -463,8 +463,36 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     median_s, worst_s = offline_writes(target, url)
     rows.append((f"100 appends while Redis is down, in all (slowest of 7: {worst_s:.3f} s)", median_s, "< 1 s"))
     rows.extend(async_rows(url))
+    rows.append(small_memories(client))
     client.flushall()
     return rows
+
+
+def small_memories(client: redis.Redis, count: int = 10_000, size: int = 10) -> tuple[str, float, str]:
+    """Redis memory of ``count`` conversations of ``size`` messages, against the same messages as raw JSON lists.
+
+    Both measured as the growth of the server's used memory (INFO), so the
+    library's writer index and listing count too.
+    """
+    client.flushall()
+    messages = [message(i) for i in range(size)]
+    encoded = [json.dumps(m) for m in messages]
+
+    def used() -> int:
+        return int(client.info("memory")["used_memory"])
+
+    start = used()
+    pipe = client.pipeline(transaction=False)
+    for n in range(count):
+        pipe.rpush(f"raw-small-{n}", *encoded)
+    pipe.execute()
+    raw = used() - start
+    start = used()
+    for n in range(count):
+        ConversationMemory(f"small-{n}", client=client).messages = messages
+    lib = used() - start
+    label = f"Redis memory, {count:,} conversations x {size} messages ({lib:,} B vs {raw:,} B as raw JSON lists)"
+    return (label, lib / raw, "<= 1.3")
 
 
 WINDOW_SCRIPT = """
