@@ -168,36 +168,33 @@ class SocketReader:
 
     def __init__(self, sock: socket.socket, on_push: Any) -> None:
         self.sock = sock
-        self.buffer = bytearray()
+        self.buffer = b""  # bytes, not a bytearray: a line is then one slice, one copy
         self.position = 0
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
         self.on_push = on_push
 
     def _fill(self) -> None:
-        if self.position:
-            del self.buffer[: self.position]
-            self.position = 0
         chunk = self.sock.recv(65536)
         if not chunk:
             raise redis.ConnectionError("connection closed by the server")
-        self.buffer += chunk
+        self.buffer = self.buffer[self.position :] + chunk if self.position < len(self.buffer) else chunk
+        self.position = 0
 
     def readline(self) -> bytes:
-        buffer = self.buffer
-        end = buffer.find(b"\n", self.position)
+        end = self.buffer.find(b"\n", self.position)
         while end < 0:
-            searched = len(buffer) - self.position
+            searched = len(self.buffer) - self.position
             self._fill()
-            end = buffer.find(b"\n", searched)
-        line = bytes(buffer[self.position : end + 1])
+            end = self.buffer.find(b"\n", searched)
+        line = self.buffer[self.position : end + 1]
         self.position = end + 1
         return line
 
     def read(self, size: int) -> bytes:
         while len(self.buffer) - self.position < size:
             self._fill()
-        data = bytes(self.buffer[self.position : self.position + size])
+        data = self.buffer[self.position : self.position + size]
         self.position += size
         return data
 
@@ -206,5 +203,5 @@ class SocketReader:
         return self.position < len(self.buffer) or bool(self.poller.poll(0))
 
     def close(self) -> None:
-        self.buffer.clear()
+        self.buffer = b""
         self.position = 0
