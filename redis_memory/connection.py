@@ -261,6 +261,8 @@ class Channel:
             if self.router is not None:
                 return self.router.call_packed(packed, key, replies)
         found, resent = self.exchange(packed, replies, on_first)
+        if replies == 1 and not isinstance(found[0], redis.ResponseError):
+            return found[0]  # the common case, in the fewest steps
         if self.router is None and any(_moved(reply) for reply in found):
             # A cluster node after all (its INFO was refused, say, to an ACL user):
             # the node did not run the command, which goes where its slot lives.
@@ -322,9 +324,10 @@ class Channel:
                     found = [_response(conn)]
                     if on_first is not None:
                         on_first(found[0])
-                    found += [_response(conn) for _ in range(replies - 1)]
+                    if replies > 1:
+                        found += [_response(conn) for _ in range(replies - 1)]
                 else:
-                    sock = cast(socket.socket, conn._sock)
+                    sock: socket.socket = conn._sock  # type: ignore[assignment]  # a socket here (no cast: a call per command)
                     if bound is not None:
                         sock.settimeout(_least(conn.socket_timeout, bound))
                     sock.sendall(packed)
@@ -332,7 +335,8 @@ class Channel:
                     found = [read_reply(reader)]
                     if on_first is not None:
                         on_first(found[0])
-                    found += [read_reply(reader) for _ in range(replies - 1)]
+                    if replies > 1:
+                        found += [read_reply(reader) for _ in range(replies - 1)]
                     if bound is not None:
                         sock.settimeout(conn.socket_timeout)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
