@@ -209,3 +209,16 @@ def test_the_library_is_named_after_its_source() -> None:
     assert all(name == f"rm_{digest}_{command}" for command, name in names.items())
     assert source.count("local function begin(") == 1
     assert "@include" not in source and "@JOURNAL_SIZE@" not in source
+
+
+def test_one_append_of_thousands_of_items_lands_whole(client: redis.Redis, other_client: redis.Redis) -> None:
+    """An append of more items than Lua unpacks at once (about 8,000 values), by a writer that wrote a
+    moment before (so the apply function's fast path takes it), lands whole, scalars and dicts alike."""
+    mem = Memory("many", client=client)
+    mem.items = []
+    mem.items.extend(range(1, 4001))
+    mem.items.extend({"n": n} for n in range(4001))
+    fresh = Memory("many", client=other_client).items
+    assert fresh[:4000] == list(range(1, 4001))
+    assert fresh[4000:] == [{"n": n} for n in range(4001)]
+    assert mem.items == fresh

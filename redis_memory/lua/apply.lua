@@ -750,7 +750,10 @@ local function fast_commit(KEYS, ARGV, fields, journaled, count, n, header, cloc
   fields[i + 7], fields[i + 8] = 'ta', now_ms
   fields[i + 9], fields[i + 10] = 'w' .. writer, fmt(tonumber(ARGV[7])) .. ' ' .. fmt(wstamp) .. ' ' .. result
   if result ~= '' then fields[i + 11], fields[i + 12] = 'c', fmt(counter) end
-  redis.call('HSET', K, unpack(fields))
+  -- In chunks: Lua unpacks a few thousand values at most.
+  for start = 1, #fields, 1000 do
+    redis.call('HSET', K, unpack(fields, start, math.min(start + 999, #fields)))
+  end
   wrote = true
   refresh_ttl(KEYS, tonumber(ARGV[3]))
   local author = ARGV[4]
