@@ -306,3 +306,29 @@ def test_the_socket_audit_sees_a_blocking_call_on_the_loop(real_url: str, loop_s
 
     run(scenario)
     assert loop_socket_audit
+
+
+def test_a_tracked_async_memory_refreshes_without_a_round_trip_when_nothing_changed(client: redis.Redis) -> None:
+    """tracking=True passes through: an awaited refresh of unchanged data sends nothing; another's write shows."""
+
+    async def scenario() -> None:
+        async with AsyncConversationMemory("tracked-async", client=client, tracking=True) as conv:
+            await conv.append("messages", {"role": "user", "content": "hi"})
+            await conv.refresh()
+            await conv.refresh()
+            channel = await conv.run(lambda m: m._rm.store.channel)
+            tracked = await conv.run(lambda m: bool(m._rm.store.tracker and m._rm.store.tracker.enabled))
+            before = getattr(channel, "round_trips", 0)
+            for _ in range(10):
+                await conv.refresh()
+            if tracked:
+                assert channel.round_trips == before
+            ConversationMemory("tracked-async", client=client).messages.append({"role": "assistant", "content": "yo"})
+            deadline = asyncio.get_running_loop().time() + 5
+            while len(conv.messages) < 2:  # the invalidation arrives, the next refresh catches up
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+                await conv.refresh()
+            assert conv.messages[-1] == {"role": "assistant", "content": "yo"}
+
+    run(scenario)
