@@ -84,7 +84,9 @@ class MemoryMachine(RuleBasedStateMachine):
         super().__init__()
         MemoryMachine.runs += 1
         self.client.flushall()
-        self.mems = [Memory("sm", client=self.switch.client())] + [Memory("sm", client=self.client) for _ in range(2)]
+        # The third is tracked (tracking=True): it must show every change without checking the version.
+        self.mems = [Memory("sm", client=self.switch.client()), Memory("sm", client=self.client),
+                     Memory("sm", client=self.client, tracking=True)]  # fmt: skip
         self.model: dict[str, Any] = {}
         self.before_cut: dict[str, Any] | None = None
         self.snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None
@@ -379,7 +381,7 @@ def start_seeded_writers(url: str, seeds: list[int]) -> tuple[list[Connection], 
 def test_random_mutations_match_a_plain_model(
     client: redis.Redis, switch: Switch, servers: dict[str, Any], backend: str
 ) -> None:
-    """Three memories on one id, driven through random mutations at random
+    """Three memories on one id (the third tracked), driven through random mutations at random
     depths, always equal a plain Python model, and their replicas equal a
     fresh load down to node ids, births and counters. The first memory goes
     offline and comes back at random; its queued changes replay to the same
