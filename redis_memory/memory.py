@@ -258,9 +258,11 @@ class MemoryCore:
                     error = ConnectionFailed("Redis is unreachable")
                 raise queue.kept(error)  # a copy: the kept one, raised, would get a traceback holding this memory
             exact = replica.loaded and not replica.speculative
-            if exact and store.vouches(replica.seen):
-                return
-            mark = store.mark()  # before the round trip: an invalidation crossing it voids the mark
+            mark = None
+            if store.tracker is not None:  # an untracked memory pays nothing here
+                if exact and store.vouches(replica.seen):
+                    return
+                mark = store.mark()  # before the round trip: an invalidation crossing it voids the mark
             if exact:
                 stamp, incarnation = store.version()
                 if stamp == replica.stamp and incarnation == replica.incarnation:
