@@ -724,113 +724,146 @@ local function apply_one(events, applied)
   return refused, result
 end
 
--- Fast paths: the commonest single operations, with none of the general
--- path's caches, plans and walks. Each checks that the call is its case
--- and returns nil if not, having written nothing: the general path then
--- runs (and answers whatever refusal applies). What they write is what the
--- general path writes for the same call, field for field.
+-- Fast paths: the commonest single operations (an append of scalars and
+-- dicts stored whole that trims nothing, and a scalar set of a root key),
+-- run before any of the general path's state is set up: none of its
+-- caches, plans, tables or walks, and as few string operations as the
+-- bookkeeping allows (each costs about as much as a Redis command here).
+-- Each checks that the call is its case, on a memory that exists, from a
+-- writer indexed within the minute, and returns nil if not, having written
+-- nothing: the general path then runs (and answers whatever refusal or
+-- corruption applies). What they write and publish is what the general
+-- path writes and publishes for the same call, field for field (a test
+-- compares the two).
 --
 -- ARGV of a single operation: [7] seq, [8] token, [9] name, [10] nid, [11]
--- birth, [12] ids given (0 here), [13] plan count (0 here), [14] the op's
--- own argument count, then those.
+-- birth, [12] ids given ('0' here), [13] plan count ('0' here), [14] the
+-- op's own argument count, then those.
+local REF_CHAR = '\193'  -- string.char(REF): a library's top level has no string library
+local LIST_HEADER = '^l (%-?%d+) (%-?%d+) (%d+) (%S+)$'
+local DICT_HEADER = '^d (%d+) (%d+) (%d+)$'
 
--- Writes one applied operation's changes: 'fields' (field, value, ...) of
--- which the first 'count' names are journaled, the header of node n, then
--- the bookkeeping, the expiry, the event and the reply.
-local function fast_commit(KEYS, ARGV, fields, journaled, count, n, header, clock, wstamp, result, event, keys)
+-- Writes the fields of an applied operation (field, value, ...), its
+-- node's header and the bookkeeping, then the expiry, the event and the
+-- reply. 'journal' is the journal entry's list of fields, without the
+-- stamp in front; 'event' and 'keys' are the change event's parts before
+-- and after the author.
+local function fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal, header, result, event, keys)
   version = version + 1
-  stamp_now = fmt(version) .. ' ' .. ARGV[8]
-  local hf = hfield(n)
-  journaled[count + 1] = hf
-  local now_ms = clock_ms(clock)
-  local i = #fields
-  fields[i + 1], fields[i + 2] = hf, header
-  fields[i + 3], fields[i + 4] = 'v', stamp_now
-  fields[i + 5], fields[i + 6] = 'j' .. fmt(version % JOURNAL_SIZE), journal_entry(stamp_now, journaled, count + 1)
-  fields[i + 7], fields[i + 8] = 'ta', now_ms
-  fields[i + 9], fields[i + 10] = 'w' .. writer, fmt(tonumber(ARGV[7])) .. ' ' .. fmt(wstamp) .. ' ' .. result
-  if result ~= '' then fields[i + 11], fields[i + 12] = 'c', fmt(counter) end
-  -- In chunks: Lua unpacks a few thousand values at most.
-  for start = 1, #fields, 1000 do
-    redis.call('HSET', K, unpack(fields, start, math.min(start + 999, #fields)))
+  local stamp = version .. ' ' .. ARGV[8]
+  local jfield = 'j' .. version % JOURNAL_SIZE
+  local now_ms = string.format('%s%03d', clock[1], math.floor(clock[2] / 1000))
+  local wentry = ARGV[7] .. ' ' .. meta[6] .. ' ' .. result
+  local hf = 'h' .. ARGV[10]
+  if #fields == 2 then
+    -- The commonest case, without a table to unpack.
+    if result == '' then
+      redis.call('HSET', K, fields[1], fields[2], hf, header, 'v', stamp, jfield, stamp .. ' ' .. journal,
+        'ta', now_ms, 'w' .. ARGV[1], wentry)
+    else
+      redis.call('HSET', K, fields[1], fields[2], hf, header, 'v', stamp, jfield, stamp .. ' ' .. journal,
+        'ta', now_ms, 'w' .. ARGV[1], wentry, 'c', meta[3])
+    end
+  else
+    local n = #fields
+    fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = hf, header, 'v', stamp
+    fields[n + 5], fields[n + 6] = jfield, journal == '*' and stamp .. ' *' or stamp .. ' ' .. journal
+    fields[n + 7], fields[n + 8], fields[n + 9], fields[n + 10] = 'ta', now_ms, 'w' .. ARGV[1], wentry
+    if result ~= '' then fields[n + 11], fields[n + 12] = 'c', meta[3] end
+    -- In chunks: Lua unpacks a few thousand values at most.
+    for start = 1, #fields, 1000 do
+      redis.call('HSET', K, unpack(fields, start, math.min(start + 999, #fields)))
+    end
   end
-  wrote = true
-  refresh_ttl(KEYS, tonumber(ARGV[3]))
+  if ARGV[3] ~= '0' then refresh_ttl(KEYS, tonumber(ARGV[3])) end
   local author = ARGV[4]
-  publish(ARGV[5], fmt(version) .. ' ' .. now_ms .. ' ' .. event .. ' ' .. #author .. ':' .. author .. keys)
-  keep_tracked()
-  return {'ok', stamp_now, incarnation, result, before, '1'}
+  redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@',
+    version .. ' ' .. now_ms .. ' ' .. ARGV[1] .. ' ' .. event .. ' ' .. #author .. ':' .. author .. keys)
+  redis.call('HGET', K, 'v')  -- keep_tracked, below
+  return {'ok', stamp, meta[1], result, meta[2], '1'}
 end
 
--- A node header: kind, its two numbers, its change count, its birth ('' for none).
-local function header_parts(raw, kind)
-  local a, b, c, rest = string.match(raw, '^' .. kind .. ' (%-?%d+) (%-?%d+) (%-?%d+)(.*)$')
-  if not a then return nil end
-  local birth = ''
-  if rest ~= '' then
-    birth = string.match(rest, '^ (%S*)$')
-    if not birth then return nil end
-  end
-  return tonumber(a), tonumber(b), tonumber(c), birth
-end
-
--- An append of scalars and dicts stored whole to a list, that trims nothing.
-local function fast_append(KEYS, ARGV, raw_header, clock, wstamp)
-  if ARGV[9] ~= 'lappend' or ARGV[12] ~= '0' or ARGV[13] ~= '0' or not raw_header then return nil end
-  local n, count, keep = ARGV[10], tonumber(ARGV[15]), tonumber(ARGV[16])
-  local a, b, c, birth = header_parts(raw_header, 'l')
-  if not a or b < a or (n ~= '0' and birth ~= ARGV[11]) or not count or count < 1 then return nil end
-  if keep ~= 0 and (not keep or b - a + count > keep) then return nil end
-  if 16 + 2 * count ~= 14 + tonumber(ARGV[14]) then return nil end
-  local fields, journaled, first, next_id = {}, {}, nil, counter
+local function fast_append(KEYS, ARGV, K, meta, version, clock)
+  local a, b, c, birth = string.match(meta[5], LIST_HEADER)
+  if not a or birth ~= ARGV[11] then return nil end
+  a, b = tonumber(a), tonumber(b)
+  local count, keep = tonumber(ARGV[15]), ARGV[16]
+  if b < a or not count or count < 1 or tonumber(ARGV[14]) ~= 2 + 2 * count then return nil end
+  if keep ~= '0' and not (tonumber(keep) and b - a + count <= tonumber(keep)) then return nil end
+  local n, counter, first = ARGV[10], tonumber(meta[3] or '0'), nil
+  local prefix = 'e' .. n .. ':'
+  local fields, journal = {}, {}
   for k = 1, count do
     local t, value = ARGV[15 + 2 * k], ARGV[16 + 2 * k]
     if t == 'f' then
-      if not next_id then return nil end
-      next_id = next_id + 1
+      if not counter then return nil end
+      counter = counter + 1
       -- An id in use means the counter went back (damaged): the general path says so.
-      if redis.call('HEXISTS', K, hfield(fmt(next_id))) == 1 then return nil end
-      first = first or next_id
-      value = string.char(REF) .. fmt(next_id) .. '=' .. value
+      if redis.call('HEXISTS', K, 'h' .. counter) == 1 then return nil end
+      first = first or counter
+      value = REF_CHAR .. counter .. '=' .. value
     elseif t ~= 's' then
       return nil
     end
-    local f = efield(n, fmt(b + k - 1))
+    local f = prefix .. (b + k - 1)
     fields[2 * k - 1], fields[2 * k] = f, value
-    journaled[k] = f
+    journal[k] = #f .. ':' .. f
   end
-  counter = next_id
-  local header = 'l ' .. fmt(a) .. ' ' .. fmt(b + count) .. ' ' .. fmt(c + 1) .. (birth ~= '' and ' ' .. birth or '')
-  local event = event_of('lappend', n, fmt(b - a), fmt(count), '0')
-  return fast_commit(KEYS, ARGV, fields, journaled, count, n, header, clock, wstamp, first and fmt(first) or '', event, '')
+  local hf = 'h' .. n
+  if count + 1 > TOUCH_LIMIT then journal = '*' else journal[count + 1] = #hf .. ':' .. hf; journal = table.concat(journal) end
+  meta[3] = counter and string.format('%d', counter)
+  return fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal,
+    'l ' .. a .. ' ' .. (b + count) .. ' ' .. (c + 1) .. ' ' .. birth, first and string.format('%d', first) or '',
+    'lappend ' .. n .. ' ' .. meta[1] .. ' ' .. (b - a) .. ' ' .. count .. ' 0', '')
 end
 
--- A scalar set of one root key whose value, if any, is a scalar.
-local function fast_set(KEYS, ARGV, raw_header, clock, wstamp)
-  if ARGV[9] ~= 'dset' or ARGV[10] ~= '0' or ARGV[12] ~= '0' or ARGV[13] ~= '0' or not raw_header then return nil end
-  if ARGV[14] ~= '4' or ARGV[15] ~= '1' or ARGV[17] ~= 's' then return nil end
-  local a, b, c, birth = header_parts(raw_header, 'd')
+local function fast_set(KEYS, ARGV, K, meta, version, clock)
+  if ARGV[10] ~= '0' or ARGV[14] ~= '4' or ARGV[15] ~= '1' or ARGV[17] ~= 's' then return nil end
+  local a, b, c = string.match(meta[5], DICT_HEADER)
   if not a then return nil end
   local key, value = ARGV[16], ARGV[18]
-  local f = efield('0', key)
+  local f = 'e0:' .. key
   local raw = redis.call('HGET', K, f)
   local s
   if raw then
-    local seq_part, payload = string.match(raw, '^(%d+):(.*)$')
-    -- A container there is dropped, a corrupt entry placed anew: the general path.
-    if not seq_part or string.byte(payload, 1) == REF then return nil end
-    if payload == value then return nil end  -- nothing changes: the general path answers 'same'
-    s = seq_part
+    -- '<seq>:<value>'. A container there is dropped, a corrupt entry
+    -- placed anew: the general path.
+    s = string.match(raw, '^(%d+):')
+    if not s or string.byte(raw, #s + 2) == REF then return nil end
+    -- Nothing changes: the general path answers 'same'.
+    if #raw - #s - 1 == #value and string.sub(raw, #s + 2) == value then return nil end
   else
-    s = fmt(b); b = b + 1; a = a + 1
+    s, a, b = b, a + 1, b + 1
   end
-  local header = 'd ' .. fmt(a) .. ' ' .. fmt(b) .. ' ' .. fmt(c + 1) .. (birth ~= '' and ' ' .. birth or '')
-  local event = event_of('dset', '0', '', '', '')
-  return fast_commit(KEYS, ARGV, {f, s .. ':' .. value}, {f}, 1, '0', header, clock, wstamp, '', event,
-    ' ' .. #key .. ':' .. key)
+  return fast_commit(KEYS, ARGV, K, meta, version, clock, {f, s .. ':' .. value}, #f .. ':' .. f .. '2:h0',
+    'd ' .. a .. ' ' .. b .. ' ' .. (c + 1), '', 'dset 0 ' .. meta[1] .. '   ', ' ' .. #key .. ':' .. key)
+end
+
+-- The fast path of a call, or nil for the general one.
+local function fast(KEYS, ARGV)
+  local name = ARGV[9]
+  if name ~= 'lappend' and name ~= 'dset' then return nil end
+  local K = KEYS[1]
+  local meta = redis.call('HMGET', K, 'i', 'v', 'c', 'w' .. ARGV[1], 'h' .. ARGV[10])
+  -- The memory exists, as the client knows it, and the node has a header.
+  if not meta[1] or not meta[2] or not meta[4] or not meta[5] then return nil end
+  if ARGV[2] ~= '*' and ARGV[2] ~= meta[1] then return nil end
+  local version = tonumber(string.match(meta[2], '^%d+'))
+  -- The writer's last call, and when it was indexed: due again, the general path.
+  local lseq, lstamp = string.match(meta[4], '^(%d+) (%d+) %d* ?%S*$')
+  if not version or not lseq or tonumber(lseq) >= tonumber(ARGV[7]) then return nil end
+  local clock = redis.call('TIME')
+  if tonumber(clock[1]) - tonumber(lstamp) >= @INDEX_EVERY@ then return nil end
+  meta[6] = lstamp
+  if name == 'lappend' then return fast_append(KEYS, ARGV, K, meta, version, clock) end
+  return fast_set(KEYS, ARGV, K, meta, version, clock)
 end
 
 local function apply(KEYS, ARGV)
+  if ARGV[6] == '1' and ARGV[12] == '0' and ARGV[13] == '0' then
+    local reply = fast(KEYS, ARGV)
+    if reply then return reply end
+  end
   begin(KEYS[1])
   A, pos = ARGV, 7
   writer = ARGV[1]
@@ -886,11 +919,6 @@ local function apply(KEYS, ARGV)
     if kind ~= 'zset' and kind ~= 'none' then
       return corrupt('', 'holds another kind of Redis value than redis_memory keeps there', KEYS[2])
     end
-  end
-
-  if nops == 1 and not creating and not index_due then
-    local fast = fast_append(KEYS, ARGV, meta[5], clock, stamp) or fast_set(KEYS, ARGV, meta[5], clock, stamp)
-    if fast then return fast end
   end
 
   local events, results, last_token = {}, {}, first_token

@@ -1,0 +1,190 @@
+"""The apply function's fast paths change, answer and publish what its general path does, field for field.
+
+Each case runs one operation through the library as a user would, which
+records the call it sends. The hash is then put back as it was before, and
+the same call is sent to two variants of the library: one without the fast
+paths, and one that has only them (it answers 'general' where the general
+path would have had to run). The fast path's hash, reply and change event
+must equal the general path's; where the fast path declines, it must have
+written nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from redis_memory import ConversationMemory, Memory, Session, store
+
+DISPATCH = re.compile(
+    r"  if ARGV\[6\] == '1' and ARGV\[12\] == '0' and ARGV\[13\] == '0' then\n"
+    r"    local reply = fast\(KEYS, ARGV\)\n    if reply then return reply end\n  end\n"
+)
+VARIANTS = {
+    "general": "",
+    "fast": "  do return ARGV[6] == '1' and ARGV[12] == '0' and ARGV[13] == '0'"
+    " and fast(KEYS, ARGV) or {'general'} end\n",
+}
+
+
+def _variant_source(name: str) -> str:
+    source = store.LIBRARY
+    digest = source.splitlines()[0].removeprefix("#!lua name=redis_memory_")
+    assert len(DISPATCH.findall(source)) == 1, "the fast path's dispatch in lua/apply.lua changed: update this test"
+    return DISPATCH.sub(VARIANTS[name], source).replace(digest, f"t{name}")
+
+
+def _commands(packed: bytes) -> list[list[bytes]]:
+    """The commands of a RESP request (arrays of bulk strings)."""
+    commands, pos = [], 0
+    while pos < len(packed):
+        end = packed.index(b"\r\n", pos)
+        count, pos, args = int(packed[pos + 1 : end]), end + 2, []
+        for _ in range(count):
+            end = packed.index(b"\r\n", pos)
+            size = int(packed[pos + 1 : end])
+            args.append(packed[end + 2 : end + 2 + size])
+            pos = end + 4 + size
+        commands.append(args)
+    return commands
+
+
+@pytest.fixture
+def variants(client: Any) -> Iterator[None]:
+    """The two variants, loaded on the server (every master of a cluster)."""
+    for name in VARIANTS:
+        source = _variant_source(name)
+        if isinstance(client, redis.RedisCluster):
+            client.execute_command("FUNCTION", "LOAD", "REPLACE", source, target_nodes=redis.RedisCluster.PRIMARIES)
+        else:
+            client.function_load(source, replace=True)
+    yield
+    for name in VARIANTS:
+        library = f"redis_memory_t{name}"
+        if isinstance(client, redis.RedisCluster):
+            client.execute_command("FUNCTION", "DELETE", library, target_nodes=redis.RedisCluster.PRIMARIES)
+        else:
+            client.function_delete(library)
+
+
+def _memory(kind: str, client: Any) -> Memory:
+    if kind == "plain":
+        return Memory("fast", client=client)
+    if kind == "expiring, with an author":
+        return Memory("fast", client=client, ttl=600, author="agent-a")
+    if kind == "bounded":
+        return ConversationMemory("fast", client=client, max_messages=5)
+    return Session("fast", client=client, agent="planner", ttl=600).private  # shares the participant set's expiry
+
+
+#: name -> (kind of memory, the operation, whether the fast path takes it)
+CASES: dict[str, tuple[str, Callable[[Memory], object], bool]] = {
+    "append a scalar": ("plain", lambda m: m.messages.append("z"), True),
+    "append a dict": ("plain", lambda m: m.messages.append({"role": "user", "content": "hi"}), True),
+    "extend with scalars and dicts": ("plain", lambda m: m.messages.extend(["p", {"q": 1}, 3, {"r": "s"}]), True),
+    "append to an expiring memory with an author": ("expiring, with an author", lambda m: m.messages.append(1), True),
+    "append in a session (a shared expiry)": ("session", lambda m: m.messages.append({"a": 1}), True),
+    "append to a bounded list with room": ("bounded", lambda m: m.messages.append({"n": 1}), True),
+    "append that trims a bounded list": ("bounded", lambda m: m.messages.extend([{"n": n} for n in range(4)]), False),
+    "append of a list": ("plain", lambda m: m.messages.append([1, 2]), False),
+    "change a root key": ("plain", lambda m: setattr(m, "title", "new title"), True),
+    "add a root key": ("plain", lambda m: setattr(m, "subtitle", "more"), True),
+    "set a root key on an expiring memory": ("expiring, with an author", lambda m: setattr(m, "title", "t2"), True),
+    "set a root key to what it holds": ("plain", lambda m: setattr(m, "title", "title"), False),
+    "replace a dict by a scalar": ("plain", lambda m: setattr(m, "profile", "none"), False),
+    "set a key of a nested dict": ("plain", lambda m: m.profile.__setitem__("age", 3), False),
+}
+
+
+def _normalized(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The hash without the activity time (ms), checked apart."""
+    return {f: v for f, v in fields.items() if f != b"ta"}
+
+
+def _events(pubsub: Any) -> list[bytes]:
+    """The change events received, with their time (ms) blanked."""
+    lines = []
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.05)
+        if message is None:
+            if lines:
+                break
+            continue
+        if message["type"] == "message":
+            for line in message["data"].split(b"\n"):
+                parts = line.split(b" ")
+                lines.append(b" ".join([parts[0], b"<ms>", *parts[2:]]))
+    return lines
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_fast_path_writes_what_the_general_path_writes(
+    client: Any, variants: None, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    kind, operation, takes_it = CASES[case]
+    mem = _memory(kind, client)
+    mem.messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    mem.title = "title"
+    mem.profile = {"name": "Ada"}
+    mem.messages.append({"role": "user", "content": "c"})  # the writer has written a moment ago: its index is fresh
+    key = mem.key
+    before = client.hgetall(key)
+
+    sent: list[tuple[list[bytes], object]] = []
+    original = store.Store._call_packed
+
+    def recording(self: store.Store, packed: bytes, replies: int = 1, on_first: Any = None) -> Any:
+        reply = original(self, packed, replies, on_first)
+        command = _commands(packed)[0]
+        if command[0] == b"FCALL" and command[1].endswith(b"_apply"):
+            sent.append((command, reply))
+        return reply
+
+    pubsub = None if isinstance(client, redis.RedisCluster) else client.pubsub(ignore_subscribe_messages=True)
+    if pubsub is not None:
+        pubsub.subscribe(key + store.FEED_SUFFIX)
+        pubsub.get_message(timeout=1)
+    monkeypatch.setattr(store.Store, "_call_packed", recording)
+    operation(mem)
+    monkeypatch.undo()
+    assert len(sent) == 1, "one call"
+    command, library_reply = sent[0]
+    library_fields = client.hgetall(key)
+    library_events = _events(pubsub) if pubsub is not None else []
+
+    def replay(variant: str) -> Any:
+        client.delete(key)
+        client.hset(key, mapping=before)
+        name = re.sub(rb"^rm_[0-9a-f]+_apply$", f"rm_t{variant}_apply".encode(), command[1])
+        return client.execute_command("FCALL", name, *command[2:])
+
+    general_reply = replay("general")
+    general_fields = client.hgetall(key)
+    general_events = _events(pubsub) if pubsub is not None else []
+    fast_reply = replay("fast")
+    fast_fields = client.hgetall(key)
+    _events(pubsub) if pubsub is not None else None
+
+    if takes_it:
+        assert fast_reply[0] != b"general", "the fast path takes this call"
+        assert library_reply == general_reply == fast_reply
+        assert _normalized(library_fields) == _normalized(general_fields) == _normalized(fast_fields)
+        times = [int(fields[b"ta"]) for fields in (library_fields, general_fields, fast_fields)]
+        assert all(len(str(t)) == 13 for t in times) and max(times) - min(times) < 10_000
+        assert library_events == general_events and len(library_events) == (pubsub is not None)
+        if kind in ("expiring, with an author", "session"):
+            assert 0 < client.pttl(key) <= 600_000
+    else:
+        assert fast_reply == [b"general"], "the fast path declines this call"
+        assert fast_fields == before, "and has written nothing"
+        assert library_reply == general_reply
+        assert _normalized(library_fields) == _normalized(general_fields)
+    assert library_events == general_events
+    if pubsub is not None:
+        pubsub.close()
