@@ -458,7 +458,6 @@ class AsyncSession:
         """Agent ``name``'s private memory (see :meth:`Session.agent`), loaded."""
         found = self._opened.get(name)
         if found is None:
-
             found = AsyncMemory._rm_wrap(self._worker, lambda: self._session().agent(name), name)
             await found.refresh()
             self._opened[name] = found

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -22,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 from urllib.parse import quote, unquote, urlparse
 
 import redis
@@ -32,7 +33,7 @@ from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
-from .tracking import SocketReader, Tracker
+from .tracking import Tracker
 
 try:
     import fcntl
@@ -116,7 +117,7 @@ class Channel:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
-        self.reader: ReplyReader | None = None
+        self.reader: SocketReader | None = None
         #: For tracked memories: a RESP3 connection with CLIENT TRACKING (see tracking.py).
         self.tracker = Tracker() if tracking else None
         #: Commands sent and answered (a pipeline counts once): the round trips, for tests and benchmarks.
@@ -161,7 +162,7 @@ class Channel:
         sock = getattr(conn, "_sock", None)
         tracker = self.tracker
         if tracker is None or not isinstance(sock, socket.socket):
-            self.reader = sock.makefile("rb") if isinstance(sock, socket.socket) else None
+            self.reader = SocketReader(sock) if isinstance(sock, socket.socket) else None
             if tracker is not None:
                 tracker.enabled = False  # not a socket (fakeredis): reads check the version
         else:
@@ -417,17 +418,92 @@ def resp_args(args: list[bytes]) -> bytes:
     return b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
 
 
-class ReplyReader(Protocol):
-    """What replies are read from: a buffered socket file, or a tracked connection's SocketReader."""
+class SocketReader:
+    """Buffered reads of replies from a socket, knowing whether anything is waiting (see :meth:`pending`).
 
-    def readline(self, /) -> bytes: ...
+    ``on_push`` (a tracked connection's, see tracking.py) is called for every
+    RESP3 push met before a reply.
+    """
 
-    def read(self, size: int, /) -> bytes: ...
+    __slots__ = ("buffer", "on_push", "poller", "position", "sock")
 
-    def close(self) -> None: ...
+    def __init__(self, sock: socket.socket, on_push: Callable[[list[object]], None] | None = None) -> None:
+        self.sock = sock
+        self.buffer = b""  # bytes, not a bytearray: a line is then one slice, one copy
+        self.position = 0
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.on_push = on_push
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise redis.ConnectionError("connection closed by the server")
+        self.buffer = self.buffer[self.position :] + chunk if self.position < len(self.buffer) else chunk
+        self.position = 0
+
+    def readline(self) -> bytes:
+        end = self.buffer.find(b"\n", self.position)
+        while end < 0:
+            searched = len(self.buffer) - self.position
+            self._fill()
+            end = self.buffer.find(b"\n", searched)
+        line = self.buffer[self.position : end + 1]
+        self.position = end + 1
+        return line
+
+    def read(self, size: int) -> bytes:
+        while len(self.buffer) - self.position < size:
+            self._fill()
+        data = self.buffer[self.position : self.position + size]
+        self.position += size
+        return data
+
+    def flat(self) -> list[bytes | None] | None:
+        """The next reply in one step if it is an array of bulk strings, whole in the buffer; else None.
+
+        Most replies are (the functions' replies, HMGET); None has read
+        nothing, and :func:`read_reply` parses the reply the general way.
+        """
+        if self.position >= len(self.buffer):
+            self._fill()
+        buffer, pos = self.buffer, self.position
+        size = len(buffer)
+        end = buffer.find(b"\r\n", pos)
+        if buffer[pos] != 42 or end < 0:  # not '*', or not whole
+            return None
+        count = int(buffer[pos + 1 : end])
+        pos = end + 2
+        items: list[bytes | None] = []
+        for _ in range(count):
+            end = buffer.find(b"\r\n", pos)
+            if end < 0 or buffer[pos] != 36:  # '$'
+                return None
+            start = end + 2
+            stop = start + int(buffer[pos + 1 : end])
+            if stop < start:  # $-1, a null
+                items.append(None)
+                pos = start
+                continue
+            if stop + 2 > size:
+                return None
+            items.append(buffer[start:stop])
+            pos = stop + 2
+        if count < 0:  # *-1, a null array
+            return None
+        self.position = pos
+        return items
+
+    def pending(self) -> bool:
+        """Whether bytes are waiting: in the buffer, or on the socket (a poll that does not wait)."""
+        return self.position < len(self.buffer) or bool(self.poller.poll(0))
+
+    def close(self) -> None:
+        self.buffer = b""
+        self.position = 0
 
 
-def _read_items(reader: ReplyReader, count: int) -> list[object]:
+def _read_items(reader: SocketReader, count: int) -> list[object]:
     """The elements of an aggregate reply; bulk strings (nearly all of them) inline."""
     items: list[object] = []
     readline, read = reader.readline, reader.read
@@ -447,12 +523,15 @@ def _read_items(reader: ReplyReader, count: int) -> list[object]:
     return items
 
 
-def read_reply(reader: ReplyReader) -> object:
+def read_reply(reader: SocketReader) -> object:
     """Read one RESP2 or RESP3 reply; an error reply is returned, not raised."""
+    found = reader.flat()
+    if found is not None:
+        return found
     return _parse(reader.readline(), reader)
 
 
-def _parse(line: bytes, reader: ReplyReader) -> object:
+def _parse(line: bytes, reader: SocketReader) -> object:
     if not line.endswith(b"\r\n"):
         raise redis.ConnectionError("connection closed by the server")
     kind, rest = line[:1], line[1:-2]
@@ -492,9 +571,8 @@ def _parse(line: bytes, reader: ReplyReader) -> object:
         # Out-of-band data (a push, or attributes): the reply follows. A tracked
         # connection's reader takes the pushes (invalidations, see tracking.py).
         items = _read_items(reader, int(rest) * (2 if kind == b"|" else 1))
-        on_push = getattr(reader, "on_push", None)
-        if kind == b">" and on_push is not None:
-            on_push(items)
+        if kind == b">" and reader.on_push is not None:
+            reader.on_push(items)
         return read_reply(reader)
     raise redis.ConnectionError(f"unexpected reply type {kind!r}")
 

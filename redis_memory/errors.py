@@ -68,9 +68,7 @@ class BatchIncomplete(RedisMemoryError, RuntimeError):
     holds the error of each operation left out, in order.
     """
 
-    def __init__(
-        self, message: str, *, key: str | None = None, failures: list[RedisMemoryError] | None = None
-    ) -> None:
+    def __init__(self, message: str, *, key: str | None = None, failures: list[RedisMemoryError] | None = None) -> None:
         super().__init__(message, key=key)
         self.failures = failures or []
 

@@ -281,8 +281,11 @@ class Store:
         Looks at what the connection holds first (no round trip): see tracking.py.
         """
         tracker = self.tracker
-        return seen is not None and tracker is not None and self.channel.caught_up() and tracker.trusted(
-            self._key_bytes, seen
+        return (
+            seen is not None
+            and tracker is not None
+            and self.channel.caught_up()
+            and tracker.trusted(self._key_bytes, seen)
         )
 
     def _changed(self) -> None:

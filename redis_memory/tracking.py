@@ -40,13 +40,9 @@ docs/design.md for what was measured.
 
 from __future__ import annotations
 
-import select
-import socket
 import threading
 import time
 from typing import Any
-
-import redis
 
 #: A replica's mark: (epoch, flushes, invalidations of its key).
 Mark = tuple[int, int, int]
@@ -155,53 +151,3 @@ class Tracker:
                         expected[key] = pending - 1
                     continue
                 self._changed(key)
-
-
-class SocketReader:
-    """Buffered reads from a socket, knowing whether anything is waiting (see :meth:`pending`).
-
-    The same ``readline`` and ``read`` the reply parser uses on a file, with
-    ``on_push`` called for every RESP3 push met before a reply.
-    """
-
-    __slots__ = ("buffer", "on_push", "poller", "position", "sock")
-
-    def __init__(self, sock: socket.socket, on_push: Any) -> None:
-        self.sock = sock
-        self.buffer = b""  # bytes, not a bytearray: a line is then one slice, one copy
-        self.position = 0
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
-        self.on_push = on_push
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise redis.ConnectionError("connection closed by the server")
-        self.buffer = self.buffer[self.position :] + chunk if self.position < len(self.buffer) else chunk
-        self.position = 0
-
-    def readline(self) -> bytes:
-        end = self.buffer.find(b"\n", self.position)
-        while end < 0:
-            searched = len(self.buffer) - self.position
-            self._fill()
-            end = self.buffer.find(b"\n", searched)
-        line = self.buffer[self.position : end + 1]
-        self.position = end + 1
-        return line
-
-    def read(self, size: int) -> bytes:
-        while len(self.buffer) - self.position < size:
-            self._fill()
-        data = self.buffer[self.position : self.position + size]
-        self.position += size
-        return data
-
-    def pending(self) -> bool:
-        """Whether bytes are waiting: in the buffer, or on the socket (a poll that does not wait)."""
-        return self.position < len(self.buffer) or bool(self.poller.poll(0))
-
-    def close(self) -> None:
-        self.buffer = b""
-        self.position = 0
