@@ -8,6 +8,8 @@ The block returns once they are in Redis.
 
 * An exception inside the block sends nothing; the local view is reloaded
   from the server (offline: it is marked to reload once Redis is back).
+* Consecutive sets of scalars on one dict go as one operation (see
+  :meth:`Batch._merged`): the change feed names each key once.
 * A batch inside a batch joins the outer one; if it raises, its own
   statements are not sent (the local view shows them until the outer
   block ends, then reloads).
@@ -82,6 +84,7 @@ class Batch:
         self.pid = os.getpid()
         self.loads = core.replica.loads  # the view it applies to locally
         self.thread = threading.get_ident()
+        self.floor = 0  # operations before this index take no merge (see _merged)
 
     def add(self, proxy: ObservedList | ObservedDict | ObservedSet, build: Callable[[], ops.Op | None]) -> Any:
         """Build the operation from the local view and apply it there; it is sent at the block's end."""
@@ -113,6 +116,8 @@ class Batch:
         plan = replica.removal_plan(op)
         if plan is None:
             self.reload = True
+        elif not plan and self._merged(op):
+            return None
         seq = core.next_seq()
         created = queue.provisional_ids(core.writer, core.provisional, op.nodes())
         entry = Entry(op, plan, seq, created, replica.nodes[op.nid]._rm_birth)
@@ -120,6 +125,33 @@ class Batch:
         replica.apply_local(op, iter(created), ops.op_token(core.writer, seq))
         self.entries.append(entry)
         return removed
+
+    def _merged(self, op: ops.Op) -> bool:
+        """Merge ``op`` into the batch's last operation if both set scalars on one dict (and remove nothing).
+
+        A thousand ``mem.x = v`` then go as one operation, which the server
+        applies at the cost of one: the same writes, in the same order, with
+        the same outcome (it is one atomic call either way). Never into an
+        operation made before the innermost nested batch began (see
+        :meth:`take_back`).
+        """
+        entries = self.entries
+        if len(entries) <= self.floor or type(op) is not ops.DictSet or op.nodes():
+            return False
+        last = entries[-1]
+        prior = last.op
+        if type(prior) is not ops.DictSet or prior.nid != op.nid or last.plan or last.created or last.args is not None:
+            return False
+        prior.merge(op)
+        replica = self.core.replica
+        replica.apply_local(op, iter(()), b"")
+        replica.nodes[op.nid]._rm_mod -= 1  # the server counts one change for the merged operation
+        return True
+
+    def nest(self) -> int:
+        """A nested batch begins: the mark :meth:`take_back` takes its statements back to."""
+        self.floor = len(self.entries)
+        return self.floor
 
     def take_back(self, mark: int) -> None:
         """An inner batch raised: its statements (those after the first ``mark``) are not sent.

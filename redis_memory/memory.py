@@ -581,7 +581,8 @@ class MemoryCore:
             self.check_open()
             if self.batching is not None:
                 # Joins the outer batch; raising, it takes back its own statements.
-                outer, mark = self.batching, len(self.batching.entries)
+                outer = self.batching
+                mark = outer.nest()
                 try:
                     yield
                 except BaseException:

@@ -209,6 +209,7 @@ class DictSet(Op):
     items: list[tuple[Any, Any]] = field(default_factory=list)
     keys: list[bytes] = field(init=False)
     values: list[Encoded] = field(init=False)
+    _positions: dict[bytes, int] | None = field(init=False, default=None, repr=False)  # key -> index (merge)
 
     def __post_init__(self) -> None:
         self.name = b"dset"
@@ -221,6 +222,26 @@ class DictSet(Op):
 
     def nodes(self) -> int:
         return sum(v.nodes for v in self.values)
+
+    def merge(self, later: DictSet) -> None:
+        """Take in ``later``, a set on the same dict made after this one: this operation then does both.
+
+        A key set again keeps its place and takes the later value, as two
+        sets one after the other would leave it.
+        """
+        if self._positions is None:
+            self._positions = {key: i for i, key in enumerate(self.keys)}
+        positions = self._positions
+        for pair, key, value in zip(later.items, later.keys, later.values, strict=True):
+            at = positions.get(key)
+            if at is None:
+                positions[key] = len(self.keys)
+                self.items.append(pair)
+                self.keys.append(key)
+                self.values.append(value)
+            else:
+                self.items[at], self.values[at] = pair, value
+        self.depth = max(self.depth, later.depth)
 
 
 @dataclass

@@ -116,6 +116,51 @@ def test_a_nested_batch_joins_the_outer_one(client: redis.Redis, other_client: r
     assert Memory("nest", client=client).to_dict() == {"seed": 0, "a": 1, "b": 2, "c": 3}
 
 
+def test_sets_of_scalars_on_one_dict_go_as_one_operation(client: redis.Redis, other_client: redis.Redis) -> None:
+    """Consecutive sets of scalars on one dict are sent as one operation, with the outcome of setting them one by
+    one: a key set twice keeps its place and its last value. The dict's change count stays the server's, so a
+    later change that checks it (replacing the dict) is not refused as stale: one round trip."""
+    mem = Memory("merge", client=client)
+    mem.profile = {"name": "Ada", "old": {"x": 1}}
+    with mem.subscribe() as feed:
+        with mem.batch():
+            mem.profile["a"] = 1
+            mem.profile["b"] = 2
+            mem.profile["a"] = 3
+            mem.profile.update(c=4, name="Grace")
+            mem.top = "t"
+            mem.profile["d"] = 5
+        events = []
+        while (event := feed.get(timeout=2)) is not None and len(events) < 20:
+            events.append(event)
+    expected = {"profile": {"name": "Grace", "old": {"x": 1}, "a": 3, "b": 2, "c": 4, "d": 5}, "top": "t"}
+    fresh = Memory("merge", client=other_client)
+    assert mem.to_dict() == fresh.to_dict() == expected
+    assert list(fresh.profile) == list(mem.profile) == ["name", "old", "a", "b", "c", "d"]
+    # one event per key set, once each, in the order of the operations sent
+    assert [e.path for e in events] == [("profile", k) for k in ("a", "b", "c", "name")] + [("top",), ("profile", "d")]
+    trips = Trips(mem)
+    mem.profile = None  # removes the dict, as seen at its change count
+    assert trips.count == 1
+    assert Memory("merge", client=other_client).to_dict() == {"profile": None, "top": "t"}
+
+
+def test_a_nested_batch_that_raises_takes_back_sets_it_would_merge(client: redis.Redis) -> None:
+    """A nested block's sets are never merged into an operation made before it: if it raises, none of them is
+    sent, while the outer block's own sets, before and after it, are."""
+    mem = Memory("nest-merge", client=client)
+    mem.seed = 0
+    with mem.batch():
+        mem.a = 1
+        with pytest.raises(KeyError), mem.batch():
+            mem.b = 2
+            mem.a = 20
+            raise KeyError("inner")
+        mem.c = 3
+    assert Memory("nest-merge", client=client).to_dict() == {"seed": 0, "a": 1, "c": 3}
+    assert mem.to_dict() == {"seed": 0, "a": 1, "c": 3}
+
+
 def test_a_stale_view_is_built_again_and_the_batch_applied(client: redis.Redis, other_client: redis.Redis) -> None:
     """Another writer changes a container the batch removes, while the block runs: the server refuses the
     batch whole, and the statements are made again from the fresh view; nothing of anyone's is lost."""
