@@ -41,7 +41,7 @@ from .feed import Event, Feed, Subscription
 from .messages import as_message
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, REF, REPLICA_TIMEOUT, Reply, Step, Store, memory_key, version_number
+from .store import ANY_INCARNATION, REF, REPLICA_TIMEOUT, Reply, Step, Store, Sync, memory_key, version_number
 from .window import fit_messages
 
 #: How often an operation is rebuilt and resent after the server found this
@@ -87,6 +87,9 @@ class MemoryCore:
         self.bounds = bounds or {}
         self.catalog: Listing | None = None
         self.indexed_at = -INDEX_REFRESH
+        #: The last look at the server found others' changes: the next read syncs at once (one round trip,
+        #: not a version check then a sync), until a sync finds nothing new.
+        self.contended = False
         self.lock = threading.RLock()
         self.writer = _new_token()
         self.seq = 0
@@ -263,11 +266,12 @@ class MemoryCore:
                 if exact and store.vouches(replica.seen):
                     return
                 mark = store.mark()  # before the round trip: an invalidation crossing it voids the mark
-            if exact:
+            if exact and not self.contended:
                 stamp, incarnation = store.version()
                 if stamp == replica.stamp and incarnation == replica.incarnation:
                     replica.seen = mark
                     return
+                self.contended = True
             self.catch_up()
             replica.seen = mark
         except ConnectionFailed as exc:
@@ -277,11 +281,17 @@ class MemoryCore:
                     f"Redis is unreachable and {self.store.key} was never loaded here: {exc}", key=self.store.key
                 ) from exc
 
-    def catch_up(self) -> None:
-        """Bring the replica to the server's version: journal delta, else HGETALL."""
+    def catch_up(self, sync: Sync | None = None) -> None:
+        """Bring the replica to the server's version: journal delta, else HGETALL.
+
+        ``sync``: what changed since the replica's version, if the server
+        has said already (an apply's reply): no round trip for it.
+        """
         replica = self.replica
         if replica.loaded and not replica.speculative:
-            sync = self.store.sync(replica.stamp, replica.incarnation)
+            if sync is None:
+                sync = self.store.sync(replica.stamp, replica.incarnation)
+                self.contended = sync.stamp != replica.stamp
             if sync.kind == "empty":
                 replica.load({})
                 return
@@ -427,7 +437,8 @@ class MemoryCore:
                     sent_plan = None
                 try:
                     step = Step(seq, token, op.name, op.nid, birth, [], sent_plan, op.args())
-                    reply = self.store.apply([self.writer, expected, self.ttl, self.author], [step])
+                    since = replica.stamp if replica.loaded and not replica.speculative else b""
+                    reply = self.store.apply([self.writer, expected, self.ttl, self.author], [step], since)
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     # The server may have applied it before the link broke: queue
@@ -524,7 +535,7 @@ class MemoryCore:
                 replica.stamped(reply.stamp)
                 replica.incarnation = reply.incarnation
             elif (reply.stamp, reply.incarnation) != (replica.stamp, replica.incarnation):
-                self.catch_up()
+                self.catch_up(reply.delta if reply.incarnation == replica.incarnation else None)
             return removed
         if reply.status == "same":
             # Nothing changed on the server; others may have written.

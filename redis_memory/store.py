@@ -229,6 +229,9 @@ class Reply:
     extra: list[bytes]
     failed: int | None = None  # the 1-based number of the step refused
     results: list[bytes] = field(default_factory=list)  # per step, for a batch: first new node, '-' or 'x'
+    #: For a single operation sent with the replica's version (``since``), applied after others' changes:
+    #: what changed since that version, as a sync answers it.
+    delta: Sync | None = None
 
 
 @dataclass
@@ -340,7 +343,7 @@ class Store:
                 raise ServerRefused(message, key=self.key) from exc.__cause__
             raise
 
-    def apply(self, call: list[bytes], steps: list[Step]) -> Reply:
+    def apply(self, call: list[bytes], steps: list[Step], since: bytes = b"") -> Reply:
         """FCALL of the apply function: the operations of ``steps``, in order, all or none.
 
         ``call`` is the writer, the expected incarnation, the expiry and the
@@ -350,6 +353,10 @@ class Store:
         without scanning the hash, and refuses to remove one changed since.
         None lets the script read them from the hash itself: O(size of the
         memory), and never stale. O(1) fields for item operations.
+
+        ``since``, for a single step: the version stamp of the caller's
+        replica. If others' changes came before this one, the reply carries
+        what changed since (``Reply.delta``), which saves the caller a sync.
         """
         publisher = self.publisher()
         head = self._call_heads.get((*call, publisher, len(steps)))
@@ -377,6 +384,9 @@ class Store:
             count = b"%d" % step.args[1]
             tail.append(b"$%d\r\n%s\r\n%s" % (len(count), count, step.args[0]))
             tail_count += 8 + len(created) + step.args[1]
+        if since and len(steps) == 1:
+            tail.append(b"$%d\r\n%s\r\n" % (len(since), since))
+            tail_count += 1
         packed_tail = (b"".join(tail), tail_count)
         replicas, timeout_ms = self.replicas
         wait = resp_command(("WAIT", replicas, timeout_ms)) if replicas else b""
@@ -410,7 +420,12 @@ class Store:
                 raise NotReplicated(message, key=self.key)
         first = int(raw[3]) if raw[3] else None
         if len(steps) == 1:  # no 'refused' and 'per-operation' slots
-            return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[6:])
+            found = raw[6]
+            delta = None
+            if found:
+                it = iter(found[3:])
+                delta = Sync(found[0] or b"", found[1], found[2].decode(), list(zip(it, it, strict=False)))
+            return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[7:], delta=delta)
         failed = int(raw[6]) if raw[6] else None
         return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[8:], failed, raw[7].split())
 

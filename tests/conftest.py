@@ -210,3 +210,18 @@ def switch(servers: dict[str, Any], backend: str, client: redis.Redis) -> Iterat
     found = Switch(servers, backend)
     yield found
     found.close()
+
+
+class Trips:
+    """Counts the commands one memory sends (each is one round trip on its channel)."""
+
+    def __init__(self, mem: Any) -> None:
+        self.store = mem._rm.store
+        self.count = 0
+        self.real = self.store._call_packed
+
+        def counted(packed: bytes, *rest: Any) -> Any:
+            self.count += 1
+            return self.real(packed, *rest)
+
+        self.store._call_packed = counted  # type: ignore[method-assign]

@@ -5,29 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
-from conftest import Switch
+from conftest import Switch, Trips
 
 from redis_memory import BatchIncomplete, ConversationMemory, Memory
 from redis_memory.store import version_number
-
-
-class Trips:
-    """Counts the commands one memory sends (each is one round trip on its channel)."""
-
-    def __init__(self, mem: Memory) -> None:
-        self.store = mem._rm.store
-        self.count = 0
-        self.real = self.store._call_packed
-
-        def counted(packed: bytes, *rest: Any) -> Any:
-            self.count += 1
-            return self.real(packed, *rest)
-
-        self.store._call_packed = counted  # type: ignore[method-assign]
 
 
 def version(client: redis.Redis, mem: Memory) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import redis
-from conftest import all_keys
+from conftest import Trips, all_keys
 
 from redis_memory import ConversationMemory, Memory, ops
 from redis_memory.store import JOURNAL_SIZE, Step, Store, escape_id, memory_key, version_number
@@ -222,3 +222,47 @@ def test_one_append_of_thousands_of_items_lands_whole(client: redis.Redis, other
     assert fresh[:4000] == list(range(1, 4001))
     assert fresh[4000:] == [{"n": n} for n in range(4001)]
     assert mem.items == fresh
+
+
+def test_a_write_after_others_changes_brings_them_in_its_own_reply(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """A writer whose replica is behind (another process wrote since) learns of the others' changes from its
+    write's reply: one round trip, no sync after it, and the replica, read as it is, equals a fresh load."""
+    mem = ConversationMemory("behind", client=client)
+    mem.messages = [{"role": "user", "content": "a"}]
+    mem.profile = {"tags": ["x"]}
+    held, tags = mem.messages, mem.profile["tags"]
+    other = ConversationMemory("behind", client=other_client)
+    other.messages.append({"role": "assistant", "content": "b"})
+    other.title = "theirs"
+    trips = Trips(mem)
+    held.append({"role": "user", "content": "c"})  # the fast path
+    assert trips.count == 1
+    assert [m["content"] for m in held] == ["a", "b", "c"]
+    other.profile["tags"].append("y")
+    tags.append("z")  # the general path (a nested list, by a held proxy)
+    assert trips.count == 2
+    assert list(tags) == ["x", "y", "z"]
+    assert mem._rm.replica.root == ConversationMemory("behind", client=other_client).to_dict()
+    assert mem.to_dict() == ConversationMemory("behind", client=other_client).to_dict()
+
+
+def test_reads_between_others_writes_take_one_round_trip(client: redis.Redis, other_client: redis.Redis) -> None:
+    """While another writer keeps changing a memory, each read costs one round trip (a sync, with no version
+    check before it); once nothing changes, each read is one round trip still; every read is fresh."""
+    mem = Memory("busy", client=client)
+    mem.n = 0
+    other = Memory("busy", client=other_client)
+    other.n = 1
+    assert mem.n == 1
+    trips = Trips(mem)
+    for i in range(2, 12):
+        other.n = i
+        assert mem.n == i
+    assert trips.count == 10
+    for _ in range(5):
+        assert mem.n == 11
+    assert trips.count == 15
+    other.n = 12
+    assert mem.n == 12

@@ -31,11 +31,16 @@ ARGV[6]  the number of operations; then, for each:
            (change count -1 for a node whose header is corrupt, with all its
            entry fields)
   args     how many arguments of its own follow, then those (see ops.py)
+then, for a single operation, optionally: the version stamp of the caller's
+replica ('' for none).
+
 
 Replies: {status, version stamp after, incarnation, result, version stamp
-before, '1' if the call modified the hash (else ''), the number of the
-operation refused ('' if none), per-operation results, what a delete
-removed...}, the 7th and 8th only for a batch. A call that modified the hash
+before, '1' if the call modified the hash (else ''), then for a single
+operation: what changed since the caller's version (the sync function's
+reply, see sync.lua) if it applied after others' changes, else ''; for a
+batch: the number of the operation refused ('' if none) and per-operation
+results; then what a delete removed...}. A call that modified the hash
 reads it last, so the server tracks it still for a tracked connection,
 which gets exactly one invalidation of it, after this reply. Status: ok, same (nothing to change),
 dup, gone (memory or node replaced), stale (what it removes changed),
@@ -52,6 +57,7 @@ An applied call publishes its changes on the memory's change channel, one
 line per operation (see feed.py for a line).
 ]]
 -- @include fields
+-- @include changes
 
 local A, pos                           -- ARGV, and the cursor of arg()
 local writer, seq, token, nid, op      -- the call's writer; the operation being applied
@@ -81,10 +87,11 @@ end
 local function mapped(n) return realid[n] or n end
 
 local nops                             -- how many operations the call carries
+local delta                            -- for the caller behind others' changes: what changed since its version
 -- A single operation's reply has no 'refused' and 'per-operation' slots.
 local function reply(status, result, failed, per_op, ...)
   local changed = wrote and '1' or ''
-  if nops == 1 then return {status, stamp_now, incarnation or '', result or '', before, changed, ...} end
+  if nops == 1 then return {status, stamp_now, incarnation or '', result or '', before, changed, delta, ...} end
   return {status, stamp_now, incarnation or '', result or '', before, changed, failed or '', per_op or '', ...}
 end
 
@@ -780,7 +787,12 @@ local function fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal,
   redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@',
     version .. ' ' .. now_ms .. ' ' .. ARGV[1] .. ' ' .. event .. ' ' .. #author .. ':' .. author .. keys)
   redis.call('HGET', K, 'v')  -- keep_tracked, below
-  return {'ok', stamp, meta[1], result, meta[2], '1'}
+  local since = ARGV[15 + tonumber(ARGV[14])]
+  if since and since ~= '' and since ~= meta[2] then
+    begin(K)
+    return {'ok', stamp, meta[1], result, meta[2], '1', changes_since(since, meta[1])}
+  end
+  return {'ok', stamp, meta[1], result, meta[2], '1', ''}
 end
 
 local function fast_append(KEYS, ARGV, K, meta, version, clock)
@@ -860,6 +872,7 @@ local function fast(KEYS, ARGV)
 end
 
 local function apply(KEYS, ARGV)
+  delta = ''
   if ARGV[6] == '1' and ARGV[12] == '0' and ARGV[13] == '0' then
     local reply = fast(KEYS, ARGV)
     if reply then return reply end
@@ -985,5 +998,11 @@ local function apply(KEYS, ARGV)
   publish(ARGV[5], lines)
   keep_tracked()
   if nops > 1 then return reply('ok', result, '', table.concat(results, ' ')) end
+  local since = A[pos]
+  if since and since ~= '' and since ~= before then
+    local modified = wrote
+    begin(K)
+    delta, wrote = changes_since(since, incarnation), modified
+  end
   return reply('ok', result, '', '', unpack(extra or {}))
 end
