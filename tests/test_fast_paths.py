@@ -101,6 +101,32 @@ CASES: dict[str, tuple[str, Callable[[Memory], object], bool]] = {
 }
 
 
+def _large_counts(client: Any, key: str) -> None:
+    """Valid stored numbers of 15 digits: the version, the node counter, a list's and the root's counts."""
+    stamp = client.hget(key, "v").split(b" ")[1]
+    client.hset(key, mapping={"v": b"99999999999999 " + stamp, "c": b"99999999999999"})
+    for field, header in client.hgetall(key).items():
+        kind, *numbers = header.split(b" ")
+        if field.startswith(b"h") and kind == b"l":
+            client.hset(key, field, b" ".join([kind, numbers[0], numbers[1], b"99999999999999", *numbers[3:]]))
+        elif field == b"h0":
+            client.hset(key, field, b"d %s 99999999999999 99999999999999" % numbers[0])
+
+
+def _leading_zeros(client: Any, key: str) -> None:
+    """Stored numbers with leading zeros (read as numbers, written back without them)."""
+    kind, count, next_seq, changes = client.hget(key, "h0").split(b" ")
+    client.hset(key, mapping={"h0": b"d 0%s 0%s 0%s" % (count, next_seq, changes), "c": b"0" + client.hget(key, "c")})
+
+
+#: name -> how the hash is changed before the operation (valid data, oddly written)
+STATES: dict[str, Callable[[Any, str], None] | None] = {
+    "as written": None,
+    "large counts": _large_counts,
+    "leading zeros": _leading_zeros,
+}
+
+
 def _normalized(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """The hash without the activity time (ms), checked apart."""
     return {f: v for f, v in fields.items() if f != b"ta"}
@@ -123,9 +149,10 @@ def _events(pubsub: Any) -> list[bytes]:
     return lines
 
 
+@pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("case", CASES)
 def test_the_fast_path_writes_what_the_general_path_writes(
-    client: Any, variants: None, monkeypatch: pytest.MonkeyPatch, case: str
+    client: Any, variants: None, monkeypatch: pytest.MonkeyPatch, case: str, state: str
 ) -> None:
     kind, operation, takes_it = CASES[case]
     mem = _memory(kind, client)
@@ -134,6 +161,11 @@ def test_the_fast_path_writes_what_the_general_path_writes(
     mem.profile = {"name": "Ada"}
     mem.messages.append({"role": "user", "content": "c"})  # the writer has written a moment ago: its index is fresh
     key = mem.key
+    prepare = STATES[state]
+    if prepare is not None:
+        prepare(client, key)
+        mem = _memory(kind, client)  # a memory loading the state as it is
+        mem.messages  # noqa: B018  (loaded)
     before = client.hgetall(key)
 
     sent: list[tuple[list[bytes], object]] = []

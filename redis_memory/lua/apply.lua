@@ -736,7 +736,9 @@ end
 -- run before any of the general path's state is set up: none of its
 -- caches, plans, tables or walks, and as few string operations as the
 -- bookkeeping allows (each costs about as much as a Redis command here).
--- Each checks that the call is its case, on a memory that exists, from a
+-- Numbers are written with fmt (%d), as the general path writes them (never
+-- as Lua's '..' would, '1e+14' from 10^14 on). Each checks that the call
+-- is its case, on a memory that exists, from a
 -- writer indexed within the minute, and returns nil if not, having written
 -- nothing: the general path then runs (and answers whatever refusal or
 -- corruption applies). What they write and publish is what the general
@@ -757,10 +759,10 @@ local DICT_HEADER = '^d (%d+) (%d+) (%d+)$'
 -- and after the author.
 local function fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal, header, result, event, keys)
   version = version + 1
-  local stamp = version .. ' ' .. ARGV[8]
-  local jfield = 'j' .. version % JOURNAL_SIZE
+  local stamp = fmt(version) .. ' ' .. ARGV[8]
+  local jfield = 'j' .. fmt(version % JOURNAL_SIZE)
   local now_ms = string.format('%s%03d', clock[1], math.floor(clock[2] / 1000))
-  local wentry = ARGV[7] .. ' ' .. meta[6] .. ' ' .. result
+  local wentry = string.format('%d %d %s', ARGV[7], meta[6], result)
   local hf = 'h' .. ARGV[10]
   if #fields == 2 then
     -- The commonest case, without a table to unpack.
@@ -785,7 +787,7 @@ local function fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal,
   if ARGV[3] ~= '0' then refresh_ttl(KEYS, tonumber(ARGV[3])) end
   local author = ARGV[4]
   redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@',
-    version .. ' ' .. now_ms .. ' ' .. ARGV[1] .. ' ' .. event .. ' ' .. #author .. ':' .. author .. keys)
+    fmt(version) .. ' ' .. now_ms .. ' ' .. ARGV[1] .. ' ' .. event .. ' ' .. #author .. ':' .. author .. keys)
   redis.call('HGET', K, 'v')  -- keep_tracked, below
   local since = ARGV[15 + tonumber(ARGV[14])]
   if since and since ~= '' and since ~= meta[2] then
@@ -811,22 +813,23 @@ local function fast_append(KEYS, ARGV, K, meta, version, clock)
       if not counter then return nil end
       counter = counter + 1
       -- An id in use means the counter went back (damaged): the general path says so.
-      if redis.call('HEXISTS', K, 'h' .. counter) == 1 then return nil end
-      first = first or counter
-      value = REF_CHAR .. counter .. '=' .. value
+      local id = fmt(counter)
+      if redis.call('HEXISTS', K, 'h' .. id) == 1 then return nil end
+      first = first or id
+      value = REF_CHAR .. id .. '=' .. value
     elseif t ~= 's' then
       return nil
     end
-    local f = prefix .. (b + k - 1)
+    local f = prefix .. fmt(b + k - 1)
     fields[2 * k - 1], fields[2 * k] = f, value
     journal[k] = #f .. ':' .. f
   end
   local hf = 'h' .. n
   if count + 1 > TOUCH_LIMIT then journal = '*' else journal[count + 1] = #hf .. ':' .. hf; journal = table.concat(journal) end
-  meta[3] = counter and string.format('%d', counter)
+  meta[3] = counter and fmt(counter)
   return fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal,
-    'l ' .. a .. ' ' .. (b + count) .. ' ' .. (c + 1) .. ' ' .. birth, first and string.format('%d', first) or '',
-    'lappend ' .. n .. ' ' .. meta[1] .. ' ' .. (b - a) .. ' ' .. count .. ' 0', '')
+    string.format('l %d %d %d %s', a, b + count, c + 1, birth), first or '',
+    string.format('lappend %s %s %d %d 0', n, meta[1], b - a, count), '')
 end
 
 local function fast_set(KEYS, ARGV, K, meta, version, clock)
@@ -845,10 +848,10 @@ local function fast_set(KEYS, ARGV, K, meta, version, clock)
     -- Nothing changes: the general path answers 'same'.
     if #raw - #s - 1 == #value and string.sub(raw, #s + 2) == value then return nil end
   else
-    s, a, b = b, a + 1, b + 1
+    s, a, b = fmt(b), a + 1, b + 1
   end
   return fast_commit(KEYS, ARGV, K, meta, version, clock, {f, s .. ':' .. value}, #f .. ':' .. f .. '2:h0',
-    'd ' .. a .. ' ' .. b .. ' ' .. (c + 1), '', 'dset 0 ' .. meta[1] .. '   ', ' ' .. #key .. ':' .. key)
+    string.format('d %d %d %d', a, b, c + 1), '', 'dset 0 ' .. meta[1] .. '   ', ' ' .. #key .. ':' .. key)
 end
 
 -- The fast path of a call, or nil for the general one.
@@ -967,7 +970,10 @@ local function apply(KEYS, ARGV)
   stamp_now = fmt(version) .. ' ' .. last_token
   local result = first_nid and fmt(first_nid) or ''
   note('v', stamp_now)
-  note('j' .. fmt(version % JOURNAL_SIZE), journal_entry(stamp_now, touched, ntouched))
+  -- The write that creates the memory lists no fields: no replica syncs across
+  -- it (one of the memory before has another incarnation and reloads), while
+  -- the entry's stamp still vouches for version 1 to a replica syncing from it.
+  note('j' .. fmt(version % JOURNAL_SIZE), creating and stamp_now .. ' *' or journal_entry(stamp_now, touched, ntouched))
   -- Activity times, in ms: of this write, and of the one that created the memory.
   local now_ms = clock_ms(clock)
   note('ta', now_ms)
