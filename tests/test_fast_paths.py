@@ -115,7 +115,7 @@ def _large_counts(client: Any, key: str) -> None:
 
 def _leading_zeros(client: Any, key: str) -> None:
     """Stored numbers with leading zeros (read as numbers, written back without them)."""
-    kind, count, next_seq, changes = client.hget(key, "h0").split(b" ")
+    _kind, count, next_seq, changes = client.hget(key, "h0").split(b" ")
     client.hset(key, mapping={"h0": b"d 0%s 0%s 0%s" % (count, next_seq, changes), "c": b"0" + client.hget(key, "c")})
 
 
