@@ -431,8 +431,9 @@ class SocketReader:
         self.sock = sock
         self.buffer = b""  # bytes, not a bytearray: a line is then one slice, one copy
         self.position = 0
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
+        self.poller = select.poll() if hasattr(select, "poll") else None  # none on Windows: select() then
+        if self.poller is not None:
+            self.poller.register(sock, select.POLLIN)
         self.on_push = on_push
 
     def _fill(self) -> None:
@@ -453,8 +454,18 @@ class SocketReader:
         return line
 
     def read(self, size: int) -> bytes:
-        while len(self.buffer) - self.position < size:
-            self._fill()
+        buffered = len(self.buffer) - self.position
+        if buffered < size:
+            # A large bulk string: its chunks are joined once, never appended
+            # to the buffer one by one (that copies the string once per chunk).
+            chunks, missing = [self.buffer[self.position :]], size - buffered
+            while missing > 0:
+                chunk = self.sock.recv(max(65536, min(missing, 1 << 22)))
+                if not chunk:
+                    raise redis.ConnectionError("connection closed by the server")
+                chunks.append(chunk)
+                missing -= len(chunk)
+            self.buffer, self.position = b"".join(chunks), 0
         data = self.buffer[self.position : self.position + size]
         self.position += size
         return data
@@ -496,7 +507,11 @@ class SocketReader:
 
     def pending(self) -> bool:
         """Whether bytes are waiting: in the buffer, or on the socket (a poll that does not wait)."""
-        return self.position < len(self.buffer) or bool(self.poller.poll(0))
+        if self.position < len(self.buffer):
+            return True
+        if self.poller is None:
+            return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(self.poller.poll(0))
 
     def close(self) -> None:
         self.buffer = b""

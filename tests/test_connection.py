@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import select
 import subprocess
 import sys
 import time
@@ -232,3 +233,37 @@ def test_stop_embedded_without_an_argument_stops_the_default_server(
         assert connection.stop_embedded() is False
     finally:
         connection.stop_embedded()
+
+
+def test_memories_work_where_select_has_no_poll(real_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``select.poll`` does not exist (Windows), memories on a real server work, tracked ones included."""
+    monkeypatch.delattr(select, "poll")
+    writer = Memory("no-poll", client=raw_client(real_url))
+    writer.x = 1
+    tracked = Memory("no-poll", client=raw_client(real_url), tracking=True)
+    assert tracked.x == 1
+    writer.x = 2
+    deadline = time.monotonic() + 5
+    while tracked.x != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tracked.x == 2
+    tracked.y = 3
+    assert Memory("no-poll", client=raw_client(real_url)).to_dict() == {"x": 2, "y": 3}
+
+
+@pytest.mark.parametrize("real_url", ["redis7"], indirect=True)
+def test_reading_a_large_value_takes_time_in_proportion_to_its_size(real_url: str) -> None:
+    """A value eight times larger takes about eight times as long to load, not sixty-four: the reply reader
+    copies what it receives a bounded number of times (a guard on how the cost grows, not a speed figure)."""
+    client = raw_client(real_url)
+    times = {}
+    for size in (4, 32):
+        Memory(f"large-{size}", client=client).blob = b"x" * (size << 20)
+        samples = []
+        for _ in range(3):
+            start = time.perf_counter()
+            assert len(Memory(f"large-{size}", client=raw_client(real_url)).blob) == size << 20
+            samples.append(time.perf_counter() - start)
+        times[size] = min(samples)
+    assert times[32] / times[4] < 24, times
+
