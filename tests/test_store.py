@@ -266,3 +266,19 @@ def test_reads_between_others_writes_take_one_round_trip(client: redis.Redis, ot
     assert trips.count == 15
     other.n = 12
     assert mem.n == 12
+
+
+def test_the_write_that_creates_a_memory_journals_no_fields(client: redis.Redis, other_client: redis.Redis) -> None:
+    """The creating write's journal entry lists no fields (nobody syncs across it: a replica of the memory before
+    has another incarnation), yet a replica loaded at that version still catches up by a delta: a version check
+    and a sync, no full read."""
+    mem = ConversationMemory("created", client=client)
+    mem.messages = [{"role": "user", "content": f"m{i}"} for i in range(50)]
+    stamp = client.hget(mem.key, "v")
+    assert client.hget(mem.key, b"j%d" % version_number(stamp)) == stamp + b" *"
+    reader = ConversationMemory("created", client=other_client)
+    assert len(reader.messages) == 50
+    mem.messages.append({"role": "user", "content": "m50"})
+    trips = Trips(reader)
+    assert reader.messages[-1] == {"role": "user", "content": "m50"}
+    assert trips.count == 2
