@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .memory import MemoryCore
 
 Node = ObservedList | ObservedDict | ObservedSet
+_NODES = (ObservedList, ObservedDict, ObservedSet)
+_ABSENT: Any = object()
 log = logging.getLogger("redis_memory")
 
 
@@ -457,12 +459,13 @@ class Replica:
                 # Build every new value before changing anything: a value may
                 # be this very dict, and the server stored it as it was.
                 built = [self._materialize(encoded, nids, node, birth) for encoded in op.values]
-                for key, value in zip((k for k, _ in op.items), built, strict=True):
-                    old = dict.get(node, key)
-                    if key not in node or (isinstance(old, Corrupt) and old.unordered):
+                for (key, _), value in zip(op.items, built, strict=True):
+                    old = dict.get(node, key, _ABSENT)
+                    if old is _ABSENT or (isinstance(old, Corrupt) and old.unordered):
                         dict.pop(node, key, None)  # the script placed it last, as a new key
                         node._rm_next += 1
-                    self._kill(old)
+                    elif isinstance(old, _NODES):
+                        self._kill(old)
                     dict.__setitem__(node, key, value)
             elif isinstance(op, ops.DictDelete):
                 for key in op.key_list:
@@ -532,6 +535,9 @@ class Replica:
         """
         if encoded.reuse is not None:
             return self.nodes[encoded.reuse]
+        if not encoded.nodes:  # a scalar
+            value = encoded.value
+            return value if type(value) in codec.SIMPLE_TYPES else codec.detached(value)
         return self._build(encoded.value, nids, parent, birth)
 
     def _build(self, value: Any, nids: Iterator[bytes], parent: Node, birth: bytes) -> Any:
@@ -540,16 +546,17 @@ class Replica:
             elements._rm_parent = parent
             set.update(elements, (codec.detached(e) for e in value))
             return elements
+        simple = codec.SIMPLE_TYPES  # scalars of these types are kept as they are, without a call
         if isinstance(value, list):
             lst = cast(ObservedList, self._proxy(next(nids), "l", {}, birth))
             lst._rm_parent = parent
-            list.extend(lst, [self._build(v, nids, lst, birth) for v in value])
+            list.extend(lst, [v if type(v) in simple else self._build(v, nids, lst, birth) for v in value])
             return lst
         if isinstance(value, dict):
             dct = cast(ObservedDict, self._proxy(next(nids), "d", {}, birth))
             dct._rm_parent = parent
             for key, v in value.items():
-                dict.__setitem__(dct, key, self._build(v, nids, dct, birth))
+                dict.__setitem__(dct, key, v if type(v) in simple else self._build(v, nids, dct, birth))
             dct._rm_next = len(value) + 1
             if isinstance(parent, ObservedList) and ops.whole(value):
                 dct._rm_up, dct._rm_birth = parent, b""  # no header, so no birth
