@@ -291,7 +291,8 @@ class MemoryCore:
         if replica.loaded and not replica.speculative:
             if sync is None:
                 sync = self.store.sync(replica.stamp, replica.incarnation)
-                self.contended = sync.stamp != replica.stamp
+                # (a memory that does not exist answers 'empty', whatever this replica's stamp)
+                self.contended = sync.kind != "empty" and sync.stamp != replica.stamp
             if sync.kind == "empty":
                 replica.load({})
                 return
@@ -638,7 +639,7 @@ class MemoryCore:
         """The queue entry of an operation (``group``: its batch's first seq, or 0)."""
         entry = queue.Pending(
             self.writer, seq, self.replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created,
-            self.author, birth, group=group,
+            self.author, birth, group=group, statements=op.statements if isinstance(op, ops.DictSet) else 1,
         )  # fmt: skip
         if isinstance(op, (ops.ListReplace, ops.SetChange)):
             entry.intent, entry.recompute = op.intent, op.compute
@@ -818,13 +819,13 @@ class MemoryCore:
         }.get(status, status)
         error_type = ContainerDeleted if status == "gone" else ConcurrentModification
         error = error_type(f"a queued {sent.name.decode()} on {self.store.key} was dropped: {why}", key=self.store.key)
-        outbox.dropped += 1
+        outbox.dropped += entry.statements
         outbox.last_error = error
         log.warning("%s", error)
 
     def _dropped(self, entry: queue.Pending, error: Exception) -> None:
         """Count and report a queued operation that will never apply."""
-        self.outbox.dropped += 1
+        self.outbox.dropped += entry.statements
         self.outbox.last_error = queue.kept(error)
         log.warning("%s: a queued %s was dropped: %s", self.store.key, entry.name.decode(), error)
 

@@ -210,6 +210,7 @@ class DictSet(Op):
     keys: list[bytes] = field(init=False)
     values: list[Encoded] = field(init=False)
     _positions: dict[bytes, int] | None = field(init=False, default=None, repr=False)  # key -> index (merge)
+    statements: int = field(init=False, default=1)  # the statements merged into it (see batch.py)
 
     def __post_init__(self) -> None:
         self.name = b"dset"
@@ -242,6 +243,7 @@ class DictSet(Op):
             else:
                 self.items[at], self.values[at] = pair, value
         self.depth = max(self.depth, later.depth)
+        self.statements += later.statements
 
 
 @dataclass

@@ -88,22 +88,25 @@ class Pending:
     #: The function that makes a whole-list rewrite again from the server's list; not spooled.
     recompute: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
     group: int = 0  # the first seq of the batch it belongs to (replayed with it as one call), or 0
+    statements: int = 1  # the statements it stands for (a batch's sets merged into one, see batch.py)
 
     def record(self) -> list[Any]:
         plan = [[nid, mod, keys] for nid, (mod, keys) in self.plan.items()]
         return [
             b"op", self.writer, self.seq, self.incarnation, self.name, self.nid, plan, self.args, self.created,
-            self.author, self.birth, self.intent, self.group,
+            self.author, self.birth, self.intent, self.group, self.statements,
         ]  # fmt: skip
 
     @classmethod
     def from_record(cls, record: list[Any]) -> Pending:
         if len(record) == 12:  # written before batches existed
             record = [*record, 0]
-        _, writer, seq, incarnation, name, nid, plan, args, created, author, birth, intent, group = record
+        if len(record) == 13:  # written before a batch's sets were merged
+            record = [*record, 1]
+        _, writer, seq, incarnation, name, nid, plan, args, created, author, birth, intent, group, statements = record
         plan_map = {n: (m, list(k)) for n, m, k in plan}
         return cls(writer, seq, incarnation, name, nid, plan_map, list(args), list(created), author, birth, intent,
-                   group=group)  # fmt: skip
+                   group=group, statements=statements)  # fmt: skip
 
     def renamed(self, renames: dict[bytes, bytes]) -> Pending:
         """This operation with provisional node ids replaced by the server's."""
@@ -132,6 +135,7 @@ class Pending:
             self.intent,
             self.recompute,
             self.group,
+            self.statements,
         )
 
 

@@ -145,6 +145,38 @@ def test_a_nested_batch_that_raises_takes_back_sets_it_would_merge(client: redis
     assert mem.to_dict() == {"seed": 0, "a": 1, "c": 3}
 
 
+def test_merged_sets_left_out_are_reported_one_by_one(
+    client: redis.Redis, other_client: redis.Redis, switch: Switch
+) -> None:
+    """Sets merged into one operation and left out (another writer deleted their dict) are each named: online in
+    BatchIncomplete.failures, offline in status().dropped."""
+    mem = Memory("merged-gone", client=client)
+    mem.keep = 0
+    mem.d = {"x": 0}
+    with pytest.raises(BatchIncomplete) as raised, mem.batch():
+        mem.d["a"] = 1
+        mem.d["b"] = 2
+        mem.d["c"] = 3
+        mem.keep = 1
+        del Memory("merged-gone", client=other_client).d
+    assert len(raised.value.failures) == 3
+    assert Memory("merged-gone", client=client).to_dict() == {"keep": 1}
+
+    offline = Memory("merged-offline", client=switch.client())
+    offline.d = {"x": 0}
+    held = offline.d
+    switch.cut()
+    with offline.batch():
+        held["a"] = 1
+        held["b"] = 2
+        held["c"] = 3
+    del Memory("merged-offline", client=client).d
+    switch.restore()
+    assert offline.flush(timeout=10)
+    assert offline.status().dropped == 3
+    assert Memory("merged-offline", client=client).to_dict() == {}
+
+
 def test_a_stale_view_is_built_again_and_the_batch_applied(client: redis.Redis, other_client: redis.Redis) -> None:
     """Another writer changes a container the batch removes, while the block runs: the server refuses the
     batch whole, and the statements are made again from the fresh view; nothing of anyone's is lost."""

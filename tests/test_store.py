@@ -282,3 +282,22 @@ def test_the_write_that_creates_a_memory_journals_no_fields(client: redis.Redis,
     trips = Trips(reader)
     assert reader.messages[-1] == {"role": "user", "content": "m50"}
     assert trips.count == 2
+
+
+def test_reads_of_a_memory_deleted_elsewhere_are_one_round_trip_each(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """Once another writer deleted the memory, each read of it here is one version check: no sync, no reload."""
+    mem = Memory("deleted-elsewhere", client=other_client)
+    reader = Memory("deleted-elsewhere", client=client)
+    mem.x = 1
+    assert reader.x == 1
+    mem.delete()
+    assert not hasattr(reader, "x")
+    loads = reader._rm.replica.loads
+    trips = Trips(reader)
+    for _ in range(5):
+        assert not hasattr(reader, "x")
+    assert trips.count == 5
+    assert reader._rm.replica.loads == loads
+
