@@ -202,7 +202,7 @@ class Channel:
                 line = reader.readline()
                 if line[:1] != b">" or not line.endswith(b"\r\n"):
                     raise redis.ConnectionError(f"unexpected data on a tracked connection: {line[:40]!r}")
-                tracker.push(_read_items(reader, int(line[1:-2])))
+                tracker.push(reader.items(int(line[1:-2])))
             return True
         except (redis.ConnectionError, OSError, ValueError):
             self._close()
@@ -470,38 +470,48 @@ class SocketReader:
         self.position += size
         return data
 
-    def flat(self) -> list[bytes | None] | None:
-        """The next reply in one step if it is an array of bulk strings, whole in the buffer; else None.
+    def flat(self) -> list[object] | None:
+        """The next reply if it is an array (most are: the functions' replies, HMGET, HGETALL); else None.
 
-        Most replies are (the functions' replies, HMGET); None has read
-        nothing, and :func:`read_reply` parses the reply the general way.
+        None has read nothing, and :func:`read_reply` parses the reply the
+        general way.
         """
         if self.position >= len(self.buffer):
             self._fill()
         buffer, pos = self.buffer, self.position
-        size = len(buffer)
         end = buffer.find(b"\r\n", pos)
-        if buffer[pos] != 42 or end < 0:  # not '*', or not whole
+        if end < 0 or buffer[pos] != 42:  # not whole in the buffer, or not '*'
             return None
         count = int(buffer[pos + 1 : end])
-        pos = end + 2
-        items: list[bytes | None] = []
-        for _ in range(count):
-            end = buffer.find(b"\r\n", pos)
-            if end < 0 or buffer[pos] != 36:  # '$'
-                return None
-            start = end + 2
-            stop = start + int(buffer[pos + 1 : end])
-            if stop < start:  # $-1, a null
-                items.append(None)
-                pos = start
-                continue
-            if stop + 2 > size:
-                return None
-            items.append(buffer[start:stop])
-            pos = stop + 2
         if count < 0:  # *-1, a null array
             return None
+        self.position = end + 2
+        return self.items(count)
+
+    def items(self, count: int) -> list[object]:
+        """The ``count`` elements of an aggregate reply.
+
+        Bulk strings whole in the buffer (nearly all elements) are taken in
+        one loop, with no call of this class per element; any other element
+        (one that the buffer ends inside, a null, a number, a nested array)
+        is parsed the general way.
+        """
+        items: list[object] = []
+        buffer, pos = self.buffer, self.position
+        size = len(buffer)
+        for _ in range(count):
+            end = buffer.find(b"\r\n", pos)
+            if end >= 0 and buffer[pos] == 36:  # '$'
+                start = end + 2
+                stop = start + int(buffer[pos + 1 : end])
+                if start <= stop and stop + 2 <= size:
+                    items.append(buffer[start:stop])
+                    pos = stop + 2
+                    continue
+            self.position = pos
+            items.append(_parse(self.readline(), self))
+            buffer, pos = self.buffer, self.position
+            size = len(buffer)
         self.position = pos
         return items
 
@@ -516,26 +526,6 @@ class SocketReader:
     def close(self) -> None:
         self.buffer = b""
         self.position = 0
-
-
-def _read_items(reader: SocketReader, count: int) -> list[object]:
-    """The elements of an aggregate reply; bulk strings (nearly all of them) inline."""
-    items: list[object] = []
-    readline, read = reader.readline, reader.read
-    for _ in range(count):
-        line = readline()
-        if line[:1] == b"$" and line.endswith(b"\r\n"):
-            size = int(line[1:-2])
-            if size < 0:
-                items.append(None)
-                continue
-            data = read(size + 2)
-            if len(data) != size + 2:
-                raise redis.ConnectionError("connection closed by the server")
-            items.append(data[:-2])
-        else:
-            items.append(_parse(line, reader))
-    return items
 
 
 def read_reply(reader: SocketReader) -> object:
@@ -562,7 +552,7 @@ def _parse(line: bytes, reader: SocketReader) -> object:
         size = int(rest)
         if size < 0:
             return None
-        items = _read_items(reader, size * 2 if kind == b"%" else size)
+        items = reader.items(size * 2 if kind == b"%" else size)
         if kind == b"%":
             it = iter(items)
             return dict(zip(it, it, strict=False))
@@ -585,7 +575,7 @@ def _parse(line: bytes, reader: SocketReader) -> object:
     if kind in (b">", b"|"):
         # Out-of-band data (a push, or attributes): the reply follows. A tracked
         # connection's reader takes the pushes (invalidations, see tracking.py).
-        items = _read_items(reader, int(rest) * (2 if kind == b"|" else 1))
+        items = reader.items(int(rest) * (2 if kind == b"|" else 1))
         if kind == b">" and reader.on_push is not None:
             reader.on_push(items)
         return read_reply(reader)
