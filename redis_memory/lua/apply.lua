@@ -737,17 +737,16 @@ end
 -- caches, plans, tables or walks, and as few string operations as the
 -- bookkeeping allows (each costs about as much as a Redis command here).
 -- Numbers are written with fmt (%d), as the general path writes them (never
--- as Lua's '..' would, '1e+14' from 10^14 on). Each checks that the call
--- is its case, on a memory that exists, from a
--- writer indexed within the minute, and returns nil if not, having written
--- nothing: the general path then runs (and answers whatever refusal or
--- corruption applies). What they write and publish is what the general
--- path writes and publishes for the same call, field for field (a test
--- compares the two).
+-- as Lua's '..' would, '1e+14' from 10^14 on). Each checks that the call is
+-- its case, on a memory that exists, from a writer indexed within the
+-- minute, and returns nil if not, having written nothing: the general path
+-- then runs (and answers whatever refusal or corruption applies). What they
+-- write and publish is what the general path writes and publishes for the
+-- same call, field for field (tests/test_fast_paths.py compares the two).
 --
 -- ARGV of a single operation: [7] seq, [8] token, [9] name, [10] nid, [11]
 -- birth, [12] ids given ('0' here), [13] plan count ('0' here), [14] the
--- op's own argument count, then those.
+-- op's own argument count, then those, then the caller's version stamp.
 local REF_CHAR = '\193'  -- string.char(REF): a library's top level has no string library
 local LIST_HEADER = '^l (%-?%d+) (%-?%d+) (%d+) (%S+)$'
 local DICT_HEADER = '^d (%d+) (%d+) (%d+)$'
