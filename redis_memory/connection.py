@@ -485,22 +485,8 @@ class SocketReader:
         count = int(buffer[pos + 1 : end])
         if count < 0:  # *-1, a null array
             return None
-        # The commonest case inline (a short reply, whole in the buffer): no call of items().
-        items: list[object] = []
-        pos, size = end + 2, len(buffer)
-        for done in range(count):
-            end = buffer.find(b"\r\n", pos)
-            if end >= 0 and buffer[pos] == 36:  # '$'
-                start = end + 2
-                stop = start + int(buffer[pos + 1 : end])
-                if start <= stop and stop + 2 <= size:
-                    items.append(buffer[start:stop])
-                    pos = stop + 2
-                    continue
-            self.position = pos
-            return items + self.items(count - done)
-        self.position = pos
-        return items
+        self.position = end + 2
+        return self.items(count)
 
     def items(self, count: int) -> list[object]:
         """The ``count`` elements of an aggregate reply.
