@@ -97,9 +97,12 @@ COMMANDS = ("apply", "sync", "delete")
 #: A sync only reads (so a read-only replica serves it too); a delete runs
 #: on a server out of memory, which it relieves; so does ``apply_oom``, the
 #: apply function for operations that only remove (see :meth:`Store.apply`).
+#: A tracked connection calls the ``_tracked`` ones (see apply.lua).
 _REGISTERED = {
     "apply": ("apply", ()),
     "apply_oom": ("apply", ("allow-oom",)),
+    "apply_tracked": ("apply_tracked", ()),
+    "apply_oom_tracked": ("apply_tracked", ("allow-oom",)),
     "sync": ("sync", ("no-writes",)),
     "delete": ("delete", ("allow-oom",)),
 }
@@ -400,13 +403,15 @@ class Store:
                 if isinstance(reply, list) and len(reply) > 5 and reply[5] == b"1":
                     tracker.expect(key, before)
 
+        # On a tracked connection the function reads the hash last, so that the server tracks it still.
+        tracked = "" if tracker is None else "_tracked"
         try:
-            raw = self._fcall("apply", self.keys + self.companions, [], packed_tail, wait, on_first)
+            raw = self._fcall("apply" + tracked, self.keys + self.companions, [], packed_tail, wait, on_first)
         except ServerRefused as exc:
             # A server out of memory refuses writes; one that only removes relieves it.
             if "OOM" not in str(exc) or any(step.name not in _REMOVALS for step in steps):
                 raise
-            raw = self._fcall("apply_oom", self.keys + self.companions, [], packed_tail, wait, on_first)
+            raw = self._fcall("apply_oom" + tracked, self.keys + self.companions, [], packed_tail, wait, on_first)
         finally:
             # Other memories of this process on the key learn of the write here.
             self.written = None if tracker is None else tracker.wrote(key, before)

@@ -40,9 +40,11 @@ before, '1' if the call modified the hash (else ''), then for a single
 operation: what changed since the caller's version (the sync function's
 reply, see sync.lua) if it applied after others' changes, else ''; for a
 batch: the number of the operation refused ('' if none) and per-operation
-results; then what a delete removed...}. A call that modified the hash
-reads it last, so the server tracks it still for a tracked connection,
-which gets exactly one invalidation of it, after this reply. Status: ok, same (nothing to change),
+results; then what a delete removed...}. Called as apply_tracked (by a
+tracked connection, see tracking.py), a call reads the hash last, so the
+server tracks it still for that connection, which gets exactly one
+invalidation of it after this reply if the call modified it. Status: ok,
+same (nothing to change),
 dup, gone (memory or node replaced), stale (what it removes changed),
 missing, index, exists (setdefault), or corrupt with the key, the field (''
 for a key of another type) and why: malformed stored data, met before
@@ -659,11 +661,6 @@ local function publish(command, lines)
   redis.pcall(command == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@', lines)
 end
 
--- A write ends the server's tracking of the hash for the caller's
--- connection (CLIENT TRACKING, see tracking.py): a read as the last step
--- tracks it again, so a tracked replica learns of the next writer's change.
-local function keep_tracked() redis.call('HGET', K, 'v') end
-
 -- The checks and the change of the operation whose own arguments start
 -- at pos: nothing and its result ('=' if it changed nothing), or a reply
 -- refusing it.
@@ -756,13 +753,14 @@ local DICT_HEADER = '^d (%d+) (%d+) (%d+)$'
 -- reply. 'journal' is the journal entry's list of fields, without the
 -- stamp in front; 'event' and 'keys' are the change event's parts before
 -- and after the author.
-local function fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal, header, result, event, keys)
+local function fast_commit(KEYS, ARGV, K, meta, version, clock, hf, fields, journal, header, result, event, keys)
   version = version + 1
-  local stamp = fmt(version) .. ' ' .. ARGV[8]
+  local count = fmt(version)
+  local stamp = count .. ' ' .. ARGV[8]
   local jfield = 'j' .. fmt(version % JOURNAL_SIZE)
   local now_ms = string.format('%s%03d', clock[1], math.floor(clock[2] / 1000))
-  local wentry = string.format('%d %d %s', ARGV[7], meta[6], result)
-  local hf = 'h' .. ARGV[10]
+  -- '<seq> <index time> <result>': both numbers as the client and the last call wrote them (%d).
+  local wentry = ARGV[7] .. ' ' .. meta[6] .. ' ' .. result
   if #fields == 2 then
     -- The commonest case, without a table to unpack.
     if result == '' then
@@ -786,8 +784,7 @@ local function fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal,
   if ARGV[3] ~= '0' then refresh_ttl(KEYS, tonumber(ARGV[3])) end
   local author = ARGV[4]
   redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@',
-    fmt(version) .. ' ' .. now_ms .. ' ' .. ARGV[1] .. ' ' .. event .. ' ' .. #author .. ':' .. author .. keys)
-  redis.call('HGET', K, 'v')  -- keep_tracked, below
+    count .. ' ' .. now_ms .. ' ' .. ARGV[1] .. ' ' .. event .. ' ' .. #author .. ':' .. author .. keys)
   local since = ARGV[15 + tonumber(ARGV[14])]
   if since and since ~= '' and since ~= meta[2] then
     begin(K)
@@ -796,7 +793,7 @@ local function fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal,
   return {'ok', stamp, meta[1], result, meta[2], '1', ''}
 end
 
-local function fast_append(KEYS, ARGV, K, meta, version, clock)
+local function fast_append(KEYS, ARGV, K, meta, version, clock, hf)
   local a, b, c, birth = string.match(meta[5], LIST_HEADER)
   if not a or birth ~= ARGV[11] then return nil end
   a, b = tonumber(a), tonumber(b)
@@ -805,7 +802,7 @@ local function fast_append(KEYS, ARGV, K, meta, version, clock)
   if keep ~= '0' and not (tonumber(keep) and b - a + count <= tonumber(keep)) then return nil end
   local n, counter, first = ARGV[10], tonumber(meta[3] or '0'), nil
   local prefix = 'e' .. n .. ':'
-  local fields, journal = {}, {}
+  local fields, journal = {}, count > 1 and {} or nil
   for k = 1, count do
     local t, value = ARGV[15 + 2 * k], ARGV[16 + 2 * k]
     if t == 'f' then
@@ -821,17 +818,23 @@ local function fast_append(KEYS, ARGV, K, meta, version, clock)
     end
     local f = prefix .. fmt(b + k - 1)
     fields[2 * k - 1], fields[2 * k] = f, value
-    journal[k] = #f .. ':' .. f
+    if journal then journal[k] = #f .. ':' .. f end
   end
-  local hf = 'h' .. n
-  if count + 1 > TOUCH_LIMIT then journal = '*' else journal[count + 1] = #hf .. ':' .. hf; journal = table.concat(journal) end
+  if not journal then
+    journal = #fields[1] .. ':' .. fields[1] .. #hf .. ':' .. hf  -- one item: no table
+  elseif count + 1 > TOUCH_LIMIT then
+    journal = '*'
+  else
+    journal[count + 1] = #hf .. ':' .. hf
+    journal = table.concat(journal)
+  end
   meta[3] = counter and fmt(counter)
-  return fast_commit(KEYS, ARGV, K, meta, version, clock, fields, journal,
+  return fast_commit(KEYS, ARGV, K, meta, version, clock, hf, fields, journal,
     string.format('l %d %d %d %s', a, b + count, c + 1, birth), first or '',
     string.format('lappend %s %s %d %d 0', n, meta[1], b - a, count), '')
 end
 
-local function fast_set(KEYS, ARGV, K, meta, version, clock)
+local function fast_set(KEYS, ARGV, K, meta, version, clock, hf)
   if ARGV[10] ~= '0' or ARGV[14] ~= '4' or ARGV[15] ~= '1' or ARGV[17] ~= 's' then return nil end
   local a, b, c = string.match(meta[5], DICT_HEADER)
   if not a then return nil end
@@ -849,7 +852,7 @@ local function fast_set(KEYS, ARGV, K, meta, version, clock)
   else
     s, a, b = fmt(b), a + 1, b + 1
   end
-  return fast_commit(KEYS, ARGV, K, meta, version, clock, {f, s .. ':' .. value}, #f .. ':' .. f .. '2:h0',
+  return fast_commit(KEYS, ARGV, K, meta, version, clock, hf, {f, s .. ':' .. value}, #f .. ':' .. f .. '2:h0',
     string.format('d %d %d %d', a, b, c + 1), '', 'dset 0 ' .. meta[1] .. '   ', ' ' .. #key .. ':' .. key)
 end
 
@@ -858,7 +861,8 @@ local function fast(KEYS, ARGV)
   local name = ARGV[9]
   if name ~= 'lappend' and name ~= 'dset' then return nil end
   local K = KEYS[1]
-  local meta = redis.call('HMGET', K, 'i', 'v', 'c', 'w' .. ARGV[1], 'h' .. ARGV[10])
+  local hf = 'h' .. ARGV[10]
+  local meta = redis.call('HMGET', K, 'i', 'v', 'c', 'w' .. ARGV[1], hf)
   -- The memory exists, as the client knows it, and the node has a header.
   if not meta[1] or not meta[2] or not meta[4] or not meta[5] then return nil end
   if ARGV[2] ~= '*' and ARGV[2] ~= meta[1] then return nil end
@@ -869,8 +873,8 @@ local function fast(KEYS, ARGV)
   local clock = redis.call('TIME')
   if tonumber(clock[1]) - tonumber(lstamp) >= @INDEX_EVERY@ then return nil end
   meta[6] = lstamp
-  if name == 'lappend' then return fast_append(KEYS, ARGV, K, meta, version, clock) end
-  return fast_set(KEYS, ARGV, K, meta, version, clock)
+  if name == 'lappend' then return fast_append(KEYS, ARGV, K, meta, version, clock, hf) end
+  return fast_set(KEYS, ARGV, K, meta, version, clock, hf)
 end
 
 local function apply(KEYS, ARGV)
@@ -962,7 +966,6 @@ local function apply(KEYS, ARGV)
   local ttl = tonumber(ARGV[3])
   if changes == 0 then
     refresh_ttl(KEYS, ttl)
-    keep_tracked()
     return reply('same', '', '', nops > 1 and table.concat(results, ' ') or '')
   end
   version = version + 1
@@ -1001,7 +1004,6 @@ local function apply(KEYS, ARGV)
   for i = 1, #events, 2 do lines[#lines + 1] = head .. events[i] .. tail .. events[i + 1] end
   if #lines == 1 then lines = lines[1] else lines = table.concat(lines, '\n') end
   publish(ARGV[5], lines)
-  keep_tracked()
   if nops > 1 then return reply('ok', result, '', table.concat(results, ' ')) end
   local since = A[pos]
   if since and since ~= '' and since ~= before then
@@ -1010,4 +1012,15 @@ local function apply(KEYS, ARGV)
     delta, wrote = changes_since(since, incarnation), modified
   end
   return reply('ok', result, '', '', unpack(extra or {}))
+end
+
+-- apply, for a tracked connection (CLIENT TRACKING, see tracking.py): a
+-- write ends the server's tracking of the hash for the caller's connection,
+-- and a read as the last step tracks it again, so a tracked replica learns
+-- of the next writer's change. (pcall: a key of another type is answered
+-- 'corrupt' by apply, not met by an error here.)
+local function apply_tracked(KEYS, ARGV)
+  local answer = apply(KEYS, ARGV)
+  redis.pcall('HGET', KEYS[1], 'v')
+  return answer
 end
