@@ -291,9 +291,8 @@ class Batch:
         }.get(reply.status, reply.status)
         error_type = ContainerDeleted if reply.status == "gone" else ConcurrentModification
         # One error per statement: sets merged into one operation are each left out.
-        statements = entry.op.statements if isinstance(entry.op, ops.DictSet) else 1
         self.failures.extend(error_type(f"a batched {entry.op.name.decode()} was left out: {why}", key=core.store.key)
-                             for _ in range(statements))  # fmt: skip
+                             for _ in range(entry.op.statements))  # fmt: skip
         del entries[index]
         return False
 

@@ -639,7 +639,7 @@ class MemoryCore:
         """The queue entry of an operation (``group``: its batch's first seq, or 0)."""
         entry = queue.Pending(
             self.writer, seq, self.replica.incarnation, op.name, op.nid, plan, ops.tokens(op.args()), created,
-            self.author, birth, group=group, statements=op.statements if isinstance(op, ops.DictSet) else 1,
+            self.author, birth, group=group, statements=op.statements,
         )  # fmt: skip
         if isinstance(op, (ops.ListReplace, ops.SetChange)):
             entry.intent, entry.recompute = op.intent, op.compute

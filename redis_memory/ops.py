@@ -192,6 +192,8 @@ class Op:
     name: bytes = field(init=False, default=b"")
     #: How many containers deep the values it adds nest (see :func:`check_depth`).
     depth: int = field(init=False, default=0)
+    #: The user's statements it stands for: more than one for sets merged in a batch (see batch.py).
+    statements: int = field(init=False, default=1)
 
     def args(self) -> Args:
         """The op's own arguments for the apply script."""
@@ -210,7 +212,6 @@ class DictSet(Op):
     keys: list[bytes] = field(init=False)
     values: list[Encoded] = field(init=False)
     _positions: dict[bytes, int] | None = field(init=False, default=None, repr=False)  # key -> index (merge)
-    statements: int = field(init=False, default=1)  # the statements merged into it (see batch.py)
 
     def __post_init__(self) -> None:
         self.name = b"dset"
