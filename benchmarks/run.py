@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -254,6 +255,14 @@ redis.register_function('redis_memory_bench_floor', floor)
 """
 
 
+def floor_call(client: redis.Redis, n: int, payload: bytes) -> None:
+    """The floor function (:data:`FLOOR_LIBRARY`), called with the arguments of the ``n``-th plain append."""
+    seq, token = b"%d" % n, b"floor%x" % n
+    args = (b"floor", b"*", b"0", b"", b"PUBLISH", b"1", seq, token, b"lappend", b"1", token,
+            b"0", b"0", b"4", b"1", b"0", b"f", payload, b"")  # fmt: skip
+    client.fcall("redis_memory_bench_floor", 2, "floor-server-time", "floor-server-time:w", *args)
+
+
 def server_time(client: redis.Redis, rounds: int = 9, per_round: int = 200) -> dict[str, float]:
     """Microseconds the server spends per call (INFO commandstats), by kind of call.
 
@@ -280,10 +289,7 @@ def server_time(client: redis.Redis, rounds: int = 9, per_round: int = 200) -> d
                     elif kind == "hset":
                         client.hset("raw-server-time", str(n), payload)
                     else:
-                        seq, token = b"%d" % n, b"floor%x" % n
-                        args = (b"floor", b"*", b"0", b"", b"PUBLISH", b"1", seq, token, b"lappend", b"1", token,
-                                b"0", b"0", b"4", b"1", b"0", b"f", payload, b"")  # fmt: skip
-                        client.fcall("redis_memory_bench_floor", 2, "floor-server-time", "floor-server-time:w", *args)
+                        floor_call(client, n, payload)
                 stats = client.info("commandstats")
                 samples[kind].append(stats["cmdstat_hset" if kind == "hset" else "cmdstat_fcall"]["usec_per_call"])
     finally:
@@ -398,6 +404,17 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
                          lambda: tracked.messages.append(message(next(j))), wire_rpush, channel, "<= 1.3"))  # fmt: skip
     rows.append(compared("tracking=True: held.append(m)", raw_rpush,
                          lambda: tracked_held.append(message(next(j))), wire_rpush, channel, "<= 1.2"))  # fmt: skip
+    # What any script's append costs: redis-py calling the floor function with an append's arguments.
+    client.function_load(FLOOR_LIBRARY, replace=True)
+    calls = types.SimpleNamespace(round_trips=0)  # one FCALL each
+
+    def floor_append() -> None:
+        calls.round_trips += 1
+        floor_call(client, next(j), payload)
+
+    rows.append(compared("  floor: redis-py FCALL of a function making only the append's Redis commands", raw_rpush,
+                         floor_append, wire_rpush, calls, "-"))  # fmt: skip
+    client.function_delete("redis_memory_bench_floor")
 
     for tracking in (False, True):
         # A memory built per request (a web handler), in a process that served the conversation before.
