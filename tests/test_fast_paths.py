@@ -118,6 +118,10 @@ def _leading_zeros(client: Any, key: str) -> None:
     """Stored numbers with leading zeros (read as numbers, written back without them)."""
     _kind, count, next_seq, changes = client.hget(key, "h0").split(b" ")
     client.hset(key, mapping={"h0": b"d 0%s 0%s 0%s" % (count, next_seq, changes), "c": b"0" + client.hget(key, "c")})
+    for field, entry in client.hgetall(key).items():
+        if field.startswith(b"w"):  # a writer's '<seq> <index time> <result>'
+            seq, indexed, rest = entry.split(b" ", 2)
+            client.hset(key, field, b"0%s 0%s %s" % (seq, indexed, rest))
 
 
 #: name -> how the hash is changed before the operation (valid data, oddly written)

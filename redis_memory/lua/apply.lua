@@ -759,8 +759,7 @@ local function fast_commit(KEYS, ARGV, K, meta, version, clock, hf, fields, jour
   local stamp = count .. ' ' .. ARGV[8]
   local jfield = 'j' .. fmt(version % JOURNAL_SIZE)
   local now_ms = string.format('%s%03d', clock[1], math.floor(clock[2] / 1000))
-  -- '<seq> <index time> <result>': both numbers as the client and the last call wrote them (%d).
-  local wentry = ARGV[7] .. ' ' .. meta[6] .. ' ' .. result
+  local wentry = string.format('%d %d %s', ARGV[7], meta[6], result)
   if #fields == 2 then
     -- The commonest case, without a table to unpack.
     if result == '' then
