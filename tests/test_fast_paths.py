@@ -98,7 +98,11 @@ CASES: dict[str, tuple[str, Callable[[Memory], object], bool]] = {
     "set a root key on an expiring memory": ("expiring, with an author", lambda m: setattr(m, "title", "t2"), True),
     "set a root key to what it holds": ("plain", lambda m: setattr(m, "title", "title"), False),
     "replace a dict by a scalar": ("plain", lambda m: setattr(m, "profile", "none"), False),
-    "set a key of a nested dict": ("plain", lambda m: m.profile.__setitem__("age", 3), False),
+    "add a key to a nested dict": ("plain", lambda m: m.profile.__setitem__("age", 3), True),
+    "change a key of a nested dict": ("expiring, with an author", lambda m: m.profile.__setitem__("name", "Bo"), True),
+    "set a nested dict's key to what it holds": ("plain", lambda m: m.profile.__setitem__("name", "Ada"), False),
+    "set a key of a nested dict to a dict": ("plain", lambda m: m.profile.__setitem__("home", {"city": "X"}), False),
+    "set two keys of a nested dict": ("plain", lambda m: m.profile.update(a=1, b=2), False),
 }
 
 
@@ -110,16 +114,18 @@ def _large_counts(client: Any, key: str) -> None:
         kind, *numbers = header.split(b" ")
         if field.startswith(b"h") and kind == b"l":
             client.hset(key, field, b" ".join([kind, numbers[0], numbers[1], b"99999999999999", *numbers[3:]]))
-        elif field == b"h0":
-            client.hset(key, field, b"d %s 99999999999999 99999999999999" % numbers[0])
+        elif field.startswith(b"h") and kind == b"d":  # the root, or a nested dict (with its birth)
+            client.hset(key, field, b" ".join([kind, numbers[0], b"99999999999999", b"99999999999999", *numbers[3:]]))
 
 
 def _leading_zeros(client: Any, key: str) -> None:
     """Stored numbers with leading zeros (read as numbers, written back without them)."""
-    _kind, count, next_seq, changes = client.hget(key, "h0").split(b" ")
-    client.hset(key, mapping={"h0": b"d 0%s 0%s 0%s" % (count, next_seq, changes), "c": b"0" + client.hget(key, "c")})
+    client.hset(key, "c", b"0" + client.hget(key, "c"))
     for field, entry in client.hgetall(key).items():
-        if field.startswith(b"w"):  # a writer's '<seq> <index time> <result>'
+        if field.startswith(b"h") and entry.startswith(b"d "):  # the root, or a nested dict (with its birth)
+            _kind, count, next_seq, changes, *birth = entry.split(b" ")
+            client.hset(key, field, b" ".join([b"d", b"0" + count, b"0" + next_seq, b"0" + changes, *birth]))
+        elif field.startswith(b"w"):  # a writer's '<seq> <index time> <result>'
             seq, indexed, rest = entry.split(b" ", 2)
             client.hset(key, field, b"0%s 0%s %s" % (seq, indexed, rest))
 

@@ -729,7 +729,8 @@ local function apply_one(events, applied)
 end
 
 -- Fast paths: the commonest single operations (an append of scalars and
--- dicts stored whole that trims nothing, and a scalar set of a root key),
+-- dicts stored whole that trims nothing, and a scalar set of one key of a
+-- dict: the root or a nested one),
 -- run before any of the general path's state is set up: none of its
 -- caches, plans, tables or walks, and as few string operations as the
 -- bookkeeping allows (each costs about as much as a Redis command here).
@@ -747,6 +748,7 @@ end
 local REF_CHAR = '\193'  -- string.char(REF): a library's top level has no string library
 local LIST_HEADER = '^l (%-?%d+) (%-?%d+) (%d+) (%S+)$'
 local DICT_HEADER = '^d (%d+) (%d+) (%d+)$'
+local NODE_DICT_HEADER = '^d (%d+) (%d+) (%d+) (%S+)$'
 
 -- Writes the fields of an applied operation (field, value, ...), its
 -- node's header and the bookkeeping, then the expiry, the event and the
@@ -834,11 +836,19 @@ local function fast_append(KEYS, ARGV, K, meta, version, clock, hf)
 end
 
 local function fast_set(KEYS, ARGV, K, meta, version, clock, hf)
-  if ARGV[10] ~= '0' or ARGV[14] ~= '4' or ARGV[15] ~= '1' or ARGV[17] ~= 's' then return nil end
-  local a, b, c = string.match(meta[5], DICT_HEADER)
+  if ARGV[14] ~= '4' or ARGV[15] ~= '1' or ARGV[17] ~= 's' then return nil end
+  local n = ARGV[10]
+  local a, b, c, birth
+  if n == '0' then
+    a, b, c = string.match(meta[5], DICT_HEADER)
+  else
+    -- A nested dict: the one the client knows, by its birth.
+    a, b, c, birth = string.match(meta[5], NODE_DICT_HEADER)
+    if birth ~= ARGV[11] then return nil end
+  end
   if not a then return nil end
   local key, value = ARGV[16], ARGV[18]
-  local f = 'e0:' .. key
+  local f = 'e' .. n .. ':' .. key
   local raw = redis.call('HGET', K, f)
   local s
   if raw then
@@ -851,8 +861,9 @@ local function fast_set(KEYS, ARGV, K, meta, version, clock, hf)
   else
     s, a, b = fmt(b), a + 1, b + 1
   end
-  return fast_commit(KEYS, ARGV, K, meta, version, clock, hf, {f, s .. ':' .. value}, #f .. ':' .. f .. '2:h0',
-    string.format('d %d %d %d', a, b, c + 1), '', 'dset 0 ' .. meta[1] .. '   ', ' ' .. #key .. ':' .. key)
+  local header = birth and string.format('d %d %d %d %s', a, b, c + 1, birth) or string.format('d %d %d %d', a, b, c + 1)
+  return fast_commit(KEYS, ARGV, K, meta, version, clock, hf, {f, s .. ':' .. value}, #f .. ':' .. f .. #hf .. ':' .. hf,
+    header, '', 'dset ' .. n .. ' ' .. meta[1] .. '   ', ' ' .. #key .. ':' .. key)
 end
 
 -- The fast path of a call, or nil for the general one.
