@@ -265,7 +265,7 @@ def floor_call(client: redis.Redis, n: int, payload: bytes) -> None:
 def server_time(client: redis.Redis, rounds: int = 9, per_round: int = 200) -> dict[str, float]:
     """Microseconds the server spends per call (INFO commandstats), by kind of call.
 
-    A plain append, a scalar set, a raw HSET, and the floor (:data:`FLOOR_LIBRARY`) called with
+    A plain append, a scalar set, a nested dict's key set, a raw HSET, and the floor (:data:`FLOOR_LIBRARY`) called with
     an append's arguments. Medians of interleaved rounds, each on statistics reset just before it.
     """
     mem = ConversationMemory("server-time", client=client)
@@ -274,7 +274,8 @@ def server_time(client: redis.Redis, rounds: int = 9, per_round: int = 200) -> d
     payload = msgpack.packb(message(0))
     client.function_load(FLOOR_LIBRARY, replace=True)
     counter = iter(range(10**9))
-    samples: dict[str, list[float]] = {"append": [], "set": [], "hset": [], "floor": []}
+    mem.context = {"topic": "none"}
+    samples: dict[str, list[float]] = {"append": [], "set": [], "nested": [], "hset": [], "floor": []}
     try:
         for _ in range(rounds):
             for kind in samples:
@@ -285,6 +286,8 @@ def server_time(client: redis.Redis, rounds: int = 9, per_round: int = 200) -> d
                         messages.append(message(n))
                     elif kind == "set":
                         mem.title = f"title {n}"
+                    elif kind == "nested":
+                        mem.context["topic"] = f"topic {n}"
                     elif kind == "hset":
                         client.hset("raw-server-time", str(n), payload)
                     else:
@@ -494,6 +497,7 @@ def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
     label = f"apply function, server time per plain append (an HSET: {times['hset']:.1f} us)"
     rows.append((label, times["append"], "<= 12 us"))
     rows.append(("apply function, server time per scalar attribute set", times["set"], "<= 12 us"))
+    rows.append(("  per scalar set of a nested dict's key (mem.context[k] = v)", times["nested"], "us"))
     rows.append(("  floor: a function making only the append's Redis commands, no logic", times["floor"], "us"))
 
     ratio, lost, duplicated = contended(url)

@@ -29,8 +29,9 @@ and the write sends exactly one invalidation, *after* the call's reply
 reply says whether the call modified the hash; if no other invalidation of
 the key came before that reply, the next one is this call's own and is
 expected (:meth:`Tracker.expect`), not counted. In every other case an own
-write counts as any other, which only costs a version check. The call reads
-the hash once more as its last step, so the server tracks it still.
+write counts as any other, which only costs a version check. A tracked
+connection calls the ``apply_tracked`` function, which reads the hash once
+more as its last step, so the server tracks it still.
 
 The window in which a read can miss another process's completed write is
 the time the invalidation takes from the server to this socket: the server
