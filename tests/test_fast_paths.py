@@ -130,11 +130,22 @@ def _leading_zeros(client: Any, key: str) -> None:
             client.hset(key, field, b"0%s 0%s %s" % (seq, indexed, rest))
 
 
+def _odd_births(client: Any, key: str) -> None:
+    """Node births holding a zero byte (a birth is any bytes without a space); a new version, which replicas reload."""
+    count, stamp = client.hget(key, "v").split(b" ")
+    client.hset(key, "v", b"%d %s" % (int(count) + 1000, stamp))
+    for field, header in client.hgetall(key).items():
+        parts = header.split(b" ")
+        if field.startswith(b"h") and field != b"h0" and len(parts) == 5:
+            client.hset(key, field, b" ".join([*parts[:4], parts[4] + b"\x00z"]))
+
+
 #: name -> how the hash is changed before the operation (valid data, oddly written)
 STATES: dict[str, Callable[[Any, str], None] | None] = {
     "as written": None,
     "large counts": _large_counts,
     "leading zeros": _leading_zeros,
+    "odd births": _odd_births,
 }
 
 

@@ -831,7 +831,7 @@ local function fast_append(KEYS, ARGV, K, meta, version, clock, hf)
   end
   meta[3] = counter and fmt(counter)
   return fast_commit(KEYS, ARGV, K, meta, version, clock, hf, fields, journal,
-    string.format('l %d %d %d %s', a, b + count, c + 1, birth), first or '',
+    string.format('l %d %d %d', a, b + count, c + 1) .. ' ' .. birth, first or '',  -- (not '%s': see fast_set)
     string.format('lappend %s %s %d %d 0', n, meta[1], b - a, count), '')
 end
 
@@ -861,7 +861,9 @@ local function fast_set(KEYS, ARGV, K, meta, version, clock, hf)
   else
     s, a, b = fmt(b), a + 1, b + 1
   end
-  local header = birth and string.format('d %d %d %d %s', a, b, c + 1, birth) or string.format('d %d %d %d', a, b, c + 1)
+  -- The birth joined as it is: '%s' would cut it at a zero byte.
+  local header = string.format('d %d %d %d', a, b, c + 1)
+  if birth then header = header .. ' ' .. birth end
   return fast_commit(KEYS, ARGV, K, meta, version, clock, hf, {f, s .. ':' .. value}, #f .. ':' .. f .. #hf .. ':' .. hf,
     header, '', 'dset ' .. n .. ' ' .. meta[1] .. '   ', ' ' .. #key .. ':' .. key)
 end
