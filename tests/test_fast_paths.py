@@ -140,12 +140,18 @@ def _odd_births(client: Any, key: str) -> None:
             client.hset(key, field, b" ".join([*parts[:4], parts[4] + b"\x00z"]))
 
 
+def _odd_incarnation(client: Any, key: str) -> None:
+    """An incarnation holding a zero byte (any bytes without a space), which a change event carries whole."""
+    client.hset(key, "i", client.hget(key, "i") + b"\x00z")
+
+
 #: name -> how the hash is changed before the operation (valid data, oddly written)
 STATES: dict[str, Callable[[Any, str], None] | None] = {
     "as written": None,
     "large counts": _large_counts,
     "leading zeros": _leading_zeros,
     "odd births": _odd_births,
+    "odd incarnation": _odd_incarnation,
 }
 
 

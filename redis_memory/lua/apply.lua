@@ -832,7 +832,7 @@ local function fast_append(KEYS, ARGV, K, meta, version, clock, hf)
   meta[3] = counter and fmt(counter)
   return fast_commit(KEYS, ARGV, K, meta, version, clock, hf, fields, journal,
     string.format('l %d %d %d', a, b + count, c + 1) .. ' ' .. birth, first or '',  -- (not '%s': see fast_set)
-    string.format('lappend %s %s %d %d 0', n, meta[1], b - a, count), '')
+    'lappend ' .. n .. ' ' .. meta[1] .. string.format(' %d %d 0', b - a, count), '')
 end
 
 local function fast_set(KEYS, ARGV, K, meta, version, clock, hf)
