@@ -56,7 +56,7 @@ import redis
 from .connection import MISSING_FUNCTION, Channel, Client, channel, resp_args, resp_command
 from .errors import ConnectionFailed, CorruptData, NotReplicated, ServerRefused
 from .ops import Args, Plan
-from .tracking import Seen, Tracker
+from .tracking import Seen, Tracker, wrote_elsewhere
 
 REF = 0xC1
 #: A node header (see above); the apply script's read_header follows the same rule.
@@ -296,8 +296,7 @@ class Store:
 
     def _changed(self) -> None:
         """This process wrote the key by a command after which the server no longer tracks it."""
-        if self.tracker is not None:
-            self.tracker.changed(self._key_bytes)
+        wrote_elsewhere(self._key_bytes)
 
     def _call_packed(self, packed: bytes, replies: int = 1, on_first: Callable[[object], None] | None = None) -> Any:
         return send(self.channel, self.key, packed, replies, on_first)
@@ -415,6 +414,7 @@ class Store:
         finally:
             # Other memories of this process on the key learn of the write here.
             self.written = None if tracker is None else tracker.wrote(key, before)
+            wrote_elsewhere(self._key_bytes, tracker)
         if replicas:
             raw, acknowledged = raw
             if raw[0] in (b"ok", b"dup") and int(acknowledged) < replicas:

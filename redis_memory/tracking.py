@@ -33,6 +33,11 @@ write counts as any other, which only costs a version check. A tracked
 connection calls the ``apply_tracked`` function, which reads the hash once
 more as its last step, so the server tracks it still.
 
+A write over any other connection of the process (an untracked memory's,
+another client's) is reported to every tracker of the process as soon as
+its reply is read (:func:`wrote_elsewhere`), so a tracked read after it
+never waits for the server's invalidation.
+
 The window in which a read can miss another process's completed write is
 the time the invalidation takes from the server to this socket: the server
 queues it when it applies the write, before the writer has its reply. See
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any
 
 #: A replica's mark: (epoch, flushes, invalidations of its key).
@@ -55,6 +61,22 @@ MAX_COUNTED_KEYS = 50_000
 #: sends no invalidation (a partition that drops everything without closing the connection,
 #: SWAPDB, a key past its expiry that the server has not deleted yet) is seen within it.
 TRUST_SECONDS = 1.0
+
+
+#: Every tracker of the process: each learns of the process's writes on other connections.
+_TRACKERS: weakref.WeakSet[Tracker] = weakref.WeakSet()
+
+
+def wrote_elsewhere(key: bytes, by: Tracker | None = None) -> None:
+    """This process changed ``key`` over a connection other than each tracker's own (``by``'s excepted).
+
+    Every other tracker voids its marks of the key: its next read checks the
+    version, instead of waiting for the server's invalidation to arrive.
+    """
+    if _TRACKERS:
+        for tracker in list(_TRACKERS):
+            if tracker is not by:
+                tracker.changed(key)
 
 
 class Tracker:
@@ -77,6 +99,7 @@ class Tracker:
         self.expected: dict[bytes, int] = {}
         #: How many invalidation messages arrived (for tests and the benchmark).
         self.received = 0
+        _TRACKERS.add(self)
 
     def mark(self, key: bytes) -> Seen:
         with self.lock:

@@ -20,6 +20,7 @@ import redis
 from servers import raw_client
 
 from redis_memory import ConversationMemory, Memory
+from redis_memory.tracking import Tracker
 
 TRACKING_BACKENDS = ("redis7", "valkey")
 
@@ -136,6 +137,34 @@ def test_a_tracked_and_an_untracked_memory_in_one_process(client: Any, backend: 
         assert tracked.n == i
         tracked.n = -i
         assert plain.n == -i
+
+
+def test_an_untracked_write_of_the_process_is_read_at_once_by_a_tracked_memory(
+    client: Any, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server's invalidations are held back (as on a slow link): the
+    # process knows of its own writes without them, whichever connection
+    # carried them.
+    held: list[tuple[Tracker, list[Any]]] = []
+    monkeypatch.setattr(Tracker, "push", lambda self, message: held.append((self, message)))
+    tracked = ConversationMemory("t5b", client=client, tracking=True)
+    plain = ConversationMemory("t5b", client=client)
+    plain.title = "first"
+    plain.messages = []
+    warm(tracked, "title")
+    for i in range(10):
+        plain.title = f"title {i}"
+        assert tracked.title == f"title {i}"
+        plain.messages.append({"n": i})
+        assert tracked.messages[-1] == {"n": i}
+    plain.expire(60)
+    assert 0 < tracked.ttl() <= 60
+    plain.delete()
+    assert "title" not in tracked and "messages" not in tracked
+    tracks(tracked, backend)
+    monkeypatch.undo()
+    for tracker, message in held:
+        tracker.push(message)
 
 
 def test_a_killed_tracked_connection_falls_back_to_the_version_check(
