@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import msgpack
@@ -347,10 +347,40 @@ def contended(url: str, processes: int = 8, count: int = 300, way: str = "lib") 
     return rates[way] / rates["raw"], lost, duplicated
 
 
-def bench(url: str, target: int | str) -> list[tuple[str, float, str]]:
+Row = tuple[str, float, str]
+
+
+def shown(row: Row) -> str:
+    """One row of the table: what, the figure in its unit, the target."""
+    what, value, target = row
+    if target.endswith(" ms"):
+        figure = f"{value:.1f} ms"
+    elif target.endswith(" us"):
+        figure = f"{value:.1f} us"
+    elif target in ("ops/s", "B", "us"):
+        figure = f"{value:,.0f}" if target != "us" else f"{value:.1f}"
+    elif target.endswith(" s"):
+        figure = f"{value:.3f} s"
+    else:
+        figure = f"{value:>5.2f}x"
+    return f"| {what:<72} | {figure:>6} | {target:>6} |"
+
+
+class Rows(list[Row]):
+    """The rows of one server, each printed (to stderr) once measured: a run cut short still shows them."""
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        print(shown(row), file=sys.stderr, flush=True)
+
+    def extend(self, rows: Iterable[Row]) -> None:
+        for row in rows:
+            self.append(row)
+
+
+def bench(url: str, target: int | str, rows: Rows) -> Rows:
     client = redis.Redis.from_url(url)
     client.flushall()
-    rows: list[tuple[str, float, str]] = []
     payload = msgpack.packb(message(0))
     counter = iter(range(10**9))
     wire = Wire(target)
@@ -619,10 +649,9 @@ print(done)
 """
 
 
-def cluster_bench(cluster: ClusterServer) -> list[tuple[str, float, str]]:
+def cluster_bench(cluster: ClusterServer, rows: Rows) -> Rows:
     """Rows for docs/scaling.md: the append through the cluster router, per-shard capacity and memory, events."""
     client = cluster.client()
-    rows: list[tuple[str, float, str]] = []
     payload = msgpack.packb(message(0))
     counter = iter(range(10**9))
     mem = ConversationMemory("append-cluster", client=client)
@@ -676,45 +705,47 @@ def main() -> None:
     parser.add_argument("--server", choices=["redis", "valkey", "both", "cluster"], default="both")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.server in ("redis", "both") and shutil.which("redis-server"):
-            server = debian_redis(Path(tmp) / "redis")
-            version = redis.Redis.from_url(server.url).info()["redis_version"]
-            try:
-                results[f"Redis {version}"] = bench(server.url, server.port)
-            finally:
-                server.stop()
-        if args.server == "cluster":
-            cluster = ClusterServer(Path(tmp) / "cluster")
-            try:
-                results["Redis 7.0 Cluster, 3 masters + 3 replicas"] = cluster_bench(cluster)
-            finally:
-                cluster.stop()
-        if args.server in ("valkey", "both"):
-            embedded = EmbeddedServer(Path(tmp) / "valkey")
-            info = redis.Redis.from_url(embedded.url).info()
-            version = info.get("valkey_version") or info["redis_version"]
-            try:
-                results[f"embedded Valkey {version} (unix socket)"] = bench(embedded.url, embedded.socket_path)
-            finally:
-                embedded.stop()
-    for name, rows in results.items():
-        print(f"\n{name}, Python {sys.version.split()[0]}, {os.cpu_count()} cores")
-        print(f"| {'what':<72} | {'ratio':>6} | target |")
-        print(f"|{'-' * 74}|{'-' * 8}|--------|")
-        for what, value, target in rows:
-            if target.endswith(" ms"):
-                shown = f"{value:.1f} ms"
-            elif target.endswith(" us"):
-                shown = f"{value:.1f} us"
-            elif target in ("ops/s", "B", "us"):
-                shown = f"{value:,.0f}" if target != "us" else f"{value:.1f}"
-            elif target.endswith(" s"):
-                shown = f"{value:.3f} s"
-            else:
-                shown = f"{value:>5.2f}x"
-            print(f"| {what:<72} | {shown:>6} | {target:>6} |")
+    results: dict[str, Rows] = {}
+
+    def measure(name: str, run: Callable[[Rows], object]) -> None:
+        print(f"\n{name}: measuring", file=sys.stderr, flush=True)
+        results[name] = Rows()
+        run(results[name])
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.server in ("redis", "both") and shutil.which("redis-server"):
+                server = debian_redis(Path(tmp) / "redis")
+                version = redis.Redis.from_url(server.url).info()["redis_version"]
+                try:
+                    measure(f"Redis {version}", lambda rows: bench(server.url, server.port, rows))
+                finally:
+                    server.stop()
+            if args.server == "cluster":
+                cluster = ClusterServer(Path(tmp) / "cluster")
+                try:
+                    measure("Redis 7.0 Cluster, 3 masters + 3 replicas", lambda rows: cluster_bench(cluster, rows))
+                finally:
+                    cluster.stop()
+            if args.server in ("valkey", "both"):
+                embedded = EmbeddedServer(Path(tmp) / "valkey")
+                info = redis.Redis.from_url(embedded.url).info()
+                version = info.get("valkey_version") or info["redis_version"]
+                try:
+                    measure(
+                        f"embedded Valkey {version} (unix socket)",
+                        lambda rows: bench(embedded.url, embedded.socket_path, rows),
+                    )
+                finally:
+                    embedded.stop()
+    finally:
+        # What was measured is shown even if a row failed (--json keeps only a whole run).
+        for name, rows in results.items():
+            print(f"\n{name}, Python {sys.version.split()[0]}, {os.cpu_count()} cores")
+            print(f"| {'what':<72} | {'ratio':>6} | target |")
+            print(f"|{'-' * 74}|{'-' * 8}|--------|")
+            for row in rows:
+                print(shown(row))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
