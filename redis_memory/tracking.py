@@ -65,6 +65,8 @@ TRUST_SECONDS = 1.0
 
 #: Every tracker of the process: each learns of the process's writes on other connections.
 _TRACKERS: weakref.WeakSet[Tracker] = weakref.WeakSet()
+#: Held to add to the set or copy it: a set iterated while another thread adds to it raises.
+_TRACKERS_LOCK = threading.Lock()
 
 
 def wrote_elsewhere(key: bytes, by: Tracker | None = None) -> None:
@@ -74,7 +76,9 @@ def wrote_elsewhere(key: bytes, by: Tracker | None = None) -> None:
     version, instead of waiting for the server's invalidation to arrive.
     """
     if _TRACKERS:
-        for tracker in list(_TRACKERS):
+        with _TRACKERS_LOCK:
+            trackers = list(_TRACKERS)
+        for tracker in trackers:
             if tracker is not by:
                 tracker.changed(key)
 
@@ -99,7 +103,8 @@ class Tracker:
         self.expected: dict[bytes, int] = {}
         #: How many invalidation messages arrived (for tests and the benchmark).
         self.received = 0
-        _TRACKERS.add(self)
+        with _TRACKERS_LOCK:
+            _TRACKERS.add(self)
 
     def mark(self, key: bytes) -> Seen:
         with self.lock:

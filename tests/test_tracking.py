@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import select
+import sys
 import threading
 import time
 from typing import Any
@@ -438,3 +439,38 @@ def test_what_sends_no_invalidation_is_seen_within_the_trust_period(
     finally:
         other_client.swapdb(0, 1)
         elsewhere.flushdb()
+
+
+def test_trackers_made_in_threads_while_another_thread_writes() -> None:
+    # Every write's settling walks the process's trackers while other threads
+    # may be opening tracked connections: the walk must not fail a write that
+    # Redis has applied.
+    from redis_memory import tracking
+
+    failures: list[BaseException] = []
+    made: list[Tracker] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        try:
+            while not stop.is_set():
+                tracking.wrote_elsewhere(b"rm:{t-threads}")
+        except BaseException as error:  # the test reports it
+            failures.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches as often as the interpreter allows
+    writers = [threading.Thread(target=write) for _ in range(2)]
+    for thread in writers:
+        thread.start()
+    try:
+        for _ in range(20_000):
+            made.append(Tracker())
+            if len(made) > 2_000:
+                del made[:1_000]  # dropped trackers leave the weak set as others join it
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join()
+        sys.setswitchinterval(interval)
+    assert failures == []
