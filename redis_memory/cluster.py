@@ -36,8 +36,9 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from .connection import CONNECT_TIMEOUT, Channel, check_reply, deadline, resp_command
+from .connection import CONNECT_TIMEOUT, Channel, check_reply, deadline
 from .errors import ConnectionFailed
+from .resp import resp_command
 
 SLOTS = 16384
 #: Redirections followed for one command before giving up (ConnectionFailed).

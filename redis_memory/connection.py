@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import select
 import socket
 import subprocess
 import threading
@@ -33,6 +32,7 @@ from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
+from .resp import HiredisReader, SocketReader, reader, resp_command
 from .tracking import Tracker
 
 try:
@@ -46,8 +46,6 @@ _clients: dict[str, Client] = {}
 #: Error replies that mean "not now" rather than "not this command". BUSY: a
 #: script is running, perhaps the very command whose reply did not arrive, so
 #: whether that one was applied is not known.
-#: How a server answers an FCALL of a function it does not have.
-MISSING_FUNCTION = "Function not found"
 _UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
 _clients_lock = threading.Lock()
 #: When this thread's commands must give up (time.monotonic()), if they must.
@@ -117,7 +115,7 @@ class Channel:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
-        self.reader: SocketReader | None = None
+        self.reader: SocketReader | HiredisReader | None = None
         #: For tracked memories: a RESP3 connection with CLIENT TRACKING (see tracking.py).
         self.tracker = Tracker() if tracking else None
         #: Commands sent and answered (a pipeline counts once): the round trips, for tests and benchmarks.
@@ -162,19 +160,19 @@ class Channel:
         sock = getattr(conn, "_sock", None)
         tracker = self.tracker
         if tracker is None or not isinstance(sock, socket.socket):
-            self.reader = SocketReader(sock) if isinstance(sock, socket.socket) else None
+            self.reader = reader(sock) if isinstance(sock, socket.socket) else None
             if tracker is not None:
                 tracker.enabled = False  # not a socket (fakeredis): reads check the version
         else:
             tracker.reset()
-            self.reader = SocketReader(sock, tracker.push)
+            self.reader = reader(sock, tracker.push)
             if tracker.enabled is not False:
                 self._track(sock, self.reader)
         conn.socket_timeout, conn.socket_connect_timeout = timeout, connect_timeout
         self.conn = conn
         return conn
 
-    def _track(self, sock: socket.socket, reader: SocketReader) -> None:
+    def _track(self, sock: socket.socket, replies: SocketReader | HiredisReader) -> None:
         """Switch a new connection to RESP3 with CLIENT TRACKING ON (see tracking.py).
 
         A server that cannot (no RESP3, tracking refused to this user) leaves
@@ -182,7 +180,7 @@ class Channel:
         """
         assert self.tracker is not None
         sock.sendall(resp_command(("HELLO", "3")) + resp_command(("CLIENT", "TRACKING", "ON")))
-        hello, tracking = read_reply(reader), read_reply(reader)
+        hello, tracking = replies.reply(), replies.reply()
         self.tracker.enabled = not isinstance(hello, Exception) and tracking == b"OK"
 
     def caught_up(self) -> bool:
@@ -195,14 +193,9 @@ class Channel:
         if tracker is None or not tracker.enabled or self.router is not None or not self.lock.acquire(False):
             return False
         try:
-            reader = self.reader
-            if self.conn is None or not isinstance(reader, SocketReader) or self.pid != os.getpid():
+            if self.conn is None or self.reader is None or self.pid != os.getpid():
                 return False
-            while reader.pending():
-                line = reader.readline()
-                if line[:1] != b">" or not line.endswith(b"\r\n"):
-                    raise redis.ConnectionError(f"unexpected data on a tracked connection: {line[:40]!r}")
-                tracker.push(reader.items(int(line[1:-2])))
+            self.reader.take_pushes()
             return True
         except (redis.ConnectionError, OSError, ValueError):
             self._close()
@@ -332,12 +325,12 @@ class Channel:
                     if bound is not None:
                         sock.settimeout(_least(conn.socket_timeout, bound))
                     sock.sendall(packed)
-                    reader = self.reader
-                    found = [read_reply(reader)]
+                    replies_of = self.reader
+                    found = [replies_of.reply()]
                     if on_first is not None:
                         on_first(found[0])
                     if replies > 1:
-                        found += [read_reply(reader) for _ in range(replies - 1)]
+                        found += [replies_of.reply() for _ in range(replies - 1)]
                     if bound is not None:
                         sock.settimeout(conn.socket_timeout)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -391,195 +384,6 @@ def check_reply(reply: object, resent: bool, channel: Channel) -> object:
 
 def _moved(reply: object) -> bool:
     return isinstance(reply, redis.ResponseError) and str(reply).startswith("MOVED ")
-
-
-def resp_command(
-    args: tuple[bytes | str | int, ...] | list[bytes],
-    head: bytes = b"",
-    head_count: int = 0,
-    tail: bytes = b"",
-    tail_count: int = 0,
-) -> bytes:
-    """A command in the RESP wire format (what redis-py's pack_command makes, cheaper).
-
-    ``head`` and ``tail`` are arguments already in RESP form, ``head_count``
-    and ``tail_count`` of them, sent before and after ``args``.
-    """
-    parts = [b"*%d\r\n" % (len(args) + head_count + tail_count), head]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    parts.append(tail)
-    return b"".join(parts)
-
-
-def resp_args(args: list[bytes]) -> bytes:
-    """Arguments in RESP form, to send inside a command (see :func:`resp_command`)."""
-    return b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
-
-
-class SocketReader:
-    """Buffered reads of replies from a socket, knowing whether anything is waiting (see :meth:`pending`).
-
-    ``on_push`` (a tracked connection's, see tracking.py) is called for every
-    RESP3 push met before a reply.
-    """
-
-    __slots__ = ("buffer", "on_push", "poller", "position", "sock")
-
-    def __init__(self, sock: socket.socket, on_push: Callable[[list[object]], None] | None = None) -> None:
-        self.sock = sock
-        self.buffer = b""  # bytes, not a bytearray: a line is then one slice, one copy
-        self.position = 0
-        self.poller = select.poll() if hasattr(select, "poll") else None  # none on Windows: select() then
-        if self.poller is not None:
-            self.poller.register(sock, select.POLLIN)
-        self.on_push = on_push
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise redis.ConnectionError("connection closed by the server")
-        self.buffer = self.buffer[self.position :] + chunk if self.position < len(self.buffer) else chunk
-        self.position = 0
-
-    def readline(self) -> bytes:
-        end = self.buffer.find(b"\n", self.position)
-        while end < 0:
-            searched = len(self.buffer) - self.position
-            self._fill()
-            end = self.buffer.find(b"\n", searched)
-        line = self.buffer[self.position : end + 1]
-        self.position = end + 1
-        return line
-
-    def read(self, size: int) -> bytes:
-        buffered = len(self.buffer) - self.position
-        if buffered < size:
-            # A large bulk string: its chunks are joined once, never appended
-            # to the buffer one by one (that copies the string once per chunk).
-            chunks, missing = [self.buffer[self.position :]], size - buffered
-            while missing > 0:
-                chunk = self.sock.recv(max(65536, min(missing, 1 << 22)))
-                if not chunk:
-                    raise redis.ConnectionError("connection closed by the server")
-                chunks.append(chunk)
-                missing -= len(chunk)
-            self.buffer, self.position = b"".join(chunks), 0
-        data = self.buffer[self.position : self.position + size]
-        self.position += size
-        return data
-
-    def flat(self) -> list[object] | None:
-        """The next reply if it is an array (most are: the functions' replies, HMGET, HGETALL); else None.
-
-        None has read nothing, and :func:`read_reply` parses the reply the
-        general way.
-        """
-        if self.position >= len(self.buffer):
-            self._fill()
-        buffer, pos = self.buffer, self.position
-        end = buffer.find(b"\r\n", pos)
-        if end < 0 or buffer[pos] != 42:  # not whole in the buffer, or not '*'
-            return None
-        count = int(buffer[pos + 1 : end])
-        if count < 0:  # *-1, a null array
-            return None
-        self.position = end + 2
-        return self.items(count)
-
-    def items(self, count: int) -> list[object]:
-        """The ``count`` elements of an aggregate reply.
-
-        Bulk strings whole in the buffer (nearly all elements) are taken in
-        one loop, with no call of this class per element; any other element
-        (one that the buffer ends inside, a null, a number, a nested array)
-        is parsed the general way.
-        """
-        items: list[object] = []
-        buffer, pos = self.buffer, self.position
-        size = len(buffer)
-        for _ in range(count):
-            end = buffer.find(b"\r\n", pos)
-            if end >= 0 and buffer[pos] == 36:  # '$'
-                start = end + 2
-                stop = start + int(buffer[pos + 1 : end])
-                if start <= stop and stop + 2 <= size:
-                    items.append(buffer[start:stop])
-                    pos = stop + 2
-                    continue
-            self.position = pos
-            items.append(_parse(self.readline(), self))
-            buffer, pos = self.buffer, self.position
-            size = len(buffer)
-        self.position = pos
-        return items
-
-    def pending(self) -> bool:
-        """Whether bytes are waiting: in the buffer, or on the socket (a poll that does not wait)."""
-        if self.position < len(self.buffer):
-            return True
-        if self.poller is None:
-            return bool(select.select([self.sock], [], [], 0)[0])
-        return bool(self.poller.poll(0))
-
-    def close(self) -> None:
-        self.buffer = b""
-        self.position = 0
-
-
-def read_reply(reader: SocketReader) -> object:
-    """Read one RESP2 or RESP3 reply; an error reply is returned, not raised."""
-    found = reader.flat()
-    if found is not None:
-        return found
-    return _parse(reader.readline(), reader)
-
-
-def _parse(line: bytes, reader: SocketReader) -> object:
-    if not line.endswith(b"\r\n"):
-        raise redis.ConnectionError("connection closed by the server")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"$" or kind == b"=":
-        size = int(rest)
-        if size < 0:
-            return None
-        data = reader.read(size + 2)
-        if len(data) != size + 2:
-            raise redis.ConnectionError("connection closed by the server")
-        return data[4:-2] if kind == b"=" else data[:-2]
-    if kind in (b"*", b"~", b"%"):
-        size = int(rest)
-        if size < 0:
-            return None
-        items = reader.items(size * 2 if kind == b"%" else size)
-        if kind == b"%":
-            it = iter(items)
-            return dict(zip(it, it, strict=False))
-        return items
-    if kind == b":":
-        return int(rest)
-    if kind == b"+":
-        return rest
-    if kind == b"_":
-        return None
-    if kind == b"-":
-        message = rest.decode(errors="replace")
-        missing = message.startswith(MISSING_FUNCTION) or message[4:].startswith(MISSING_FUNCTION)
-        error = redis.exceptions.NoScriptError if missing else redis.ResponseError
-        return error(message)
-    if kind == b",":
-        return float(rest)
-    if kind == b"#":
-        return rest == b"t"
-    if kind in (b">", b"|"):
-        # Out-of-band data (a push, or attributes): the reply follows. A tracked
-        # connection's reader takes the pushes (invalidations, see tracking.py).
-        items = reader.items(int(rest) * (2 if kind == b"|" else 1))
-        if kind == b">" and reader.on_push is not None:
-            reader.on_push(items)
-        return read_reply(reader)
-    raise redis.ConnectionError(f"unexpected reply type {kind!r}")
 
 
 #: A client the library can use: one server (or a Sentinel-managed master), or a Redis Cluster.

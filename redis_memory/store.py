@@ -53,9 +53,10 @@ from typing import Any, cast
 
 import redis
 
-from .connection import MISSING_FUNCTION, Channel, Client, channel, resp_args, resp_command
+from .connection import Channel, Client, channel
 from .errors import ConnectionFailed, CorruptData, NotReplicated, ServerRefused
 from .ops import Args, Plan
+from .resp import MISSING_FUNCTION, resp_args, resp_command
 from .tracking import Seen, Tracker, wrote_elsewhere
 
 REF = 0xC1

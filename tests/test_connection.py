@@ -238,6 +238,8 @@ def test_stop_embedded_without_an_argument_stops_the_default_server(
 def test_memories_work_where_select_has_no_poll(real_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where ``select.poll`` does not exist (Windows), memories on a real server work, tracked ones included."""
     monkeypatch.delattr(select, "poll")
+    # redis-py's reader for hiredis asks once, at import, whether poll exists.
+    monkeypatch.setattr(redis._parsers.hiredis, "_HAS_POLL", False, raising=False)
     writer = Memory("no-poll", client=raw_client(real_url))
     writer.x = 1
     tracked = Memory("no-poll", client=raw_client(real_url), tracking=True)
