@@ -82,6 +82,8 @@ class ClusterChannel:
         self.masters: list[Address] = []
         self.stale = True
         self.lock = threading.Lock()
+        #: Whether the cluster is reachable (a queue.Link, made by the first memory on it).
+        self.link: Any = None
 
     @classmethod
     def of(cls, client: RedisCluster) -> ClusterChannel:

@@ -123,6 +123,8 @@ class Channel:
         #: Whether the server is a cluster node; None until the first connection says.
         self.cluster: bool | None = None if detect else False
         self.router: Any = None  # the ClusterChannel, for a cluster node
+        #: Whether this channel reaches Redis (a queue.Link, made by the first memory on it).
+        self.link: Any = None
 
     @classmethod
     def of(cls, client: redis.Redis, tracking: bool = False) -> Channel:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, cast, overload
 
-from . import connection, ops, queue
+from . import connection, ops, queue, tracking
 from .batch import Batch
 from .catalog import INDEX_REFRESH, Catalog, Listing
 from .connection import Client
@@ -1026,6 +1026,7 @@ def _check_name(name: Any) -> None:
 
 
 def _after_fork_in_child() -> None:
+    tracking.after_fork()  # first: the channels reset their trackers
     _shared.after_fork()
     for core in list(_live_cores):
         core.after_fork()

@@ -562,16 +562,19 @@ class Link:
         self.waiting = set()
 
 
-_links: weakref.WeakKeyDictionary[Channel, Link] = weakref.WeakKeyDictionary()
+#: Every link of the process (for the fork). Each is kept by its channel and
+#: the memories using it, and keeps its channel: so both go together.
+_links: weakref.WeakSet[Link] = weakref.WeakSet()
 _links_lock = threading.Lock()
 
 
 def link(channel: Channel) -> Link:
     """The link state of ``channel``, shared by every memory using it."""
     with _links_lock:
-        found = _links.get(channel)
+        found: Link | None = channel.link
         if found is None:
-            found = _links[channel] = Link(channel)
+            found = channel.link = Link(channel)
+            _links.add(found)
         return found
 
 
@@ -579,7 +582,7 @@ def after_fork() -> None:
     """In a forked child: fresh locks, no reconnect thread yet."""
     global _links_lock
     _links_lock = threading.Lock()
-    for found in list(_links.values()):
+    for found in list(_links):
         found.after_fork()
 
 

@@ -83,6 +83,14 @@ def wrote_elsewhere(key: bytes, by: Tracker | None = None) -> None:
                 tracker.changed(key)
 
 
+def after_fork() -> None:
+    """In a forked child: locks nobody holds (one another thread held at the fork stays held in the child)."""
+    global _TRACKERS_LOCK
+    _TRACKERS_LOCK = threading.Lock()
+    for tracker in list(_TRACKERS):
+        tracker.lock = threading.Lock()
+
+
 class Tracker:
     """The invalidations one tracked connection has received, as marks replicas compare against.
 

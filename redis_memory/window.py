@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -108,6 +109,16 @@ def approximate_tokens(text: str) -> int:
 APPROXIMATE = TokenCounter(approximate_tokens, name="approximate", exact=False)
 
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # one another thread held at the fork (loading an encoding) stays held here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _counters: dict[tuple[str | None, str | None], TokenCounter] = {}
 _reported: set[str] = set()
 

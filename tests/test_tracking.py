@@ -474,3 +474,81 @@ def test_trackers_made_in_threads_while_another_thread_writes() -> None:
             thread.join()
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+@pytest.mark.parametrize("held", ["a tracker's lock", "the tracker registry's lock"])
+def test_a_fork_while_another_thread_holds_a_tracking_lock_leaves_the_child_working(
+    client: Any, other_client: Any, backend: str, held: str
+) -> None:
+    # A lock another thread holds at the fork stays held in the child, where
+    # nobody can release it: the library's at-fork handler must not wait for it.
+    from redis_memory import tracking
+
+    if backend in ("fakeredis", "cluster") or not hasattr(os, "fork"):
+        pytest.skip("a forked child here needs a single real server")
+    mem = Memory("t-fork-lock", client=client, tracking=True)
+    mem.n = 1
+    warm(mem, "n")
+    lock = mem._rm.store.tracker.lock if held == "a tracker's lock" else tracking._TRACKERS_LOCK
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            taken.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: reads, writes, and a new tracked memory on a new client
+        code = 1
+        try:
+            mem.n = 2
+            pool = other_client.connection_pool
+            fresh = redis.Redis(connection_pool=redis.ConnectionPool(pool.connection_class, **pool.connection_kwargs))
+            other = Memory("t-fork-lock", client=fresh, tracking=True)
+            code = 0 if (mem.n, other.n) == (2, 2) else 1
+        except BaseException as exc:
+            print("child failed:", repr(exc), flush=True)
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the forked child hung: {held} was held at the fork")
+
+
+def test_tracked_memories_let_go_leave_no_tracker_behind(real_url: str) -> None:
+    # Every write of the process tells each live tracker: trackers of closed
+    # memories on clients let go of must be collected, or writes slow down
+    # with every tracked memory ever opened.
+    import gc
+
+    from redis_memory import keep_memories, tracking
+    from redis_memory.memory import _shared
+
+    limit = _shared.limit
+    keep_memories(0)
+    try:
+        gc.collect()
+        before = len(tracking._TRACKERS)
+        for _ in range(30):
+            with Memory("t-let-go", client=raw_client(real_url), tracking=True) as mem:
+                mem.n = 1
+                assert mem.n == 1
+        del mem
+        deadline = time.monotonic() + 5  # a closed memory's link thread may take a moment to end
+        while gc.collect() >= 0 and len(tracking._TRACKERS) > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(tracking._TRACKERS) == before
+    finally:
+        keep_memories(limit)
