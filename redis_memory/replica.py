@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 from . import codec, ops
 from .errors import CorruptData
 from .proxies import ObservedDict, ObservedList, ObservedSet, plain
-from .store import HEADER, REF, version_number
+from .store import HEADER, HEADER_LIMIT, REF, version_number
 from .tracking import Seen
 
 if TYPE_CHECKING:
@@ -70,7 +70,10 @@ def parse_header(raw: bytes) -> Header:
     found = HEADER.fullmatch(raw)
     if found is None:
         raise ValueError(f"bad node header {raw[:40]!r}")
-    return Header(found[1].decode(), int(found[2]), int(found[3]), int(found[4]), found[5] or b"")
+    a, b, mod = int(found[2]), int(found[3]), int(found[4])
+    if max(abs(a), abs(b), abs(mod)) >= HEADER_LIMIT:
+        raise ValueError(f"a node header with counts of more than 15 digits {raw[:40]!r}")
+    return Header(found[1].decode(), a, b, mod, found[5] or b"")
 
 
 class Replica:

@@ -62,6 +62,8 @@ from .tracking import Seen, Tracker, wrote_elsewhere
 REF = 0xC1
 #: A node header (see above); the apply script's read_header follows the same rule.
 HEADER = re.compile(rb"([lds]) (-?[0-9]+) (-?[0-9]+) (-?[0-9]+)(?: (\S*))?")
+#: A header's counts are below this in magnitude (at most 15 digits, which the server's Lua numbers keep exact).
+HEADER_LIMIT = 10**15
 JOURNAL_SIZE = 128
 TOUCH_LIMIT = 1000
 #: Seconds an operation id is remembered after its writer's last write: the

@@ -339,3 +339,30 @@ def test_a_plan_the_script_reads_from_the_hash_removes_a_node_with_a_corrupt_hea
     nodes = {f[1:].partition(b":")[0] for f in stored(client, mem) if f[:1] in b"eh"}
     assert not nodes & {d, inner}
     assert Memory("nested", client=client).to_dict() == {"d": 1, "other": 5}
+
+
+# -- counts past what a header may hold ----------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["the last writer (fast path)", "a new writer (general path)"])
+@pytest.mark.parametrize("huge", [b"9007199254740993", b"99999999999999999999", b"-1000000000000000"])
+def test_list_counts_past_15_digits_are_corrupt_data(client: redis.Redis, huge: bytes, writer: str) -> None:
+    """Counts a double cannot hold exactly (2^53 and past) are refused, never used: nothing is written or lost."""
+    mem = Memory("huge-counts", client=client)
+    mem.messages = ["x", "y"]
+    mem.messages.append("z")  # this writer is indexed now: its next append may take the fast path
+    user = mem if writer.startswith("the last") else Memory("huge-counts", client=client, max_pending=7)
+    held = user.messages  # held from before: its append reaches the server, which must refuse it
+    field = b"h" + child(client, mem, "messages")
+    kind, first, _last, changes, birth = stored(client, mem)[field].split(b" ")
+    last = first if huge.startswith(b"-") else huge
+    client.hset(mem.key, field, b" ".join([kind, huge, last, changes, birth]))
+    before = stored(client, mem)
+    with pytest.raises(CorruptData) as info:
+        held.extend(["p", "q", "r", "s"])
+    assert_corrupt(info, mem.key, field)
+    assert stored(client, mem) == before  # nothing written
+    with pytest.raises(CorruptData):
+        _ = Memory("huge-counts", client=client, max_pending=9).messages
+    user.messages = ["new"]  # replacing the attribute repairs it
+    assert Memory("huge-counts", client=client, max_pending=11).messages == ["new"]

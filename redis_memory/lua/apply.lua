@@ -109,8 +109,13 @@ local function damaged(field, why)
   if not damage then damage, damage_why = field, why end
 end
 
+-- Whether a count of a header is one this code keeps exact: at most 15
+-- digits (a Lua number holds integers exactly up to 2^53; past it, counts
+-- would merge slots and loops would not end).
+local function counts_fit(n) return n > -1e15 and n < 1e15 end
+
 -- The header of node n, or nil if there is none; nil and true if it is
--- corrupt (the same rule as store.HEADER). A node's birth is the token of
+-- corrupt (the same rule as store.parse_header's). A node's birth is the token of
 -- the operation that created it: after a rollback the same id may name
 -- another node, of another birth. The root's header has none.
 local function read_header(n)
@@ -126,9 +131,9 @@ local function read_header(n)
     if not birth then kind = nil end
   end
   if not kind then return nil, true end
-  a, b = tonumber(a), tonumber(b)
-  if kind == 'l' and b < a then return nil, true end
-  headers[n] = {kind = kind, a = a, b = b, c = tonumber(c), birth = birth}
+  a, b, c = tonumber(a), tonumber(b), tonumber(c)
+  if not (counts_fit(a) and counts_fit(b) and counts_fit(c)) or (kind == 'l' and b < a) then return nil, true end
+  headers[n] = {kind = kind, a = a, b = b, c = c, birth = birth}
   return headers[n]
 end
 
@@ -797,7 +802,8 @@ end
 local function fast_append(KEYS, ARGV, K, meta, version, clock, hf)
   local a, b, c, birth = string.match(meta[5], LIST_HEADER)
   if not a or birth ~= ARGV[11] then return nil end
-  a, b = tonumber(a), tonumber(b)
+  a, b, c = tonumber(a), tonumber(b), tonumber(c)
+  if not (counts_fit(a) and counts_fit(b) and counts_fit(c)) then return nil end
   local count, keep = tonumber(ARGV[15]), ARGV[16]
   if b < a or not count or count < 1 or tonumber(ARGV[14]) ~= 2 + 2 * count then return nil end
   if keep ~= '0' and not (tonumber(keep) and b - a + count <= tonumber(keep)) then return nil end
@@ -847,6 +853,8 @@ local function fast_set(KEYS, ARGV, K, meta, version, clock, hf)
     if birth ~= ARGV[11] then return nil end
   end
   if not a then return nil end
+  a, b, c = tonumber(a), tonumber(b), tonumber(c)
+  if not (counts_fit(a) and counts_fit(b) and counts_fit(c)) then return nil end
   local key, value = ARGV[16], ARGV[18]
   local f = 'e' .. n .. ':' .. key
   local raw = redis.call('HGET', K, f)
