@@ -532,23 +532,25 @@ def test_tracked_memories_let_go_leave_no_tracker_behind(real_url: str) -> None:
     # memories on clients let go of must be collected, or writes slow down
     # with every tracked memory ever opened.
     import gc
+    import weakref
 
-    from redis_memory import keep_memories, tracking
+    from redis_memory import keep_memories
     from redis_memory.memory import _shared
 
     limit = _shared.limit
     keep_memories(0)
     try:
-        gc.collect()
-        before = len(tracking._TRACKERS)
+        made = []
         for _ in range(30):
             with Memory("t-let-go", client=raw_client(real_url), tracking=True) as mem:
                 mem.n = 1
                 assert mem.n == 1
+                if mem._rm.store.tracker is not None:
+                    made.append(weakref.ref(mem._rm.store.tracker))
         del mem
         deadline = time.monotonic() + 5  # a closed memory's link thread may take a moment to end
-        while gc.collect() >= 0 and len(tracking._TRACKERS) > before and time.monotonic() < deadline:
+        while gc.collect() >= 0 and any(ref() is not None for ref in made) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(tracking._TRACKERS) == before
+        assert [ref for ref in made if ref() is not None] == []
     finally:
         keep_memories(limit)
