@@ -9,7 +9,9 @@ bool, None, lists (a set too), dicts, and an error reply as a
 ``redis.ResponseError`` returned, not raised (``NoScriptError`` for a
 function the server lacks). A RESP3 push before a reply (an invalidation
 on a tracked connection, see tracking.py) goes to the reader's
-``on_push``.
+``on_push``. One difference stays: RESP3 attributes (which no command of
+the library gets; Redis sends them only to ``DEBUG PROTOCOL attrib``) are
+dropped by the Python reader and returned by hiredis as a reply of their own.
 """
 
 from __future__ import annotations
@@ -200,10 +202,24 @@ class SocketReader:
 
 def read_reply(reader: SocketReader) -> object:
     """Read one RESP2 or RESP3 reply in Python; an error reply is returned, not raised."""
-    found = reader.flat()
-    if found is not None:
-        return found
-    return _parse(reader.readline(), reader)
+    while True:
+        found = reader.flat()
+        if found is not None:
+            return found
+        line = reader.readline()
+        if line[:1] not in (b">", b"|") or not line.endswith(b"\r\n"):
+            return _parse(line, reader)
+        # Out-of-band data (a push, or attributes) before the reply, taken in a
+        # loop: a tracked connection may hold thousands of invalidations.
+        _out_of_band(line, reader)
+
+
+def _out_of_band(line: bytes, reader: SocketReader) -> None:
+    """A push (to ``on_push``: a tracked connection's invalidations, see tracking.py) or attributes (dropped)."""
+    kind = line[:1]
+    items = reader.items(int(line[1:-2]) * (2 if kind == b"|" else 1))
+    if kind == b">" and reader.on_push is not None:
+        reader.on_push(items)
 
 
 def _parse(line: bytes, reader: SocketReader) -> object:
@@ -239,13 +255,12 @@ def _parse(line: bytes, reader: SocketReader) -> object:
         return float(rest)
     if kind == b"#":
         return rest == b"t"
+    if kind == b"(":  # a big number, as hiredis gives it
+        return rest
     if kind in (b">", b"|"):
-        # Out-of-band data (a push, or attributes): the reply follows. A tracked
-        # connection's reader takes the pushes (invalidations, see tracking.py).
-        items = reader.items(int(rest) * (2 if kind == b"|" else 1))
-        if kind == b">" and reader.on_push is not None:
-            reader.on_push(items)
-        return read_reply(reader)
+        # Out-of-band data inside an aggregate: the element follows.
+        _out_of_band(line, reader)
+        return _parse(reader.readline(), reader)
     raise redis.ConnectionError(f"unexpected reply type {kind!r}")
 
 

@@ -49,6 +49,7 @@ REPLIES = [
     b"~2\r\n:1\r\n:2\r\n",
     b"=8\r\ntxt:abcd\r\n",
     b"*2\r\n$" + b"%d\r\n" % 70_000 + b"y" * 70_000 + b"\r\n$1\r\nz\r\n",
+    b"(12345678901234567890123\r\n",
 ]
 
 
@@ -119,6 +120,14 @@ def test_both_readers_read_the_same_replies_whatever_the_chunks(
     replies, seen = python
     assert replies[order.index(2)] == ("NoScriptError", "ERR Function not found")
     assert len(seen) == sum(pushes)
+
+
+@pytest.mark.parametrize("kind", [SocketReader, HiredisReader])
+def test_thousands_of_pushes_before_a_reply_are_all_taken(kind: Any) -> None:
+    """A tracked connection may hold an invalidation per key it read: the reply after them is read all the same."""
+    replies, pushes = read_all(kind, [PUSH * 5000 + b"+OK\r\n"], 1)
+    assert replies == [("bytes", b"OK")]
+    assert len(pushes) == 5000
 
 
 def test_a_reply_cut_short_by_the_server_closing_is_a_connection_error() -> None:
