@@ -616,22 +616,32 @@ class MemoryCore:
         """Append ``items`` to the list under ``name``, made first (a root setdefault) if the fresh view has none.
 
         A list held in the replica is appended to without a version check:
-        the server checks what an append depends on.
+        the server checks what an append depends on. If another writer has
+        put a new list under ``name`` since, the refused append has brought
+        the replica up to date, and it goes to the list there now.
         """
         with self.lock:
             self.check_open()
             _check_name(name)
-            found = dict.get(self.replica.root, name, _MISSING)
-            if not isinstance(found, ObservedList):
-                self.refresh()
-                self.replica.root.setdefault(name, [])
-                found = self.read(name, MissingAttribute)
-            if not isinstance(found, ObservedList):
-                raise UnsupportedValue(
-                    f"{name} in {self.store.key} is a {type(found).__name__}, not a list", key=self.store.key,
-                    field=name,
-                )  # fmt: skip
-            found.extend(items)
+            for _ in range(MAX_ATTEMPTS):
+                found = dict.get(self.replica.root, name, _MISSING)
+                if not isinstance(found, ObservedList):
+                    self.refresh()
+                    self.replica.root.setdefault(name, [])
+                    found = self.read(name, MissingAttribute)
+                if not isinstance(found, ObservedList):
+                    raise UnsupportedValue(
+                        f"{name} in {self.store.key} is a {type(found).__name__}, not a list", key=self.store.key,
+                        field=name,
+                    )  # fmt: skip
+                try:
+                    found.extend(items)
+                    return
+                except ContainerDeleted:
+                    continue  # replaced by another writer: the replica shows what is there now
+            raise ConcurrentModification(
+                f"gave up after {MAX_ATTEMPTS} attempts: other writers kept replacing {name}", key=self.store.key
+            )
 
     def pending(
         self, op: ops.Op, plan: ops.Plan, seq: int, created: list[bytes], birth: bytes, group: int = 0

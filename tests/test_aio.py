@@ -157,6 +157,27 @@ def test_conversation_add_message_and_session(client: redis.Redis) -> None:
     run(scenario)
 
 
+def test_an_async_append_goes_to_the_list_another_writer_put_in_place(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
+    """append(name, value) is by name: after another process replaced the list, it lands in the new one."""
+    writer = Memory("moved-async", client=other_client)
+    writer.log = ["old"]
+
+    async def scenario() -> None:
+        async with AsyncMemory("moved-async", client=client) as mem:
+            await mem.refresh()
+            assert mem.log == ["old"]
+            writer.log = ["new"]
+            await mem.append("log", "a")
+            writer.log = []
+            await mem.extend("log", ["b", "c"])
+            assert mem.log == ["b", "c"]
+
+    run(scenario)
+    assert writer.log == ["b", "c"]
+
+
 def test_offline_writes_queue_and_replay_in_order_exactly_once(switch: Switch, client: redis.Redis) -> None:
     """Cut off, awaited appends apply locally and queue; back online, flush replays each once, in order."""
 

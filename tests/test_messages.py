@@ -47,10 +47,29 @@ def test_anything_else_is_refused_and_nothing_is_stored(client: redis.Redis) -> 
     assert ConversationMemory("bad", client=client).messages == [{"role": "user", "content": "kept"}]
 
 
-def test_two_writers_starting_a_conversation_both_keep_their_message(client: redis.Redis) -> None:
+def test_two_writers_starting_a_conversation_both_keep_their_message(
+    client: redis.Redis, other_client: redis.Redis
+) -> None:
     """The list is made by a setdefault: two memories that both saw no messages never overwrite each other."""
-    first, second = ConversationMemory("new", client=client), ConversationMemory("new", client=client)
+    first, second = ConversationMemory("new", client=client), ConversationMemory("new", client=other_client)
     assert first.to_dict() == second.to_dict() == {}
     first.add_message({"role": "user", "content": "one"})
     second.add_message({"role": "user", "content": "two"})
     assert [m["content"] for m in ConversationMemory("new", client=client).messages] == ["one", "two"]
+
+
+def test_a_message_goes_to_the_list_another_writer_put_in_place(client: redis.Redis, other_client: redis.Redis) -> None:
+    """add_message appends to the conversation's messages as they are now, not to a list another writer replaced."""
+    reader, writer = ConversationMemory("moved", client=client), ConversationMemory("moved", client=other_client)
+    writer.messages = [{"role": "user", "content": "old"}]
+    assert len(reader.messages) == 1  # the reader holds the first list
+    writer.messages = [{"role": "system", "content": "started over"}]
+    reader.add_message({"role": "user", "content": "one"})
+    writer.messages = []
+    reader.add_messages([{"role": "user", "content": "two"}, {"role": "user", "content": "three"}])
+    expected = [{"role": "user", "content": "two"}, {"role": "user", "content": "three"}]
+    assert writer.messages == reader.messages == expected
+    writer.messages = [{"role": "user", "content": "again"}]
+    writer.title = "moved on"
+    reader.add_message({"role": "user", "content": "four"})
+    assert [m["content"] for m in ConversationMemory("moved", client=client).messages] == ["again", "four"]
