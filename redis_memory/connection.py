@@ -158,7 +158,13 @@ class Channel:
         timeout, connect_timeout = conn.socket_timeout, conn.socket_connect_timeout
         # Connecting and the handshake after it fit the caller's deadline too.
         conn.socket_timeout, conn.socket_connect_timeout = _least(timeout, bound), _least(connect_timeout, bound)
-        conn.connect()  # type: ignore[no-untyped-call]
+        try:
+            conn.connect()  # type: ignore[no-untyped-call]
+        except (redis.exceptions.InvalidResponse, AttributeError, TypeError, ValueError, IndexError) as exc:
+            # The handshake's reply was not one Redis sends: redis-py's parser or
+            # its reading of the reply gave up. Something else listens there.
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise redis.ConnectionError(f"the server did not answer as Redis does ({exc})") from exc
         sock = getattr(conn, "_sock", None)
         tracker = self.tracker
         if tracker is None or not isinstance(sock, socket.socket):

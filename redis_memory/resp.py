@@ -177,7 +177,10 @@ class SocketReader:
 
     def reply(self) -> object:
         """The next reply (RESP2 or RESP3), after any push before it; an error reply is returned, not raised."""
-        return read_reply(self)
+        try:
+            return read_reply(self)
+        except ValueError as exc:  # a length or number that is none: bytes that are not RESP
+            raise redis.ConnectionError(f"the server sent bytes that are not a reply: {exc}") from exc
 
     def take_pushes(self) -> None:
         """Hand every push waiting to ``on_push``, without waiting for more; anything else waiting is an error."""
@@ -185,7 +188,10 @@ class SocketReader:
             line = self.readline()
             if line[:1] != b">" or not line.endswith(b"\r\n"):
                 raise redis.ConnectionError(f"unexpected data on a tracked connection: {line[:40]!r}")
-            items = self.items(int(line[1:-2]))
+            try:
+                items = self.items(int(line[1:-2]))
+            except ValueError as exc:
+                raise redis.ConnectionError(f"unexpected data on a tracked connection: {line[:40]!r}") from exc
             if self.on_push is not None:
                 self.on_push(items)
 
@@ -222,6 +228,12 @@ def _out_of_band(line: bytes, reader: SocketReader) -> None:
         reader.on_push(items)
 
 
+def _null(size: int) -> None:
+    """RESP2's null (a length of -1); any other negative length is no reply."""
+    if size != -1:
+        raise redis.ConnectionError(f"a length of {size} in a reply")
+
+
 def _parse(line: bytes, reader: SocketReader) -> object:
     if not line.endswith(b"\r\n"):
         raise redis.ConnectionError("connection closed by the server")
@@ -229,6 +241,7 @@ def _parse(line: bytes, reader: SocketReader) -> object:
     if kind == b"$" or kind == b"=":
         size = int(rest)
         if size < 0:
+            _null(size)
             return None
         data = reader.read(size + 2)
         if len(data) != size + 2:
@@ -237,6 +250,7 @@ def _parse(line: bytes, reader: SocketReader) -> object:
     if kind in (b"*", b"~", b"%"):
         size = int(rest)
         if size < 0:
+            _null(size)
             return None
         items = reader.items(size * 2 if kind == b"%" else size)
         if kind == b"%":
@@ -269,7 +283,8 @@ _INCOMPLETE = object()
 
 
 def _hiredis_parser() -> Any:
-    return hiredis.Reader(replyError=error_reply, notEnoughData=_INCOMPLETE)
+    # Bytes that are not RESP (a peer that is not Redis) are a broken connection, as in SocketReader.
+    return hiredis.Reader(protocolError=redis.ConnectionError, replyError=error_reply, notEnoughData=_INCOMPLETE)
 
 
 class HiredisReader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import select
 import subprocess
@@ -13,7 +14,15 @@ import pytest
 import redis
 from servers import free_port, raw_client
 
-from redis_memory import ConversationMemory, Memory, RedisMemoryError, ServerRefused, Session, connection
+from redis_memory import (
+    ConnectionFailed,
+    ConversationMemory,
+    Memory,
+    RedisMemoryError,
+    ServerRefused,
+    Session,
+    connection,
+)
 from redis_memory.errors import UnusableClient
 
 
@@ -269,3 +278,36 @@ def test_reading_a_large_value_takes_time_in_proportion_to_its_size(real_url: st
         times[size] = min(samples)
     assert times[32] / times[4] < 24, times
 
+
+@pytest.mark.parametrize(
+    "answer", [b"garbage\r\n", b"+OK\r\n", b":12\r\n", b"$-5\r\n", b"\x00\x01\x02", b"*1\r\n:1\r\n"]
+)
+def test_a_peer_that_does_not_speak_redis_is_a_connection_failure(answer: bytes) -> None:
+    """A port served by something else than Redis: reads and writes raise ConnectionFailed, not a parser's error."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                peer, _ = listener.accept()
+                with peer, contextlib.suppress(OSError):
+                    peer.settimeout(10)
+                    while peer.recv(65536):
+                        peer.sendall(answer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        url = f"redis://127.0.0.1:{port}/0?socket_timeout=1&socket_connect_timeout=1"
+        with pytest.raises(ConnectionFailed, match="unreachable"):
+            Memory("peer", url=url).title  # noqa: B018
+        with Memory("peer", url=url) as mem, pytest.raises(ConnectionFailed):
+            mem.title = "never loaded"
+    finally:
+        listener.close()
+        server.join(timeout=5)

@@ -141,6 +141,18 @@ def test_a_reply_cut_short_by_the_server_closing_is_a_connection_error() -> None
 
 
 @pytest.mark.parametrize("kind", [SocketReader, HiredisReader])
+@pytest.mark.parametrize("data", [b"garbage\r\n", b"\x00\x01\x02\r\n", b"$-5\r\n", b"*-7\r\n", b":x\r\n"])
+def test_bytes_that_are_not_a_reply_are_a_connection_error(kind: Any, data: bytes) -> None:
+    """Whatever a peer that is not Redis sends, both readers raise redis.ConnectionError: the channel then closes."""
+    sock = Chunks([data])
+    try:
+        with pytest.raises(redis.ConnectionError):
+            kind(sock).reply()
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("kind", [SocketReader, HiredisReader])
 def test_take_pushes_hands_over_what_waits_and_refuses_anything_else(kind: Any) -> None:
     import socket
 
