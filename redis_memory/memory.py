@@ -1197,6 +1197,8 @@ class Memory:
             core = _shared.take((connection.channel(redis_client), key, companions, options), make, self)
         object.__setattr__(self, "_rm", core)
         object.__setattr__(self, "_rm_feeds", weakref.WeakSet())
+        #: The queue's drop count when this object's flush() last told of drops (see flush).
+        object.__setattr__(self, "_rm_drops_told", core.outbox.dropped)
 
     @classmethod
     def _rm_key(cls, prefix: str, name: str) -> str:
@@ -1334,11 +1336,19 @@ class Memory:
         Online, writes are sent before the statement that made them returns,
         so this only waits for writes in flight on other threads. With
         changes queued offline it retries the server and replays the queue,
-        for up to ``timeout`` seconds (None: as long as it takes).
+        for up to ``timeout`` seconds (None: as long as it takes). False
+        also when the server refused a queued change on replay (its
+        container was deleted meanwhile, or the server came back without the
+        memory) since this object's last flush: :meth:`status` counts those,
+        and the log names each.
         """
-        self._rm.check_open()
-        self._rm.outside_batch("flush()")
-        return self._rm.flush(timeout)
+        core = self._rm
+        core.check_open()
+        core.outside_batch("flush()")
+        reached = core.flush(timeout)
+        dropped = core.outbox.dropped
+        told, self._rm_drops_told = self._rm_drops_told, dropped
+        return reached and dropped == told
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Release the memory's connection, threads and spool file; using it afterwards raises MemoryClosed.
