@@ -1142,6 +1142,7 @@ class Memory:
 
     _rm: MemoryCore
     _rm_feeds: weakref.WeakSet[Feed | Subscription]
+    _rm_drops_told: int
     _rm_kind = "memory"
 
     def __init__(
