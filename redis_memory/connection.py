@@ -32,7 +32,7 @@ from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
-from .resp import HiredisReader, SocketReader, reader, resp_command
+from .resp import Reader, reader, resp_command
 from .tracking import Tracker
 
 try:
@@ -115,7 +115,7 @@ class Channel:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
-        self.reader: SocketReader | HiredisReader | None = None
+        self.reader: Reader | None = None
         #: For tracked memories: a RESP3 connection with CLIENT TRACKING (see tracking.py).
         self.tracker = Tracker() if tracking else None
         #: Commands sent and answered (a pipeline counts once): the round trips, for tests and benchmarks.
@@ -180,7 +180,7 @@ class Channel:
         self.conn = conn
         return conn
 
-    def _track(self, sock: socket.socket, replies: SocketReader | HiredisReader) -> None:
+    def _track(self, sock: socket.socket, replies: Reader) -> None:
         """Switch a new connection to RESP3 with CLIENT TRACKING ON (see tracking.py).
 
         A server that cannot (no RESP3, tracking refused to this user) leaves

@@ -339,6 +339,10 @@ class HiredisReader:
 parser = "python" if hiredis is None else "hiredis"
 
 
-def reader(sock: socket.socket, on_push: Push | None = None) -> SocketReader | HiredisReader:
+#: Either reader: what a channel reads its connection's replies with.
+Reader = SocketReader | HiredisReader
+
+
+def reader(sock: socket.socket, on_push: Push | None = None) -> Reader:
     """A reader of ``sock``'s replies, with :data:`parser`."""
     return HiredisReader(sock, on_push) if parser == "hiredis" else SocketReader(sock, on_push)
