@@ -145,8 +145,13 @@ def test_a_session_with_thousands_of_agents_can_be_deleted(client: redis.Redis) 
         # ... another process deleted 2: 4 must stay.
         (lambda xs: xs.__setitem__(slice(1, 3), ["x"]), lambda xs: xs.__delitem__(1), [1, "x", 4]),
     ],
-    ids=["del-slice/front-insert", "del-slice/middle-delete", "del-step/front-insert",
-         "set-slice/front-insert", "set-slice/middle-delete"],
+    ids=[
+        "del-slice/front-insert",
+        "del-slice/middle-delete",
+        "del-step/front-insert",
+        "set-slice/front-insert",
+        "set-slice/middle-delete",
+    ],
 )
 def test_a_stale_queued_slice_change_is_not_re_made_on_other_items(
     switch: Switch, client: redis.Redis, change: Any, theirs: Any, expected: list[Any]

@@ -574,4 +574,3 @@ def test_status_still_answers_after_close(client: redis.Redis) -> None:
     mem.close()
     status = mem.status()  # MemoryClosed: rm:memory:{st} was closed here; open a new memory to use it
     assert status.pending == 0 and status.dropped == 0
-

@@ -82,4 +82,3 @@ def test_async_methods_and_clear(client: redis.Redis) -> None:
         history.add_messages([HumanMessage("again")])
         history.clear()
         assert history.messages == []
-

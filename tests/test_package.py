@@ -24,9 +24,28 @@ def test_star_import_gives_exactly_all() -> None:
     assert exported == set(redis_memory.__all__)
     public = {name for name in dir(redis_memory) if not name.startswith("_")}
     modules = {
-        "aio", "batch", "catalog", "cli", "cluster", "codec", "connection", "errors", "export", "feed",
-        "integrations", "memory", "messages", "ops", "proxies", "queue", "replica", "resp", "session", "store",
-        "tracking", "window",
+        "aio",
+        "batch",
+        "catalog",
+        "cli",
+        "cluster",
+        "codec",
+        "connection",
+        "errors",
+        "export",
+        "feed",
+        "integrations",
+        "memory",
+        "messages",
+        "ops",
+        "proxies",
+        "queue",
+        "replica",
+        "resp",
+        "session",
+        "store",
+        "tracking",
+        "window",
     }
     assert public - modules == set(redis_memory.__all__)
 

@@ -300,4 +300,3 @@ def test_reads_of_a_memory_deleted_elsewhere_are_one_round_trip_each(
         assert not hasattr(reader, "x")
     assert trips.count == 5
     assert reader._rm.replica.loads == loads
-

@@ -152,6 +152,8 @@ def failover_writer(
     mine = mem.to_dict()
     fresh = Memory(name, client=_client_of(target)).to_dict()
     out.put((writer, count, flushed, mine == fresh, mem.status().dropped))
+
+
 def append_to_conversations(url: str, writer: int, conversations: int, count: int, barrier: Barrier) -> None:
     """With the sync API: append ``count`` items to each of ``conversations`` conversations, interleaved."""
     opened = [ConversationMemory(f"aio-{c}", url=url) for c in range(conversations)]
