@@ -326,8 +326,12 @@ def _write(memory: Memory, attributes: dict[str, Any]) -> int:
         for name, value in attributes.items():
             memory[name] = value
     if not memory.flush(timeout=FLUSH_TIMEOUT):
-        pending = memory.status().pending
-        raise Failure(f"Redis became unreachable: {pending} changes to {memory.key} not written", UNREACHABLE)
+        status = memory.status()
+        if status.pending:
+            message = f"Redis became unreachable: {status.pending} changes to {memory.key} not written"
+            raise Failure(message, UNREACHABLE)
+        # Queued while Redis was away, then refused on replay (the memory was deleted meanwhile).
+        raise Failure(f"Redis refused {status.dropped} changes to {memory.key}: {status.last_error}")
     return len(attributes)
 
 
