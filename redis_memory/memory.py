@@ -203,6 +203,10 @@ class MemoryCore:
         """Release the link, the connection and the spool; see :meth:`Memory.close` for the queue."""
         if self.closed:
             return
+        if self.outbox and not self.link.online:
+            # Redis may be back before the reconnect thread's next try (up to a second away): try it once now.
+            with connection.deadline(timeout):
+                self.link.probe()
         if self.outbox and self.link.online:
             try:
                 self.flush(timeout)
@@ -1340,16 +1344,16 @@ class Memory:
         for up to ``timeout`` seconds (None: as long as it takes). False
         also when the server refused a queued change on replay (its
         container was deleted meanwhile, or the server came back without the
-        memory) since this object's last flush: :meth:`status` counts those,
-        and the log names each.
+        memory) since this object's last flush that reached Redis:
+        :meth:`status` counts those, and the log names each.
         """
         core = self._rm
         core.check_open()
         core.outside_batch("flush()")
-        reached = core.flush(timeout)
-        dropped = core.outbox.dropped
-        told, self._rm_drops_told = self._rm_drops_told, dropped
-        return reached and dropped == told
+        if not core.flush(timeout):
+            return False  # not there yet: a drop meanwhile is told by the flush that gets there
+        told, self._rm_drops_told = self._rm_drops_told, core.outbox.dropped
+        return self._rm_drops_told == told
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Release the memory's connection, threads and spool file; using it afterwards raises MemoryClosed.

@@ -108,6 +108,42 @@ def test_close_flushes_a_queue_when_redis_is_back(switch: Switch, client: redis.
     assert Memory("flushed", client=client).x == 1
 
 
+def test_close_tries_the_server_before_giving_a_queue_up(switch: Switch, client: redis.Redis) -> None:
+    """Redis back, but the reconnect thread has not tried it yet (its wait has grown to a second): close() tries it
+    once itself and replays the queue, instead of reporting it lost."""
+    mem = Memory("flushed-early", client=switch.client())
+    mem.to_dict()
+    switch.cut()
+    mem.x = 1
+    time.sleep(2.5)  # the reconnect thread's waits double up to 1 s
+    switch.restore()
+    mem.close()
+    assert Memory("flushed-early", client=client).x == 1
+
+
+def test_flush_reports_a_drop_to_the_first_call_that_reaches_redis(switch: Switch, client: redis.Redis) -> None:
+    """A drop during a background replay, then Redis away again: a flush that times out says False (not there
+    yet) without using up the report; the one that reaches Redis says False for the drop; the next, True."""
+    mem = Memory("told", client=switch.client())
+    mem.items = [0]
+    held = mem.items
+    switch.cut()
+    held.append(1)  # queued on a list the other process deletes meanwhile
+    Memory("told", client=client).items = ["replaced"]
+    switch.restore()
+    deadline = time.monotonic() + 20
+    while mem.status().dropped == 0:  # the reconnect thread's replay drops it
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    switch.cut()
+    mem.x = 1
+    assert mem.flush(timeout=0.5) is False
+    switch.restore()
+    assert mem.flush(timeout=20) is False
+    assert mem.flush(timeout=20) is True
+    assert Memory("told", client=client).to_dict() == {"items": ["replaced"], "x": 1}
+
+
 def test_close_offline_keeps_the_queue_in_the_spool(switch: Switch, client: redis.Redis, tmp_path: Path) -> None:
     """Closed offline with a spool, the queue stays in the spool; the next memory opened on it replays it."""
     mem = Memory("spooled", client=switch.client(), spool=tmp_path)
