@@ -126,7 +126,13 @@ class ClusterChannel:
             except (ConnectionFailed, redis.ResponseError) as exc:
                 error = exc
                 continue
-            self._load(address, table)
+            try:
+                self._load(address, table)
+            except (IndexError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+                # No slot table Redis sends: the connection is out of step, or not Redis.
+                self.node(address).close()
+                error = ConnectionFailed(f"{address[0]}:{address[1]} answered CLUSTER SLOTS with {table!r:.60}")
+                continue
             return
         raise ConnectionFailed(f"no node of the cluster answered: {error}")
 

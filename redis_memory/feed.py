@@ -67,6 +67,9 @@ OPS = {
 }
 _WAIT_SLICE = 0.2  # a blocked read wakes this often to notice close()
 _MAX_DELAY = 1.0
+#: What redis-py raises from a pub/sub link that broke, went silent, or sent bytes it could not take for a
+#: message (a peer that is not Redis): each time, the feed subscribes again and says resync.
+_BROKEN_LINK = (redis.RedisError, OSError, AttributeError, IndexError, KeyError, TypeError, ValueError)
 #: After this many seconds without a message, a feed PINGs its connection,
 #: and counts the link as lost if no answer comes within PONG_WAIT: a link
 #: that died without closing (a partition) is noticed.
@@ -251,11 +254,11 @@ class Feed:
                     self._delay = 0.0
                     self._heard, self._pinged = time.monotonic(), 0.0
                     return True
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            log.info("%s: change feed cannot subscribe: %s", self._channel, exc)
         except redis.ResponseError as exc:  # NOPERM: the ACL user may not use the channel
             pubsub.close()
             raise ServerRefused(f"Redis refused the change feed {self._channel}: {exc}", key=self._channel) from exc
+        except _BROKEN_LINK as exc:
+            log.info("%s: change feed cannot subscribe: %s", self._channel, exc)
         pubsub.close()
         return False
 
@@ -287,7 +290,11 @@ class Feed:
                 self._pubsub.ping()
                 self._pinged = now
             message = self._pubsub.get_message(timeout=wait)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            if message is not None and not (isinstance(message, dict) and isinstance(message.get("type"), str)):
+                raise redis.ConnectionError(f"not a pub/sub message: {message!r:.60}")
+        except _BROKEN_LINK as exc:
+            # Bytes redis-py could not take for a pub/sub message (a peer that is
+            # not Redis, or garbled) are a broken link too: subscribe again.
             if not self._closed:
                 log.info("%s: change feed lost its link: %s", self._channel, exc)
             self._drop_pubsub()
@@ -303,7 +310,11 @@ class Feed:
             return None
         if message["type"] not in ("message", "smessage"):
             return None
-        data: bytes = message["data"]
+        data = message.get("data")
+        if not isinstance(data, bytes):
+            log.info("%s: change feed got a message without data; subscribing again", self._channel)
+            self._drop_pubsub()
+            return None
         return data
 
     # -- events -----------------------------------------------------------

@@ -162,6 +162,21 @@ def library() -> tuple[str, dict[str, str]]:
 LIBRARY, FUNCTIONS = library()
 
 
+def _bulk_or_nil(part: object) -> bool:
+    return part is None or isinstance(part, bytes)
+
+
+def _sync(raw: Any) -> Sync:
+    """The sync function's reply (also inside an apply's): ValueError, TypeError or IndexError if it is none."""
+    if not isinstance(raw, list) or len(raw) < 3 or len(raw) % 2 == 0 or not all(_bulk_or_nil(p) for p in raw):
+        raise ValueError("not a sync reply")
+    kind = raw[2].decode()
+    if kind not in ("empty", "delta", "full") or any(field is None for field in raw[3::2]):
+        raise ValueError("not a sync reply")
+    it = iter(raw[3:])
+    return Sync(raw[0] or b"", raw[1], kind, list(zip(it, it, strict=True)))
+
+
 def version_number(stamp: bytes) -> int:
     """The change count of a version stamp (``<count> <token>``, see the apply script); 0 for none.
 
@@ -418,6 +433,13 @@ class Store:
             # Other memories of this process on the key learn of the write here.
             self.written = None if tracker is None else tracker.wrote(key, before)
             wrote_elsewhere(self._key_bytes, tracker)
+        try:
+            return self._reply(raw, len(steps), replicas, timeout_ms)
+        except (IndexError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+            raise self._garbled("the apply function", raw) from None
+
+    def _reply(self, raw: Any, steps: int, replicas: int, timeout_ms: int) -> Reply:
+        """The apply function's reply ``raw`` read; IndexError, TypeError or ValueError if Redis sends none such."""
         if replicas:
             raw, acknowledged = raw
             if raw[0] in (b"ok", b"dup") and int(acknowledged) < replicas:
@@ -426,16 +448,21 @@ class Store:
                     f" {timeout_ms} ms: it is kept queued until they do"
                 )
                 raise NotReplicated(message, key=self.key)
+        if not isinstance(raw, list) or len(raw) < 7 or not all(isinstance(part, bytes) for part in raw[:6]):
+            raise ValueError("not an apply reply")
         first = int(raw[3]) if raw[3] else None
-        if len(steps) == 1:  # no 'refused' and 'per-operation' slots
+        if steps == 1:  # no 'refused' and 'per-operation' slots
             found = raw[6]
-            delta = None
-            if found:
-                it = iter(found[3:])
-                delta = Sync(found[0] or b"", found[1], found[2].decode(), list(zip(it, it, strict=False)))
+            delta = _sync(found) if found else None
             return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[7:], delta=delta)
         failed = int(raw[6]) if raw[6] else None
         return Reply(raw[0].decode(), raw[1], raw[2], first, raw[4], raw[8:], failed, raw[7].split())
+
+    def _garbled(self, what: str, reply: object) -> ConnectionFailed:
+        """For a reply to ``what`` that Redis never sends: the connection is closed (it may be out of step)."""
+        self.channel.close()
+        message = f"the reply to {what} on {self.key} is none Redis sends ({reply!r:.60}); the connection was closed"
+        return ConnectionFailed(message, key=self.key)
 
     def publisher(self) -> bytes:
         """The command the server code publishes changes with: SPUBLISH on a cluster (sharded pub/sub), else PUBLISH."""
@@ -443,22 +470,30 @@ class Store:
 
     def version(self) -> tuple[bytes, bytes]:
         """HMGET of the version stamp and incarnation: the O(1) freshness check."""
-        v, inc = self._call_packed(self._version_command)
+        reply = self._call_packed(self._version_command)
+        if not (isinstance(reply, list) and len(reply) == 2 and all(_bulk_or_nil(part) for part in reply)):
+            raise self._garbled("HMGET", reply)
+        v, inc = reply
         return (v or b""), (inc or b"")
 
     def sync(self, stamp: bytes, incarnation: bytes) -> Sync:
         """FCALL of the sync function: O(fields changed since version ``stamp``)."""
         raw = self._fcall("sync", self.keys[:1], [stamp or b"0", incarnation])
-        it = iter(raw[3:])
-        return Sync(raw[0] or b"", raw[1], raw[2].decode(), list(zip(it, it, strict=False)))
+        try:
+            return _sync(raw)
+        except (IndexError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+            raise self._garbled("the sync function", raw) from None
 
     def read_all(self) -> dict[bytes, bytes]:
         """HGETALL: O(size of the memory)."""
         reply = self._call("HGETALL", self.key)
-        if isinstance(reply, list):  # RESP2 answers a flat list
-            it = iter(reply)
-            return dict(zip(it, it, strict=False))
-        return cast(dict[bytes, bytes], reply)
+        if isinstance(reply, list) and len(reply) % 2 == 0 and all(isinstance(part, bytes) for part in reply):
+            it = iter(reply)  # RESP2 answers a flat list
+            return dict(zip(it, it, strict=True))
+        if isinstance(reply, dict) and all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in reply.items()):
+            return cast(dict[bytes, bytes], reply)
+        # Taken for an empty memory, such a reply would invite a write over the real data.
+        raise self._garbled("HGETALL", reply)
 
     def delete(
         self,

@@ -189,6 +189,11 @@ class Switch:
         for proxy in [*self.proxies.values(), *([self.proxy] if self.proxy else [])]:
             proxy.silence(silent)
 
+    def inject(self, data: bytes) -> None:
+        """Send ``data`` to every client behind the switch, as if from the server; real servers only."""
+        for proxy in [*self.proxies.values(), *([self.proxy] if self.proxy else [])]:
+            proxy.inject(data)
+
     def restore(self) -> None:
         for proxy in self.proxies.values():
             proxy.restore()

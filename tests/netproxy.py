@@ -7,6 +7,7 @@ refuses new ones until :meth:`TcpProxy.restore`. :meth:`TcpProxy.lose_next_repli
 throws the next replies the server sends away and closes the
 connections they came on: the server has run the command, the client never hears back.
 :meth:`TcpProxy.silence` drops every byte without closing anything: a partition.
+:meth:`TcpProxy.inject` sends clients bytes the server never sent.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ class TcpProxy:
         """Throw away the next ``count`` replies, closing the connection each came on."""
         with self.lock:
             self.to_lose += count
+
+    def inject(self, data: bytes) -> None:
+        """Send ``data`` to every client now, as if the server had sent it (bytes that may not be RESP)."""
+        with self.lock:
+            clients = [client for client, _ in self.links]
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.sendall(data)
 
     def silence(self, silent: bool = True) -> None:
         """Drop every byte in both directions without closing anything (a network partition), or stop."""

@@ -154,6 +154,43 @@ def test_a_feed_that_lost_its_link_says_resync(client: redis.Redis, switch: Swit
 
 
 @pytest.mark.parametrize("backend", REAL_BACKENDS)
+@pytest.mark.parametrize("garbage", [b"garbage\r\n", b"*1\r\n:1\r\n", b">2\r\n:1\r\n:2\r\n"])
+def test_bytes_that_are_not_a_message_on_the_feed_link_are_a_broken_link(
+    client: redis.Redis, switch: Switch, garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever comes on the subscribed connection that is not a message: the feed subscribes again and says
+    resync, in either mode, without an error logged (the callback never raised)."""
+    listener = Memory("garbled", client=switch.client())
+    writer = Memory("garbled", client=client)
+    writer.log = []
+    with listener.subscribe() as feed:
+        writer.log.append(1)
+        assert take(feed, 1) == [("append", ("log", 0), None)]
+        switch.inject(garbage)
+        assert take(feed, 1) == [("resync", (), None)]
+        writer.log.append(2)
+        assert take(feed, 1) == [("append", ("log", 1), None)]
+    seen: list[str] = []
+
+    def wait_for(op: str, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while seen.count(op) < count:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.02)
+
+    with caplog.at_level(logging.ERROR, logger="redis_memory"), listener.subscribe(lambda e: seen.append(e.op)):
+        time.sleep(0.5)  # subscribed
+        writer.log.append(3)
+        wait_for("append", 1)
+        switch.inject(garbage)
+        wait_for("resync", 1)
+        writer.log.append(4)
+        wait_for("append", 2)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert len(caplog.records) < 20  # no loop logging the same failure over and over
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
 def test_writes_queued_offline_are_published_when_replayed(client: redis.Redis, switch: Switch) -> None:
     """A memory cut off queues its appends; their events come when the queue reaches Redis."""
     writer = ConversationMemory("replayed", client=switch.client(), author="offline-agent")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
-from conftest import Trips, all_keys
+from conftest import Switch, Trips, all_keys
 
-from redis_memory import ConversationMemory, Memory, ops
+from redis_memory import ConnectionFailed, ConversationMemory, Memory, ops
 from redis_memory.store import JOURNAL_SIZE, Step, Store, escape_id, memory_key, version_number
 
 
@@ -300,3 +302,39 @@ def test_reads_of_a_memory_deleted_elsewhere_are_one_round_trip_each(
         assert not hasattr(reader, "x")
     assert trips.count == 5
     assert reader._rm.replica.loads == loads
+
+
+@pytest.mark.parametrize("backend", ["redis7", "valkey"])
+@pytest.mark.parametrize("reply", [b"*1\r\n:1\r\n", b"+OK\r\n", b"_\r\n", b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n"])
+def test_a_reply_of_the_wrong_shape_is_a_connection_failure_never_data(
+    client: redis.Redis, switch: Switch, reply: bytes
+) -> None:
+    """A reply Redis never sends to the command (a peer that is not Redis, or one out of step) raises
+    ConnectionFailed and closes the connection: an HGETALL so answered is not an empty memory (a write over it
+    would replace the real data), a version check not a version, a write's reply not an outcome."""
+    writer = ConversationMemory("shaped", client=client)
+    writer.messages = [{"role": "user", "content": "kept"}]
+
+    def back_online(mem: ConversationMemory) -> None:  # the reconnect thread finds Redis again
+        deadline = time.monotonic() + 10
+        while not mem.status().online:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    with ConversationMemory("shaped", client=switch.client()) as mem:
+        mem.ttl()  # the connection is open; nothing loaded yet
+        switch.inject(reply)  # read as the reply to the next command, the load
+        with pytest.raises(ConnectionFailed):
+            hasattr(mem, "messages")
+        back_online(mem)
+        assert mem.messages == [{"role": "user", "content": "kept"}]
+        writer.title = "changed"
+        switch.inject(reply)  # now the version check's
+        assert mem.messages == [{"role": "user", "content": "kept"}]  # served as it is, as in an outage
+        back_online(mem)
+        assert mem.title == "changed"
+        switch.inject(reply)  # now the append's: it may have been applied, so it is queued with its id
+        mem.messages.append({"role": "user", "content": "once"})
+        assert mem.flush(timeout=10)
+    contents = [m["content"] for m in ConversationMemory("shaped", client=client).messages]
+    assert contents == ["kept", "once"]
