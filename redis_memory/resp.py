@@ -164,7 +164,7 @@ class SocketReader:
             if end >= 0 and buffer[pos] == 36:  # '$'
                 start = end + 2
                 stop = start + int(buffer[pos + 1 : end])
-                if start <= stop and stop + 2 <= size:
+                if start <= stop and stop + 2 <= size and buffer.startswith(b"\r\n", stop):
                     items.append(buffer[start:stop])
                     pos = stop + 2
                     continue
@@ -246,11 +246,13 @@ def _parse(line: bytes, reader: SocketReader) -> object:
         data = reader.read(size + 2)
         if len(data) != size + 2:
             raise redis.ConnectionError("connection closed by the server")
+        if not data.endswith(b"\r\n") or (kind == b"=" and data[3:4] != b":"):
+            raise redis.ConnectionError(f"a malformed {kind.decode()} reply")
         return data[4:-2] if kind == b"=" else data[:-2]
     if kind in (b"*", b"~", b"%"):
         size = int(rest)
         if size < 0:
-            _null(size)
+            _null(size if kind == b"*" else -2)  # RESP3's sets and maps have no null
             return None
         items = reader.items(size * 2 if kind == b"%" else size)
         if kind == b"%":
@@ -261,15 +263,15 @@ def _parse(line: bytes, reader: SocketReader) -> object:
         return int(rest)
     if kind == b"+":
         return rest
-    if kind == b"_":
+    if kind == b"_" and not rest:
         return None
     if kind == b"-":
         return error_reply(rest.decode(errors="replace"))
     if kind == b",":
         return float(rest)
-    if kind == b"#":
+    if kind == b"#" and rest in (b"t", b"f"):
         return rest == b"t"
-    if kind == b"(":  # a big number, as hiredis gives it
+    if kind == b"(" and rest.lstrip(b"-").isdigit():  # a big number, as hiredis gives it
         return rest
     if kind in (b">", b"|"):
         # Out-of-band data inside an aggregate: the element follows.

@@ -141,13 +141,28 @@ def test_a_reply_cut_short_by_the_server_closing_is_a_connection_error() -> None
 
 
 @pytest.mark.parametrize("kind", [SocketReader, HiredisReader])
-@pytest.mark.parametrize("data", [b"garbage\r\n", b"\x00\x01\x02\r\n", b"$-5\r\n", b"*-7\r\n", b":x\r\n"])
+@pytest.mark.parametrize(
+    "data",
+    [b"garbage\r\n", b"\x00\x01\x02\r\n", b"$-5\r\n", b"*-7\r\n", b":x\r\n", b"(abc\r\n", b"#x\r\n", b"_x\r\n",
+     b"=3\r\nabc\r\n", b":1.5\r\n"],
+)  # fmt: skip
 def test_bytes_that_are_not_a_reply_are_a_connection_error(kind: Any, data: bytes) -> None:
     """Whatever a peer that is not Redis sends, both readers raise redis.ConnectionError: the channel then closes."""
     sock = Chunks([data])
     try:
         with pytest.raises(redis.ConnectionError):
             kind(sock).reply()
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("data", [b"$3\r\nabcXY\r\n", b"*1\r\n$3\r\nabcXY\r\n", b"~-1\r\n", b"%-1\r\n"])
+def test_the_python_reader_checks_what_hiredis_lets_pass(data: bytes) -> None:
+    """A bulk string's terminator, and no null set or map: the Python reader refuses these (hiredis does not)."""
+    sock = Chunks([data])
+    try:
+        with pytest.raises(redis.ConnectionError):
+            SocketReader(sock).reply()  # type: ignore[arg-type]
     finally:
         sock.close()
 
