@@ -520,6 +520,10 @@ def health_check(client: Client | None = None, url: str | None = None) -> Health
         raise ConnectionFailed(f"Redis unreachable: {exc}{default_hint(found)}") from exc
     except redis.ResponseError:  # a server without INFO (fakeredis)
         info = {"redis_version": "unknown"}
+    except (redis.exceptions.InvalidResponse, AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise ConnectionFailed(f"Redis unreachable: the server did not answer as Redis does ({exc})") from exc
+    if not isinstance(info, dict):
+        raise ConnectionFailed(f"Redis unreachable: the server answered INFO with {info!r:.60}")
     server = "valkey" if "valkey_version" in info else "redis"
     version = str(info.get("valkey_version") or info.get("redis_version", "unknown"))
     mode = "sentinel" if sentinel else str(info.get("redis_mode", "standalone"))

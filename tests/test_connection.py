@@ -22,6 +22,7 @@ from redis_memory import (
     ServerRefused,
     Session,
     connection,
+    health_check,
 )
 from redis_memory.errors import UnusableClient
 
@@ -308,6 +309,8 @@ def test_a_peer_that_does_not_speak_redis_is_a_connection_failure(answer: bytes)
             Memory("peer", url=url).title  # noqa: B018
         with Memory("peer", url=url) as mem, pytest.raises(ConnectionFailed):
             mem.title = "never loaded"
+        with pytest.raises(ConnectionFailed):
+            health_check(url=url)
     finally:
         listener.close()
         server.join(timeout=5)
