@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from .connection import Client, channel
+from .errors import ConnectionFailed
 from .store import command, escape_id
 
 #: A memory refreshes its index entry at most this often (seconds).
@@ -149,7 +150,12 @@ class _Cursor:
                     "WITHSCORES", "LIMIT", self.start, self.page,
                 ),
             )  # fmt: skip
-            pairs = _pairs(reply)
+            try:
+                pairs = _pairs(reply)
+            except (AttributeError, IndexError, TypeError, ValueError):
+                self.catalog.channel.close()  # out of step, or not Redis
+                message = f"the reply to ZRANGEBYSCORE on {self.key} is none Redis sends ({reply!r:.60})"
+                raise ConnectionFailed(message, key=self.key) from None
             self.start += len(pairs)
             self.buffer = pairs[::-1]
             self.done = not pairs
@@ -164,8 +170,17 @@ class _Cursor:
 
 
 def _pairs(reply: list[object]) -> list[tuple[float, bytes]]:
-    """(score, member) pairs of a WITHSCORES reply: a flat list (RESP2) or a list of pairs (RESP3)."""
+    """(score, member) pairs of a WITHSCORES reply: a flat list (RESP2) or a list of pairs (RESP3).
+
+    TypeError or ValueError for a reply of another shape.
+    """
+    if not isinstance(reply, list):
+        raise TypeError(f"not a list: {reply!r:.40}")
     if reply and isinstance(reply[0], list):
-        return [(float(cast(bytes, score)), cast(bytes, member)) for member, score in cast(list[list[object]], reply)]
-    members, scores = reply[::2], reply[1::2]
-    return [(float(cast(bytes, score)), cast(bytes, member)) for member, score in zip(members, scores, strict=True)]
+        pairs = [(float(cast(bytes, score)), cast(bytes, member)) for member, score in cast(list[list[object]], reply)]
+    else:
+        flat = zip(reply[::2], reply[1::2], strict=True)
+        pairs = [(float(cast(bytes, score)), cast(bytes, member)) for member, score in flat]
+    if not all(isinstance(member, bytes) for _, member in pairs):
+        raise TypeError("a member that is not a string")
+    return pairs

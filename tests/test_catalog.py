@@ -112,3 +112,18 @@ def test_a_write_landing_between_a_deletion_and_its_index_removal_keeps_the_memo
     assert ConversationMemory.delete_idle(0, client=other_client) == 1
     assert ConversationMemory.list_ids(client=other_client) == ["c"]
     assert ConversationMemory("c", client=other_client).messages == ["written in between"]
+
+
+@pytest.mark.parametrize("backend", ["redis7", "valkey"])
+@pytest.mark.parametrize("reply", [b"*1\r\n:1\r\n", b"+OK\r\n", b"*2\r\n:7\r\n$1\r\n1\r\n"])
+def test_a_listing_answered_with_a_reply_of_another_shape_is_a_connection_failure(
+    switch: Switch, client: redis.Redis, reply: bytes
+) -> None:
+    """list_ids() over a connection whose next reply is none Redis sends to ZRANGEBYSCORE: ConnectionFailed."""
+    ConversationMemory("listed", client=client).title = "here"
+    through = switch.client()
+    ConversationMemory.count(client=through)  # its connection is open
+    switch.inject(reply)
+    with pytest.raises(ConnectionFailed):
+        ConversationMemory.list_ids(client=through)
+    assert "listed" in ConversationMemory.list_ids(client=through)  # a new connection
