@@ -453,8 +453,14 @@ class Subscription:
         while not self._stop.is_set():
             try:
                 event = self._feed.get(timeout=_WAIT_SLICE)
-                if event is not None:
-                    self._callback(event)
+            except Exception:  # the feed's own failure, never the callback's: not in a loop that spins
+                log.exception("the change feed of %s failed; trying again", self._feed._channel)
+                self._stop.wait(_MAX_DELAY)
+                continue
+            if event is None:
+                continue
+            try:
+                self._callback(event)
             except Exception:
                 log.exception("a change callback raised; the subscription goes on")
 
