@@ -26,6 +26,7 @@ slot's master answers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -77,6 +78,12 @@ class ClusterChannel:
         self.remap = remap or (lambda address: address)
         self.connection_kwargs = {k: v for k, v in connection_kwargs.items() if k not in ("host", "port")}
         self.seeds = list(seeds)
+        #: Whether the nodes' connections speak RESP3 (what a connection of these settings would say).
+        protocol = self.connection_kwargs.get("protocol")
+        if protocol is None:
+            with contextlib.suppress(Exception):  # nothing connects here
+                protocol = getattr(connection_class(**self.connection_kwargs), "protocol", 3)
+        self.resp3 = str(protocol or 3) == "3"
         self.nodes: dict[Address, Channel] = {}
         self.slots: list[Address | None] = [None] * SLOTS
         self.masters: list[Address] = []

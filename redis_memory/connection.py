@@ -116,6 +116,8 @@ class Channel:
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
         self.reader: Reader | None = None
+        #: Whether the connection speaks RESP3 (redis-py's default): maps and nulls of their own, no flat lists.
+        self.resp3 = True
         #: For tracked memories: a RESP3 connection with CLIENT TRACKING (see tracking.py).
         self.tracker = Tracker() if tracking else None
         #: Commands sent and answered (a pipeline counts once): the round trips, for tests and benchmarks.
@@ -165,6 +167,7 @@ class Channel:
             # its reading of the reply gave up. Something else listens there.
             conn.disconnect()  # type: ignore[no-untyped-call]
             raise redis.ConnectionError(f"the server did not answer as Redis does ({exc})") from exc
+        self.resp3 = str(getattr(conn, "protocol", 3)) == "3"
         sock = getattr(conn, "_sock", None)
         tracker = self.tracker
         if tracker is None or not isinstance(sock, socket.socket):

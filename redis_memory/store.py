@@ -487,8 +487,9 @@ class Store:
     def read_all(self) -> dict[bytes, bytes]:
         """HGETALL: O(size of the memory)."""
         reply = self._call("HGETALL", self.key)
-        if isinstance(reply, list) and len(reply) % 2 == 0 and all(isinstance(part, bytes) for part in reply):
-            it = iter(reply)  # RESP2 answers a flat list
+        resp2 = not getattr(self.channel, "resp3", True)
+        if resp2 and isinstance(reply, list) and len(reply) % 2 == 0 and all(isinstance(p, bytes) for p in reply):
+            it = iter(reply)  # RESP2 answers a flat list (RESP3 a map: a list there, even empty, is none)
             return dict(zip(it, it, strict=True))
         if isinstance(reply, dict) and all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in reply.items()):
             return cast(dict[bytes, bytes], reply)

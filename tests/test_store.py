@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -305,7 +306,9 @@ def test_reads_of_a_memory_deleted_elsewhere_are_one_round_trip_each(
 
 
 @pytest.mark.parametrize("backend", ["redis7", "valkey"])
-@pytest.mark.parametrize("reply", [b"*1\r\n:1\r\n", b"+OK\r\n", b"_\r\n", b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n"])
+@pytest.mark.parametrize(
+    "reply", [b"*1\r\n:1\r\n", b"+OK\r\n", b"_\r\n", b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n", b"*0\r\n"]
+)  # (*0: RESP3 answers an empty hash with a map, %0)
 def test_a_reply_of_the_wrong_shape_is_a_connection_failure_never_data(
     client: redis.Redis, switch: Switch, reply: bytes
 ) -> None:
@@ -338,3 +341,21 @@ def test_a_reply_of_the_wrong_shape_is_a_connection_failure_never_data(
         assert mem.flush(timeout=10)
     contents = [m["content"] for m in ConversationMemory("shaped", client=client).messages]
     assert contents == ["kept", "once"]
+
+
+@pytest.mark.parametrize("backend", ["redis7", "valkey"])
+def test_a_client_speaking_resp2_reads_and_writes_as_any(
+    servers: dict[str, Any], backend: str, client: redis.Redis
+) -> None:
+    """A client made with protocol=2 gets RESP2's flat lists: loads, catch-ups and writes work the same."""
+    resp2 = redis.Redis.from_url(servers[backend].url, protocol=2)
+    writer = ConversationMemory("resp2", client=client)
+    writer.messages = [{"role": "user", "content": "one"}]
+    mem = ConversationMemory("resp2", client=resp2)
+    assert mem.messages == [{"role": "user", "content": "one"}]
+    writer.messages.append({"role": "user", "content": "two"})
+    writer.title = "t"
+    assert len(mem.messages) == 2 and mem.title == "t"
+    mem.messages.append({"role": "user", "content": "three"})
+    assert [m["content"] for m in writer.messages] == ["one", "two", "three"]
+    assert ConversationMemory("resp2-empty", client=resp2).to_dict() == {}
