@@ -36,9 +36,13 @@ def _bindable(port: int) -> bool:
 
 
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (10000 above it, at most 65535) is free too."""
+    """A free port whose cluster bus port (10000 above it) is free too.
+
+    Both below Linux's ephemeral range (32768 up): a client's connection made
+    meanwhile cannot take either before the node binds them.
+    """
     while True:
-        port = random.randint(20000, 45000)
+        port = random.randint(20000, 22700)
         if _bindable(port) and _bindable(port + 10000):
             return port
 
@@ -139,7 +143,17 @@ class ClusterServer:
             for i in range(2 * masters)
         ]  # fmt: skip
         for node in self.nodes:
-            node.start()
+            for attempt in range(5):
+                try:
+                    node.start()
+                    break
+                except RuntimeError:  # a port taken meanwhile: another one
+                    if node.process is not None and node.process.poll() is None:
+                        node.process.kill()
+                        node.process.wait()
+                    if attempt == 4:
+                        raise
+                    node.port = free_cluster_port()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
