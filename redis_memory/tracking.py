@@ -51,6 +51,8 @@ import time
 import weakref
 from typing import Any
 
+import redis
+
 #: A replica's mark: (epoch, flushes, invalidations of its key).
 Mark = tuple[int, int, int]
 #: What a replica keeps: its mark, and when it was taken (time.monotonic()).
@@ -174,9 +176,12 @@ class Tracker:
                 return
             self.received += 1
             keys = message[1] if len(message) > 1 else None
-            if keys is None:  # FLUSHALL, FLUSHDB, or the server's tracking table was flushed
+            malformed = keys is not None and not (isinstance(keys, list) and all(isinstance(k, bytes) for k in keys))
+            if keys is None or malformed:  # FLUSHALL, FLUSHDB, or the server's tracking table was flushed
                 self.flushes += 1
                 self.counts.clear()
+                if malformed:  # no invalidation Redis sends: the link is not to be trusted (it is closed)
+                    raise redis.ConnectionError(f"a malformed invalidation: {message!r:.60}")
                 return
             expected = self.expected
             for key in keys:

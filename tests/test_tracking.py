@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import Switch
 from servers import raw_client
 
 from redis_memory import ConversationMemory, Memory
@@ -554,3 +555,18 @@ def test_tracked_memories_let_go_leave_no_tracker_behind(real_url: str) -> None:
         assert [ref for ref in made if ref() is not None] == []
     finally:
         keep_memories(limit)
+
+
+@pytest.mark.parametrize("backend", ["redis7", "valkey"])
+def test_a_malformed_invalidation_is_a_broken_link_and_a_write_lands_once(switch: Switch, client: redis.Redis) -> None:
+    """A push Redis never sends (keys that are a number) before a tracked write's reply: not an error of the
+    user's statement, the link is dropped, the write (applied or not) lands exactly once, reads check again."""
+    with ConversationMemory("pushed", client=switch.client(), tracking=True) as mem:
+        mem.messages = [{"role": "user", "content": "kept"}]
+        switch.inject(b">2\r\n$10\r\ninvalidate\r\n:5\r\n")
+        mem.messages.append({"role": "user", "content": "once"})
+        assert mem.flush(timeout=10)
+        ConversationMemory("pushed", client=client).title = "elsewhere"
+        assert mem.title == "elsewhere"
+    contents = [m["content"] for m in ConversationMemory("pushed", client=client).messages]
+    assert contents == ["kept", "once"]
