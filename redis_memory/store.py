@@ -517,7 +517,10 @@ class Store:
         if participants is not None:
             all_keys, count = (*all_keys, participants[0]), b"%d" % participants[1]
         try:
-            return int(self._fcall("delete", all_keys, [author, idle, b"%d" % hashes, count, self.publisher()]))
+            return self._integer(
+                "the delete function",
+                self._fcall("delete", all_keys, [author, idle, b"%d" % hashes, count, self.publisher()]),
+            )
         finally:
             self._changed()
 
@@ -536,14 +539,17 @@ class Store:
             for key in self.companions:
                 if milliseconds is None:
                     self._call("PERSIST", key)
-                elif 0 <= int(self._call("PTTL", key)) < milliseconds:
+                elif 0 <= self._integer("PTTL", self._call("PTTL", key)) < milliseconds:
                     self._call("PEXPIRE", key, milliseconds)
         finally:
             self._changed()  # after the writes: a mark taken before them must not survive them
 
     def activity(self) -> tuple[int | None, int | None]:
         """HMGET of the creation and last-change times (ms since the epoch): O(1)."""
-        created, active = self._call("HMGET", self.key, "tc", "ta")
+        reply = self._call("HMGET", self.key, "tc", "ta")
+        if not (isinstance(reply, list) and len(reply) == 2 and all(_bulk_or_nil(part) for part in reply)):
+            raise self._garbled("HMGET", reply)
+        created, active = reply
         return self._time(b"tc", created), self._time(b"ta", active)
 
     def _time(self, field: bytes, raw: bytes | None) -> int | None:
@@ -556,9 +562,12 @@ class Store:
 
     def size(self) -> tuple[int, int]:
         """MEMORY USAGE of the memory's keys (else their stored bytes), and HLEN: O(size) at most."""
-        fields = int(self._call("HLEN", self.key))
+        fields = self._integer("HLEN", self._call("HLEN", self.key))
         try:
-            used = sum(int(self._call("MEMORY", "USAGE", key, "SAMPLES", "0") or 0) for key in self.keys)
+            used = sum(
+                self._integer("MEMORY USAGE", self._call("MEMORY", "USAGE", key, "SAMPLES", "0") or 0)
+                for key in self.keys
+            )
         except ServerRefused:  # fakeredis has no MEMORY command
             stored = self.read_all()
             used = sum(len(f) + len(v) for f, v in stored.items())
@@ -566,7 +575,13 @@ class Store:
 
     def remaining(self) -> int:
         """PTTL of the hash: milliseconds left, -1 without expiry, -2 if it does not exist."""
-        return int(self._call("PTTL", self.key))
+        return self._integer("PTTL", self._call("PTTL", self.key))
+
+    def _integer(self, what: str, reply: object) -> int:
+        """``reply``, an integer reply to ``what``; else the connection is out of step (closed), ConnectionFailed."""
+        if not isinstance(reply, int) or isinstance(reply, bool):
+            raise self._garbled(what, reply)
+        return reply
 
     def ping(self) -> None:
         """PING: raises ConnectionFailed unless the server answers."""

@@ -359,3 +359,23 @@ def test_a_client_speaking_resp2_reads_and_writes_as_any(
     mem.messages.append({"role": "user", "content": "three"})
     assert [m["content"] for m in writer.messages] == ["one", "two", "three"]
     assert ConversationMemory("resp2-empty", client=resp2).to_dict() == {}
+
+
+@pytest.mark.parametrize("backend", ["redis7", "valkey"])
+def test_calls_that_need_the_server_refuse_a_reply_of_another_shape(client: redis.Redis, switch: Switch) -> None:
+    """metadata(), ttl() and stats() so answered raise ConnectionFailed, and close the connection: the real
+    reply, still on its way, is not read by the next command (another memory's load on the same client)."""
+    ConversationMemory("shaped-b", client=client).messages = [{"role": "user", "content": "b"}]
+    for call in ("metadata", "ttl", "stats"):
+        through = switch.client()
+        with ConversationMemory("shaped-a", client=through) as mem:
+            mem.messages = [{"role": "user", "content": "a"}]
+            switch.inject(b"+OK\r\n")
+            with pytest.raises(ConnectionFailed):
+                getattr(mem, call)()
+            deadline = time.monotonic() + 10
+            while not mem.status().online:  # the reconnect thread finds Redis again
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            with ConversationMemory("shaped-b", client=through) as other:
+                assert other.messages == [{"role": "user", "content": "b"}]
