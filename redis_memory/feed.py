@@ -250,8 +250,7 @@ class Feed:
             while time.monotonic() < deadline:
                 message = pubsub.get_message(timeout=min(_WAIT_SLICE, max(0.0, deadline - time.monotonic())))
                 if message is not None and message["type"] in ("subscribe", "ssubscribe"):
-                    self._pubsub = pubsub
-                    self._delay = 0.0
+                    self._pubsub = pubsub  # (the wait before the next try shrinks once a message comes)
                     self._heard, self._pinged = time.monotonic(), 0.0
                     return True
         except redis.ResponseError as exc:  # NOPERM: the ACL user may not use the channel
@@ -302,6 +301,7 @@ class Feed:
         if message is None:
             return None
         self._heard, self._pinged = time.monotonic(), 0.0
+        self._delay = 0.0  # a link that works: the next break is tried again at once
         if message["type"] == "sunsubscribe":
             # The server ended a sharded subscription: the slot moved to
             # another master (a resharding, a failover). Subscribe there.
