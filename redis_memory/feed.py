@@ -455,7 +455,6 @@ class Subscription:
                 event = self._feed.get(timeout=_WAIT_SLICE)
             except Exception:  # the feed's own failure, never the callback's: not in a loop that spins
                 log.exception("the change feed of %s failed; trying again", self._feed._channel)
-                self._stop.wait(_MAX_DELAY)
                 continue
             if event is None:
                 continue
