@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import logging
 import os
@@ -622,7 +623,9 @@ class MemoryCore:
         A list held in the replica is appended to without a version check:
         the server checks what an append depends on. If another writer has
         put a new list under ``name`` since, the refused append has brought
-        the replica up to date, and it goes to the list there now.
+        the replica up to date, and it goes to the list there now. Queued
+        offline, it goes to the list under ``name`` at the replay (see
+        :data:`ops.BY_NAME`).
         """
         with self.lock:
             self.check_open()
@@ -638,8 +641,10 @@ class MemoryCore:
                         f"{name} in {self.store.key} is a {type(found).__name__}, not a list", key=self.store.key,
                         field=name,
                     )  # fmt: skip
+                if not items:
+                    return
                 try:
-                    found.extend(items)
+                    self.submit(found, functools.partial(ops.ListAppend, found._rm_nid, list(items), to=name))
                     return
                 except ContainerDeleted:
                     continue  # replaced by another writer: the replica shows what is there now
@@ -657,6 +662,8 @@ class MemoryCore:
         )  # fmt: skip
         if isinstance(op, (ops.ListReplace, ops.SetChange)):
             entry.intent, entry.recompute = op.intent, op.compute
+        elif isinstance(op, ops.ListAppend) and op.to:
+            entry.intent = ops.BY_NAME + op.to.encode()
         return entry
 
     def _enqueue(self, op: ops.Op, plan: ops.Plan, seq: int, may_be_applied: bool = False) -> Any:
@@ -787,9 +794,21 @@ class MemoryCore:
         birth = outbox.births.get(sent.nid, entry.birth)
         call = [entry.writer, expected, self.ttl, entry.author]
         plan: ops.Plan | None = sent.plan
+        nid, by_name = sent.nid, entry.intent.removeprefix(ops.BY_NAME) if entry.intent[:3] == ops.BY_NAME else b""
+        if by_name:
+            nid, birth = outbox.moved.get((nid, birth), (nid, birth))
         for _ in range(MAX_ATTEMPTS):
-            step = Step(entry.seq, token, sent.name, sent.nid, birth, [], plan, ops.from_tokens(args))
+            step = Step(entry.seq, token, sent.name, nid, birth, [], plan, ops.from_tokens(args))
             reply = self.store.apply(call, [step])
+            if reply.status == "gone" and by_name:
+                # An append by name (add_message) goes to the list under that
+                # name now, as it would have online; if there is none, it is dropped.
+                there = self._list_named(by_name.decode())
+                if there is None or there == (nid, birth):
+                    break
+                outbox.moved[sent.nid, outbox.births.get(sent.nid, entry.birth)] = there
+                nid, birth = there
+                continue
             if reply.status != "stale":
                 break
             # Others changed what this operation depends on since it was queued:
@@ -836,6 +855,13 @@ class MemoryCore:
         outbox.dropped += entry.statements
         outbox.last_error = error
         log.warning("%s", error)
+
+    def _list_named(self, name: str) -> tuple[bytes, bytes] | None:
+        """The node id and birth of the list the server holds under root ``name``, or None if it holds none."""
+        scratch = Replica(self)
+        scratch.load(self.store.read_all())
+        found = dict.get(scratch.root, name)
+        return (found._rm_nid, found._rm_birth) if isinstance(found, ObservedList) else None
 
     def _dropped(self, entry: queue.Pending, error: Exception) -> None:
         """Count and report a queued operation that will never apply."""

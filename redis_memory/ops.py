@@ -292,6 +292,9 @@ class ListAppend(Op):
     """
 
     value_list: list[Any] = field(default_factory=list)
+    #: The root name it appends to, for an append by name (``add_message``): replayed
+    #: from the offline queue, it goes to the list under that name then (see :data:`BY_NAME`).
+    to: str = ""
     keep: int = field(init=False, default=0)
     values: list[Encoded] = field(init=False)
 
@@ -414,6 +417,9 @@ class ListReplace(Op):
     def nodes(self) -> int:
         return sum(v.nodes for v in self.values)
 
+
+#: A queued append's intent when it went to a list by its root name: ``BY_NAME + name``.
+BY_NAME = b"to:"
 
 #: Whole-list rewrites that a name says in full (see :class:`ListReplace`).
 INTENTS: dict[bytes, Callable[[list[Any]], list[Any]]] = {

@@ -342,6 +342,9 @@ class Outbox:
         self.births: dict[bytes, bytes] = {}
         # The incarnation a memory created by a replayed operation got.
         self.joined = b""
+        # Lists replaced while offline (node id and birth) -> the list now under
+        # the same name, for appends by name (not spooled: found again on a replay).
+        self.moved: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
         self.dropped = 0
         self.last_error: Exception | None = None
 
@@ -376,6 +379,7 @@ class Outbox:
             self.renames.clear()
             self.births.clear()
             self.skipped.clear()
+            self.moved.clear()
             self.joined = b""
             if self.spool is not None:
                 self.spool.clear()
@@ -413,6 +417,7 @@ class Outbox:
         self.renames.clear()
         self.births.clear()
         self.skipped.clear()
+        self.moved.clear()
         self.joined = b""
         if self.spool is not None:
             self.spool.clear()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import redis
+from conftest import Switch
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from openai.types.chat import ChatCompletionMessage
 
@@ -73,3 +76,46 @@ def test_a_message_goes_to_the_list_another_writer_put_in_place(client: redis.Re
     writer.title = "moved on"
     reader.add_message({"role": "user", "content": "four"})
     assert [m["content"] for m in ConversationMemory("moved", client=client).messages] == ["again", "four"]
+
+
+def test_a_message_queued_offline_goes_to_the_list_put_in_place_meanwhile(
+    switch: Switch, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """add_message made offline lands in the messages there at the replay, even if another writer replaced them.
+
+    Online it would go to the list there now; so it does when replayed. A
+    held list's append stays tied to that list, and is dropped (reported)
+    with it; so is a message whose conversation lost its messages altogether.
+    """
+    chat = ConversationMemory("offline", client=switch.client())
+    other = ConversationMemory("offline", client=client)
+    chat.add_message({"role": "user", "content": "first"})
+    held = chat.messages
+    switch.cut()
+    chat.add_message({"role": "user", "content": "queued"})
+    chat.add_messages([{"role": "user", "content": "two"}, {"role": "user", "content": "three"}])
+    other.messages = [{"role": "system", "content": "started over"}]
+    switch.restore()
+    assert chat.flush(timeout=10) is True
+    expected = ["started over", "queued", "two", "three"]
+    assert [m["content"] for m in ConversationMemory("offline", client=client).messages] == expected
+    assert [m["content"] for m in chat.messages] == expected
+    assert chat.status().dropped == 0
+
+    held = chat.messages
+    switch.cut()
+    held.append({"role": "user", "content": "to the old list"})
+    chat.add_message({"role": "user", "content": "by name"})
+    other.messages = []
+    switch.restore()
+    with caplog.at_level(logging.WARNING, logger="redis_memory"):
+        assert chat.flush(timeout=10) is False  # the held list's append was dropped
+    assert [m["content"] for m in other.messages] == ["by name"]
+    assert chat.status().dropped == 1
+
+    switch.cut()
+    chat.add_message({"role": "user", "content": "nowhere to go"})
+    del other.messages
+    switch.restore()
+    assert chat.flush(timeout=10) is False
+    assert chat.status().dropped == 2 and "messages" not in other.to_dict()
