@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
-import functools
 import itertools
 import logging
 import os
@@ -42,7 +41,17 @@ from .feed import Event, Feed, Subscription
 from .messages import as_message
 from .proxies import NO_OP, ObservedDict, ObservedList, ObservedSet, Proxy, plain
 from .replica import Corrupt, Replica, Resync
-from .store import ANY_INCARNATION, REF, REPLICA_TIMEOUT, Reply, Step, Store, Sync, memory_key, version_number
+from .store import (
+    ANY_INCARNATION,
+    REF,
+    REPLICA_TIMEOUT,
+    Reply,
+    Step,
+    Store,
+    Sync,
+    memory_key,
+    version_number,
+)
 from .window import fit_messages
 
 #: How often an operation is rebuilt and resent after the server found this
@@ -644,7 +653,7 @@ class MemoryCore:
                 if not items:
                     return
                 try:
-                    self.submit(found, functools.partial(ops.ListAppend, found._rm_nid, list(items), to=name))
+                    self.submit(found, _appending(found, items, name))
                     return
                 except ContainerDeleted:
                     continue  # replaced by another writer: the replica shows what is there now
@@ -795,19 +804,22 @@ class MemoryCore:
         call = [entry.writer, expected, self.ttl, entry.author]
         plan: ops.Plan | None = sent.plan
         nid, by_name = sent.nid, entry.intent.removeprefix(ops.BY_NAME) if entry.intent[:3] == ops.BY_NAME else b""
+        queued = (nid, birth)
         if by_name:
-            nid, birth = outbox.moved.get((nid, birth), (nid, birth))
+            nid, birth = outbox.moved.get(queued) or queued
         for _ in range(MAX_ATTEMPTS):
             step = Step(entry.seq, token, sent.name, nid, birth, [], plan, ops.from_tokens(args))
             reply = self.store.apply(call, [step])
-            if reply.status == "gone" and by_name:
+            if reply.status == "gone" and by_name and outbox.moved.get(queued, ()) is not None:
                 # An append by name (add_message) goes to the list under that
-                # name now, as it would have online; if there is none, it is dropped.
+                # name now, as it would have online; if there is none (or that
+                # one is refused too: another incarnation), it is dropped, and so
+                # are the next ones queued for the same list, without a lookup each.
                 there = self._list_named(by_name.decode())
                 if there is None or there == (nid, birth):
+                    outbox.moved[queued] = None
                     break
-                outbox.moved[sent.nid, outbox.births.get(sent.nid, entry.birth)] = there
-                nid, birth = there
+                outbox.moved[queued] = nid, birth = there
                 continue
             if reply.status != "stale":
                 break
@@ -835,6 +847,10 @@ class MemoryCore:
                 first = reply.first_nid
                 self._map(entry.created, [b"%d" % (first + i) for i in range(len(entry.created))])
             return
+        if status == "exists" and not entry.incarnation and not outbox.joined and reply.incarnation:
+            # Made offline on no memory, which another writer created meanwhile:
+            # what was queued after it goes to that one, as it would have online.
+            outbox.join(self.writer, reply.incarnation)
         if status == "exists" and entry.created and reply.extra and reply.extra[0][:1] == bytes((REF,)):
             # setdefault found a container already there: what was queued for
             # the default made offline goes to the one the server holds.
@@ -939,6 +955,17 @@ def _milliseconds(seconds: float) -> int:
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not seconds > 0:
         raise ValueError(f"an expiry must be a positive number of seconds, not {seconds!r}")
     return max(1, round(seconds * 1000))
+
+
+def _appending(target: ObservedList, items: list[Any], name: str) -> Callable[[], ops.Op]:
+    """What builds an append of ``items`` to ``target`` by its root ``name`` (see :meth:`MemoryCore.append_to`)."""
+
+    # The list's id as it is when the op is built: the replay that submit may
+    # run first gives a list made offline the id the server gave it.
+    def build() -> ops.Op:
+        return ops.ListAppend(target._rm_nid, list(items), to=name)
+
+    return build
 
 
 def _server_ids(first: int | None) -> Iterator[bytes]:

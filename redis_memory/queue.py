@@ -343,8 +343,9 @@ class Outbox:
         # The incarnation a memory created by a replayed operation got.
         self.joined = b""
         # Lists replaced while offline (node id and birth) -> the list now under
-        # the same name, for appends by name (not spooled: found again on a replay).
-        self.moved: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+        # the same name, for appends by name; None if there is none (not spooled:
+        # found again on a replay).
+        self.moved: dict[tuple[bytes, bytes], tuple[bytes, bytes] | None] = {}
         self.dropped = 0
         self.last_error: Exception | None = None
 

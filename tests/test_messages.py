@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import redis
@@ -10,7 +11,7 @@ from conftest import Switch
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from openai.types.chat import ChatCompletionMessage
 
-from redis_memory import ConversationMemory, UnsupportedValue
+from redis_memory import ConversationMemory, UnsupportedValue, store
 
 
 def test_sdk_objects_are_stored_without_their_none_fields(client: redis.Redis) -> None:
@@ -119,3 +120,54 @@ def test_a_message_queued_offline_goes_to_the_list_put_in_place_meanwhile(
     switch.restore()
     assert chat.flush(timeout=10) is False
     assert chat.status().dropped == 2 and "messages" not in other.to_dict()
+
+
+def test_a_message_after_the_link_is_back_goes_to_the_list_made_offline(switch: Switch, client: redis.Redis) -> None:
+    """The messages list made offline gets the server's id on the replay that the next add_message runs first."""
+    chat = ConversationMemory("back", client=switch.client())
+    chat.title = "t"
+    switch.cut()
+    chat.add_message({"role": "user", "content": "offline"})
+    with chat._rm.lock:  # this thread goes first, before the reconnect thread replays the queue
+        switch.restore()
+        deadline = time.monotonic() + 10
+        while not chat._rm.link.online and time.monotonic() < deadline:
+            time.sleep(0.01)
+        chat.add_message({"role": "user", "content": "online"})
+    assert chat.flush(timeout=10) is True
+    assert [m["content"] for m in ConversationMemory("back", client=client).messages] == ["offline", "online"]
+
+
+def test_messages_queued_on_no_conversation_go_to_the_one_another_writer_created(
+    switch: Switch, client: redis.Redis
+) -> None:
+    """Offline on a conversation nobody had started, while another process starts it: both keep their messages."""
+    chat = ConversationMemory("started", client=switch.client())
+    chat.to_dict()  # loaded: there is no such conversation yet
+    switch.cut()
+    chat.add_message({"role": "user", "content": "h1"})
+    chat.add_message({"role": "user", "content": "h2"})
+    ConversationMemory("started", client=client).add_message({"role": "system", "content": "S"})
+    switch.restore()
+    assert chat.flush(timeout=10) is True and chat.status().dropped == 0
+    assert [m["content"] for m in ConversationMemory("started", client=client).messages] == ["S", "h1", "h2"]
+
+
+def test_messages_with_no_list_to_go_to_are_dropped_after_one_look(
+    switch: Switch, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queued messages whose list was replaced by something else: the replay reads the memory once, not per message."""
+    chat = ConversationMemory("nowhere", client=switch.client())
+    other = ConversationMemory("nowhere", client=client)
+    chat.add_message({"role": "user", "content": "first"})
+    switch.cut()
+    for i in range(40):
+        chat.add_message({"role": "user", "content": f"q{i}"})
+    other.messages = "not a list"
+    reads = []
+    real = store.Store.read_all
+    monkeypatch.setattr(store.Store, "read_all", lambda self: reads.append(1) or real(self))
+    switch.restore()
+    assert chat.flush(timeout=10) is False
+    assert chat.status().dropped == 40 and other.messages == "not a list"
+    assert len(reads) <= 3  # the look for a list, and the replica's reload after the replay
