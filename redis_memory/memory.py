@@ -49,6 +49,7 @@ from .store import (
     Step,
     Store,
     Sync,
+    append_hints,
     memory_key,
     version_number,
 )
@@ -453,7 +454,10 @@ class MemoryCore:
                 try:
                     step = Step(seq, token, op.name, op.nid, birth, [], sent_plan, op.args())
                     since = replica.stamp if replica.loaded and not replica.speculative else b""
-                    reply = self.store.apply([self.writer, expected, self.ttl, self.author], [step], since)
+                    call = [self.writer, expected, self.ttl, self.author]
+                    if since and sent_plan == {} and expected != ANY_INCARNATION:
+                        step.hints = _lean_hints(op, proxy, since, call, token)
+                    reply = self.store.apply(call, [step], since)
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
                     # The server may have applied it before the link broke: queue
@@ -966,6 +970,17 @@ def _appending(target: ObservedList, items: list[Any], name: str) -> Callable[[]
         return ops.ListAppend(target._rm_nid, list(items), to=name)
 
     return build
+
+
+def _lean_hints(
+    op: ops.Op, proxy: ObservedList | ObservedDict | ObservedSet, since: bytes, call: list[bytes], token: bytes
+) -> tuple[bytes, ...]:
+    """What an append of one item (not a container with fields of its own) that trims nothing writes; else ()."""
+    if type(op) is not ops.ListAppend or len(op.values) != 1 or op.values[0].args[1] != 2:
+        return ()
+    if not isinstance(proxy, ObservedList) or (op.keep and len(proxy) + 1 > op.keep):
+        return ()
+    return append_hints(op.nid, proxy._rm_lo, len(proxy), proxy._rm_mod, proxy._rm_birth, since, call, token)
 
 
 def _server_ids(first: int | None) -> Iterator[bytes]:

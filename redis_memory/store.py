@@ -236,6 +236,38 @@ class Step:
     created: list[bytes]  # the client's ids for the nodes it creates (provisional ones, in a batch)
     plan: Plan | None
     args: Args
+    #: For an append of one item on a fresh view: what the call writes, made here (see :func:`append_hints`).
+    hints: tuple[bytes, ...] = ()
+
+
+def append_hints(
+    nid: bytes, lo: int, length: int, mod: int, birth: bytes, since: bytes, call: list[bytes], token: bytes
+) -> tuple[bytes, ...]:
+    """The strings an append of one item to list ``nid`` writes, made by the client: the apply function's lean path.
+
+    ``lo``, ``length``, ``mod`` and ``birth`` are the list's header as the
+    caller's replica knows it, ``since`` the replica's version, ``call`` the
+    writer, the incarnation, the expiry and the author (see :meth:`Store.apply`).
+    The function uses them only if the server holds that version and that
+    header: the view they were made from is then the server's, so they are
+    what its fast path would make (tests/test_fast_paths.py compares them).
+    The order is the function's (see lean_append in lua/apply.lua).
+    """
+    writer, incarnation, author = call[0], call[1], call[3]
+    version = version_number(since) + 1
+    hi = lo + length
+    stamp = b"%d %s" % (version, token)
+    item, header = b"e%s:%d" % (nid, hi), b"h" + nid
+    return (
+        b"l %d %d %d %s" % (lo, hi, mod, birth),
+        b"l %d %d %d %s" % (lo, hi + 1, mod + 1, birth),
+        stamp,
+        b"j%d" % (version % JOURNAL_SIZE),
+        b"%s %d:%s%d:%s" % (stamp, len(item), item, len(header), header),
+        b"%d " % version,
+        item,
+        b" %s lappend %s %s %d 1 0 %d:%s" % (writer, nid, incarnation, length, len(author), author),
+    )
 
 
 @dataclass
@@ -407,6 +439,10 @@ class Store:
         if since and len(steps) == 1:
             tail.append(b"$%d\r\n%s\r\n" % (len(since), since))
             tail_count += 1
+            hints = steps[0].hints
+            if hints:
+                tail.append(resp_args(list(hints)))
+                tail_count += len(hints)
         packed_tail = (b"".join(tail), tail_count)
         replicas, timeout_ms = self.replicas
         wait = resp_command(("WAIT", replicas, timeout_ms)) if replicas else b""

@@ -25,17 +25,20 @@ DISPATCH = re.compile(
     r"  if ARGV\[6\] == '1' and ARGV\[12\] == '0' and ARGV\[13\] == '0' then\n"
     r"    local reply = fast\(KEYS, ARGV\)\n    if reply then return reply end\n  end\n"
 )
-VARIANTS = {
-    "general": "",
-    "fast": "  do return ARGV[6] == '1' and ARGV[12] == '0' and ARGV[13] == '0'"
-    " and fast(KEYS, ARGV) or {'general'} end\n",
-}
+FAST = "  do return ARGV[6] == '1' and ARGV[12] == '0' and ARGV[13] == '0' and fast(KEYS, ARGV) or {'general'} end\n"
+VARIANTS = {"general": "", "fast": FAST, "lean": FAST}
+#: Where the fast path tries the lean one; in the lean variant, nothing else is tried.
+LEAN_DISPATCH = "    local reply = lean_append(KEYS, ARGV, K, meta, hf, wf)\n    if reply then return reply end\n  end\n"
+LEAN_ONLY = "    return lean_append(KEYS, ARGV, K, meta, hf, wf) or {'general'}\n  end\n  do return {'general'} end\n"
 
 
 def _variant_source(name: str) -> str:
     source = store.LIBRARY
     digest = source.splitlines()[0].removeprefix("#!lua name=redis_memory_")
     assert len(DISPATCH.findall(source)) == 1, "the fast path's dispatch in lua/apply.lua changed: update this test"
+    assert source.count(LEAN_DISPATCH) == 1, "the lean path's dispatch in lua/apply.lua changed: update this test"
+    if name == "lean":
+        source = source.replace(LEAN_DISPATCH, LEAN_ONLY)
     return DISPATCH.sub(VARIANTS[name], source).replace(digest, f"t{name}")
 
 
@@ -80,6 +83,8 @@ def _memory(kind: str, client: Any) -> Memory:
         return Memory("fast", client=client, ttl=600, author="agent-a")
     if kind == "bounded":
         return ConversationMemory("fast", client=client, max_messages=5)
+    if kind == "bounded, full":
+        return ConversationMemory("fast", client=client, max_messages=3)
     return Session("fast", client=client, agent="planner", ttl=600).private  # shares the participant set's expiry
 
 
@@ -92,6 +97,7 @@ CASES: dict[str, tuple[str, Callable[[Memory], object], bool]] = {
     "append in a session (a shared expiry)": ("session", lambda m: m.messages.append({"a": 1}), True),
     "append to a bounded list with room": ("bounded", lambda m: m.messages.append({"n": 1}), True),
     "append that trims a bounded list": ("bounded", lambda m: m.messages.extend([{"n": n} for n in range(4)]), False),
+    "append of one that trims a bounded list": ("bounded, full", lambda m: m.messages.append({"n": 1}), False),
     "append of a list": ("plain", lambda m: m.messages.append([1, 2]), False),
     "change a root key": ("plain", lambda m: setattr(m, "title", "new title"), True),
     "add a root key": ("plain", lambda m: setattr(m, "subtitle", "more"), True),
@@ -104,6 +110,13 @@ CASES: dict[str, tuple[str, Callable[[Memory], object], bool]] = {
     "set a key of a nested dict to a dict": ("plain", lambda m: m.profile.__setitem__("home", {"city": "X"}), False),
     "set two keys of a nested dict": ("plain", lambda m: m.profile.update(a=1, b=2), False),
 }
+
+
+#: The cases the lean path takes (an append of one item, sent with what it writes) on data as written.
+LEAN = {
+    "append a scalar", "append a dict", "append to an expiring memory with an author",
+    "append in a session (a shared expiry)", "append to a bounded list with room",
+}  # fmt: skip
 
 
 def _large_counts(client: Any, key: str) -> None:
@@ -218,11 +231,11 @@ def test_the_fast_path_writes_what_the_general_path_writes(
     library_fields = client.hgetall(key)
     library_events = _events(pubsub) if pubsub is not None else []
 
-    def replay(variant: str) -> Any:
+    def replay(variant: str, call: list[bytes] = command) -> Any:
         client.delete(key)
         client.hset(key, mapping=before)
-        name = re.sub(rb"^rm_[0-9a-f]+_apply$", f"rm_t{variant}_apply".encode(), command[1])
-        return client.execute_command("FCALL", name, *command[2:])
+        name = re.sub(rb"^rm_[0-9a-f]+_apply$", f"rm_t{variant}_apply".encode(), call[1])
+        return client.execute_command("FCALL", name, *call[2:])
 
     general_reply = replay("general")
     general_fields = client.hgetall(key)
@@ -232,6 +245,23 @@ def test_the_fast_path_writes_what_the_general_path_writes(
     if pubsub is not None:
         _events(pubsub, wait=0.3)  # the fast variant's, if any (it answers at once)
 
+    # An append of one item comes with what it writes (the caller's view is fresh): the lean path uses it.
+    argv = command[3 + int(command[2]) :]
+    assert (len(argv) == 27) == (case in LEAN), "what the call sends beyond its version"
+    if case in LEAN:
+        lean_reply = replay("lean")
+        assert lean_reply[0] != b"general", "the lean path takes this call"
+        assert lean_reply == general_reply and _normalized(client.hgetall(key)) == _normalized(general_fields)
+        # Made from a view the server does not hold (another header, another
+        # version): the fast path does not use it, and writes what the general path writes.
+        head = command[: 3 + int(command[2])]
+        for at, wrong in ((19, b"l 0 0 0 other"), (18, b"1 another")):
+            call = [*head, *argv[:at], wrong, *argv[at + 1 :]]
+            assert replay("lean", call) == [b"general"] and client.hgetall(key) == before
+            expected = replay("general", call), _normalized(client.hgetall(key))
+            assert (replay("fast", call), _normalized(client.hgetall(key))) == expected
+        if pubsub is not None:
+            _events(pubsub, wait=0.3)
     if takes_it:
         assert fast_reply[0] != b"general", "the fast path takes this call"
         assert library_reply == general_reply == fast_reply
