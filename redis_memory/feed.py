@@ -453,7 +453,9 @@ class Subscription:
         while not self._stop.is_set():
             try:
                 event = self._feed.get(timeout=_WAIT_SLICE)
-            except Exception:  # the feed's own failure, never the callback's: not in a loop that spins
+            except Exception:  # the feed's own failure, never the callback's (a subscription refused, say)
+                # Not a loop that spins: the feed waits before each new try to subscribe,
+                # longer each time until a message comes (see Feed._receive).
                 log.exception("the change feed of %s failed; trying again", self._feed._channel)
                 continue
             if event is None:

@@ -142,24 +142,28 @@ class ClusterServer:
             )
             for i in range(2 * masters)
         ]  # fmt: skip
-        for node in self.nodes:
-            for attempt in range(5):
-                try:
-                    node.start()
-                    break
-                except RuntimeError:  # a port taken meanwhile: another one
-                    if node.process is not None and node.process.poll() is None:
-                        node.process.kill()
-                        node.process.wait()
-                    if attempt == 4:
-                        raise
-                    node.port = free_cluster_port()
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        self.wait_healthy()
+        try:
+            for node in self.nodes:
+                for attempt in range(5):
+                    try:
+                        node.start()
+                        break
+                    except RuntimeError:  # a port taken meanwhile: another one
+                        if node.process is not None and node.process.poll() is None:
+                            node.process.kill()
+                            node.process.wait()
+                        if attempt == 4:
+                            raise
+                        node.port = free_cluster_port()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            self.wait_healthy()
+        except BaseException:
+            self.stop()  # the nodes started so far do not outlive a cluster that never came up
+            raise
 
     @property
     def url(self) -> str:
