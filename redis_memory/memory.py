@@ -51,6 +51,7 @@ from .store import (
     Sync,
     append_hints,
     memory_key,
+    set_hints,
     version_number,
 )
 from .window import fit_messages
@@ -455,8 +456,10 @@ class MemoryCore:
                     step = Step(seq, token, op.name, op.nid, birth, [], sent_plan, op.args())
                     since = replica.stamp if replica.loaded and not replica.speculative else b""
                     call = [self.writer, expected, self.ttl, self.author]
-                    if since and sent_plan == {} and expected != ANY_INCARNATION:
-                        step.hints = _lean_hints(op, proxy, since, call, token)
+                    if since and sent_plan == {} and replica.incarnation:
+                        # (the incarnation the change event names: the one of the version sent)
+                        who = [self.writer, replica.incarnation, self.ttl, self.author]
+                        step.hints = _lean_hints(op, proxy, since, who, token)
                     reply = self.store.apply(call, [step], since)
                 except ConnectionFailed as exc:
                     self.link.failed(exc)
@@ -975,12 +978,18 @@ def _appending(target: ObservedList, items: list[Any], name: str) -> Callable[[]
 def _lean_hints(
     op: ops.Op, proxy: ObservedList | ObservedDict | ObservedSet, since: bytes, call: list[bytes], token: bytes
 ) -> tuple[bytes, ...]:
-    """What an append of one item (not a container with fields of its own) that trims nothing writes; else ()."""
-    if type(op) is not ops.ListAppend or len(op.values) != 1 or op.values[0].args[1] != 2:
-        return ()
-    if not isinstance(proxy, ObservedList) or (op.keep and len(proxy) + 1 > op.keep):
-        return ()
-    return append_hints(op.nid, proxy._rm_lo, len(proxy), proxy._rm_mod, proxy._rm_birth, since, call, token)
+    """What an append of one item (not a container with fields of its own) that trims nothing, or a set of one key
+    to a scalar, writes (see :func:`~redis_memory.store.append_hints`); else ()."""
+    if isinstance(op, ops.ListAppend) and isinstance(proxy, ObservedList):
+        if len(op.values) != 1 or op.values[0].args[1] != 2 or (op.keep and len(proxy) + 1 > op.keep):
+            return ()
+        return append_hints(op.nid, proxy._rm_lo, len(proxy), proxy._rm_mod, proxy._rm_birth, since, call, token)
+    if isinstance(op, ops.DictSet) and isinstance(proxy, ObservedDict) and proxy._rm_up is None:
+        if len(op.values) != 1 or op.values[0].args[1] != 2 or op.values[0].nodes:
+            return ()
+        header = (len(proxy), proxy._rm_next, proxy._rm_mod, proxy._rm_birth)
+        return set_hints(op.nid, *header, op.keys[0], op.items[0][0] not in proxy, since, call, token)
+    return ()
 
 
 def _server_ids(first: int | None) -> Iterator[bytes]:

@@ -240,6 +240,12 @@ class Step:
     hints: tuple[bytes, ...] = ()
 
 
+def _next_version(since: bytes) -> int | None:
+    """The version after ``since``, if the lean paths may count from it: a stamp of a count the server holds exactly."""
+    count = since.partition(b" ")[0]
+    return int(count) + 1 if count.isdigit() and len(count) < 15 else None
+
+
 def append_hints(
     nid: bytes, lo: int, length: int, mod: int, birth: bytes, since: bytes, call: list[bytes], token: bytes
 ) -> tuple[bytes, ...]:
@@ -247,26 +253,66 @@ def append_hints(
 
     ``lo``, ``length``, ``mod`` and ``birth`` are the list's header as the
     caller's replica knows it, ``since`` the replica's version, ``call`` the
-    writer, the incarnation, the expiry and the author (see :meth:`Store.apply`).
+    writer, the replica's incarnation, the expiry and the author.
     The function uses them only if the server holds that version and that
     header: the view they were made from is then the server's, so they are
     what its fast path would make (tests/test_fast_paths.py compares them).
     The order is the function's (see lean_append in lua/apply.lua).
     """
     writer, incarnation, author = call[0], call[1], call[3]
-    version = version_number(since) + 1
+    version = _next_version(since)
+    if version is None:
+        return ()
     hi = lo + length
     stamp = b"%d %s" % (version, token)
     item, header = b"e%s:%d" % (nid, hi), b"h" + nid
+    born = b" " + birth if birth else b""  # as the server writes a header
     return (
-        b"l %d %d %d %s" % (lo, hi, mod, birth),
-        b"l %d %d %d %s" % (lo, hi + 1, mod + 1, birth),
+        b"l %d %d %d" % (lo, hi, mod) + born,
+        b"l %d %d %d" % (lo, hi + 1, mod + 1) + born,
         stamp,
         b"j%d" % (version % JOURNAL_SIZE),
         b"%s %d:%s%d:%s" % (stamp, len(item), item, len(header), header),
         b"%d " % version,
         item,
         b" %s lappend %s %s %d 1 0 %d:%s" % (writer, nid, incarnation, length, len(author), author),
+    )
+
+
+def set_hints(
+    nid: bytes,
+    size: int,
+    next_seq: int,
+    mod: int,
+    birth: bytes,
+    key: bytes,
+    new: bool,
+    since: bytes,
+    call: list[bytes],
+    token: bytes,
+) -> tuple[bytes, ...]:
+    """The same as :func:`append_hints` for a scalar set of ``key`` (encoded) in dict ``nid`` (lean_set in apply.lua).
+
+    ``size``, ``next_seq``, ``mod`` and ``birth`` are the dict's header as
+    the replica knows it (the root's has no birth); ``new``: the key is not in it.
+    """  # fmt: skip
+    writer, incarnation, author = call[0], call[1], call[3]
+    version = _next_version(since)
+    if version is None:
+        return ()
+    stamp = b"%d %s" % (version, token)
+    entry, header = b"e%s:%s" % (nid, key), b"h" + nid
+    born = b" " + birth if birth else b""  # (the root's header has none)
+    return (
+        b"d %d %d %d" % (size, next_seq, mod) + born,
+        b"d %d %d %d" % (size + new, next_seq + new, mod + 1) + born,
+        stamp,
+        b"j%d" % (version % JOURNAL_SIZE),
+        b"%s %d:%s%d:%s" % (stamp, len(entry), entry, len(header), header),
+        b"%d " % version,
+        entry,
+        b" %s dset %s %s    %d:%s %d:%s" % (writer, nid, incarnation, len(author), author, len(key), key),
+        b"%d:" % next_seq if new else b"",
     )
 
 

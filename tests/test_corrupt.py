@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgpack
 import pytest
 import redis
@@ -104,6 +106,35 @@ def test_a_corrupt_version_never_bricks_the_memory_and_a_write_repairs_it(client
     assert client.hget(mem.key, "v") != bad
     assert Memory("ver", client=client).to_dict() == {"x": 1, "y": 2}
     assert held.to_dict() == {"x": 1, "y": 2}
+
+
+#: A write of one item, and what it changes.
+WRITES: dict[str, tuple[Callable[[Memory], object], dict[str, object]]] = {
+    "an append": (lambda m: m.log.append("two"), {"log": ["one", "two"]}),
+    "an append to a held list": (lambda m: m.held_log.append("two"), {"log": ["one", "two"]}),
+    "a set of a key there": (lambda m: setattr(m, "x", 5), {"x": 5}),
+    "a set of a new key": (lambda m: setattr(m, "y", 2), {"y": 2}),
+    "a set in a nested dict": (lambda m: m.profile.__setitem__("name", "Bo"), {"profile": {"name": "Bo"}}),
+}
+
+
+@pytest.mark.parametrize("write", WRITES)
+@pytest.mark.parametrize("bad", [b"x", b"-3 tok", b"1.5 tok", b"99999999999999999999 tok"])
+def test_a_write_of_one_item_repairs_a_corrupt_version(
+    client: redis.Redis, other_client: redis.Redis, bad: bytes, write: str
+) -> None:
+    """The writes that send what they write along (from a fresh view) do not trust a version that is no stamp."""
+    mem = Memory("ver1", client=client)
+    mem.x, mem.log, mem.profile = 1, ["one"], {"name": "Ada"}
+    client.hset(mem.key, "v", bad)
+    reader = Memory("ver1", client=other_client)
+    assert reader.log == ["one"]
+    object.__setattr__(reader, "held_log", reader.log)
+    operation, change = WRITES[write]
+    operation(reader)
+    assert client.hget(mem.key, "v") != bad
+    expected = {"x": 1, "log": ["one"], "profile": {"name": "Ada"}, **change}
+    assert Memory("ver1", client=client).to_dict() == reader.to_dict() == expected
 
 
 # -- 4. a corrupt journal entry -----------------------------------------------

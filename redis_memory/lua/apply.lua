@@ -32,9 +32,9 @@ ARGV[6]  the number of operations; then, for each:
            entry fields)
   args     how many arguments of its own follow, then those (see ops.py)
 then, for a single operation, optionally: the version stamp of the caller's
-replica ('' for none), and for an append of one item, what it writes as
-the caller's view says (see lean_append: used only if that view is the
-server's).
+replica ('' for none), and for an append of one item or a scalar set of
+one key, what it writes as the caller's view says (see lean_append and
+lean_set: used only if that view is the server's).
 
 
 Replies: {status, version stamp after, incarnation, result, version stamp
@@ -922,6 +922,41 @@ local function lean_append(KEYS, ARGV, K, meta, hf, wf)
   return {'ok', stamp, meta[1], first, meta[2], '1', ''}
 end
 
+-- The same for a scalar set of one key of a dict (the root or a nested
+-- one), with the hints [20]-[27] made for it (see store.set_hints), and
+-- [28] the entry's '<seq>:' if the key is new to the caller's view ('' if
+-- the key is there, whose entry keeps its seq).
+local function lean_set(KEYS, ARGV, K, meta, hf, wf)
+  if ARGV[17] ~= 's' or not ARGV[28] then return nil end
+  local lseq, lstamp = string.match(meta[4], '^(%d+) (%d+) %d* ?%S*$')
+  local seq = tonumber(ARGV[7])
+  if not lseq or not seq or tonumber(lseq) >= seq then return nil end
+  local f, value = ARGV[26], ARGV[18]
+  local raw, entry = redis.call('HGET', K, f), nil
+  if raw then
+    -- A container there is dropped, a corrupt entry placed anew, the same
+    -- value left alone: not here.
+    local s = string.match(raw, '^(%d+):')
+    if ARGV[28] ~= '' or not s or string.byte(raw, #s + 2) == REF then return nil end
+    if #raw - #s - 1 == #value and string.sub(raw, #s + 2) == value then return nil end
+    entry = s .. ':' .. value
+  elseif ARGV[28] == '' then
+    return nil
+  else
+    entry = ARGV[28] .. value
+  end
+  local clock = redis.call('TIME')
+  lstamp = tonumber(lstamp)
+  if tonumber(clock[1]) - lstamp >= @INDEX_EVERY@ then return nil end
+  local stamp = ARGV[22]
+  local now_ms = string.format('%s%03d', clock[1], math.floor(clock[2] / 1000))
+  redis.call('HSET', K, f, entry, hf, ARGV[21], 'v', stamp, ARGV[23], ARGV[24], 'ta', now_ms, wf,
+    string.format('%d %d ', seq, lstamp))
+  if ARGV[3] ~= '0' then refresh_ttl(KEYS, tonumber(ARGV[3])) end
+  redis.pcall(ARGV[5] == 'SPUBLISH' and 'SPUBLISH' or 'PUBLISH', K .. '@FEED_SUFFIX@', ARGV[25] .. now_ms .. ARGV[27])
+  return {'ok', stamp, meta[1], '', meta[2], '1', ''}
+end
+
 -- The fast path of a call, or nil for the general one.
 local function fast(KEYS, ARGV)
   local name = ARGV[9]
@@ -932,9 +967,9 @@ local function fast(KEYS, ARGV)
   -- The memory exists, as the client knows it, and the node has a header.
   if not meta[1] or not meta[2] or not meta[4] or not meta[5] then return nil end
   if ARGV[2] ~= '*' and ARGV[2] ~= meta[1] then return nil end
-  if ARGV[27] and name == 'lappend' and ARGV[14] == '4' and ARGV[15] == '1' and ARGV[19] == meta[2]
-      and ARGV[20] == meta[5] and ARGV[2] == meta[1] then
-    local reply = lean_append(KEYS, ARGV, K, meta, hf, wf)
+  -- (The version names the incarnation too: each version's stamp is made by one write.)
+  if ARGV[27] and ARGV[14] == '4' and ARGV[15] == '1' and ARGV[19] == meta[2] and ARGV[20] == meta[5] then
+    local reply = (name == 'lappend' and lean_append or lean_set)(KEYS, ARGV, K, meta, hf, wf)
     if reply then return reply end
   end
   local version = tonumber(string.match(meta[2], '^%d+'))
