@@ -985,6 +985,8 @@ def _lean_hints(
             return ()
         return append_hints(op.nid, proxy._rm_lo, len(proxy), proxy._rm_mod, proxy._rm_birth, since, call, token)
     if isinstance(op, ops.DictSet) and isinstance(proxy, ObservedDict) and proxy._rm_up is None:
+        if isinstance(op, ops.DictSetDefault):
+            return ()  # not a path of its own on the server
         if len(op.values) != 1 or op.values[0].args[1] != 2 or op.values[0].nodes:
             return ()
         header = (len(proxy), proxy._rm_next, proxy._rm_mod, proxy._rm_birth)

@@ -246,6 +246,15 @@ def _next_version(since: bytes) -> int | None:
     return int(count) + 1 if count.isdigit() and len(count) < 15 else None
 
 
+def _fits(*counts: int) -> bool:
+    """Whether a header's counts, before and after a write that adds one to each, are ones it holds (see HEADER_LIMIT).
+
+    A header past the limit is refused as corrupt by the server's paths: the lean ones, which only compare it, never
+    see one.
+    """
+    return all(-HEADER_LIMIT < count < HEADER_LIMIT for count in counts)
+
+
 def append_hints(
     nid: bytes, lo: int, length: int, mod: int, birth: bytes, since: bytes, call: list[bytes], token: bytes
 ) -> tuple[bytes, ...]:
@@ -261,9 +270,9 @@ def append_hints(
     """
     writer, incarnation, author = call[0], call[1], call[3]
     version = _next_version(since)
-    if version is None:
-        return ()
     hi = lo + length
+    if version is None or not _fits(lo, hi + 1, mod + 1):
+        return ()
     stamp = b"%d %s" % (version, token)
     item, header = b"e%s:%d" % (nid, hi), b"h" + nid
     born = b" " + birth if birth else b""  # as the server writes a header
@@ -276,6 +285,7 @@ def append_hints(
         b"%d " % version,
         item,
         b" %s lappend %s %s %d 1 0 %d:%s" % (writer, nid, incarnation, length, len(author), author),
+        incarnation,
     )
 
 
@@ -298,7 +308,7 @@ def set_hints(
     """  # fmt: skip
     writer, incarnation, author = call[0], call[1], call[3]
     version = _next_version(since)
-    if version is None:
+    if version is None or not _fits(size + 1, next_seq + 1, mod + 1):
         return ()
     stamp = b"%d %s" % (version, token)
     entry, header = b"e%s:%s" % (nid, key), b"h" + nid
@@ -312,6 +322,7 @@ def set_hints(
         b"%d " % version,
         entry,
         b" %s dset %s %s    %d:%s %d:%s" % (writer, nid, incarnation, len(author), author, len(key), key),
+        incarnation,
         b"%d:" % next_seq if new else b"",
     )
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from redis_memory import ConversationMemory, Memory, Session, store
+from redis_memory import ConversationMemory, CorruptData, Memory, Session, store
 
 DISPATCH = re.compile(
     r"  if ARGV\[6\] == '1' and ARGV\[12\] == '0' and ARGV\[13\] == '0' then\n"
@@ -320,3 +320,57 @@ def test_the_fast_path_writes_what_the_general_path_writes(
     assert library_events == general_events
     if pubsub is not None:
         pubsub.close()
+
+
+@pytest.mark.parametrize("node", ["dict", "list"])
+def test_a_header_at_the_limit_of_its_counts_is_refused_after_it_fills(
+    client: Any, other_client: Any, node: str
+) -> None:
+    """A node whose header reached 16 digits is corrupt for every path, the one writer's own included."""
+    mem = Memory("limit", client=client)
+    mem.p, mem.l = {"k": 0}, [0]
+    key = mem.key
+    if node == "dict":
+        client.hset(key, b"h" + mem.p._rm_nid, b"d 1 999999999999999 5 " + mem.p._rm_birth)
+    else:
+        nid, lo = mem.l._rm_nid, 999999999999998
+        client.hset(key, b"e%s:%d" % (nid, lo), client.hget(key, b"e%s:0" % nid))
+        client.hdel(key, b"e%s:0" % nid)
+        client.hset(key, b"h" + nid, b"l %d %d 5 %s" % (lo, lo + 1, mem.l._rm_birth))
+    writer = Memory("limit", client=other_client)
+    writer.to_dict()  # loaded: 15 digits fit
+
+    def write(n: int) -> None:
+        if node == "dict":
+            writer.p[f"new{n}"] = n  # a new key takes the next seq
+        else:
+            writer.l.append(n)
+
+    write(1)  # the counts reach 16 digits
+    version = client.hget(key, "v")
+    with pytest.raises(CorruptData):
+        write(2)
+    assert client.hget(key, "v") == version  # nothing written
+
+
+def test_a_change_event_names_the_incarnation_the_server_holds(client: Any) -> None:
+    """A root set whose memory's incarnation was rewritten behind the replica's back publishes the server's."""
+    mem = Memory("incarnation", client=client)
+    mem.t = 1
+    client.hset(mem.key, "i", "another")
+    channel = mem.key + store.FEED_SUFFIX
+    if isinstance(client, redis.RedisCluster):  # published with SPUBLISH, on the memory's shard
+        pubsub = client.pubsub()
+        pubsub.ssubscribe(channel)
+        pubsub.get_sharded_message(timeout=1)
+        mem.t = 2
+        message = pubsub.get_sharded_message(timeout=2)
+        lines = [message["data"]] if message else []
+    else:
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(channel)
+        pubsub.get_message(timeout=1)
+        mem.t = 2
+        lines = _events(pubsub)
+    pubsub.close()
+    assert [line.split(b" ")[5] for line in lines] == [b"another"]

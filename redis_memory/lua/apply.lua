@@ -888,6 +888,7 @@ end
 --   [22] the version stamp after                    [23] its journal field
 --   [24] its journal entry                          [25] the change event up to its time
 --   [26] the item's field                           [27] the event after the time
+--   [28] the incarnation the event names
 -- Nil, having written nothing, where the writer's entry says otherwise (the
 -- fast path then decides).
 local function lean_append(KEYS, ARGV, K, meta, hf, wf)
@@ -923,11 +924,11 @@ local function lean_append(KEYS, ARGV, K, meta, hf, wf)
 end
 
 -- The same for a scalar set of one key of a dict (the root or a nested
--- one), with the hints [20]-[27] made for it (see store.set_hints), and
--- [28] the entry's '<seq>:' if the key is new to the caller's view ('' if
+-- one), with the hints [20]-[28] made for it (see store.set_hints), and
+-- [29] the entry's '<seq>:' if the key is new to the caller's view ('' if
 -- the key is there, whose entry keeps its seq).
 local function lean_set(KEYS, ARGV, K, meta, hf, wf)
-  if ARGV[17] ~= 's' or not ARGV[28] then return nil end
+  if ARGV[17] ~= 's' or not ARGV[29] then return nil end
   local lseq, lstamp = string.match(meta[4], '^(%d+) (%d+) %d* ?%S*$')
   local seq = tonumber(ARGV[7])
   if not lseq or not seq or tonumber(lseq) >= seq then return nil end
@@ -937,13 +938,13 @@ local function lean_set(KEYS, ARGV, K, meta, hf, wf)
     -- A container there is dropped, a corrupt entry placed anew, the same
     -- value left alone: not here.
     local s = string.match(raw, '^(%d+):')
-    if ARGV[28] ~= '' or not s or string.byte(raw, #s + 2) == REF then return nil end
+    if ARGV[29] ~= '' or not s or string.byte(raw, #s + 2) == REF then return nil end
     if #raw - #s - 1 == #value and string.sub(raw, #s + 2) == value then return nil end
     entry = s .. ':' .. value
-  elseif ARGV[28] == '' then
+  elseif ARGV[29] == '' then
     return nil
   else
-    entry = ARGV[28] .. value
+    entry = ARGV[29] .. value
   end
   local clock = redis.call('TIME')
   lstamp = tonumber(lstamp)
@@ -967,8 +968,8 @@ local function fast(KEYS, ARGV)
   -- The memory exists, as the client knows it, and the node has a header.
   if not meta[1] or not meta[2] or not meta[4] or not meta[5] then return nil end
   if ARGV[2] ~= '*' and ARGV[2] ~= meta[1] then return nil end
-  -- (The version names the incarnation too: each version's stamp is made by one write.)
-  if ARGV[27] and ARGV[14] == '4' and ARGV[15] == '1' and ARGV[19] == meta[2] and ARGV[20] == meta[5] then
+  if ARGV[28] and ARGV[14] == '4' and ARGV[15] == '1' and ARGV[19] == meta[2] and ARGV[20] == meta[5]
+      and ARGV[28] == meta[1] then
     local reply = (name == 'lappend' and lean_append or lean_set)(KEYS, ARGV, K, meta, hf, wf)
     if reply then return reply end
   end
