@@ -236,7 +236,7 @@ class Step:
     created: list[bytes]  # the client's ids for the nodes it creates (provisional ones, in a batch)
     plan: Plan | None
     args: Args
-    #: For an append of one item on a fresh view: what the call writes, made here (see :func:`append_hints`).
+    #: For an append of one item or a scalar set on a fresh view: what the call writes (see :func:`append_hints`).
     hints: tuple[bytes, ...] = ()
 
 
@@ -255,6 +255,37 @@ def _fits(*counts: int) -> bool:
     return all(-HEADER_LIMIT < count < HEADER_LIMIT for count in counts)
 
 
+def _hints(
+    version: int,
+    token: bytes,
+    nid: bytes,
+    field: bytes,
+    headers: tuple[bytes, bytes],
+    birth: bytes,
+    event: bytes,
+    incarnation: bytes,
+) -> tuple[bytes, ...]:
+    """The hints of a write of ``field`` in node ``nid`` at ``version``, in the apply function's order.
+
+    ``headers`` are the node's header before and after without its birth,
+    ``event`` the change event after its time.
+    """
+    stamp = b"%d %s" % (version, token)
+    header = b"h" + nid
+    born = b" " + birth if birth else b""  # as the server writes a header (the root's has no birth)
+    return (
+        headers[0] + born,
+        headers[1] + born,
+        stamp,
+        b"j%d" % (version % JOURNAL_SIZE),
+        b"%s %d:%s%d:%s" % (stamp, len(field), field, len(header), header),
+        b"%d " % version,
+        field,
+        event,
+        incarnation,
+    )
+
+
 def append_hints(
     nid: bytes, lo: int, length: int, mod: int, birth: bytes, since: bytes, call: list[bytes], token: bytes
 ) -> tuple[bytes, ...]:
@@ -263,30 +294,19 @@ def append_hints(
     ``lo``, ``length``, ``mod`` and ``birth`` are the list's header as the
     caller's replica knows it, ``since`` the replica's version, ``call`` the
     writer, the replica's incarnation, the expiry and the author.
-    The function uses them only if the server holds that version and that
-    header: the view they were made from is then the server's, so they are
-    what its fast path would make (tests/test_fast_paths.py compares them).
-    The order is the function's (see lean_append in lua/apply.lua).
+    The function uses them only if the server holds that version, that
+    header and that incarnation: the view they were made from is then the
+    server's, so they are what its fast path would make
+    (tests/test_fast_paths.py compares them). () if they cannot be made.
     """
     writer, incarnation, author = call[0], call[1], call[3]
     version = _next_version(since)
     hi = lo + length
     if version is None or not _fits(lo, hi + 1, mod + 1):
         return ()
-    stamp = b"%d %s" % (version, token)
-    item, header = b"e%s:%d" % (nid, hi), b"h" + nid
-    born = b" " + birth if birth else b""  # as the server writes a header
-    return (
-        b"l %d %d %d" % (lo, hi, mod) + born,
-        b"l %d %d %d" % (lo, hi + 1, mod + 1) + born,
-        stamp,
-        b"j%d" % (version % JOURNAL_SIZE),
-        b"%s %d:%s%d:%s" % (stamp, len(item), item, len(header), header),
-        b"%d " % version,
-        item,
-        b" %s lappend %s %s %d 1 0 %d:%s" % (writer, nid, incarnation, length, len(author), author),
-        incarnation,
-    )
+    headers = b"l %d %d %d" % (lo, hi, mod), b"l %d %d %d" % (lo, hi + 1, mod + 1)
+    event = b" %s lappend %s %s %d 1 0 %d:%s" % (writer, nid, incarnation, length, len(author), author)
+    return _hints(version, token, nid, b"e%s:%d" % (nid, hi), headers, birth, event, incarnation)
 
 
 def set_hints(
@@ -304,27 +324,17 @@ def set_hints(
     """The same as :func:`append_hints` for a scalar set of ``key`` (encoded) in dict ``nid`` (lean_set in apply.lua).
 
     ``size``, ``next_seq``, ``mod`` and ``birth`` are the dict's header as
-    the replica knows it (the root's has no birth); ``new``: the key is not in it.
-    """  # fmt: skip
+    the replica knows it; ``new``: the key is not in it. The last hint is
+    the new entry's seq, or nothing for a key there (whose entry keeps its own).
+    """
     writer, incarnation, author = call[0], call[1], call[3]
     version = _next_version(since)
     if version is None or not _fits(size + 1, next_seq + 1, mod + 1):
         return ()
-    stamp = b"%d %s" % (version, token)
-    entry, header = b"e%s:%s" % (nid, key), b"h" + nid
-    born = b" " + birth if birth else b""  # (the root's header has none)
-    return (
-        b"d %d %d %d" % (size, next_seq, mod) + born,
-        b"d %d %d %d" % (size + new, next_seq + new, mod + 1) + born,
-        stamp,
-        b"j%d" % (version % JOURNAL_SIZE),
-        b"%s %d:%s%d:%s" % (stamp, len(entry), entry, len(header), header),
-        b"%d " % version,
-        entry,
-        b" %s dset %s %s    %d:%s %d:%s" % (writer, nid, incarnation, len(author), author, len(key), key),
-        incarnation,
-        b"%d:" % next_seq if new else b"",
-    )
+    headers = b"d %d %d %d" % (size, next_seq, mod), b"d %d %d %d" % (size + new, next_seq + new, mod + 1)
+    event = b" %s dset %s %s    %d:%s %d:%s" % (writer, nid, incarnation, len(author), author, len(key), key)
+    hints = _hints(version, token, nid, b"e%s:%s" % (nid, key), headers, birth, event, incarnation)
+    return (*hints, b"%d:" % next_seq if new else b"")
 
 
 @dataclass
