@@ -880,7 +880,7 @@ end
 
 -- The leanest path: an append of one scalar or dict stored whole, from a
 -- caller whose view is the server's (the version it sent is the one there,
--- and so is the list's header as it sent it). Such a caller has made the
+-- and so are the list's header and the incarnation). Such a caller has made the
 -- strings the call writes and publishes itself (see store.append_hints),
 -- so that the script parses and formats almost nothing. ARGV after the
 -- caller's version [19]:
@@ -889,8 +889,8 @@ end
 --   [24] its journal entry                          [25] the change event up to its time
 --   [26] the item's field                           [27] the event after the time
 --   [28] the incarnation the event names
--- Nil, having written nothing, where the writer's entry says otherwise (the
--- fast path then decides).
+-- Nil, having written nothing, where the writer's entry or the item says
+-- otherwise (the fast path then decides).
 local function lean_append(KEYS, ARGV, K, meta, hf, wf)
   local lseq, lstamp = string.match(meta[4], '^(%d+) (%d+) %d* ?%S*$')
   local seq = tonumber(ARGV[7])
