@@ -148,14 +148,19 @@ def _leading_zeros(client: Any, key: str) -> None:
             client.hset(key, field, b"0%s 0%s %s" % (seq, indexed, rest))
 
 
-def _odd_births(client: Any, key: str) -> None:
-    """Node births holding a zero byte (a birth is any bytes without a space); a new version, which replicas reload."""
+def _births(client: Any, key: str, birth: Callable[[bytes], bytes]) -> None:
+    """Each node header's birth (of a list or nested dict) made ``birth(it)``; a new version, which replicas reload."""
     count, stamp = client.hget(key, "v").split(b" ")
     client.hset(key, "v", b"%d %s" % (int(count) + 1000, stamp))
     for field, header in client.hgetall(key).items():
         parts = header.split(b" ")
         if field.startswith(b"h") and field != b"h0" and len(parts) == 5:
-            client.hset(key, field, b" ".join([*parts[:4], parts[4] + b"\x00z"]))
+            client.hset(key, field, b" ".join([*parts[:4], birth(parts[4])]))
+
+
+def _odd_births(client: Any, key: str) -> None:
+    """Node births holding a zero byte (a birth is any bytes without a space)."""
+    _births(client, key, lambda birth: birth + b"\x00z")
 
 
 def _odd_incarnation(client: Any, key: str) -> None:
@@ -164,13 +169,8 @@ def _odd_incarnation(client: Any, key: str) -> None:
 
 
 def _empty_births(client: Any, key: str) -> None:
-    """Node headers whose birth is empty (a space after the counts); a new version, which replicas reload."""
-    count, stamp = client.hget(key, "v").split(b" ")
-    client.hset(key, "v", b"%d %s" % (int(count) + 1000, stamp))
-    for field, header in client.hgetall(key).items():
-        parts = header.split(b" ")
-        if field.startswith(b"h") and field != b"h0" and len(parts) == 5:
-            client.hset(key, field, b" ".join([*parts[:4], b""]))
+    """Node headers whose birth is empty (a space after the counts)."""
+    _births(client, key, lambda birth: b"")
 
 
 def _long_version(client: Any, key: str) -> None:
