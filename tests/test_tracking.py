@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import select
+import selectors
 import sys
 import threading
 import time
@@ -45,9 +45,9 @@ def tracks(mem: Memory, backend: str) -> bool:
 
 def wait_for_invalidation(mem: Memory, timeout: float = 5.0) -> None:
     """Until bytes wait on the memory's tracked connection: the server's invalidation has arrived."""
-    sock = channel_of(mem).conn._sock
-    readable, _, _ = select.select([sock], [], [], timeout)
-    assert readable, "no invalidation arrived"
+    with selectors.DefaultSelector() as waiting:  # not select(), which fails on a descriptor past 1023
+        waiting.register(channel_of(mem).conn._sock, selectors.EVENT_READ)
+        assert waiting.select(timeout), "no invalidation arrived"
 
 
 def warm(mem: Memory, name: str) -> None:
