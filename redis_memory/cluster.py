@@ -98,7 +98,12 @@ class ClusterChannel:
         nodes = client.get_nodes()  # type: ignore[no-untyped-call]
         pool = client.get_redis_connection(nodes[0]).connection_pool
         remap = client.nodes_manager.address_remap
-        return cls(pool.connection_class, pool.connection_kwargs, [(n.host, int(n.port)) for n in nodes], remap)
+        return cls(
+            pool.connection_class,
+            _unbound(pool.connection_kwargs, client),
+            [(n.host, int(n.port)) for n in nodes],
+            remap,
+        )
 
     def connect_timeout(self) -> float:
         configured = self.connection_kwargs.get("socket_connect_timeout")
@@ -247,6 +252,29 @@ class ClusterChannel:
         self.lock = threading.Lock()
         for node in self.nodes.values():
             node.after_fork()
+
+
+def _unbound(kwargs: dict[str, Any], client: RedisCluster) -> dict[str, Any]:
+    """A cluster client's node connection settings without what refers back to the client.
+
+    A memory kept for reuse holds its channel; were the channel to hold the
+    client, the memory would keep a client its program let go of alive. The
+    channel's connections only speak to masters, so the client's connect
+    hook (READONLY for replica reads) is replaced by the plain handshake, followed
+    by the user's own hook, if there is one.
+    """
+    unbound = {
+        k: v for k, v in kwargs.items() if k not in ("redis_connect_func", "oss_cluster_maint_notifications_handler")
+    }
+    user_hook = getattr(client, "user_on_connect_func", None)
+    if user_hook is not None:
+
+        def connected(connection: Any) -> None:
+            connection.on_connect()
+            user_hook(connection)
+
+        unbound["redis_connect_func"] = connected
+    return unbound
 
 
 def _redirect(reply: object) -> bool:

@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -402,6 +403,9 @@ Client = redis.Redis | RedisCluster
 _channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
 #: The channels of tracked memories (``tracking=True``): one more connection per client.
 _tracked_channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
+#: Channels whose client the program let go of, weakly (a finalizer appends them: it takes no lock).
+#: Memories kept for reuse on them can never be taken again (memory.py forgets them).
+orphaned: deque[weakref.ref[Any]] = deque()
 
 
 def channel(client: Client, tracking: bool = False) -> Any:
@@ -423,6 +427,7 @@ def channel(client: Client, tracking: bool = False) -> Any:
                 found = Channel.of(client, tracking)
                 found.hint = default_hint(client)
             channels[client] = found
+            weakref.finalize(client, orphaned.append, weakref.ref(found))
         return found
 
 

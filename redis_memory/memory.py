@@ -36,6 +36,7 @@ from .errors import (
     ServerRefused,
     UnsupportedValue,
     WrongThread,
+    kept,
 )
 from .feed import Event, Feed, Subscription
 from .messages import as_message
@@ -223,7 +224,7 @@ class MemoryCore:
             try:
                 self.flush(timeout)
             except RedisMemoryError as exc:  # the server refused the replay: what is left is reported below
-                log.error("%s: the queue could not be replayed before closing: %s", self.store.key, queue.kept(exc))
+                log.error("%s: the queue could not be replayed before closing: %s", self.store.key, kept(exc))
         with self.lock:
             if self.closed:
                 return
@@ -275,7 +276,7 @@ class MemoryCore:
                 error = self.link.last_error
                 if not isinstance(error, ConnectionFailed):
                     error = ConnectionFailed("Redis is unreachable")
-                raise queue.kept(error)  # a copy: the kept one, raised, would get a traceback holding this memory
+                raise kept(error)  # a copy: the kept one, raised, would get a traceback holding this memory
             exact = replica.loaded and not replica.speculative
             mark = None
             if store.tracker is not None:  # an untracked memory pays nothing here
@@ -334,7 +335,7 @@ class MemoryCore:
         if value is _MISSING:
             raise missing(f"{name!r} is not stored in {self.store.key}", key=self.store.key, field=name)
         if isinstance(value, Corrupt):
-            raise value.error
+            raise value.error()
         return value
 
     def names(self) -> list[str]:
@@ -342,7 +343,7 @@ class MemoryCore:
             self.check_open()
             self.refresh()
             if self.replica.unnamed:
-                raise self.replica.unnamed[0]
+                raise kept(self.replica.unnamed[0])  # a copy: see Corrupt.error
             return list(self.replica.root)
 
     def snapshot(self) -> dict[str, Any]:
@@ -350,10 +351,10 @@ class MemoryCore:
             self.check_open()
             self.refresh()
             if self.replica.unnamed:
-                raise self.replica.unnamed[0]
+                raise kept(self.replica.unnamed[0])  # a copy: see Corrupt.error
             for value in self.replica.root.values():
                 if isinstance(value, Corrupt):
-                    raise value.error
+                    raise value.error()
             return cast(dict[str, Any], plain(self.replica.root))
 
     # -- writes ---------------------------------------------------------------
@@ -502,7 +503,7 @@ class MemoryCore:
                 self.catalog.touch(self.name)
                 self.indexed_at = now
             except RedisMemoryError as exc:  # the index may lag; listing checks real activity
-                log.info("%s: index not updated: %s", self.store.key, queue.kept(exc))
+                log.info("%s: index not updated: %s", self.store.key, kept(exc))
 
     def bound(self, proxy: ObservedList | ObservedDict | ObservedSet, op: ops.Op) -> ops.Op:
         """``op``, made to keep a bounded attribute (``max_messages``) at its newest items, however it grows it."""
@@ -889,7 +890,7 @@ class MemoryCore:
     def _dropped(self, entry: queue.Pending, error: Exception) -> None:
         """Count and report a queued operation that will never apply."""
         self.outbox.dropped += entry.statements
-        self.outbox.last_error = queue.kept(error)
+        self.outbox.last_error = kept(error)
         log.warning("%s: a queued %s was dropped: %s", self.store.key, entry.name.decode(), error)
 
     def rewrite_again(
@@ -1039,6 +1040,8 @@ class SharedCores:
     def take(self, key: tuple[Any, ...], make: Callable[[], MemoryCore], holder: Memory) -> MemoryCore:
         """The core for ``key`` (made if there is none), held by ``holder``, marked most recently used."""
         with self.lock:
+            if connection.orphaned:
+                self._forget_orphans()
             core = self.cores.pop(key, None)
             if core is not None and (core.closing or (core.closed and not core.reusable())):
                 core = None  # a fresh core takes up what that one leaves
@@ -1072,6 +1075,17 @@ class SharedCores:
                     if kept is core:
                         del self.cores[key]
             self._trim()
+
+    def _forget_orphans(self) -> None:
+        """Forget the idle cores of channels whose client is gone: no memory object can take them again."""
+        gone = set()
+        while connection.orphaned:
+            found = connection.orphaned.popleft()()
+            if found is not None:
+                gone.add(found)
+        for key, core in list(self.cores.items()):
+            if key[0] in gone and not (core.holders or core.outbox or core.closing):
+                del self.cores[key]
 
     def _trim(self) -> None:
         """Forget the least recently used cores no memory object holds, beyond the limit (with the lock)."""
@@ -1224,6 +1238,7 @@ class Memory:
     """
 
     _rm: MemoryCore
+    _rm_client: Client
     _rm_feeds: weakref.WeakSet[Feed | Subscription]
     _rm_drops_told: int
     _rm_kind = "memory"
@@ -1280,6 +1295,8 @@ class Memory:
         else:
             core = _shared.take((connection.channel(redis_client), key, companions, options), make, self)
         object.__setattr__(self, "_rm", core)
+        # The core holds it weakly (kept for reuse, it must not keep the client alive): the memory object does.
+        object.__setattr__(self, "_rm_client", redis_client)
         object.__setattr__(self, "_rm_feeds", weakref.WeakSet())
         #: The queue's drop count when this object's flush() last told of drops (see flush).
         object.__setattr__(self, "_rm_drops_told", core.outbox.dropped)
@@ -1528,7 +1545,7 @@ class Memory:
 
     def health_check(self) -> connection.Health:
         """Round trip, server version and mode of this memory's server."""
-        return connection.health_check(self._rm.store.client)
+        return connection.health_check(self._rm_client)
 
     @classmethod
     def count(cls, *, client: Client | None = None, url: str | None = None, prefix: str = "rm") -> int:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -368,7 +369,9 @@ class Store:
     """All Redis traffic of one memory: its key, its scripts, its reads."""
 
     def __init__(self, client: Client, key: str, companions: tuple[str, ...] = (), tracking: bool = False) -> None:
-        self.client = client
+        # Weakly: a memory kept for reuse must not keep a client its program let go of (nor the client's
+        # connections). The memory objects built on it hold it; the traffic goes over the channel.
+        self._client = weakref.ref(client)
         self.key = key
         self.tracking = tracking
         self.writers_key = key + ":w"
@@ -390,6 +393,14 @@ class Store:
         self._version_command = resp_command(("HMGET", key, "v", "i"))
         #: Replicas each write waits for, and for how long (ms): WAIT after the apply script.
         self.replicas = (0, 0)
+
+    @property
+    def client(self) -> Client:
+        """The redis-py client the memory was built on (held by its memory objects)."""
+        found = self._client()
+        if found is None:
+            raise ConnectionFailed(f"{self.key}: the client this memory was built on was let go of")
+        return found
 
     def _call(self, *args: Any) -> Any:
         return self._call_packed(resp_command(args))

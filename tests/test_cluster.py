@@ -7,10 +7,12 @@ wait until every master has a replica in sync again, so that later tests find it
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,29 @@ def test_a_cluster_client_and_a_node_url_reach_the_same_memories(cluster: Cluste
         Memory(f"m{i}", client=cluster.client()).items = [i]
     for node in cluster.nodes:
         assert [Memory(f"m{i}", url=node.url).items for i in range(30)] == [[i] for i in range(30)]
+
+
+def test_a_cluster_clients_own_connect_hook_runs_on_the_librarys_connections(cluster: ClusterServer) -> None:
+    """A hook given as redis_connect_func runs on each connection the library opens to a master (here it
+    names the connection), and a memory on a client let go of keeps neither the client nor its hook alive."""
+
+    def hook(connection: Any) -> None:
+        connection.send_command("CLIENT", "SETNAME", "hooked")
+        assert connection.read_response() == b"OK"
+
+    client = cluster.client(redis_connect_func=hook)
+    memories = [Memory(f"hook{i}", client=client) for i in range(30)]
+    for i, mem in enumerate(memories):
+        mem.x = i
+    masters = [port for port, role in cluster.roles().items() if role == "master"]
+    for port in masters:
+        names = [entry["name"] for entry in redis.Redis(port=port).client_list()]
+        assert "hooked" in names
+    gone = weakref.ref(client)
+    del client, hook, memories, mem
+    gc.collect()
+    assert gone() is None
+    assert [Memory(f"hook{i}", client=cluster.client()).x for i in range(30)] == list(range(30))
 
 
 def test_memories_spread_over_every_master_and_concurrent_writers_lose_nothing(cluster: ClusterServer) -> None:

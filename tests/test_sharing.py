@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -100,6 +101,26 @@ def test_the_kept_memories_are_bounded(client: redis.Redis) -> None:
         assert (b"HGETALL" in commands.names) == reloaded, name
     with pytest.raises(ValueError):
         keep_memories(-1)
+
+
+def test_a_kept_memory_does_not_keep_its_client_or_the_clients_connections(real_url: str) -> None:
+    """A memory kept for reuse holds no client the program let go of: 30 requests, each with a client of
+    its own that runs a command of its own, leave no client alive and no connection open on the server."""
+    probe = raw_client(real_url)
+    before = len(probe.client_list())
+    gone = []
+    for request in range(30):
+        client = raw_client(real_url)
+        mem = Memory(f"request-{request}", client=client)
+        mem.x = request
+        client.ping()
+        gone.append(weakref.ref(client))
+        del mem, client
+    gc.collect()
+    assert [ref for ref in gone if ref() is not None] == []
+    assert len(probe.client_list()) <= before
+    # The kept replicas of clients let go of are forgotten: a new client loads in full, and reads right.
+    assert Memory("request-7", client=probe).x == 7
 
 
 def test_threads_building_memories_per_request_lose_nothing(client: redis.Redis) -> None:
