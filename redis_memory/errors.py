@@ -8,6 +8,8 @@ Connection trouble and corrupt data are never ``AttributeError``, so
 
 from __future__ import annotations
 
+import copy
+
 
 class RedisMemoryError(Exception):
     """Base of every error raised by redis_memory."""
@@ -135,3 +137,20 @@ class UnsupportedPlatform(RedisMemoryError, NotImplementedError):
 
 class InvalidExport(RedisMemoryError, ValueError):
     """A file given to import is not an export document, or holds a value that cannot be stored: nothing written."""
+
+
+def kept(error: Exception) -> Exception:
+    """A copy of ``error`` to keep as a last error: without its traceback and causes.
+
+    A traceback holds every frame the error passed through, and each frame
+    its callers' frames: kept, it would keep memories alive that their users
+    have let go of (and with them the reconnect thread). An error kept to be
+    raised again is raised as a copy too, for the same reason.
+    """
+    try:
+        found = copy.copy(error)
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        found = ConnectionFailed(str(error))
+    found.__traceback__ = None
+    found.__cause__ = found.__context__ = None
+    return found

@@ -29,7 +29,6 @@ and the connection is closed with the last memory.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import random
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec, ops
 from .connection import Channel, deadline
-from .errors import ConnectionFailed, OfflineQueueFull, UnsupportedPlatform
+from .errors import ConnectionFailed, OfflineQueueFull, UnsupportedPlatform, kept
 from .store import escape_id
 
 try:
@@ -137,22 +136,6 @@ class Pending:
             self.group,
             self.statements,
         )
-
-
-def kept(error: Exception) -> Exception:
-    """A copy of ``error`` to keep as a last error: without its traceback and causes.
-
-    A traceback holds every frame the error passed through, and each frame
-    its callers' frames: kept, it would keep memories alive that their users
-    have let go of (and with them the reconnect thread).
-    """
-    try:
-        found = copy.copy(error)
-    except Exception:  # an exception type that cannot be rebuilt from its args
-        found = ConnectionFailed(str(error))
-    found.__traceback__ = None
-    found.__cause__ = found.__context__ = None
-    return found
 
 
 def provisional_ids(writer: bytes, counter: Iterator[int], count: int) -> list[bytes]:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from . import codec, ops
-from .errors import CorruptData
+from .errors import CorruptData, kept
 from .proxies import ObservedDict, ObservedList, ObservedSet, plain
 from .store import HEADER, HEADER_LIMIT, REF, version_number
 from .tracking import Seen
@@ -43,12 +43,16 @@ class Corrupt:
     keeps its other items. An operation removing it plans from the server's data.
     """
 
-    __slots__ = ("error", "unordered")
+    __slots__ = ("_error", "unordered")
 
     def __init__(self, error: CorruptData, unordered: bool = False) -> None:
-        self.error = error
+        self._error = kept(error)
         #: Its entry lost its '<seq>:': the script gives the value set over it the next one.
         self.unordered = unordered
+
+    def error(self) -> Exception:
+        """The error to raise, a new copy each time: one raised would keep the reader's frames in its traceback."""
+        return kept(self._error)
 
 
 class Resync(Exception):
@@ -687,7 +691,7 @@ class _Loader:
                     # No name reaches this entry: in the root, listing the names raises.
                     bad = self.corrupt(nid, key, exc)
                     if root:
-                        self.replica.unnamed.append(bad)
+                        self.replica.unnamed.append(bad)  # raised as copies only (see Corrupt.error)
                     error = error or bad
                     continue
             if not (sep and seq.isdigit()):

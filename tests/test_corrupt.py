@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import pytest
 import redis
+from conftest import flush, make_client
 
 from redis_memory import CorruptData, Memory, RedisMemoryError
 
@@ -397,3 +401,43 @@ def test_list_counts_past_15_digits_are_corrupt_data(client: redis.Redis, huge: 
         _ = Memory("huge-counts", client=client, max_pending=9).messages
     user.messages = ["new"]  # replacing the attribute repairs it
     assert Memory("huge-counts", client=client, max_pending=11).messages == ["new"]
+
+
+# -- what a corrupt value keeps ------------------------------------------------
+
+
+@pytest.mark.parametrize("read", ["the attribute", "a list item", "the names", "the whole memory"])
+def test_reading_corrupt_data_keeps_nothing_of_the_reader_alive(servers: Any, backend: str, read: str) -> None:
+    """The error a corrupt value raises is made anew for each read: the kept memory holds no traceback,
+    so neither the reading function's frame nor the client and memory objects it had."""
+    setup = make_client(servers, backend)
+    flush(servers, backend)
+    mem = Memory("kept-corrupt", client=setup)
+    mem.x, mem.log = 1, ["a", "b"]
+    if read == "a list item":
+        setup.hset(mem.key, b"e" + child(setup, mem, "log") + b":1", b"\xc1")
+    elif read == "the names":
+        setup.hset(mem.key, b"e0:\xc1", b"1:" + msgpack.packb(1))
+    else:
+        setup.hset(mem.key, entry("x"), b"1:\xc1")
+
+    def reader() -> weakref.ref[Any]:
+        client = make_client(servers, backend)
+        reading = Memory("kept-corrupt", client=client)
+        for _ in range(2):  # the second read raises what the first kept, if anything is kept
+            with pytest.raises(CorruptData) as info:
+                if read == "the attribute":
+                    _ = reading.x
+                elif read == "a list item":
+                    _ = reading.log
+                elif read == "the names":
+                    dir(reading)
+                else:
+                    reading.to_dict()
+            assert info.value.key == reading.key
+        del info
+        return weakref.ref(client)
+
+    gone = reader()
+    gc.collect()
+    assert gone() is None
