@@ -37,7 +37,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from .connection import CONNECT_TIMEOUT, Channel, check_reply, deadline
+from .connection import CONNECT_TIMEOUT, Channel, check_reply, deadline, own_settings, subscriber_client
 from .errors import ConnectionFailed
 from .resp import resp_command
 
@@ -241,8 +241,7 @@ class ClusterChannel:
         """A redis-py client of the master serving ``key`` now (the table read first), for SSUBSCRIBE."""
         self.refresh()
         node = self.node(self.owner(slot_of(key)))
-        pool = redis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
-        return redis.Redis(connection_pool=pool)
+        return subscriber_client(node.connection_class, node.connection_kwargs)
 
     def close(self, blocking: bool = True) -> None:
         for node in list(self.nodes.values()):
@@ -263,9 +262,7 @@ def _unbound(kwargs: dict[str, Any], client: RedisCluster) -> dict[str, Any]:
     hook (READONLY for replica reads) is replaced by the plain handshake, followed
     by the user's own hook, if there is one.
     """
-    unbound = {
-        k: v for k, v in kwargs.items() if k not in ("redis_connect_func", "oss_cluster_maint_notifications_handler")
-    }
+    unbound = {k: v for k, v in own_settings(kwargs).items() if k != "redis_connect_func"}
     user_hook = getattr(client, "user_on_connect_func", None)
     if user_hook is not None:
 

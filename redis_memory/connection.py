@@ -32,7 +32,7 @@ import redis.retry
 from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
-from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient
+from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient, kept
 from .resp import Reader, reader, resp_command
 from .tracking import Tracker
 
@@ -133,7 +133,7 @@ class Channel:
     def of(cls, client: redis.Redis, tracking: bool = False) -> Channel:
         """A channel with ``client``'s connection settings."""
         pool = client.connection_pool
-        return cls(pool.connection_class, pool.connection_kwargs, tracking=tracking)
+        return cls(pool.connection_class, own_settings(pool.connection_kwargs), tracking=tracking)
 
     def connect_timeout(self) -> float:
         """How long connecting may take: the client's connect timeout, else :data:`CONNECT_TIMEOUT`."""
@@ -146,9 +146,12 @@ class Channel:
             self._detect()
         return bool(self.cluster)
 
-    def subscriber(self, key: str) -> redis.Redis | None:
-        """On a cluster, a client of the master serving ``key`` now (for SSUBSCRIBE); None for a single server."""
-        return self.router.subscriber(key) if self.is_cluster() else None
+    def subscriber(self, key: str) -> redis.Redis:
+        """A client of its own for the change feed of ``key``: on a cluster, of the master serving it now
+        (for SSUBSCRIBE). See :func:`subscriber_client`."""
+        if self.is_cluster():
+            return cast(redis.Redis, self.router.subscriber(key))
+        return subscriber_client(self.connection_class, self.connection_kwargs)
 
     def _open(self, bound: float | None) -> redis.connection.AbstractConnection:
         # Built from the pool's settings but not counted by it: reconnects must
@@ -371,7 +374,8 @@ def _response(conn: redis.connection.AbstractConnection) -> object:
     try:
         return conn.read_response()
     except redis.ResponseError as exc:
-        return exc
+        # What read it may keep it (fakeredis does): not with the frames it was raised through.
+        return exc.with_traceback(None)
 
 
 def check_reply(reply: object, resent: bool, channel: Channel) -> object:
@@ -391,7 +395,36 @@ def check_reply(reply: object, resent: bool, channel: Channel) -> object:
     if resent and not isinstance(reply, redis.exceptions.NoScriptError):
         message = f"Redis refused a resent command, whose first copy may be applied: {reply}"
         raise ConnectionFailed(message) from reply
-    raise reply
+    # A copy: the reply may be kept by what read it (fakeredis keeps it), and a raised error's
+    # traceback would keep the caller's frames with it.
+    raise kept(reply)
+
+
+#: Connection settings redis-py fills with objects of the client or its pool (for notifications of a
+#: managed service's maintenance, which the library's own connections do not act on).
+_BOUND_SETTINGS = ("maint_notifications_pool_handler", "oss_cluster_maint_notifications_handler")
+
+
+def own_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A pool's connection settings without what refers back to its client or pool.
+
+    A memory kept for reuse holds its channel, and the channel these settings:
+    holding the pool, it would keep a pool its program let go of alive, with
+    the pool's open connections.
+    """
+    return {k: v for k, v in kwargs.items() if k not in _BOUND_SETTINGS}
+
+
+def subscriber_client(connection_class: type[Any], kwargs: dict[str, Any]) -> redis.Redis:
+    """A client on a pool of its own whose connection never reconnects by itself.
+
+    For a change feed: redis-py's pub/sub, given retries, reconnects and
+    subscribes again without a word, and what was published meanwhile is
+    lost unseen. Without them, the break reaches the feed, which subscribes
+    again itself and says ``resync``.
+    """
+    settings = dict(kwargs, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=connection_class, **settings))
 
 
 def _moved(reply: object) -> bool:
@@ -403,9 +436,11 @@ Client = redis.Redis | RedisCluster
 _channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
 #: The channels of tracked memories (``tracking=True``): one more connection per client.
 _tracked_channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
-#: Channels whose client the program let go of, weakly (a finalizer appends them: it takes no lock).
-#: Memories kept for reuse on them can never be taken again (memory.py forgets them).
+#: Channels with memories whose client the program let go of, weakly (a finalizer appends them: it takes
+#: no lock). Memories kept for reuse on them can never be taken again (memory.py forgets them).
 orphaned: deque[weakref.ref[Any]] = deque()
+#: The channels whose client's end :data:`orphaned` hears of.
+_watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def channel(client: Client, tracking: bool = False) -> Any:
@@ -427,8 +462,15 @@ def channel(client: Client, tracking: bool = False) -> Any:
                 found = Channel.of(client, tracking)
                 found.hint = default_hint(client)
             channels[client] = found
-            weakref.finalize(client, orphaned.append, weakref.ref(found))
         return found
+
+
+def watch(client: Client, found: Any) -> None:
+    """Tell :data:`orphaned` of ``client``'s end: a memory is kept on its channel ``found``."""
+    with _clients_lock:
+        if found not in _watched:
+            _watched.add(found)
+            weakref.finalize(client, orphaned.append, weakref.ref(found))
 
 
 #: The server a memory uses when nothing names one.

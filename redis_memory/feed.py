@@ -212,7 +212,6 @@ class Feed:
     def __init__(self, core: MemoryCore) -> None:
         """``core``: a core of the memory's own, used to resolve paths (see the module's notes)."""
         self._core = core
-        self._client: Any = core.store.client  # redis-py's pubsub() is untyped
         self._channel = core.store.feed
         self._paths = _Paths(core)
         self._ready: deque[Event] = deque()
@@ -238,9 +237,9 @@ class Feed:
         """
         self._drop_pubsub()
         try:
-            node = self._core.store.channel.subscriber(self._channel)
-            sharded = node is not None
-            pubsub = (node if sharded else self._client).pubsub()
+            channel = self._core.store.channel
+            sharded = channel.is_cluster()
+            pubsub: Any = channel.subscriber(self._channel).pubsub()  # redis-py's pubsub() is untyped
         except (RedisMemoryError, redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             log.info("%s: change feed cannot subscribe: %s", self._channel, exc)
             return False

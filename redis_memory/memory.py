@@ -729,6 +729,7 @@ class MemoryCore:
                 self.link.failed(exc)
                 return False
             log.info("%s: %d queued operations replayed", self.store.key, replayed)
+            self.link.replayed(self)
             return True
 
     def _group_at_head(self) -> list[queue.Pending]:
@@ -1036,11 +1037,13 @@ class SharedCores:
         self.limit = limit
         self.lock = threading.Lock()
         self.cores: OrderedDict[tuple[Any, ...], MemoryCore] = OrderedDict()
+        #: Channels whose client is gone that still have cores kept here (one had a queue to replay).
+        self.orphans: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def take(self, key: tuple[Any, ...], make: Callable[[], MemoryCore], holder: Memory) -> MemoryCore:
         """The core for ``key`` (made if there is none), held by ``holder``, marked most recently used."""
         with self.lock:
-            if connection.orphaned:
+            if connection.orphaned or self.orphans:
                 self._forget_orphans()
             core = self.cores.pop(key, None)
             if core is not None and (core.closing or (core.closed and not core.reusable())):
@@ -1077,15 +1080,24 @@ class SharedCores:
             self._trim()
 
     def _forget_orphans(self) -> None:
-        """Forget the idle cores of channels whose client is gone: no memory object can take them again."""
-        gone = set()
+        """Forget the idle cores of channels whose client is gone: no memory object can take them again.
+
+        A core with a queue stays until it is replayed; its channel is looked at again on each take.
+        """
         while connection.orphaned:
             found = connection.orphaned.popleft()()
             if found is not None:
-                gone.add(found)
+                self.orphans.add(found)
+        kept = set()
         for key, core in list(self.cores.items()):
-            if key[0] in gone and not (core.holders or core.outbox or core.closing):
-                del self.cores[key]
+            if key[0] in self.orphans:
+                if core.holders or core.outbox or core.closing:
+                    kept.add(key[0])
+                else:
+                    del self.cores[key]
+        for found in list(self.orphans):
+            if found not in kept:
+                self.orphans.discard(found)
 
     def _trim(self) -> None:
         """Forget the least recently used cores no memory object holds, beyond the limit (with the lock)."""
@@ -1164,7 +1176,9 @@ atexit.register(_report_unsent_at_exit)
 
 def _status(core: MemoryCore) -> queue.Status:
     outbox = core.outbox
-    return queue.Status(core.link.online, len(outbox), outbox.dropped, outbox.last_error or core.link.last_error)
+    error = outbox.last_error or core.link.last_error
+    # A copy: the kept one, raised by its reader, would get a traceback holding the reader's frames.
+    return queue.Status(core.link.online, len(outbox), outbox.dropped, None if error is None else kept(error))
 
 
 class _Closed:
@@ -1280,6 +1294,7 @@ class Memory:
 
         def make() -> MemoryCore:
             store = Store(redis_client, key, companions, tracking)
+            connection.watch(redis_client, store.channel)  # its end makes the kept core an orphan
             store.replicas = replicas
             core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=driver is None)
             core.catalog = self._rm_catalog(redis_client, prefix)

@@ -166,6 +166,7 @@ class Spool:
         self.fd: int | None = None
         self.path: Path | None = None
         self.synced = 0.0
+        self._release: Any = None  # the finalizer that releases the file of a spool collected unclosed
 
     def _own(self, writer: bytes) -> int:
         if self.fd is None:
@@ -178,6 +179,9 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.rename(fresh, path)
             self.fd, self.path = fd, path
+            # A core let go of and forgotten unclosed (its program let go of its memories)
+            # must not keep the file open and locked for the life of the process.
+            self._release = weakref.finalize(self, _release_spool, fd, path)
         return self.fd
 
     def _write(self, writer: bytes, record: list[Any]) -> None:
@@ -215,6 +219,7 @@ class Spool:
     def close(self, keep: bool) -> None:
         """Release the file: kept for the next memory opened on this spool if ``keep``, else removed."""
         if self.fd is not None:
+            self._release.detach()
             if not keep and self.path is not None:
                 self.path.unlink(missing_ok=True)  # while locked: no adopter reads it half gone
             os.close(self.fd)
@@ -223,6 +228,7 @@ class Spool:
     def forget(self) -> None:
         """In a forked child: the file stays the parent's; closing this copy leaves the lock to the parent alone."""
         if self.fd is not None:
+            self._release.detach()
             os.close(self.fd)
         self.fd = self.path = None
 
@@ -253,6 +259,18 @@ class Spool:
             finally:
                 os.close(fd)
         return adopted
+
+
+def _release_spool(fd: int, path: Path) -> None:
+    """A spool collected unclosed: an empty file is removed (while still locked), and the lock released.
+
+    One with records is kept for the next memory opened on it to adopt.
+    """
+    try:
+        if os.fstat(fd).st_size == 0:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _read_spool(path: Path) -> list[Pending]:
@@ -472,6 +490,11 @@ class Link:
         with self.lock:
             self.waiting.add(core)
             self._start()
+
+    def replayed(self, core: MemoryCore) -> None:
+        """``core``'s queue was replayed (by any thread): the link no longer keeps it."""
+        with self.lock:
+            self.waiting.discard(core)
 
     def probe(self) -> bool:
         """One PING now, waiting at most the connect timeout; True (and online) if Redis answered it.

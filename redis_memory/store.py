@@ -454,7 +454,10 @@ class Store:
             except redis.exceptions.NoScriptError:
                 # A new server, one restarted without its data, or FUNCTION FLUSH
                 # (perhaps by another process, again and again).
-                self.load_library()
+                pass
+            # Loaded outside the handler: code run while an error is being handled may keep
+            # it (fakeredis's reader does), and with it every frame it was raised through.
+            self.load_library()
         message = f"Redis kept losing the server code of redis_memory (FUNCTION FLUSH?) while serving {self.key}"
         raise ServerRefused(message, key=self.key)
 

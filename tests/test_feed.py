@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import REAL_BACKENDS, Switch
+from conftest import REAL_BACKENDS, Switch, everywhere
 from workers import agent_listens
 
 from redis_memory import ConversationMemory, Event, Feed, Memory, Session
@@ -151,6 +151,38 @@ def test_a_feed_that_lost_its_link_says_resync(client: redis.Redis, switch: Swit
         assert listener.log == [1, 2]
         writer.log.append(3)
         assert take(feed, 1) == [("append", ("log", 2), None)]
+
+
+def retrying_client(servers: dict[str, Any], backend: str) -> Any:
+    """A client as redis.Redis() makes one with no options: its connections retry a command three times."""
+    if backend == "cluster":
+        return servers["cluster"].client()
+    if backend == "valkey":
+        return redis.Redis(unix_socket_path=servers["valkey"].socket_path)
+    return redis.Redis(host="127.0.0.1", port=servers[backend].port)
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+@pytest.mark.parametrize("seen_before", [False, True])
+def test_a_feed_whose_connection_was_killed_says_resync(
+    servers: dict[str, Any], client: redis.Redis, backend: str, seen_before: bool
+) -> None:
+    """The server closes the subscriber's connection (CLIENT KILL) and a change is made before the feed
+    reads again: the change is not lost silently, a resync event says to read again. Also with a client
+    whose own connections reconnect by themselves."""
+    writer = Memory("killed", client=client)
+    writer.log = []
+    with Memory("killed", client=retrying_client(servers, backend)).subscribe() as feed:
+        if seen_before:
+            writer.log.append(0)
+            assert take(feed, 1) == [("append", ("log", 0), None)]
+        everywhere(client, "CLIENT", "KILL", "TYPE", "pubsub")
+        time.sleep(0.3)
+        writer.log.append(1)  # published while the subscriber's connection is gone
+        event = feed.get(timeout=10)
+        assert event is not None and (event.op, event.path) == ("resync", ())
+        writer.log.append(2)
+        assert take(feed, 1) == [("append", ("log", 2 if seen_before else 1), None)]
 
 
 @pytest.mark.parametrize("backend", REAL_BACKENDS)

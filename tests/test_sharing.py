@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
+import os
 import threading
+import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from conftest import Switch, twin
 from servers import raw_client
 
-from redis_memory import ConversationMemory, Memory, MemoryClosed, keep_memories
+from redis_memory import ConversationMemory, Memory, MemoryClosed, RedisMemoryError, connection, keep_memories
 
 
 class Commands:
@@ -121,6 +126,117 @@ def test_a_kept_memory_does_not_keep_its_client_or_the_clients_connections(real_
     assert len(probe.client_list()) <= before
     # The kept replicas of clients let go of are forgotten: a new client loads in full, and reads right.
     assert Memory("request-7", client=probe).x == 7
+
+
+def open_files_under(folder: Path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(folder)):
+                found.append(target)
+    return found
+
+
+def test_a_kept_memory_whose_client_is_gone_releases_its_spool(switch: Switch, tmp_path: Path) -> None:
+    """Requests that each queued a change in a spool while Redis was away, then let go of their memory and
+    client: once replayed, no spool file stays open (nor locked), and the emptied files are gone."""
+    for request in range(3):
+        mem = Memory(f"spooled-{request}", client=switch.client(), spool=tmp_path)
+        mem.x = 0
+        switch.cut()
+        mem.x = 1
+        switch.restore()
+        assert mem.flush(timeout=10)
+        del mem
+    gc.collect()
+    Memory("another request", client=switch.client())
+    gc.collect()
+    assert open_files_under(tmp_path) == []
+    assert [path.name for path in tmp_path.rglob("*.spool")] == []
+    assert [Memory(f"spooled-{n}", client=switch.client()).x for n in range(3)] == [1, 1, 1]
+
+
+def test_a_memory_replayed_after_its_client_is_gone_is_forgotten(switch: Switch) -> None:
+    """A change queued offline by a memory whose program let go of it and of its client (and pool) is
+    replayed once; after that, the kept memory holds neither the client nor its pool."""
+    client, other = switch.client(), switch.client()
+    pool = getattr(client, "connection_pool", client)  # a cluster client has its own pools
+    mem = Memory("queued", client=client)
+    mem.x = 0
+    switch.cut()
+    mem.x = 1
+    gone = weakref.ref(client), weakref.ref(pool)
+    del mem, client, pool
+    gc.collect()
+    Memory("while queued", client=other)  # a memory built while the change is still queued
+    switch.restore()
+    reader = Memory("queued", client=switch.client())
+    deadline = time.monotonic() + 10
+    while reader.x != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reader.x == 1
+    Memory("after the replay", client=switch.client())
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+
+
+def test_a_client_on_a_pool_of_its_own_leaves_no_connection_behind(real_url: str) -> None:
+    """A client built on a ConnectionPool the program made: once the program lets go of both (and of the
+    memory), the pool is collected and its connection closes, with no further memory built."""
+    probe = raw_client(real_url)
+    if isinstance(probe, redis.RedisCluster):
+        pytest.skip("a cluster client has no pool of its own to give")
+    before = len(probe.client_list())
+
+    def request() -> weakref.ref[Any]:
+        pool = redis.ConnectionPool.from_url(real_url)
+        client = redis.Redis(connection_pool=pool)
+        Memory("pooled", client=client).x = 1
+        client.set("plain", 1)  # the program's own command, over its own pool
+        return weakref.ref(pool)
+
+    gone = request()
+    gc.collect()
+    assert gone() is None
+    assert len(probe.client_list()) == before
+
+
+def test_raising_the_last_error_keeps_nothing_alive(switch: Switch, client: redis.Redis) -> None:
+    """``raise mem.status().last_error`` raises a copy: the kept error gets no traceback holding the caller's
+    memory and client."""
+    Memory("dropped", client=client).log = []
+
+    def request() -> tuple[weakref.ref[Any], weakref.ref[Any]]:
+        own = switch.client()
+        mem = Memory("dropped", client=own)
+        assert mem.log == []
+        switch.cut()
+        mem.log.append(1)
+        Memory("dropped", client=client).delete()  # the list is gone when Redis is back: the replay drops it
+        switch.restore()
+        refs = weakref.ref(own), weakref.ref(mem)
+        assert not mem.flush(timeout=10)
+        with pytest.raises(RedisMemoryError):
+            raise mem.status().last_error  # type: ignore[misc]
+        return refs
+
+    refs = request()
+    gc.collect()
+    Memory("another request", client=client)
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+
+
+def test_listing_with_clients_let_go_of_keeps_nothing(client: redis.Redis) -> None:
+    """Counting and listing memories with a client per call leaves nothing behind for each client."""
+    gc.collect()  # what earlier tests let go of is told first
+    Memory("listed", client=client).x = 1
+    before = len(connection.orphaned)
+    for _ in range(50):
+        assert Memory.count(client=twin(client)) == 1
+    gc.collect()
+    assert len(connection.orphaned) <= before  # what would grow by one per client
 
 
 def test_threads_building_memories_per_request_lose_nothing(client: redis.Redis) -> None:
