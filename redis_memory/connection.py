@@ -565,11 +565,14 @@ def health_check(client: Client | None = None, url: str | None = None) -> Health
             start = time.perf_counter()
             found.ping()
             times.append((time.perf_counter() - start) * 1000)
-        info = found.info("server")
+        try:
+            info = found.info("server")
+        except redis.ResponseError:  # a server without INFO (fakeredis)
+            info = {"redis_version": "unknown"}
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise ConnectionFailed(f"Redis unreachable: {exc}{default_hint(found)}") from exc
-    except redis.ResponseError:  # a server without INFO (fakeredis)
-        info = {"redis_version": "unknown"}
+    except redis.ResponseError as exc:  # Redis answers every PING; a peer that refuses it is no Redis to use
+        raise ConnectionFailed(f"Redis unreachable: the server refused PING ({exc})") from exc
     except (redis.exceptions.InvalidResponse, AttributeError, IndexError, TypeError, ValueError) as exc:
         raise ConnectionFailed(f"Redis unreachable: the server did not answer as Redis does ({exc})") from exc
     if not isinstance(info, dict):

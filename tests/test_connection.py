@@ -281,7 +281,8 @@ def test_reading_a_large_value_takes_time_in_proportion_to_its_size(real_url: st
 
 
 @pytest.mark.parametrize(
-    "answer", [b"garbage\r\n", b"+OK\r\n", b":12\r\n", b"$-5\r\n", b"\x00\x01\x02", b"*1\r\n:1\r\n"]
+    "answer",
+    [b"garbage\r\n", b"+OK\r\n", b":12\r\n", b"$-5\r\n", b"\x00\x01\x02", b"*1\r\n:1\r\n", b"-ERR unknown command\r\n"],
 )
 def test_a_peer_that_does_not_speak_redis_is_a_connection_failure(answer: bytes) -> None:
     """A port served by something else than Redis: reads and writes raise ConnectionFailed, not a parser's error."""
