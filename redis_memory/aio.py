@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, cast
 
+from . import green
 from .errors import MemoryClosed, MissingAttribute, MissingKey, NotLoaded
 from .feed import Event, Subscription
 from .memory import CLOSE_TIMEOUT, ConversationMemory, Memory, Metadata, Stats
@@ -93,12 +94,17 @@ class Worker:
         self._ensure_started()
         self.jobs.put((call, done))
 
-    async def run(self, call: Callable[[], T]) -> T:
-        """``call()`` on the worker thread; its result or its exception, awaited."""
+    async def run(self, call: Callable[[], T], settled: Callable[[], None] | None = None) -> T:
+        """``call()`` on the worker thread; its result or its exception, awaited.
+
+        ``settled`` is called on the loop once the call has ended, even if the awaiting task was cancelled.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
 
         def settle(result: Any, error: BaseException | None) -> None:
+            if settled is not None:
+                settled()
             if future.cancelled():
                 return
             if error is not None:
@@ -176,6 +182,7 @@ class AsyncMemory(Generic[M]):
     _rm_memory: M | None
     _rm_own_worker: bool
     _rm_closed: bool
+    _rm_running: int
     _rm_build: Callable[[], M]
     _rm_sync_type: type[Memory] = Memory
 
@@ -188,6 +195,8 @@ class AsyncMemory(Generic[M]):
         self._rm_memory = None
         self._rm_own_worker = own_worker
         self._rm_closed = False
+        #: Calls of this memory running (on the loop or the worker): a new one waits on the worker behind them.
+        self._rm_running = 0
 
         def build_here() -> M:
             made = build()
@@ -217,14 +226,42 @@ class AsyncMemory(Generic[M]):
         return found
 
     async def run(self, call: Callable[[M], T]) -> T:
-        """``call(memory)`` with the sync memory, on the worker thread: any sync statement, awaited.
+        """``call(memory)`` with the sync memory: any sync statement, awaited.
 
         ``await mem.run(lambda m: m.profile["prefs"].update(tone="formal"))``.
-        Use only plain values from it: proxies stay the worker's to change.
+        It runs on the loop's thread, its network waits awaited (see
+        green.py), or on the worker thread where they cannot be (the first
+        call, TLS, a cluster, fakeredis, a call of this memory still on the
+        worker): so it must not block otherwise (no ``time.sleep``). Use only
+        plain values from it: proxies are changed only through this memory.
         """
         if self._rm_closed:
             raise MemoryClosed(f"this async memory {self._rm_name!r} was closed")
-        return await self._rm_worker.run(lambda: call(self._rm_sync()))
+        memory = self._rm_memory
+        if memory is not None and not self._rm_running:
+            core = memory._rm
+            # Its lock is taken here, not in the greenlet, so that the call (holding it
+            # while its replies are awaited) runs alone; a worker holding it sends the call there.
+            if (
+                core.store.channel.drivable()
+                and green.supported(asyncio.get_running_loop())
+                and core.lock.acquire(False)
+            ):
+                self._rm_running += 1
+                try:
+                    return await green.drive(lambda: call(memory), core)
+                finally:
+                    self._rm_running -= 1
+                    core.lock.release()
+        return await self._rm_on_worker(lambda: call(self._rm_sync()))
+
+    async def _rm_on_worker(self, call: Callable[[], T]) -> T:
+        """``call()`` on the worker thread; later calls of this memory wait for it to end (order is kept)."""
+        self._rm_running += 1
+        return await self._rm_worker.run(call, self._rm_ended)
+
+    def _rm_ended(self) -> None:
+        self._rm_running -= 1
 
     def run_sync(self, call: Callable[[M], T]) -> T:
         """``call(memory)`` on the worker thread, waited for by the calling thread (for sync code, not on a loop)."""
@@ -334,7 +371,8 @@ class AsyncMemory(Generic[M]):
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every change made so far is in Redis (see :meth:`Memory.flush`)."""
-        return await self.run(lambda memory: memory.flush(timeout))
+        # On the worker: waiting for Redis to be back sleeps between tries.
+        return await self._rm_on_worker(lambda: self._rm_sync().flush(timeout))
 
     async def status(self) -> Status:
         """Online or offline, operations queued, dropped on replay, the last error."""

@@ -112,6 +112,10 @@ class ClusterChannel:
     def is_cluster(self) -> bool:
         return True
 
+    def drivable(self) -> bool:
+        """Never: routing may wait (TRYAGAIN, a slot table to read), so async calls go to their worker."""
+        return False
+
     def node(self, address: Address) -> Channel:
         """The channel of the node at ``address`` (made on first use)."""
         found = self.nodes.get(address)

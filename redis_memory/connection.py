@@ -22,6 +22,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote, unquote, urlparse
@@ -32,6 +33,7 @@ import redis.retry
 from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool
 
+from . import green
 from .errors import ConnectionFailed, EmbeddedServerError, UnusableClient, kept
 from .resp import Reader, reader, resp_command
 from .tracking import Tracker
@@ -114,6 +116,8 @@ class Channel:
         #: Said when it is unreachable: what to do if nothing named this server (see default_hint).
         self.hint = ""
         self.lock = threading.Lock()
+        #: Calls on event loops waiting for the lock (see green.py).
+        self.turns = green.Turns()
         self.pid = os.getpid()
         self.conn: redis.connection.AbstractConnection | None = None
         self.reader: Reader | None = None
@@ -208,15 +212,26 @@ class Channel:
         if tracker is None or not tracker.enabled or self.router is not None or not self.lock.acquire(False):
             return False
         try:
-            if self.conn is None or self.reader is None or self.pid != os.getpid():
+            conn, replies_of = self.conn, self.reader
+            if conn is None or replies_of is None or self.pid != os.getpid():
                 return False
-            self.reader.take_pushes()
+            if not green.driving(None):
+                replies_of.take_pushes()
+                return True
+            # On the event loop: the rest of a push half arrived is waited for by the loop.
+            sock: socket.socket = conn._sock  # type: ignore[assignment]
+            replies_of.sock = green.Wire(sock, conn.socket_timeout)  # type: ignore[assignment]
+            try:
+                replies_of.take_pushes()
+            finally:
+                replies_of.sock = sock
+                sock.settimeout(conn.socket_timeout)
             return True
         except (redis.ConnectionError, OSError, ValueError):
             self._close()
             return False
         finally:
-            self.lock.release()
+            self._release()
 
     def _close(self) -> None:
         if self.tracker is not None:
@@ -226,6 +241,11 @@ class Channel:
         if self.conn is not None:
             self.conn.disconnect()  # type: ignore[no-untyped-call]
         self.conn = self.reader = None
+
+    def _release(self) -> None:
+        self.lock.release()
+        if self.turns.waiting:
+            self.turns.passed()  # a call on an event loop waits for the lock
 
     def close(self, blocking: bool = True) -> None:
         """Close the connection (the next command opens a new one); not blocking: unless a command is using it."""
@@ -238,11 +258,12 @@ class Channel:
                 self._close()
             self.conn = self.reader = None
         finally:
-            self.lock.release()
+            self._release()
 
     def after_fork(self) -> None:
         """In a forked child: a lock nobody holds, no connection (the parent's socket is left alone)."""
         self.lock = threading.Lock()
+        self.turns = green.Turns()
         self.conn = self.reader = None
         if self.tracker is not None:
             self.tracker.reset()
@@ -288,7 +309,8 @@ class Channel:
 
     def _route(self, enabled: bool) -> None:
         """From now on, route every command over the cluster (``enabled``) or send it here."""
-        with self.lock:
+        self.lock.acquire()
+        try:
             if self.router is not None or (self.cluster is not None and not enabled):
                 return
             if enabled:
@@ -297,6 +319,8 @@ class Channel:
                 address = (self.connection_kwargs.get("host", "localhost"), self.connection_kwargs.get("port", 6379))
                 self.router = ClusterChannel(self.connection_class, self.connection_kwargs, [address])
             self.cluster = enabled
+        finally:
+            self._release()
 
     def exchange(
         self, packed: bytes, replies: int = 1, on_first: Callable[[object], None] | None = None
@@ -306,15 +330,41 @@ class Channel:
         Raises ConnectionFailed when the link fails (see the class notes).
         """
         end = _deadline.get()
-        if not self.lock.acquire(timeout=-1 if end is None else max(0.0, end - time.monotonic())):
+        driven = green.driving(None)
+        if driven:
+            # On the event loop: the lock is awaited, never waited for by blocking the loop.
+            if not self.turns.take(self.lock, end):
+                raise ConnectionFailed("Redis did not answer in time: another command is still waiting")
+        elif not self.lock.acquire(timeout=-1 if end is None else max(0.0, end - time.monotonic())):
             raise ConnectionFailed("Redis did not answer in time: another thread's command is still waiting")
         try:
-            return self._exchange_locked(packed, replies, end, on_first)
+            return self._exchange_locked(packed, replies, end, on_first, driven)
         finally:
-            self.lock.release()
+            self._release()
+
+    def drivable(self) -> bool:
+        """Whether a call on the event loop can use this channel now (see green.py): an open plain socket.
+
+        Not a cluster (its router blocks), not TLS (its reads do not wait as a
+        plain socket's do), not fakeredis; and connected already (redis-py
+        connects blocking).
+        """
+        conn = self.conn
+        return (
+            self.cluster is False
+            and self.reader is not None
+            and conn is not None
+            and type(getattr(conn, "_sock", None)) is socket.socket
+            and self.pid == os.getpid()
+        )
 
     def _exchange_locked(
-        self, packed: bytes, replies: int, end: float | None, on_first: Callable[[object], None] | None
+        self,
+        packed: bytes,
+        replies: int,
+        end: float | None,
+        on_first: Callable[[object], None] | None,
+        driven: bool = False,
     ) -> tuple[list[object], bool]:
         if self.pid != os.getpid():
             # Forked: the socket belongs to the parent; leave it untouched.
@@ -326,7 +376,7 @@ class Channel:
             if bound is not None and bound <= 0:
                 raise ConnectionFailed("Redis did not answer in time")
             try:
-                conn = self.conn or self._open(bound)
+                conn = self.conn or (green.offload(partial(self._open, bound)) if driven else self._open(bound))
                 self.round_trips += 1
                 if self.reader is None:
                     conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
@@ -337,16 +387,24 @@ class Channel:
                         found += [_response(conn) for _ in range(replies - 1)]
                 else:
                     sock: socket.socket = conn._sock  # type: ignore[assignment]  # a socket here (no cast: a call per command)
-                    if bound is not None:
-                        sock.settimeout(_least(conn.socket_timeout, bound))
-                    sock.sendall(packed)
                     replies_of = self.reader
-                    found = [replies_of.reply()]
-                    if on_first is not None:
-                        on_first(found[0])
-                    if replies > 1:
-                        found += [replies_of.reply() for _ in range(replies - 1)]
-                    if bound is not None:
+                    wire: socket.socket | green.Wire = sock
+                    if driven:
+                        # On the event loop: the same socket, non-blocking, its waits the loop's.
+                        wire = replies_of.sock = green.Wire(sock, _least(conn.socket_timeout, bound))  # type: ignore[assignment]
+                    elif bound is not None:
+                        sock.settimeout(_least(conn.socket_timeout, bound))
+                    try:
+                        wire.sendall(packed)
+                        found = [replies_of.reply()]
+                        if on_first is not None:
+                            on_first(found[0])
+                        if replies > 1:
+                            found += [replies_of.reply() for _ in range(replies - 1)]
+                    finally:
+                        if driven:
+                            replies_of.sock = sock
+                    if bound is not None or driven:
                         sock.settimeout(conn.socket_timeout)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self._close()
@@ -433,9 +491,11 @@ def _moved(reply: object) -> bool:
 
 #: A client the library can use: one server (or a Sentinel-managed master), or a Redis Cluster.
 Client = redis.Redis | RedisCluster
-_channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
-#: The channels of tracked memories (``tracking=True``): one more connection per client.
-_tracked_channels: weakref.WeakKeyDictionary[Client, Any] = weakref.WeakKeyDictionary()
+#: The channels of each client in this process, by kind: (tracked, driven). Tracked memories
+#: (``tracking=True``) have a connection the server sends invalidations on; async memories (driven on an
+#: event loop, see green.py) have connections of their own, so that no sync call on the loop's thread ever
+#: waits for a connection a suspended async call holds.
+_channels: weakref.WeakKeyDictionary[Client, dict[tuple[bool, bool], Any]] = weakref.WeakKeyDictionary()
 #: Channels with memories whose client the program let go of, weakly (a finalizer appends them: it takes
 #: no lock). Memories kept for reuse on them can never be taken again (memory.py forgets them).
 orphaned: deque[weakref.ref[Any]] = deque()
@@ -443,16 +503,18 @@ orphaned: deque[weakref.ref[Any]] = deque()
 _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def channel(client: Client, tracking: bool = False) -> Any:
+def channel(client: Client, tracking: bool = False, driven: bool = False) -> Any:
     """The shared channel of ``client`` in this process: a :class:`Channel`, or a ClusterChannel for a cluster.
 
     With ``tracking``, the channel of tracked memories, whose connection the
     server sends invalidations on (a cluster's is not tracked: its memories
-    check the version).
+    check the version). With ``driven``, the channel of async memories.
     """
-    channels = _tracked_channels if tracking else _channels
     with _clients_lock:
-        found = channels.get(client)
+        kinds = _channels.get(client)
+        if kinds is None:
+            kinds = _channels[client] = {}
+        found = kinds.get((tracking, driven))
         if found is None:
             if isinstance(client, RedisCluster):
                 from .cluster import ClusterChannel
@@ -461,7 +523,7 @@ def channel(client: Client, tracking: bool = False) -> Any:
             else:
                 found = Channel.of(client, tracking)
                 found.hint = default_hint(client)
-            channels[client] = found
+            kinds[(tracking, driven)] = found
         return found
 
 
@@ -683,5 +745,5 @@ def after_fork() -> None:
     global _clients_lock
     _clients_lock = threading.Lock()
     # A lock another thread held at the fork stays held in the child.
-    for found in [*_channels.values(), *_tracked_channels.values()]:
+    for found in [found for kinds in _channels.values() for found in kinds.values()]:
         found.after_fork()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, cast, overload
 
-from . import connection, ops, queue, tracking
+from . import connection, green, ops, queue, tracking
 from .batch import Batch
 from .catalog import INDEX_REFRESH, Catalog, Listing
 from .connection import Client
@@ -183,7 +183,7 @@ class MemoryCore:
 
     def check_thread(self) -> None:
         """Refuse a call from outside the driver thread of an async memory (it would block the event loop)."""
-        if self.driver is not None and threading.current_thread() is not self.driver:
+        if self.driver is not None and threading.current_thread() is not self.driver and not green.driving(self):
             raise WrongThread(
                 f"{self.store.key} belongs to an async memory: change it with its awaited methods "
                 "(set, append, run, batch), not from the event loop",
@@ -1293,7 +1293,7 @@ class Memory:
         driver = threading.current_thread() if getattr(threading.current_thread(), "rm_driver", False) else None
 
         def make() -> MemoryCore:
-            store = Store(redis_client, key, companions, tracking)
+            store = Store(redis_client, key, companions, tracking, driven=driver is not None)
             connection.watch(redis_client, store.channel)  # its end makes the kept core an orphan
             store.replicas = replicas
             core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=driver is None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import Switch
+from conftest import Switch, flush
 from workers import append_to_conversations
 
 from redis_memory import (
@@ -353,3 +353,173 @@ def test_a_tracked_async_memory_refreshes_without_a_round_trip_when_nothing_chan
             assert conv.messages[-1] == {"role": "assistant", "content": "yo"}
 
     run(scenario)
+
+
+# -- calls on the loop: the sync core in a greenlet whose waits are awaited (green.py) --
+
+SINGLE_BACKENDS = ("redis7", "valkey")
+
+
+@pytest.fixture(params=SINGLE_BACKENDS)
+def single_server(request: pytest.FixtureRequest, servers: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """A flushed single real server (a cluster's calls go to the worker thread): its backend name and server."""
+    name = str(request.param)
+    flush(servers, name)
+    yield name, servers[name]
+    flush(servers, name)
+
+
+class Ticker:
+    """A task that counts the loop's turns: it advances only while the loop is free."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.ticks = 0
+        self.every = every
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            self.ticks += 1
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+
+def test_awaited_calls_run_on_the_loop_without_a_blocking_socket_call(
+    single_server: tuple[str, Any], loop_socket_audit: list[str]
+) -> None:
+    """After the first call, awaited reads and writes run on the loop's thread, every socket wait awaited."""
+    url = single_server[1].url
+
+    async def scenario() -> None:
+        async with AsyncConversationMemory("on-loop", url=url) as conv:
+            for i in range(20):
+                await conv.append("messages", {"role": "user", "content": f"m{i}"})
+            await conv.set("title", "t")
+            await conv.refresh()
+            where = await conv.run(lambda m: threading.current_thread())
+            assert where is threading.current_thread()  # the loop's thread, not the worker
+            assert [m["content"] for m in conv.messages] == [f"m{i}" for i in range(20)]
+
+    run(scenario)
+    assert loop_socket_audit == []
+    assert [m["content"] for m in ConversationMemory("on-loop", url=url).messages] == [f"m{i}" for i in range(20)]
+
+
+def test_a_cancelled_append_still_lands_once_and_the_loop_runs_while_it_waits(
+    single_server: tuple[str, Any],
+) -> None:
+    """Writes paused on the server: the loop keeps turning; a cancelled append lands once, before the next."""
+    url = single_server[1].url
+    admin = redis.Redis.from_url(url)
+
+    async def scenario() -> None:
+        async with AsyncConversationMemory("cancelled", url=url) as conv:
+            await conv.append("log", "first")
+            admin.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+            ticker = Ticker()
+            pending = asyncio.create_task(conv.append("log", "cancelled"))
+            await asyncio.sleep(0.1)
+            assert not pending.done()  # waiting for the paused server, on the loop
+            pending.cancel()
+            after = asyncio.create_task(conv.append("log", "after"))
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            await after
+            ticker.stop()
+            assert ticker.ticks >= 20  # about 80 turns in 0.4 s; none while the loop is blocked
+            assert conv.log == ["first", "cancelled", "after"]
+
+    run(scenario)
+    assert ConversationMemory("cancelled", url=url).log == ["first", "cancelled", "after"]
+
+
+def test_a_silent_server_times_out_on_the_loop_and_the_append_is_replayed_once(
+    single_server: tuple[str, Any], servers: dict[str, Any]
+) -> None:
+    """A partition: the awaited append waits on the loop (which keeps turning) until the command timeout,
+    then is queued; healed, it is replayed exactly once."""
+    name, _ = single_server
+    cable = Switch(servers, name)
+    assert cable.proxy is not None
+    try:
+        client = redis.Redis.from_url(cable.proxy.url, socket_connect_timeout=1, socket_timeout=0.5)
+
+        async def scenario() -> None:
+            async with AsyncConversationMemory("silent", client=client) as conv:
+                await conv.append("log", "before")
+                cable.silence()
+                ticker = Ticker()
+                started = asyncio.get_running_loop().time()
+                await conv.append("log", "during")
+                waited = asyncio.get_running_loop().time() - started
+                ticker.stop()
+                assert 0.4 < waited < 5
+                assert ticker.ticks >= waited / 0.005 / 4  # the loop turned while the append waited
+                status = await conv.status()
+                assert not status.online and status.pending == 1
+                cable.silence(False)
+                cable.restore()
+                assert await conv.flush(timeout=20)
+                assert conv.log == ["before", "during"]
+
+        run(scenario)
+        direct = redis.Redis.from_url(servers[name].url)
+        assert ConversationMemory("silent", client=direct).log == ["before", "during"]
+    finally:
+        cable.close()
+
+
+def test_a_connection_killed_between_calls_is_opened_again_off_the_loop(
+    single_server: tuple[str, Any], loop_socket_audit: list[str]
+) -> None:
+    """The server closed the library's connection: the next awaited call connects on another thread, resends once."""
+    url = single_server[1].url
+    admin = redis.Redis.from_url(url)
+
+    async def scenario() -> None:
+        async with AsyncConversationMemory("killed", url=url) as conv:
+            await conv.append("log", 1)
+            for _ in range(3):
+                kill = ("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                killed = await asyncio.to_thread(admin.execute_command, *kill)
+                assert killed >= 1
+                await conv.append("log", len(conv.log) + 1)
+            assert conv.log == [1, 2, 3, 4]
+            assert (await conv.status()).online
+
+    run(scenario)
+    assert loop_socket_audit == []
+    assert ConversationMemory("killed", url=url).log == [1, 2, 3, 4]
+
+
+def test_a_sync_memory_on_the_loop_never_waits_for_a_suspended_async_call(single_server: tuple[str, Any]) -> None:
+    """A blocking sync call made on the loop's thread while an async call waits for its reply: both finish.
+
+    (They use different connections: on a shared one, the sync call would wait for a lock the suspended
+    async call holds, which only the blocked loop could release.)
+    """
+    url = single_server[1].url
+    admin = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url)
+    done: list[str] = []
+
+    async def scenario() -> None:
+        async with AsyncMemory("mixed", client=client) as mem:
+            await mem.set("a", 0)
+            admin.execute_command("CLIENT", "PAUSE", "300", "WRITE")
+            pending = asyncio.create_task(mem.set("a", 1))
+            await asyncio.sleep(0.05)
+            with Memory("mixed-sync", client=client) as sync:
+                sync.b = 2  # blocks the loop until the pause ends
+            await pending
+            done.append("both")
+
+    thread = threading.Thread(target=run, args=(scenario,), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the loop deadlocked"
+    assert done == ["both"]
+    assert Memory("mixed", client=client).a == 1
+    assert Memory("mixed-sync", client=client).b == 2
