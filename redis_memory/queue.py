@@ -182,6 +182,9 @@ class Spool:
             # A core let go of and forgotten unclosed (its program let go of its memories)
             # must not keep the file open and locked for the life of the process.
             self._release = weakref.finalize(self, _release_spool, fd, path)
+            # Not at interpreter exit: the exit's replay (memory._report_unsent_at_exit) runs after the
+            # finalizers and still writes to the file; the process's end closes it and releases the lock.
+            self._release.atexit = False
         return self.fd
 
     def _write(self, writer: bytes, record: list[Any]) -> None:

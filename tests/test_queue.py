@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import REAL_BACKENDS, Switch, all_keys
+from conftest import REAL_BACKENDS, Switch, all_keys, flush
 
 from redis_memory import (
     ConnectionFailed,
@@ -307,6 +307,42 @@ def test_a_process_exiting_with_an_unsent_queue_says_so(servers: dict[str, Any])
                           capture_output=True, text=True, timeout=60, cwd=tests)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "1 queued operations never reached Redis and are lost" in done.stderr
+
+
+SPOOLED_EXIT_SCRIPT = """
+import sys
+import redis
+from netproxy import TcpProxy
+from redis_memory import Memory
+proxy = TcpProxy(int(sys.argv[1]))
+mem = Memory("spooled-exit", client=redis.Redis.from_url(proxy.url, socket_connect_timeout=1), spool=sys.argv[2])
+mem.items = []
+proxy.cut()
+for i in range(5):
+    mem.items.append(i)
+assert mem.status().pending == 5
+proxy.restore()
+mem.stats()  # a probe finds Redis back: online, the queue not replayed yet
+print("pending", mem.status().pending)
+"""
+
+
+def test_a_spooled_queue_still_queued_at_exit_is_replayed_whole(servers: dict[str, Any], tmp_path: Path) -> None:
+    """Online at exit with a spooled queue: the exit replays every operation, and the spool is left empty.
+
+    (The spool's own cleanup at exit once ran first and closed its file, so the replay stopped after one
+    operation and later records went to whatever reused the file's descriptor: the connection to Redis.)
+    """
+    flush(servers, "redis7")
+    tests = str(Path(__file__).resolve().parent)
+    done = subprocess.run([sys.executable, "-c", SPOOLED_EXIT_SCRIPT, str(servers["redis7"].port), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, cwd=tests)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    direct = redis.Redis.from_url(servers["redis7"].url)
+    assert Memory("spooled-exit", client=direct).items == [0, 1, 2, 3, 4]
+    left = [path.stat().st_size for path in tmp_path.rglob("*.spool")]
+    assert sum(left) == 0, left
 
 
 def test_proxies_of_a_memory_created_offline_stay_live_after_the_replay(switch: Switch, client: redis.Redis) -> None:
