@@ -1308,7 +1308,9 @@ class Memory:
             core = make()
             core.holders.add(self)
         else:
-            core = _shared.take((connection.channel(redis_client), key, companions, options), make, self)
+            # Keyed by the channel the store uses (the tracked one for tracked memories): the one watched
+            # for its client's end (see connection.watch).
+            core = _shared.take((connection.channel(redis_client, tracking), key, companions, options), make, self)
         object.__setattr__(self, "_rm", core)
         # The core holds it weakly (kept for reuse, it must not keep the client alive): the memory object does.
         object.__setattr__(self, "_rm_client", redis_client)

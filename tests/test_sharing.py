@@ -18,6 +18,7 @@ from conftest import Switch, twin
 from servers import raw_client
 
 from redis_memory import ConversationMemory, Memory, MemoryClosed, RedisMemoryError, connection, keep_memories
+from redis_memory import memory as memory_module
 
 
 class Commands:
@@ -237,6 +238,19 @@ def test_listing_with_clients_let_go_of_keeps_nothing(client: redis.Redis) -> No
         assert Memory.count(client=twin(client)) == 1
     gc.collect()
     assert len(connection.orphaned) <= before  # what would grow by one per client
+
+
+@pytest.mark.parametrize("tracking", [False, True])
+def test_kept_memories_of_clients_let_go_of_are_forgotten(client: redis.Redis, tracking: bool) -> None:
+    """A memory per request on a client per request: once the clients are gone, their kept memories are
+    forgotten at the next memory built (tracked ones too: they were kept until the reuse limit)."""
+    gc.collect()
+    for i in range(20):
+        Memory(f"request-{tracking}-{i}", client=twin(client), tracking=tracking).n = i
+        gc.collect()
+    Memory("next", client=client)
+    kept = [key for key in list(memory_module._shared.cores) if f"request-{tracking}-" in key[1]]
+    assert len(kept) <= 1  # at most the last request's
 
 
 def test_threads_building_memories_per_request_lose_nothing(client: redis.Redis) -> None:
