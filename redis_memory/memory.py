@@ -703,6 +703,7 @@ class MemoryCore:
         with self.lock:
             outbox = self.outbox
             if not outbox:
+                self.link.replayed(self)
                 return True
             replayed = 0
             try:

@@ -558,9 +558,9 @@ class Link:
                 cores = list(self.waiting)
             for core in cores:
                 try:
-                    if core.drain():
-                        with self.lock:
-                            self.waiting.discard(core)
+                    # A replay that empties the queue says so itself, under the memory's lock
+                    # (Link.replayed): a change queued after it is waited for again.
+                    core.drain()
                 except Exception as exc:  # a server error reply: report it, try again later
                     self.last_error = kept(exc)
                     log.error("replaying the queue of %s failed: %s", core.store.key, self.last_error)

@@ -25,6 +25,7 @@ from redis_memory import (
     RedisMemoryError,
 )
 from redis_memory.connection import Channel
+from redis_memory.memory import MemoryCore
 
 
 def offline_pair(switch: Switch, client: redis.Redis, **options: Any) -> tuple[Memory, Memory]:
@@ -244,6 +245,39 @@ def test_the_background_reconnect_replays_without_being_asked(switch: Switch, cl
             break
         threading.Event().wait(0.05)
     assert other.to_dict() == {"x": "queued"}
+    assert mem.status().pending == 0
+
+
+def test_a_change_queued_while_the_reconnect_thread_finishes_a_replay_is_still_replayed(
+    switch: Switch, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link breaks again just after the reconnect thread replayed the queue: the new change is replayed
+    by itself too (the thread once stopped waiting for the memory after its replay, and the change sat)."""
+    replayed, go_on = threading.Event(), threading.Event()
+    drain = MemoryCore.drain
+
+    def held_after_replay(core: MemoryCore) -> bool:
+        done = drain(core)
+        if done and threading.current_thread().name == "redis_memory-reconnect" and not replayed.is_set():
+            replayed.set()
+            go_on.wait(10)  # the thread is held between its replay and what it does next
+        return done
+
+    monkeypatch.setattr(MemoryCore, "drain", held_after_replay)
+    mem = Memory("replayed", client=switch.client())
+    mem.items = []
+    switch.cut()
+    mem.items.append(1)
+    switch.restore()
+    assert replayed.wait(20)
+    switch.cut()
+    mem.items.append(2)  # queued while the thread is held
+    go_on.set()
+    switch.restore()
+    deadline = time.monotonic() + 20
+    while Memory("replayed", client=client).items != [1, 2]:
+        assert time.monotonic() < deadline, mem.status()
+        time.sleep(0.05)
     assert mem.status().pending == 0
 
 
