@@ -238,7 +238,7 @@ class AsyncMemory(Generic[M]):
         if self._rm_closed:
             raise MemoryClosed(f"this async memory {self._rm_name!r} was closed")
         memory = self._rm_memory
-        if memory is not None and not self._rm_running:
+        if memory is not None and not self._rm_running and not memory._rm.on_loop:
             core = memory._rm
             # Its lock is taken here, not in the greenlet, so that the call (holding it
             # while its replies are awaited) runs alone; a worker holding it sends the call there.
@@ -248,11 +248,19 @@ class AsyncMemory(Generic[M]):
                 and core.lock.acquire(False)
             ):
                 self._rm_running += 1
+                core.on_loop = True  # another async memory over the same core (a session's) waits too
                 try:
                     return await green.drive(lambda: call(memory), core)
                 finally:
+                    core.on_loop = False
                     self._rm_running -= 1
                     core.lock.release()
+        return await self._rm_on_worker(lambda: call(self._rm_sync()))
+
+    async def _rm_blocking(self, call: Callable[[M], T]) -> T:
+        """``call(memory)`` on the worker thread always: for calls that block otherwise than on the channel."""
+        if self._rm_closed:
+            raise MemoryClosed(f"this async memory {self._rm_name!r} was closed")
         return await self._rm_on_worker(lambda: call(self._rm_sync()))
 
     async def _rm_on_worker(self, call: Callable[[], T]) -> T:
@@ -372,7 +380,7 @@ class AsyncMemory(Generic[M]):
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every change made so far is in Redis (see :meth:`Memory.flush`)."""
         # On the worker: waiting for Redis to be back sleeps between tries.
-        return await self._rm_on_worker(lambda: self._rm_sync().flush(timeout))
+        return await self._rm_blocking(lambda memory: memory.flush(timeout))
 
     async def status(self) -> Status:
         """Online or offline, operations queued, dropped on replay, the last error."""
@@ -497,8 +505,17 @@ class AsyncSession:
         found = self._opened.get(name)
         if found is None:
             found = AsyncMemory._rm_wrap(self._worker, lambda: self._session().agent(name), name)
-            await found.refresh()
+            # Kept before it is loaded: a concurrent call for the same agent gets this one, not a second
+            # async memory over the same sync one (whose calls would not wait for this one's).
             self._opened[name] = found
+            try:
+                await found.refresh()
+            except BaseException:
+                if self._opened.get(name) is found:
+                    del self._opened[name]
+                raise
+        elif found._rm_memory is None or not found._rm_memory._rm.replica.loaded:
+            await found.refresh()  # another call is loading it: this one waits for that too
         return found
 
     async def private(self) -> AsyncMemory[Any]:
@@ -564,7 +581,8 @@ class AsyncFeed:
                 with contextlib.suppress(RuntimeError):  # the loop was closed: nobody reads this feed
                     loop.call_soon_threadsafe(events.put_nowait, event)
 
-            self._subscription = await self._memory.run(lambda memory: memory.subscribe(deliver))
+            # On the worker: subscribing connects and waits for the server's answer, blocking.
+            self._subscription = await self._memory._rm_blocking(lambda memory: memory.subscribe(deliver))
         return self
 
     async def get(self, timeout: float | None = None) -> Event | None:
@@ -587,7 +605,7 @@ class AsyncFeed:
         """Unsubscribe and end the subscription's thread (off the loop)."""
         subscription, self._subscription = self._subscription, None
         if subscription is not None and not self._memory._rm_closed:
-            await self._memory.run(lambda memory: subscription.close())  # it waits for the thread
+            await self._memory._rm_blocking(lambda memory: subscription.close())  # it waits for the thread
 
     async def __aenter__(self) -> AsyncFeed:
         return await self.start()

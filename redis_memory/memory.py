@@ -115,6 +115,8 @@ class MemoryCore:
         self.batching: Batch | None = None
         #: The only thread that may use this core, when an async memory drives it (aio.py).
         self.driver: threading.Thread | None = None
+        #: An async memory's call runs on its event loop now (see green.py), holding the lock.
+        self.on_loop = False
         #: A core shared by memory objects (see :class:`SharedCores`): those open on it.
         self.shared = shared
         self.holders: weakref.WeakSet[Memory] = weakref.WeakSet()

@@ -179,7 +179,7 @@ class SocketReader:
         """The next reply (RESP2 or RESP3), after any push before it; an error reply is returned, not raised."""
         try:
             return read_reply(self)
-        except ValueError as exc:  # a length or number that is none: bytes that are not RESP
+        except (ValueError, TypeError) as exc:  # a length or number that is none, a list as a map key: not RESP
             raise redis.ConnectionError(f"the server sent bytes that are not a reply: {exc}") from exc
 
     def take_pushes(self) -> None:
@@ -302,13 +302,16 @@ class HiredisReader:
 
     def _next(self) -> object:
         parser = self.parser
-        found = parser.gets()
-        while found is _INCOMPLETE:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise redis.ConnectionError("connection closed by the server")
-            parser.feed(chunk)
+        try:
             found = parser.gets()
+            while found is _INCOMPLETE:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise redis.ConnectionError("connection closed by the server")
+                parser.feed(chunk)
+                found = parser.gets()
+        except TypeError as exc:  # a list as a map key or a set member: no server sends that
+            raise redis.ConnectionError(f"the server sent bytes that are not a reply: {exc}") from exc
         return found
 
     def reply(self) -> object:

@@ -523,3 +523,35 @@ def test_a_sync_memory_on_the_loop_never_waits_for_a_suspended_async_call(single
     assert done == ["both"]
     assert Memory("mixed", client=client).a == 1
     assert Memory("mixed-sync", client=client).b == 2
+
+
+def test_subscribing_and_closing_a_feed_make_no_blocking_call_on_the_loop(
+    single_server: tuple[str, Any], loop_socket_audit: list[str]
+) -> None:
+    """The feed's subscription connects and waits for the server's answer: on the worker, never on the loop."""
+    url = single_server[1].url
+
+    async def scenario() -> None:
+        async with AsyncMemory("feed-audit", url=url) as mem:
+            feed = await mem.subscribe().start()
+            await mem.set("x", 1)
+            event = await feed.get(timeout=10)
+            assert event is not None and event.attribute == "x"
+            await feed.close()
+
+    run(scenario)
+    assert loop_socket_audit == []
+
+
+def test_concurrent_opens_of_one_agent_give_one_async_memory(client: redis.Redis) -> None:
+    """Two tasks asking for the same agent at once get the same async memory, whose calls run one at a time."""
+
+    async def scenario() -> None:
+        async with AsyncSession("concurrent-agent", client=client) as session:
+            first, second = await asyncio.gather(session.agent("x"), session.agent("x"))
+            assert first is second
+            assert "n" not in first  # loaded: a read before the load raises NotLoaded
+            await first.set("n", 1)
+            assert first.n == 1
+
+    run(scenario)

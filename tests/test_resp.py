@@ -144,7 +144,7 @@ def test_a_reply_cut_short_by_the_server_closing_is_a_connection_error() -> None
 @pytest.mark.parametrize(
     "data",
     [b"garbage\r\n", b"\x00\x01\x02\r\n", b"$-5\r\n", b"*-7\r\n", b":x\r\n", b"(abc\r\n", b"#x\r\n", b"_x\r\n",
-     b"=3\r\nabc\r\n", b":1.5\r\n"],
+     b"=3\r\nabc\r\n", b":1.5\r\n", b"%1\r\n*1\r\n:1\r\n:2\r\n"],
 )  # fmt: skip
 def test_bytes_that_are_not_a_reply_are_a_connection_error(kind: Any, data: bytes) -> None:
     """Whatever a peer that is not Redis sends, both readers raise redis.ConnectionError: the channel then closes."""
