@@ -183,6 +183,7 @@ class AsyncMemory(Generic[M]):
     _rm_own_worker: bool
     _rm_closed: bool
     _rm_running: int
+    _rm_loop: weakref.ref[asyncio.AbstractEventLoop] | None
     _rm_build: Callable[[], M]
     _rm_sync_type: type[Memory] = Memory
 
@@ -197,6 +198,8 @@ class AsyncMemory(Generic[M]):
         self._rm_closed = False
         #: Calls of this memory running (on the loop or the worker): a new one waits on the worker behind them.
         self._rm_running = 0
+        #: The loop of the first call, whose channel the memory uses (None: built by a sync caller).
+        self._rm_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
 
         def build_here() -> M:
             made = build()
@@ -220,7 +223,13 @@ class AsyncMemory(Generic[M]):
         """The sync memory (on the worker thread only): built on first use."""
         found = self._rm_memory
         if found is None:
-            found = self._rm_build()
+            # Its channel is that of the loop awaiting this first call (see connection.channel).
+            thread = threading.current_thread()
+            thread.rm_loop = None if self._rm_loop is None else self._rm_loop()  # type: ignore[attr-defined]
+            try:
+                found = self._rm_build()
+            finally:
+                thread.rm_loop = None  # type: ignore[attr-defined]
         elif found._rm.driver is not threading.current_thread():
             found._rm.driver = threading.current_thread()  # a forked child's new worker: the parent's is gone
         return found
@@ -249,12 +258,14 @@ class AsyncMemory(Generic[M]):
             ):
                 self._rm_running += 1
                 core.on_loop = True  # another async memory over the same core (a session's) waits too
+                holder = threading.get_ident()
                 try:
                     return await green.drive(lambda: call(memory), core)
                 finally:
                     core.on_loop = False
                     self._rm_running -= 1
-                    core.lock.release()
+                    if threading.get_ident() == holder:  # (not a coroutine collected on another thread)
+                        core.lock.release()
         return await self._rm_on_worker(lambda: call(self._rm_sync()))
 
     async def _rm_blocking(self, call: Callable[[M], T]) -> T:
@@ -266,6 +277,8 @@ class AsyncMemory(Generic[M]):
     async def _rm_on_worker(self, call: Callable[[], T]) -> T:
         """``call()`` on the worker thread; later calls of this memory wait for it to end (order is kept)."""
         self._rm_running += 1
+        if self._rm_memory is None:
+            self._rm_loop = weakref.ref(asyncio.get_running_loop())
         return await self._rm_worker.run(call, self._rm_ended)
 
     def _rm_ended(self) -> None:

@@ -492,10 +492,13 @@ def _moved(reply: object) -> bool:
 #: A client the library can use: one server (or a Sentinel-managed master), or a Redis Cluster.
 Client = redis.Redis | RedisCluster
 #: The channels of each client in this process, by kind: (tracked, driven). Tracked memories
-#: (``tracking=True``) have a connection the server sends invalidations on; async memories (driven on an
-#: event loop, see green.py) have connections of their own, so that no sync call on the loop's thread ever
-#: waits for a connection a suspended async call holds.
-_channels: weakref.WeakKeyDictionary[Client, dict[tuple[bool, bool], Any]] = weakref.WeakKeyDictionary()
+#: (``tracking=True``) have a connection the server sends invalidations on. Async memories (driven on an
+#: event loop, see green.py) have connections of their own, one per loop: a sync call on the loop's thread
+#: never waits for a connection a suspended async call holds, and a loop closed with a call suspended in
+#: it takes only its own connections with it. ``driven`` is False, or the id of the loop (0: none).
+_channels: weakref.WeakKeyDictionary[Client, dict[tuple[bool, bool | int], Any]] = weakref.WeakKeyDictionary()
+#: The loops whose end forgets their channels (by id, which a later loop may reuse).
+_loops: weakref.WeakSet[Any] = weakref.WeakSet()
 #: Channels with memories whose client the program let go of, weakly (a finalizer appends them: it takes
 #: no lock). Memories kept for reuse on them can never be taken again (memory.py forgets them).
 orphaned: deque[weakref.ref[Any]] = deque()
@@ -503,18 +506,20 @@ orphaned: deque[weakref.ref[Any]] = deque()
 _watched: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def channel(client: Client, tracking: bool = False, driven: bool = False) -> Any:
+def channel(client: Client, tracking: bool = False, driven: bool = False, loop: Any = None) -> Any:
     """The shared channel of ``client`` in this process: a :class:`Channel`, or a ClusterChannel for a cluster.
 
     With ``tracking``, the channel of tracked memories, whose connection the
     server sends invalidations on (a cluster's is not tracked: its memories
-    check the version). With ``driven``, the channel of async memories.
+    check the version). With ``driven``, the channel of async memories on
+    event loop ``loop`` (None: built outside one).
     """
+    kind = (tracking, False if not driven else 0 if loop is None else id(loop))
     with _clients_lock:
         kinds = _channels.get(client)
         if kinds is None:
             kinds = _channels[client] = {}
-        found = kinds.get((tracking, driven))
+        found = kinds.get(kind)
         if found is None:
             if isinstance(client, RedisCluster):
                 from .cluster import ClusterChannel
@@ -523,8 +528,18 @@ def channel(client: Client, tracking: bool = False, driven: bool = False) -> Any
             else:
                 found = Channel.of(client, tracking)
                 found.hint = default_hint(client)
-            kinds[(tracking, driven)] = found
+            kinds[kind] = found
+            if loop is not None and loop not in _loops:
+                _loops.add(loop)
+                weakref.finalize(loop, _forget_loop, id(loop))
         return found
+
+
+def _forget_loop(ident: int) -> None:
+    """An event loop was collected: forget its channels (the memories using them keep theirs)."""
+    for kinds in list(_channels.values()):
+        for kind in [kind for kind in list(kinds) if kind[1] is not False and kind[1] == ident]:
+            kinds.pop(kind, None)
 
 
 def watch(client: Client, found: Any) -> None:

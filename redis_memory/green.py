@@ -178,26 +178,15 @@ async def drive(call: Callable[[], T], owner: object) -> T:
     runner.gr_context = contextvars.copy_context()
     cancelled = False
     request = runner.switch(call)
-    while request[0] != _DONE:
-        kind, argument, timeout = request
-        answer: Any
-        if kind == _OFFLOAD:
-            pending = _offload(loop, argument)
-            while True:
-                try:
-                    answer = await asyncio.shield(pending)
-                    break
-                except asyncio.CancelledError:
-                    cancelled = True
-        else:
-            try:
-                answer = await _wait(loop, kind, argument, timeout)
-            except asyncio.CancelledError:
-                # The call goes on to its end (its change may be on the wire already):
-                # the wait is answered as a spurious wake-up, and the socket is tried again.
-                cancelled = True
-                answer = True
-        request = runner.switch(answer)
+    try:
+        while request[0] != _DONE:
+            request, cancelled = await _answer(loop, runner, request, cancelled)
+    except GeneratorExit:
+        # The task was let go of unfinished (its loop closed without cancelling it): the call
+        # cannot be awaited to its end. Unwound where it waits, it leaves its connection closed,
+        # its lock free and a write queued for the reconnect thread to replay.
+        _unwind(runner)
+        raise
     _, result, error = request
     runner.caller = None
     if len(idle) < IDLE_KEPT:
@@ -207,6 +196,43 @@ async def drive(call: Callable[[], T], owner: object) -> T:
     if error is not None:
         raise error
     return result  # type: ignore[no-any-return]
+
+
+def _unwind(runner: Driven) -> None:
+    """End a call whose driver can await no more: each wait it is in fails as a lost link does."""
+    with contextlib.suppress(Exception):  # (another thread, say, where it cannot be resumed)
+        for _ in range(5):
+            if runner.dead:
+                return
+            runner.caller = getcurrent()
+            request = runner.throw(TimeoutError("the event loop driving this call was closed"))
+            if request[0] == _DONE:
+                return
+
+
+async def _answer(
+    loop: asyncio.AbstractEventLoop, runner: Driven, request: tuple[int, Any, Any], cancelled: bool
+) -> tuple[tuple[int, Any, Any], bool]:
+    """Serve one request of ``runner``: its next request (or its outcome), and whether the task was cancelled."""
+    kind, argument, timeout = request
+    answer: Any
+    if kind == _OFFLOAD:
+        pending = _offload(loop, argument)
+        while True:
+            try:
+                answer = await asyncio.shield(pending)
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+    else:
+        try:
+            answer = await _wait(loop, kind, argument, timeout)
+        except asyncio.CancelledError:
+            # The call goes on to its end (its change may be on the wire already):
+            # the wait is answered as a spurious wake-up, and the socket is tried again.
+            cancelled = True
+            answer = True
+    return runner.switch(answer), cancelled
 
 
 async def _wait(loop: asyncio.AbstractEventLoop, kind: int, argument: Any, timeout: float | None) -> Any:

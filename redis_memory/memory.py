@@ -1294,9 +1294,10 @@ class Memory:
         # A memory built by an async memory's worker (aio.py) gets a core of its own,
         # driven by that thread only: a shared one would also serve other threads.
         driver = threading.current_thread() if getattr(threading.current_thread(), "rm_driver", False) else None
+        loop = getattr(driver, "rm_loop", None)  # the event loop of the call that builds it
 
         def make() -> MemoryCore:
-            store = Store(redis_client, key, companions, tracking, driven=driver is not None)
+            store = Store(redis_client, key, companions, tracking, driven=driver is not None, loop=loop)
             connection.watch(redis_client, store.channel)  # its end makes the kept core an orphan
             store.replicas = replicas
             core = MemoryCore(store, name, max_pending, spool, ttl, bounds, author, shared=driver is None)

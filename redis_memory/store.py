@@ -369,7 +369,13 @@ class Store:
     """All Redis traffic of one memory: its key, its scripts, its reads."""
 
     def __init__(
-        self, client: Client, key: str, companions: tuple[str, ...] = (), tracking: bool = False, driven: bool = False
+        self,
+        client: Client,
+        key: str,
+        companions: tuple[str, ...] = (),
+        tracking: bool = False,
+        driven: bool = False,
+        loop: Any = None,
     ) -> None:
         # Weakly: a memory kept for reuse must not keep a client its program let go of (nor the client's
         # connections). The memory objects built on it hold it; the traffic goes over the channel.
@@ -382,7 +388,7 @@ class Store:
         #: Keys that also get the memory's expiry, but outlive its deletion.
         self.companions = companions
         self.feed = key + FEED_SUFFIX
-        self.channel = channel(client, tracking, driven)
+        self.channel = channel(client, tracking, driven, loop)
         #: The invalidations the server sent this memory's connection (None: not tracked, see tracking.py).
         self.tracker: Tracker | None = getattr(self.channel, "tracker", None)
         self._key_bytes = key.encode()

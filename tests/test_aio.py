@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -555,3 +556,58 @@ def test_concurrent_opens_of_one_agent_give_one_async_memory(client: redis.Redis
             assert first.n == 1
 
     run(scenario)
+
+
+@pytest.mark.parametrize("task_kept", [True, False])
+def test_a_loop_closed_with_a_call_suspended_in_it_leaves_other_loops_working(
+    single_server: tuple[str, Any], task_kept: bool
+) -> None:
+    """A loop closed (not by asyncio.run) while a call waits in it for its reply: async memories of the same
+    client on another loop still work (they once waited for ever for the connection the lost call held).
+    A task let go of then is unwound where it waited: its write is replayed once by the reconnect thread."""
+    url = single_server[1].url
+    client = redis.Redis.from_url(url)
+    admin = redis.Redis.from_url(url)
+    kept: list[Any] = []
+
+    def abandon() -> None:
+        loop = asyncio.new_event_loop()
+        mem = AsyncMemory("abandoned", client=client)
+        loop.run_until_complete(mem.refresh())
+        loop.run_until_complete(mem.set("x", 1))
+        admin.execute_command("CLIENT", "PAUSE", "500", "WRITE")
+        task = loop.create_task(mem.set("x", 2))
+        loop.run_until_complete(asyncio.sleep(0.1))
+        assert not task.done()
+        loop.close()  # with the call suspended in it
+        kept.append(mem)
+        if task_kept:
+            kept.append(task)
+        else:
+            del task
+            gc.collect()  # the task's coroutine is closed here, on the loop's thread
+
+    thread = threading.Thread(target=abandon)
+    thread.start()
+    thread.join(30)
+
+    async def scenario() -> None:
+        await asyncio.sleep(0.6)  # the pause is over
+        mem = AsyncMemory("other", client=client)
+        try:
+            await asyncio.wait_for(mem.set("y", 1), 10)
+            await asyncio.wait_for(mem.set("y", 2), 10)
+            assert mem.y == 2
+        finally:
+            await mem.close()
+
+    run(scenario)
+    if not task_kept:
+        deadline = time.monotonic() + 20
+        while Memory("abandoned", client=client).x != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert kept[0].x == 2
+        kept[0].close_sync()
+    else:
+        kept[0]._rm_worker.stop()  # the abandoned memory's thread (its call can never finish)
