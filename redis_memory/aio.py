@@ -1,12 +1,16 @@
-"""Async memories: the sync core, driven from one worker thread per memory.
+"""Async memories: the sync core, run on the event loop with its network waits awaited.
 
-An :class:`AsyncMemory` owns a :class:`~redis_memory.Memory` and a worker
-thread (named ``redis_memory aio <name>``) that makes every call of it: the
-event loop hands the call over and awaits its result, so no network I/O
-ever runs on the loop's thread. There is one implementation of operations,
-replica, queue and feed, the sync one: ids, exactly-once replay, the
-offline queue and its spool hold for async code because they are the same
-code. The sync memory refuses any call from another thread
+An :class:`AsyncMemory` owns a :class:`~redis_memory.Memory`. Each awaited
+call runs the sync code on the loop's thread, in a greenlet whose socket
+waits are the loop's (green.py): the loop runs other tasks while a call
+waits for Redis, and no network I/O ever blocks it. What cannot wait that
+way runs on the memory's worker thread (named ``redis_memory aio <name>``),
+awaited: the first call, which builds and loads the memory; TLS, cluster
+and fakeredis connections; ``flush``; the feed's subscription; a call that
+finds another call of the memory still there. There is one implementation
+of operations, replica, queue and feed, the sync one: ids, exactly-once
+replay, the offline queue and its spool hold for async code because they
+are the same code. The sync memory refuses any call from elsewhere
 (:class:`~redis_memory.errors.WrongThread`), so a proxy read from an async
 memory cannot be changed on the loop by mistake.
 
@@ -17,8 +21,8 @@ the replica at least as fresh as the server's reply.
 
 The calls of one memory run one at a time, in the order they were awaited:
 a task that awaits its writes one after another keeps its order. A task
-cancelled while its call runs does not stop it: a change already handed to
-the worker is made (or queued) all the same.
+cancelled while its call runs does not stop it: a change already started is
+made (or queued) all the same, and the task gets its CancelledError.
 """
 
 from __future__ import annotations
@@ -169,7 +173,8 @@ class AsyncMemory(Generic[M]):
 
     ``AsyncMemory(name, **options)`` takes the options of ``Memory``. The
     memory is built on the worker thread (so that an ``embedded://`` server
-    is started off the loop), and loaded by the first awaited call:
+    is started and the first connection made off the loop), and loaded by
+    the first awaited call:
     ``async with AsyncMemory(...) as mem:`` or ``await mem.refresh()``.
     Reading before that raises :class:`~redis_memory.errors.NotLoaded`.
 
@@ -293,8 +298,8 @@ class AsyncMemory(Generic[M]):
     async def batch(self, statements: Callable[[M], T]) -> T:
         """``statements(memory)`` inside ``with memory.batch():``: one atomic call to Redis, awaited.
 
-        The function runs on the worker thread; it must not await (a batch
-        holds the memory's lock). See :meth:`Memory.batch`.
+        The function runs as :meth:`run`'s does; it must not await or block
+        (a batch holds the memory's lock). See :meth:`Memory.batch`.
         """
 
         def in_batch(memory: M) -> T:

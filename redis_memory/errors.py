@@ -116,9 +116,9 @@ class EmbeddedServerError(RedisMemoryError, RuntimeError):
 
 
 class WrongThread(RedisMemoryError, RuntimeError):
-    """A memory driven by an async memory (:mod:`redis_memory.aio`) was used outside its worker thread.
+    """A memory driven by an async memory (:mod:`redis_memory.aio`) was used outside the async memory's calls.
 
-    Its changes reach Redis over the network, which must not run on the
+    Its changes reach Redis over the network, which must not block the
     event loop: make them with the async memory's awaited methods.
     """
 

@@ -41,9 +41,10 @@ class ChatMessageHistory(BaseChatMessageHistory):
 
     Sync methods (``messages``, ``add_messages``, ``clear``) wait for the
     memory's worker thread; the async ones (``aget_messages``,
-    ``aadd_messages``, ``aclear``) await it, never blocking the loop. Each
-    read is one version check while nothing changed; each add is one FCALL.
-    ``close()`` / ``await aclose()`` end the worker thread.
+    ``aadd_messages``, ``aclear``) are the async memory's awaited calls,
+    never blocking the loop. Each read is one version check while nothing
+    changed; each add is one FCALL. ``close()`` / ``await aclose()`` end
+    the worker thread.
     """
 
     def __init__(self, conversation_id: str, **memory_options: Any) -> None:

@@ -32,7 +32,7 @@ class AgentsSession:
     """The Agents SDK session ``session_id``, in Redis; other options as for ``ConversationMemory``.
 
     ``Runner.run(agent, input, session=AgentsSession(session_id))``. Every
-    call is awaited on the memory's worker thread, never blocking the loop.
+    call is an awaited call of an async memory, never blocking the loop.
     ``get_items(limit)`` makes the local replica fresh (one version check,
     a journal delta if others wrote) and copies only the newest ``limit``
     items from it; ``add_items`` is one atomic FCALL, ``pop_item`` one more.
