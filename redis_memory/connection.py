@@ -49,7 +49,7 @@ _clients: dict[str, Client] = {}
 #: Error replies that mean "not now" rather than "not this command". BUSY: a
 #: script is running, perhaps the very command whose reply did not arrive, so
 #: whether that one was applied is not known.
-_UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
+UNAVAILABLE = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
 _clients_lock = threading.Lock()
 #: When this thread's commands must give up (time.monotonic()), if they must.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("redis_memory_deadline", default=None)
@@ -444,7 +444,7 @@ def check_reply(reply: object, resent: bool, channel: Channel) -> object:
     """
     if not isinstance(reply, redis.ResponseError):
         return reply
-    if str(reply).startswith(_UNAVAILABLE):
+    if str(reply).startswith(UNAVAILABLE):
         # Loading its data, or a replica during a failover: for now this
         # server cannot take the command; a later connection may reach one
         # that can.

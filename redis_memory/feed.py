@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from . import codec
+from .connection import UNAVAILABLE
 from .errors import RedisMemoryError, ServerRefused
 from .proxies import ObservedDict, ObservedList, ObservedSet
 
@@ -252,8 +253,12 @@ class Feed:
                     self._pubsub = pubsub  # (the wait before the next try shrinks once a message comes)
                     self._heard, self._pinged = time.monotonic(), 0.0
                     return True
-        except redis.ResponseError as exc:  # NOPERM: the ACL user may not use the channel
+        except redis.ResponseError as exc:
             pubsub.close()
+            if str(exc).startswith(UNAVAILABLE):  # BUSY, LOADING, ...: not now, so try again later
+                log.info("%s: change feed cannot subscribe now: %s", self._channel, exc)
+                return False
+            # NOPERM: the ACL user may not use the channel
             raise ServerRefused(f"Redis refused the change feed {self._channel}: {exc}", key=self._channel) from exc
         except _BROKEN_LINK as exc:
             log.info("%s: change feed cannot subscribe: %s", self._channel, exc)

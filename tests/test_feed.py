@@ -410,3 +410,44 @@ def test_a_callback_subscription_runs_on_in_a_forked_child(client: redis.Redis) 
             time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 1
     assert [(e.op, e.path) for e in seen] == [("set", ("x",))]
+
+
+BUSY_SCRIPT = """
+local start = redis.call('TIME')
+while true do
+    local now = redis.call('TIME')
+    if (now[1] - start[1]) * 1000000 + (now[2] - start[2]) >= 1500000 then return 1 end
+end
+"""
+
+
+def test_a_feed_whose_link_breaks_while_the_server_is_busy_resyncs_once_it_is_not(
+    servers: dict[str, Any],
+) -> None:
+    """Resubscribing while a long script runs is answered BUSY: "not now", so the feed tries again and then
+    says resync (it raised ServerRefused, which ended a ``for event in feed`` loop)."""
+    url = servers["redis7"].url
+    admin = redis.Redis.from_url(url)
+    admin.flushall()
+    admin.config_set("busy-reply-threshold", 100)
+    try:
+        mem = Memory("busy-feed", url=url)
+        mem.x = 1
+        with mem.subscribe() as feed:
+            admin.client_kill_filter(_type="pubsub")
+            script = threading.Thread(target=lambda: redis.Redis.from_url(url).eval(BUSY_SCRIPT, 0))
+            script.start()
+            time.sleep(0.2)
+            seen = []
+            deadline = time.monotonic() + 20
+            while "resync" not in seen:
+                assert time.monotonic() < deadline, seen
+                event = feed.get(timeout=1)
+                if event is not None:
+                    seen.append(event.op)
+            script.join(10)
+            mem.x = 2
+            event = feed.get(timeout=10)
+            assert event is not None and (event.op, event.attribute) == ("set", "x")
+    finally:
+        admin.config_set("busy-reply-threshold", 5000)
