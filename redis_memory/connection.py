@@ -168,6 +168,7 @@ class Channel:
         timeout, connect_timeout = conn.socket_timeout, conn.socket_connect_timeout
         # Connecting and the handshake after it fit the caller's deadline too.
         conn.socket_timeout, conn.socket_connect_timeout = _least(timeout, bound), _least(connect_timeout, bound)
+        asked = str(getattr(conn, "protocol", 2))
         try:
             conn.connect()  # type: ignore[no-untyped-call]
         except (redis.exceptions.InvalidResponse, AttributeError, TypeError, ValueError, IndexError) as exc:
@@ -175,6 +176,11 @@ class Channel:
             # its reading of the reply gave up. Something else listens there.
             conn.disconnect()  # type: ignore[no-untyped-call]
             raise redis.ConnectionError(f"the server did not answer as Redis does ({exc})") from exc
+        if asked == "3" and str(getattr(conn, "protocol", 3)) != "3":
+            # HELLO 3 refused, and redis-py fell back to RESP2 (as its later versions do): Redis 7 and
+            # Valkey answer it, so the peer is not one the library can use (a RESP2-only proxy: protocol=2).
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise redis.ConnectionError("the server refused HELLO 3, which Redis 7 and Valkey answer")
         self.resp3 = str(getattr(conn, "protocol", 3)) == "3"
         sock = getattr(conn, "_sock", None)
         tracker = self.tracker
@@ -333,7 +339,11 @@ class Channel:
         driven = green.driving(None)
         if driven:
             # On the event loop: the lock is awaited, never waited for by blocking the loop.
-            if not self.turns.take(self.lock, end):
+            try:
+                took = self.turns.take(self.lock, end)
+            except TimeoutError as exc:  # its loop was closed and its task let go of (green._unwind)
+                raise ConnectionFailed(f"the event loop awaiting this command was closed: {exc}") from exc
+            if not took:
                 raise ConnectionFailed("Redis did not answer in time: another command is still waiting")
         elif not self.lock.acquire(timeout=-1 if end is None else max(0.0, end - time.monotonic())):
             raise ConnectionFailed("Redis did not answer in time: another thread's command is still waiting")

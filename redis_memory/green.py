@@ -22,6 +22,7 @@ import contextvars
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -92,7 +93,8 @@ class Turns:
     """
 
     def __init__(self) -> None:
-        self.waiting: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]] = deque()
+        # Weakly: a call whose task is let go of must not be kept alive by its place in the queue.
+        self.waiting: deque[tuple[asyncio.AbstractEventLoop, weakref.ref[asyncio.Future[bool]]]] = deque()
 
     def take(self, lock: threading.Lock, end: float | None) -> bool:
         """In a driven greenlet: ``lock`` acquired, waiting on the loop; False if ``end`` (monotonic) came first."""
@@ -107,10 +109,11 @@ class Turns:
         """The lock was released: wake the first call still waiting for it."""
         while self.waiting:
             try:
-                loop, turn = self.waiting.popleft()
+                loop, ref = self.waiting.popleft()
             except IndexError:  # another thread took the last one
                 return
-            if turn.done():
+            turn = ref()
+            if turn is None or turn.done():
                 continue
             try:
                 loop.call_soon_threadsafe(_settle, turn, True)
@@ -239,7 +242,7 @@ async def _wait(loop: asyncio.AbstractEventLoop, kind: int, argument: Any, timeo
     ready: asyncio.Future[bool] = loop.create_future()
     if kind == _TURN:
         turns, lock = argument
-        turns.waiting.append((loop, ready))
+        turns.waiting.append((loop, weakref.ref(ready)))
         if not lock.locked():  # released before this call queued: no wake-up is coming
             return True
         turn_timer = loop.call_later(timeout or TURN_CHECK, _settle, ready, False)

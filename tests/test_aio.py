@@ -573,19 +573,22 @@ def test_a_loop_closed_with_a_call_suspended_in_it_leaves_other_loops_working(
     def abandon() -> None:
         loop = asyncio.new_event_loop()
         mem = AsyncMemory("abandoned", client=client)
+        waiting = AsyncMemory("abandoned-waiting", client=client)  # same loop, so the same connection
         loop.run_until_complete(mem.refresh())
         loop.run_until_complete(mem.set("x", 1))
+        loop.run_until_complete(waiting.set("x", 1))
         admin.execute_command("CLIENT", "PAUSE", "500", "WRITE")
-        task = loop.create_task(mem.set("x", 2))
+        task = loop.create_task(mem.set("x", 2))  # waits for its reply
+        second = loop.create_task(waiting.set("x", 2))  # waits for its turn on the connection
         loop.run_until_complete(asyncio.sleep(0.1))
-        assert not task.done()
-        loop.close()  # with the call suspended in it
-        kept.append(mem)
+        assert not task.done() and not second.done()
+        loop.close()  # with the calls suspended in it
+        kept.extend((mem, waiting))
         if task_kept:
-            kept.append(task)
+            kept.extend((task, second))
         else:
-            del task
-            gc.collect()  # the task's coroutine is closed here, on the loop's thread
+            del task, second
+            gc.collect()  # the tasks' coroutines are closed here, on the loop's thread
 
     thread = threading.Thread(target=abandon)
     thread.start()
@@ -604,10 +607,12 @@ def test_a_loop_closed_with_a_call_suspended_in_it_leaves_other_loops_working(
     run(scenario)
     if not task_kept:
         deadline = time.monotonic() + 20
-        while Memory("abandoned", client=client).x != 2:
+        while (Memory("abandoned", client=client).x, Memory("abandoned-waiting", client=client).x) != (2, 2):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert kept[0].x == 2
-        kept[0].close_sync()
+        for mem in kept:
+            assert mem.x == 2
+            mem.close_sync()
     else:
-        kept[0]._rm_worker.stop()  # the abandoned memory's thread (its call can never finish)
+        for mem in kept[:2]:
+            mem._rm_worker.stop()  # the abandoned memories' threads (their calls can never finish)

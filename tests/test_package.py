@@ -34,6 +34,7 @@ def test_star_import_gives_exactly_all() -> None:
         "errors",
         "export",
         "feed",
+        "green",
         "integrations",
         "memory",
         "messages",

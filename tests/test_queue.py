@@ -456,7 +456,6 @@ def test_spool_keeps_node_ids_learned_before_the_process_died(
     switch.cut()
     mem.log = []
     mem.log.append("kept")
-    switch.restore()
     core = mem._rm
     real = core.store.apply
     calls = []
@@ -467,12 +466,17 @@ def test_spool_keeps_node_ids_learned_before_the_process_died(
             switch.cut()
         return real(*args)
 
-    core.store.apply = cut_after_the_first
-    assert core.link.probe() and not core.drain()
-    assert core.outbox.spool is not None and core.outbox.spool.fd is not None
-    os.close(core.outbox.spool.fd)  # the process dies: its lock goes with it
-    core.outbox.spool.fd = None
-    core.outbox.entries.clear()
+    # The reconnect thread of the cut waits for the lock: this test plays the replay, and the death, itself.
+    with core.lock:
+        switch.restore()
+        core.store.apply = cut_after_the_first
+        assert core.link.probe() and not core.drain()
+        spool = core.outbox.spool
+        assert spool is not None and spool.fd is not None
+        spool._release.detach()
+        os.close(spool.fd)  # the process dies: its lock goes with it
+        spool.fd = None
+        core.outbox.entries.clear()
     switch.restore()
     assert client.hget(Memory("q", client=client).key, "v") is not None
     assert "log" in Memory("q", client=client).to_dict() and Memory("q", client=client).log == []
