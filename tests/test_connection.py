@@ -265,19 +265,23 @@ def test_memories_work_where_select_has_no_poll(real_url: str, monkeypatch: pyte
 
 @pytest.mark.parametrize("real_url", ["redis7"], indirect=True)
 def test_reading_a_large_value_takes_time_in_proportion_to_its_size(real_url: str) -> None:
-    """A value eight times larger takes about eight times as long to load, not sixty-four: the reply reader
-    copies what it receives a bounded number of times (a guard on how the cost grows, not a speed figure)."""
+    """Loading a 32 MiB value costs a small multiple of redis-py's HGETALL of it on the same server: the reply
+    reader copies what it receives a bounded number of times (a reader that joined its chunks one by one
+    would copy about 8 GB, over 50 times the raw read). Compared with raw redis-py, not with the library's own
+    4 MiB load: this machine's raw reads already grow faster than the size (4 to 32 MiB: 1.2 to 65 ms)."""
     client = raw_client(real_url)
-    times = {}
-    for size in (4, 32):
-        Memory(f"large-{size}", client=client).blob = b"x" * (size << 20)
-        samples = []
-        for _ in range(3):
-            start = time.perf_counter()
-            assert len(Memory(f"large-{size}", client=raw_client(real_url)).blob) == size << 20
-            samples.append(time.perf_counter() - start)
-        times[size] = min(samples)
-    assert times[32] / times[4] < 24, times
+    size = 32 << 20
+    Memory("large", client=client).blob = b"x" * size
+    key = Memory("large", client=client).key
+    library, raw = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        assert len(Memory("large", client=raw_client(real_url)).blob) == size
+        library.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        assert len(b"".join(client.hgetall(key).values())) > size
+        raw.append(time.perf_counter() - start)
+    assert min(library) / min(raw) < 10, (library, raw)
 
 
 @pytest.mark.parametrize(
