@@ -505,7 +505,7 @@ Client = redis.Redis | RedisCluster
 #: (``tracking=True``) have a connection the server sends invalidations on. Async memories (driven on an
 #: event loop, see green.py) have connections of their own, one per loop: a sync call on the loop's thread
 #: never waits for a connection a suspended async call holds, and a loop closed with a call suspended in
-#: it takes only its own connections with it. ``driven`` is False, or the id of the loop (0: none).
+#: it takes only its own connections with it. ``driven`` is False, or the id of the loop (-1: none).
 _channels: weakref.WeakKeyDictionary[Client, dict[tuple[bool, bool | int], Any]] = weakref.WeakKeyDictionary()
 #: The loops whose end forgets their channels (by id, which a later loop may reuse).
 _loops: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -524,7 +524,8 @@ def channel(client: Client, tracking: bool = False, driven: bool = False, loop: 
     check the version). With ``driven``, the channel of async memories on
     event loop ``loop`` (None: built outside one).
     """
-    kind = (tracking, False if not driven else 0 if loop is None else id(loop))
+    # (-1 for none: 0 would be the same key as False, the sync memories' channel)
+    kind = (tracking, False if not driven else -1 if loop is None else id(loop))
     with _clients_lock:
         kinds = _channels.get(client)
         if kinds is None:
@@ -548,7 +549,7 @@ def channel(client: Client, tracking: bool = False, driven: bool = False, loop: 
 def _forget_loop(ident: int) -> None:
     """An event loop was collected: forget its channels (the memories using them keep theirs)."""
     for kinds in list(_channels.values()):
-        for kind in [kind for kind in list(kinds) if kind[1] is not False and kind[1] == ident]:
+        for kind in [kind for kind in list(kinds) if kind[1] == ident]:
             kinds.pop(kind, None)
 
 

@@ -616,3 +616,14 @@ def test_a_loop_closed_with_a_call_suspended_in_it_leaves_other_loops_working(
     else:
         for mem in kept[:2]:
             mem._rm_worker.stop()  # the abandoned memories' threads (their calls can never finish)
+
+
+def test_an_async_memory_first_used_from_sync_code_has_a_connection_of_its_own(client: redis.Redis) -> None:
+    """Built by run_sync (no event loop), an async memory still gets a channel apart from sync memories'."""
+    mem = AsyncMemory("outside-a-loop", client=client)
+    try:
+        async_channel = mem.run_sync(lambda m: m._rm.store.channel)
+        with Memory("sync-beside", client=client) as sync:
+            assert async_channel is not sync._rm.store.channel
+    finally:
+        mem.close_sync()
